@@ -1,0 +1,30 @@
+# A new user needs two commands: `make demo` and `make test`.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# The CPU build of torch; an unpinned request would pull several GB of CUDA wheels.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install demo test lint bench clean
+
+install: .installed
+.installed: pyproject.toml
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -e ".[test]"
+	touch .installed
+
+demo: install
+	$(PYTHON) -m ppcompile compile models/gpt.py:gpt_mini --stages 2 --microbatches 8 -o build/demo
+	$(PYTHON) -m ppcompile report build/demo
+
+test: install
+	$(PYTHON) -m pytest
+
+lint: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+bench: install
+	$(PYTHON) bench/compile_time.py
+
+clean:
+	rm -rf build .installed .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,56 @@
+"""Compile time and memory: GPT-3 175B into 16 stages on the meta device (nothing allocated).
+
+Goal on a 2-core machine: under 30 s and under 4 GB peak memory. Prints the figures
+whether or not the goal is met; the last line is the ratios against the goal.
+
+    python bench/compile_time.py                       # gpt3_175b, 16 stages
+    python bench/compile_time.py --model models/gpt.py:gpt_mini --stages 2   # toy size
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ppcompile.context import CompileConfig  # noqa: E402
+from ppcompile.driver import compile_model  # noqa: E402
+from ppcompile.program import write_program  # noqa: E402
+
+GOAL_SECONDS = 30.0
+GOAL_BYTES = 4 * 1024**3
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="models/gpt.py:gpt3_175b")
+    parser.add_argument("--stages", type=int, default=16)
+    parser.add_argument("--microbatches", type=int, default=64)
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    result = compile_model(args.model, CompileConfig(stages=args.stages, microbatches=args.microbatches))
+    with tempfile.TemporaryDirectory() as tmp:
+        write_program(Path(tmp) / "prog", result.program, result.files)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+    times = [s["seconds"] for s in result.program["costs"]["stages"]]
+    nodes = len(result.ctx.partition.compute_order)
+    print(
+        f"model {args.model}: {nodes} compute nodes, {args.stages} stages, imbalance {max(times) / (sum(times) / len(times)):.3f}"
+    )
+    print(
+        f"wall time {seconds:.1f} s (goal < {GOAL_SECONDS:.0f} s), peak memory {peak / 1024**3:.2f} GB (goal < 4 GB)"
+    )
+    print(f"ratios: time/goal {seconds / GOAL_SECONDS:.2f}, memory/goal {peak / GOAL_BYTES:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

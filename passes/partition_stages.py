@@ -1,0 +1,241 @@
+"""Partition: K contiguous stages in topological order that minimise the slowest stage.
+
+The compute nodes are laid out in the traced (topological) order; a partition is K-1 cut
+positions in that order. A stage's time is its nodes' forward + backward time plus the
+transfer time of every tensor that enters it (made earlier, used here) or leaves it (made
+here, used later), activations forward and gradients backward. That cost depends only
+on the stage's first and last node, so all N*N stage costs form one matrix, built in
+O(N^2) from 2-D prefix sums, and a dynamic program over it finds the optimum exactly:
+
+    best[k][j] = min over i of max(best[k-1][i-1], cost[i][j])
+
+Among the partitions that reach the optimum, a second pass picks the one with the
+smallest sum of squared stage times, so the stages that do not bound the step are
+balanced too. Cuts may fall anywhere, inside a transformer block included, except where
+a value that cannot be sent (an int from ``x.size()``, a tuple) is live across the cut.
+
+Placeholders, parameters and non-tensor values computed only from them are not placed:
+every stage that uses one loads or recomputes it.
+
+Keys written on each node:
+  ppc.stage        stage index of a compute node (and of the output node); None for free nodes
+  ppc.position     index in the compute order (compute nodes)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from torch import fx
+
+from ppcompile.context import CompileContext, Partition
+from ppcompile.errors import CompileError
+
+
+@dataclass(frozen=True)
+class CrossingValue:
+    """A value made at ``producer`` and used at ``consumers`` (positions in the compute order)."""
+
+    producer: int
+    consumers: tuple[int, ...]
+    transfer_time: float  # seconds to send it forward and its gradient back
+
+
+def partition_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    K = ctx.config.stages
+    if K < 1:
+        raise CompileError(f"--stages must be at least 1, got {K}")
+    order = compute_order(gm)
+    times, values, forbidden = _problem(gm, ctx, order)
+    legal_cuts = len(order) - 1 - len(forbidden)
+    if K - 1 > legal_cuts:
+        raise CompileError(
+            f"--stages {K} needs {K - 1} cuts but {ctx.ref} has only {legal_cuts} places it can be cut "
+            f"({len(order)} compute nodes); use --stages {legal_cuts + 1} or fewer"
+        )
+    cost = segment_costs(times, values, forbidden)
+    cuts = solve_partition(cost, K)
+    if cuts is None:
+        raise CompileError(f"no partition of {ctx.ref} into {K} stages exists; use fewer stages")
+    stage_times = stage_times_for(cost, cuts)
+    position = {node.name: i for i, node in enumerate(order)}
+    bounds = [0, *cuts, len(order)]
+    for node in gm.graph.nodes:
+        node.meta["ppc.stage"] = None
+        if node.name in position:
+            pos = position[node.name]
+            node.meta["ppc.position"] = pos
+            node.meta["ppc.stage"] = next(s for s in range(K) if bounds[s] <= pos < bounds[s + 1])
+        elif node.op == "output":
+            node.meta["ppc.stage"] = K - 1
+    ctx.partition = Partition(
+        cut_positions=list(cuts), stage_times=stage_times, compute_order=[n.name for n in order]
+    )
+    even = even_layer_cuts(order, K)
+    if even is not None:
+        ctx.partition.even_split_times = stage_times_for(cost, even)
+        ctx.partition.even_split_layers = even_layer_count(order)
+    return gm
+
+
+def is_free(node: fx.Node, free: set[str]) -> bool:
+    """Placeholders, get_attr, and non-tensor values computed only from those."""
+    if node.op in ("placeholder", "get_attr"):
+        return True
+    if node.op == "output" or node.meta.get("ppc.kind") not in ("other", "none"):
+        return False
+    return all(n.name in free for n in node.all_input_nodes)
+
+
+def compute_order(gm: fx.GraphModule) -> list[fx.Node]:
+    """The nodes a stage runs, in topological order; free nodes are left out."""
+    free: set[str] = set()
+    order = []
+    for node in gm.graph.nodes:
+        if is_free(node, free):
+            free.add(node.name)
+        elif node.op != "output":
+            order.append(node)
+    return order
+
+
+def _problem(gm, ctx, order):
+    """Per-position compute times, the values that may cross cuts, and the forbidden cut positions."""
+    position = {node.name: i for i, node in enumerate(order)}
+    last = len(order) - 1
+    times = [node.meta["ppc.cost"].time for node in order]
+    values, forbidden = [], set()
+    for node in order:
+        p = position[node.name]
+        users = sorted({position.get(u.name, last) for u in node.users})  # the output node sits at the end
+        users = [u for u in users if u > p]
+        if not users:
+            continue
+        if node.meta["ppc.kind"] != "tensor":
+            forbidden.update(range(p + 1, users[-1] + 1))
+            continue
+        nbytes = node.meta["ppc.nbytes"]
+        t = ctx.profile.transfer_time(nbytes)
+        if node.meta["ppc.requires_grad"]:
+            t += ctx.profile.transfer_time(nbytes)
+        values.append(CrossingValue(p, tuple(users), t))
+    return times, values, forbidden
+
+
+def segment_costs(times: Sequence[float], values: Sequence[CrossingValue], forbidden: set[int]) -> np.ndarray:
+    """cost[i, j]: the time of a stage running positions i..j; inf where j < i or a cut is illegal."""
+    n = len(times)
+    prefix = np.concatenate([[0.0], np.cumsum(times)])
+    cost = prefix[None, 1:] - prefix[:-1, None]
+    # Each crossing value adds its transfer time on rectangles of (i, j); sum them with a 2-D difference array.
+    diff = np.zeros((n + 1, n + 1))
+
+    def add(i0, i1, j0, j1, w):  # inclusive ranges
+        diff[i0, j0] += w
+        diff[i1 + 1, j0] -= w
+        diff[i0, j1 + 1] -= w
+        diff[i1 + 1, j1 + 1] += w
+
+    for v in values:
+        previous = v.producer
+        for c in v.consumers:
+            # Enters stage [i, j] when it starts after the producer and its first use at or after i is c <= j.
+            add(previous + 1, c, c, n - 1, v.transfer_time)
+            previous = c
+        # Leaves stage [i, j] when the stage holds the producer and some use comes after j.
+        add(0, v.producer, v.producer, v.consumers[-1] - 1, v.transfer_time)
+    cost += np.cumsum(np.cumsum(diff, axis=0), axis=1)[:n, :n]
+    cost[np.tril_indices(n, -1)] = np.inf
+    for cut in forbidden:
+        cost[cut, :] = np.inf  # no stage may start at a forbidden cut
+        cost[:, cut - 1] = np.inf  # nor end just before it
+    return cost
+
+
+def solve_partition(cost: np.ndarray, K: int) -> list[int] | None:
+    """Cut positions (the first index of stages 1..K-1) minimising the max stage cost, then the
+    sum of squares among optimal partitions. None when no partition is feasible."""
+    n = cost.shape[0]
+    if K > n:
+        return None
+    # Phase 1: the optimal bottleneck.
+    best = cost[0].copy()
+    for _ in range(1, K):
+        # Stage starting at i (1..n-1) after a prefix ending at i-1.
+        best = np.min(np.maximum(best[:-1, None], cost[1:, :]), axis=0, initial=np.inf)
+    bottleneck = best[n - 1]
+    if not np.isfinite(bottleneck):
+        return None
+    # Phase 2: among stages no slower than the bottleneck, the smallest sum of squares.
+    allowed = np.where(cost <= bottleneck * (1 + 1e-12), cost**2, np.inf)
+    total = allowed[0].copy()
+    choices = []
+    for _ in range(1, K):
+        candidates = total[:-1, None] + allowed[1:, :]  # row i-1 -> stage starts at i
+        choice = np.argmin(candidates, axis=0)
+        total = candidates[choice, np.arange(n)]
+        choices.append(choice + 1)
+    if not np.isfinite(total[n - 1]):
+        return None
+    cuts, end = [], n - 1
+    for choice in reversed(choices):
+        start = int(choice[end])
+        cuts.append(start)
+        end = start - 1
+    return sorted(cuts)
+
+
+def stage_times_for(cost: np.ndarray, cuts: Sequence[int]) -> list[float]:
+    bounds = [0, *cuts, cost.shape[0]]
+    return [float(cost[bounds[s], bounds[s + 1] - 1]) for s in range(len(bounds) - 1)]
+
+
+_LAYER = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")
+
+
+def _layer_of(node: fx.Node) -> tuple[str, int] | None:
+    path = (
+        node.target
+        if node.op == "call_module"
+        else next(reversed(node.meta.get("nn_module_stack") or {}), "")
+    )
+    match = _LAYER.match(path or "")
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+def even_layer_count(order: Sequence[fx.Node]) -> int:
+    layers = {}
+    for node in order:
+        found = _layer_of(node)
+        if found:
+            layers.setdefault(found[0], set()).add(found[1])
+    return max((len(v) for v in layers.values()), default=0)
+
+
+def even_layer_cuts(order: Sequence[fx.Node], K: int) -> list[int] | None:
+    """The split users make by hand: the repeated layers (``h.0``, ``h.1``, ...) dealt out evenly,
+    what comes before them on the first stage and what comes after on the last."""
+    layers: dict[str, set[int]] = {}
+    for node in order:
+        found = _layer_of(node)
+        if found:
+            layers.setdefault(found[0], set()).add(found[1])
+    if not layers:
+        return None
+    prefix = max(layers, key=lambda p: len(layers[p]))
+    count = len(layers[prefix])
+    if count < K:
+        return None
+    # Stage k starts at layer floor(k * L / K), as Megatron-LM and torchtitan assign layers.
+    starts = [k * count // K for k in range(1, K)]
+    cuts = []
+    for start in starts:
+        for pos, node in enumerate(order):
+            found = _layer_of(node)
+            if found and found[0] == prefix and found[1] >= start:
+                cuts.append(pos)
+                break
+    return cuts if len(set(cuts)) == K - 1 else None

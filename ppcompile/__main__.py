@@ -1,0 +1,3 @@
+from ppcompile.cli import main
+
+main(prog_name="ppcompile")

@@ -1,0 +1,268 @@
+"""Code generation: one readable Python module per stage.
+
+The emitted ``forward`` is the stage: one line per node, each commented with its
+symbolic shape, its receives and sends listed with peers and shapes at the top. Output is
+deterministic: the same graph gives byte-identical text.
+"""
+
+from __future__ import annotations
+
+import builtins
+import keyword
+import math
+import operator
+
+import sympy
+import torch
+from torch import fx
+
+from ppcompile.context import CompileContext, StageGraph
+from ppcompile.errors import CompileError
+
+_INFIX = {
+    operator.add: "+",
+    operator.sub: "-",
+    operator.mul: "*",
+    operator.truediv: "/",
+    operator.floordiv: "//",
+    operator.mod: "%",
+    operator.pow: "**",
+    operator.matmul: "@",
+    operator.eq: "==",
+    operator.ne: "!=",
+    operator.lt: "<",
+    operator.le: "<=",
+    operator.gt: ">",
+    operator.ge: ">=",
+    operator.and_: "&",
+    operator.or_: "|",
+    operator.xor: "^",
+    operator.lshift: "<<",
+    operator.rshift: ">>",
+}
+_INPLACE = {
+    operator.iadd: "+=",
+    operator.isub: "-=",
+    operator.imul: "*=",
+    operator.itruediv: "/=",
+}
+_UNARY = {operator.neg: "-", operator.pos: "+", operator.invert: "~", operator.not_: "not "}
+_RESERVED = {"self", "torch", "operator", "math", "builtins", "inf", "nan"}
+
+
+def format_shape(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def format_dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def describe(meta: dict) -> str:
+    """``[b, s, 64] float32`` for a tensor value."""
+    return f"{format_shape(meta['ppc.shape'])} {format_dtype(meta['ppc.dtype'])}"
+
+
+class _Emitter:
+    def __init__(self, graph: fx.Graph):
+        self.names: dict[str, str] = {}
+        self.imports: set[str] = {"torch"}
+        used = set()
+        for node in graph.nodes:
+            name = node.name
+            if name in _RESERVED or keyword.iskeyword(name) or hasattr(builtins, name):
+                name = f"{name}_"
+            while name in used:
+                name = f"{name}_"
+            used.add(name)
+            self.names[node.name] = name
+
+    def value(self, a, in_index: bool = False) -> str:
+        if isinstance(a, fx.Node):
+            return self.names[a.name]
+        if isinstance(a, tuple):
+            if in_index and a:
+                return ", ".join(self.value(x, True) for x in a)
+            inner = ", ".join(self.value(x) for x in a)
+            return f"({inner},)" if len(a) == 1 else f"({inner})"
+        if isinstance(a, list):
+            return "[" + ", ".join(self.value(x) for x in a) + "]"
+        if isinstance(a, dict):
+            return "{" + ", ".join(f"{k!r}: {self.value(v)}" for k, v in a.items()) + "}"
+        if isinstance(a, slice):
+            parts = ["" if p is None else self.value(p) for p in (a.start, a.stop, a.step)]
+            text = ":".join(parts) if a.step is not None else ":".join(parts[:2])
+            return (
+                text if in_index else f"slice({', '.join(self.value(p) for p in (a.start, a.stop, a.step))})"
+            )
+        if a is Ellipsis:
+            return "..."
+        if isinstance(a, float):
+            if math.isinf(a):
+                return 'float("inf")' if a > 0 else 'float("-inf")'
+            if math.isnan(a):
+                return 'float("nan")'
+            return repr(a)
+        if isinstance(a, (torch.dtype, torch.layout, torch.memory_format)):
+            return str(a)
+        if isinstance(a, torch.device):
+            return f"torch.device({str(a)!r})"
+        if isinstance(a, torch.Size):
+            return self.value(tuple(a))
+        if a is None or isinstance(a, (bool, int, str)):
+            return repr(a)
+        raise CompileError(f"cannot write constant {a!r} of type {type(a).__name__} into a stage file")
+
+    def call_args(self, args, kwargs) -> str:
+        parts = [self.value(a) for a in args]
+        parts += [f"{k}={self.value(v)}" for k, v in kwargs.items()]
+        return ", ".join(parts)
+
+    def function_name(self, target) -> str:
+        if getattr(target, "__module__", None) == "_operator" or target in (getattr, len, float, int):
+            if target in (getattr, len, float, int):
+                return target.__name__
+            self.imports.add("operator")
+            return f"operator.{target.__name__}"
+        name = fx.node._get_qualified_name(target)
+        root = name.split(".")[0]
+        if root not in ("torch", "math", "builtins", "operator"):
+            raise CompileError(
+                f"stage code cannot call {name}: only torch, math and operator functions are supported"
+            )
+        self.imports.add(root)
+        return name
+
+    def expression(self, node: fx.Node) -> str:
+        args, kwargs = node.args, node.kwargs
+        if node.op == "get_attr":
+            return "self." + attribute_path(node.target)
+        if node.op == "call_module":
+            return f"self.{attribute_path(node.target)}({self.call_args(args, kwargs)})"
+        if node.op == "call_method":
+            return f"{self.value(args[0])}.{node.target}({self.call_args(args[1:], kwargs)})"
+        target = node.target
+        if not kwargs:
+            if target in _INFIX and len(args) == 2:
+                return f"{self.value(args[0])} {_INFIX[target]} {self.value(args[1])}"
+            if target in _UNARY and len(args) == 1:
+                return f"{_UNARY[target]}{self.value(args[0])}"
+            if target is operator.getitem:
+                return f"{self.value(args[0])}[{self.value(args[1], in_index=True)}]"
+            if target is getattr and len(args) == 2 and isinstance(args[1], str):
+                return f"{self.value(args[0])}.{args[1]}"
+        return f"{self.function_name(target)}({self.call_args(args, kwargs)})"
+
+
+def attribute_path(fqn: str) -> str:
+    """``transformer.h.2.ln_1`` -> ``transformer.h[2].ln_1``."""
+    out = []
+    for part in fqn.split("."):
+        if part.isdigit():
+            out.append(f"[{part}]")
+        elif part.isidentifier() and not keyword.iskeyword(part):
+            out.append(f".{part}")
+        else:
+            out.append(f"[{part!r}]")
+    return "".join(out).lstrip(".")
+
+
+def _comment(node: fx.Node) -> str:
+    kind = node.meta.get("ppc.kind")
+    if kind == "tensor":
+        return "  # " + describe(node.meta)
+    if kind == "tuple":
+        return "  # tuple of tensors"
+    return ""
+
+
+def _fqn_range(ctx: CompileContext, sg: StageGraph) -> str:
+    first_last = [m for m in sg.modules] or sg.node_names
+    return f"{first_last[0]} .. {first_last[-1]}" if first_last else "(empty)"
+
+
+def stage_class_name(stage: int) -> str:
+    return f"Stage{stage}"
+
+
+def generate_stage(ctx: CompileContext, sg: StageGraph, version: str) -> str:
+    K = ctx.config.stages
+    emitter = _Emitter(sg.graph)
+    body = []
+    for node in sg.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        name = emitter.names[node.name]
+        if node.op == "call_function" and node.target in _INPLACE and not node.kwargs:
+            a, b = node.args
+            body.append(f"{emitter.value(a)} {_INPLACE[node.target]} {emitter.value(b)}")
+            body.append(f"{name} = {emitter.value(a)}{_comment(node)}")
+            continue
+        body.append(f"{name} = {emitter.expression(node)}{_comment(node)}")
+    params = [emitter.names[n] for n in sg.graph_inputs + sg.receives]
+    returns = [f'"{n}": {emitter.names[n]}' for n in sg.sends]
+    if sg.returns_loss:
+        output = next(n for n in sg.graph.nodes if n.op == "output")
+        returns.append(f'"loss": {emitter.value(output.args[0]["loss"])}')
+
+    port_lines = []
+    for name in sg.graph_inputs:
+        node = next(n for n in sg.graph.nodes if n.name == name)
+        port_lines.append(f"            {name}: {describe(node.meta)}, model input (loaded on this rank)")
+    for name in sg.receives:
+        b = ctx.boundaries[name]
+        port_lines.append(f"            {name}: {describe_boundary(b)}, received from stage {b.producer}")
+    send_lines = []
+    for name in sg.sends:
+        b = ctx.boundaries[name]
+        peers = ", ".join(str(c) for c in b.consumers)
+        send_lines.append(
+            f"            {name}: {describe_boundary(b)}, sent to stage{'s' if len(b.consumers) > 1 else ''} {peers}"
+        )
+    if sg.returns_loss:
+        send_lines.append("            loss: [] float32, the training loss (this stage owns it)")
+
+    lines = [
+        f'"""Stage {sg.stage} of {K} (rank {sg.stage}): {_fqn_range(ctx, sg)}.',
+        "",
+        f"Generated by ppcompile {version} from {ctx.ref}; do not edit, recompile instead.",
+        '"""',
+        "",
+    ]
+    lines += [f"import {m}" for m in sorted(emitter.imports)]
+    lines += [
+        "",
+        "from ppcompile.runtime.stage import StageModule",
+        "",
+        "",
+        f"class {stage_class_name(sg.stage)}(StageModule):",
+        "    # Leaf submodules and tensors this stage holds, under the model's own names.",
+        "    MODULES = " + _tuple_literal(sg.modules),
+        "    TENSORS = " + _tuple_literal(sg.tensors),
+        "",
+        f"    def forward(self, {', '.join(params)}):" if params else "    def forward(self):",
+        '        """',
+        "        Inputs:",
+        *port_lines,
+        "        Outputs:",
+        *send_lines,
+        '        """',
+        *("        " + line for line in body),
+        "        return {" + ", ".join(returns) + "}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _tuple_literal(items: list[str]) -> str:
+    if not items:
+        return "()"
+    return "(\n" + "".join(f"        {item!r},\n" for item in items) + "    )"
+
+
+def describe_boundary(b) -> str:
+    return f"{format_shape(b.shape)} {format_dtype(b.dtype)}"
+
+
+def shape_text(shape) -> list[str]:
+    return [str(sympy.sympify(d)) for d in shape]

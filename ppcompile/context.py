@@ -1,0 +1,82 @@
+"""The state every compiler pass reads and extends.
+
+``CompileConfig`` is what the user asked for (frozen). ``CompileContext`` carries the model
+and the results that passes hand to each other; per-node facts go into
+``node.meta["ppc.<key>"]`` instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+import torch
+from torch import fx
+
+from ppcompile.devices import DeviceProfile
+from ppcompile.runtime.spec import ModelRef, ModelSpec
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    stages: int  # pipeline stages K (one per rank)
+    microbatches: int = 8  # micro-batches M per training step
+    schedule: str = "1f1b"  # pipeline schedule name
+    device_profile: str = "cpu"  # roofline profile used to cost nodes
+    check: bool = False  # run the verifier after every pass
+
+
+@dataclass(frozen=True)
+class BoundaryTensor:
+    """A value made on one stage and consumed on later ones: sent producer -> each consumer."""
+
+    name: str
+    shape: tuple[sympy.Expr, ...]
+    dtype: torch.dtype
+    requires_grad: bool  # a gradient travels back to the producer
+    producer: int
+    consumers: tuple[int, ...]
+
+
+@dataclass
+class StageGraph:
+    """One stage's own fx graph and its ports."""
+
+    stage: int
+    graph: fx.Graph
+    graph_inputs: list[str]  # model inputs this stage loads itself
+    receives: list[str]  # boundary tensors it receives, in forward-argument order
+    sends: list[str]  # boundary tensors it sends
+    returns_loss: bool
+    modules: list[str]  # leaf submodules it owns, by FQN
+    tensors: list[str]  # parameters and buffers it uses directly, by FQN
+    node_names: list[str]  # the original graph's compute nodes it runs
+
+
+@dataclass
+class Partition:
+    """Where the cuts fall and what each stage costs under the cost model."""
+
+    cut_positions: list[int]  # index into the compute order where each stage after the first starts
+    stage_times: list[float]  # seconds per micro-batch, forward + backward + transfers
+    compute_order: list[str]  # compute node names in the order cuts are made
+    even_split_times: list[float] | None = None  # the same costs for the even split by layer count
+    even_split_layers: int = 0  # repeated layers found for that split
+
+
+@dataclass
+class CompileContext:
+    config: CompileConfig
+    ref: ModelRef
+    spec: ModelSpec  # built on the meta device
+    profile: DeviceProfile
+    input_names: list[str]
+    input_dims: dict[str, dict[int, str]]  # input name -> {dim -> symbol}; dim 0 is always "b"
+    symbols: dict[str, sympy.Symbol]  # symbol name -> sympy symbol, e.g. "b", "s"
+    symbol_values: dict[str, int]  # the example micro-batch's value of each symbol
+    partition: Partition | None = None
+    stage_graphs: list[StageGraph] = field(default_factory=list)
+    boundaries: dict[str, BoundaryTensor] = field(default_factory=dict)
+    tied_groups: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # facts the report should show

@@ -1,0 +1,101 @@
+"""The compiler, top to bottom: trace, run the passes in order, schedule, write the program.
+
+Example::
+
+    result = compile_model("models/gpt.py:gpt_mini", CompileConfig(stages=2))
+    write_program("build/mini", result.program, result.files)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import fx
+
+from ppcompile.context import CompileConfig, CompileContext
+from ppcompile.errors import CompileError, PassError
+from ppcompile.frontend import load_context, trace
+from ppcompile.passes.estimate_costs import estimate_costs
+from ppcompile.passes.partition_stages import partition_stages
+from ppcompile.passes.propagate_shapes import propagate_shapes
+from ppcompile.passes.split_stages import split_stages
+from ppcompile.program import build_program
+from ppcompile.schedules import Schedule, ScheduleError, lower_communication, make_schedule
+from ppcompile.simulate import StageCosts, simulate
+from ppcompile.verify import verify
+
+PASSES = [
+    # Concrete and symbolic shapes ([b, s, 768]) of every value.
+    ("propagate_shapes", propagate_shapes),
+    # FLOPs, bytes, activations saved for backward and roofline time per node.
+    ("estimate_costs", estimate_costs),
+    # K contiguous stages minimising the slowest one, transfers included.
+    ("partition_stages", partition_stages),
+    # One graph per stage, with receive and send ports and tied parameters.
+    ("split_stages", split_stages),
+]
+
+
+@dataclass
+class CompileResult:
+    ctx: CompileContext
+    gm: fx.GraphModule
+    schedule: Schedule
+    program: dict
+    files: dict[str, str]
+
+
+def compile_model(ref: str, config: CompileConfig) -> CompileResult:
+    if config.stages < 1:
+        raise CompileError(f"--stages must be at least 1, got {config.stages}")
+    if config.microbatches < 1:
+        raise CompileError(f"--microbatches must be at least 1, got {config.microbatches}")
+    ctx = load_context(ref, config)
+    schedule = _schedule(config)  # fail on a bad schedule before the expensive passes
+    gm = trace(ctx)
+    for name, run_pass in PASSES:
+        try:
+            gm = run_pass(gm, ctx)
+        except CompileError:
+            raise
+        except Exception as e:
+            raise PassError(name, e) from e
+        if config.check:
+            verify(gm, ctx, after=name)
+    edges = {(b.producer, c) for b in ctx.boundaries.values() for c in b.consumers}
+    grad_edges = {(b.producer, c) for b in ctx.boundaries.values() if b.requires_grad for c in b.consumers}
+    schedule = lower_communication(schedule, edges, grad_edges)
+    simulated = _simulate(gm, ctx, schedule, edges, grad_edges)
+    program, files = build_program(gm, ctx, schedule, simulated)
+    return CompileResult(ctx, gm, schedule, program, files)
+
+
+def _schedule(config: CompileConfig) -> Schedule:
+    try:
+        return make_schedule(config.schedule, config.stages, config.microbatches)
+    except ScheduleError as e:
+        raise CompileError(str(e)) from None
+
+
+def _simulate(gm, ctx, schedule, edges, grad_edges):
+    """Replay the lowered schedule with the cost model's stage times and transfer times."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    costs = {}
+    for sg in ctx.stage_graphs:
+        own = [nodes[n].meta["ppc.cost"] for n in sg.node_names]
+        costs[sg.stage] = StageCosts(sum(c.forward_time for c in own), sum(c.backward_time for c in own))
+    forward, backward = {}, {}
+    for b in ctx.boundaries.values():
+        nbytes = nodes[b.name].meta["ppc.nbytes"]
+        for c in b.consumers:
+            forward[(b.producer, c)] = forward.get((b.producer, c), 0.0) + ctx.profile.transfer_time(nbytes)
+            if b.requires_grad:
+                backward[(b.producer, c)] = backward.get((b.producer, c), 0.0) + ctx.profile.transfer_time(
+                    nbytes
+                )
+
+    def transfer(producer, consumer, direction):
+        table = forward if direction.name == "SEND_F" else backward
+        return table.get((producer, consumer), 0.0)
+
+    return simulate(schedule, costs, edges, grad_edges, transfer_time=transfer)

@@ -1,0 +1,209 @@
+"""The program directory: the only thing that couples the compiler to the runtime.
+
+``write_program`` lays out ``program.json``, ``stage_<i>.py``, ``schedule.txt`` and
+``report.md`` in a temporary directory beside the target and renames it into place, so an
+error never leaves a half-written program. It refuses to replace a directory that is not
+a previous program.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from torch import fx
+
+import ppcompile
+from ppcompile.codegen import describe_boundary, format_dtype, generate_stage, shape_text, stage_class_name
+from ppcompile.context import CompileContext
+from ppcompile.errors import CompileError
+from ppcompile.report import render_report
+from ppcompile.runtime.actions import format_rank_actions
+from ppcompile.schedules import Schedule, format_schedule_grid
+
+FORMAT_VERSION = 1
+PROGRAM_FILE = "program.json"
+
+
+def stage_statistics(gm: fx.GraphModule, ctx: CompileContext) -> list[dict]:
+    """Per-stage figures for the report and the runtime: cost, parameters, activations, traffic."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    stats = []
+    for sg, seconds in zip(ctx.stage_graphs, ctx.partition.stage_times):
+        own = [nodes[name] for name in sg.node_names]
+        saved_values, temp = set(), 0.0
+        for node in own:
+            cost = node.meta["ppc.cost"]
+            saved_values.update(cost.saved_inputs)
+            temp += cost.saved_temp_bytes
+        activation = temp + sum(
+            nodes[v].meta.get("ppc.nbytes", 0) for v in saved_values if nodes[v].op != "get_attr"
+        )
+        param_names = {f"{m}.{n}" for m in sg.modules for n, _ in gm.get_submodule(m).named_parameters()}
+        param_names |= {t for t in sg.tensors if t in dict(gm.named_parameters(remove_duplicate=False))}
+        all_params = dict(gm.named_parameters(remove_duplicate=False))
+        heaviest = max(own, key=lambda n: n.meta["ppc.cost"].time)
+        sent = sum(nodes[s].meta["ppc.nbytes"] * len(ctx.boundaries[s].consumers) for s in sg.sends)
+        stats.append(
+            {
+                "stage": sg.stage,
+                "rank": sg.stage,
+                "first": (sg.modules or sg.node_names)[0],
+                "last": (sg.modules or sg.node_names)[-1],
+                "nodes": len(own),
+                "parameters": int(sum(all_params[p].numel() for p in param_names)),
+                "parameter_names": sorted(param_names),
+                "forward_flops": float(sum(n.meta["ppc.cost"].forward_flops for n in own)),
+                "backward_flops": float(sum(n.meta["ppc.cost"].backward_flops for n in own)),
+                "compute_seconds": float(sum(n.meta["ppc.cost"].time for n in own)),
+                "forward_seconds": float(sum(n.meta["ppc.cost"].forward_time for n in own)),
+                "backward_seconds": float(sum(n.meta["ppc.cost"].backward_time for n in own)),
+                "seconds": float(seconds),
+                "activation_bytes": float(activation),
+                "sent_bytes": float(sent),
+                "heaviest_node": heaviest.name,
+                "heaviest_seconds": float(heaviest.meta["ppc.cost"].time),
+            }
+        )
+    return stats
+
+
+def build_program(
+    gm: fx.GraphModule, ctx: CompileContext, schedule: Schedule, simulated
+) -> tuple[dict, dict]:
+    """(program.json content without hashes, {file name: text}) for a compiled model."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    version = ppcompile.__version__
+    files = {f"stage_{sg.stage}.py": generate_stage(ctx, sg, version) for sg in ctx.stage_graphs}
+    files["schedule.txt"] = (
+        format_schedule_grid(schedule, include_communication=False)
+        + "\n\n# lowered, with communication\n"
+        + format_schedule_grid(schedule, include_communication=True)
+        + "\n"
+    )
+    stats = stage_statistics(gm, ctx)
+    partition = ctx.partition
+    program = {
+        "format_version": FORMAT_VERSION,
+        "compiler": f"ppcompile {version}",
+        "model": {"source": ctx.ref.path, "factory": ctx.ref.factory, "sha256": ctx.ref.sha256()},
+        "symbols": {name: ctx.symbol_values[name] for name in sorted(ctx.symbols)},
+        "config": {
+            "stages": ctx.config.stages,
+            "microbatches": ctx.config.microbatches,
+            "schedule": ctx.config.schedule,
+            "device_profile": ctx.profile.name,
+        },
+        "inputs": [
+            {
+                "name": name,
+                "shape": shape_text(nodes[name].meta["ppc.shape"]),
+                "dtype": format_dtype(nodes[name].meta["ppc.dtype"]),
+                "consumers": [sg.stage for sg in ctx.stage_graphs if name in sg.graph_inputs],
+            }
+            for name in ctx.input_names
+        ],
+        "stages": [
+            {
+                "id": sg.stage,
+                "rank": sg.stage,
+                "file": f"stage_{sg.stage}.py",
+                "class": stage_class_name(sg.stage),
+                "inputs": sg.graph_inputs,
+                "receives": sg.receives,
+                "sends": sg.sends,
+                "returns_loss": sg.returns_loss,
+                "parameters": stat["parameter_names"],
+            }
+            for sg, stat in zip(ctx.stage_graphs, stats)
+        ],
+        "boundaries": [
+            {
+                "name": b.name,
+                "shape": shape_text(b.shape),
+                "dtype": format_dtype(b.dtype),
+                "requires_grad": b.requires_grad,
+                "producer": b.producer,
+                "consumers": list(b.consumers),
+                "text": describe_boundary(b),
+            }
+            for b in ctx.boundaries.values()
+        ],
+        "tied_parameters": ctx.tied_groups,
+        "schedule": {
+            "name": schedule.name,
+            "microbatches": schedule.microbatches,
+            "virtual_stages": 1,
+            "ranks": {str(r): format_rank_actions(schedule.actions[r]) for r in sorted(schedule.actions)},
+        },
+        "costs": {
+            "stages": [{k: v for k, v in s.items() if k != "parameter_names"} for s in stats],
+            "even_split_seconds": partition.even_split_times,
+            "even_split_layers": partition.even_split_layers,
+            "total_compute_seconds": float(sum(n.meta["ppc.cost"].time for n in gm.graph.nodes)),
+            "simulated_step_seconds": float(simulated.step_time),
+            "simulated_bubble": float(simulated.overall_bubble_fraction),
+        },
+    }
+    files["report.md"] = render_report(program)
+    return program, files
+
+
+def write_program(out_dir: str | Path, program: dict, files: dict[str, str]) -> Path:
+    """Write atomically into ``out_dir``; replace it only if it holds a previous program."""
+    out = Path(out_dir)
+    if out.exists() and not is_program_dir(out):
+        if not out.is_dir() or any(out.iterdir()):
+            raise CompileError(
+                f"output directory {out} exists and is not a ppcompile program; choose a new -o or remove it"
+            )
+    program = dict(program)
+    program["files"] = {
+        name: hashlib.sha256(text.encode()).hexdigest() for name, text in sorted(files.items())
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for name, text in files.items():
+            (staging / name).write_text(text)
+        (staging / "run.py").write_text(RUN_PY)
+        program["files"]["run.py"] = hashlib.sha256(RUN_PY.encode()).hexdigest()
+        (staging / PROGRAM_FILE).write_text(json.dumps(program, indent=2, sort_keys=False) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def is_program_dir(path: Path) -> bool:
+    try:
+        return "format_version" in json.loads((path / PROGRAM_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def read_program(path: str | Path) -> dict:
+    path = Path(path)
+    if not is_program_dir(path):
+        raise CompileError(
+            f"{path} is not a ppcompile program (no readable {PROGRAM_FILE}); run ppcompile compile first"
+        )
+    return json.loads((path / PROGRAM_FILE).read_text())
+
+
+RUN_PY = '''"""Run this program: torchrun --nproc-per-node K run.py --steps N"""
+
+import sys
+from pathlib import Path
+
+from ppcompile.runtime.main import main
+
+if __name__ == "__main__":
+    sys.exit(main(Path(__file__).resolve().parent, sys.argv[1:]))
+'''

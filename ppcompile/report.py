@@ -1,0 +1,88 @@
+"""The partition report, rendered from ``program.json`` alone so that ``report.md`` and
+``ppcompile report`` always agree."""
+
+from __future__ import annotations
+
+from tabulate import tabulate
+
+MB = 1e6
+
+
+def render_report(program: dict) -> str:
+    costs = program["costs"]
+    stages = costs["stages"]
+    K = len(stages)
+    M = program["config"]["microbatches"]
+    rows = [
+        [
+            s["stage"],
+            s["rank"],
+            f"{s['first']} .. {s['last']}",
+            s["nodes"],
+            f"{s['parameters'] / 1e6:.2f}M",
+            f"{s['forward_flops'] / 1e9:.2f}",
+            f"{s['backward_flops'] / 1e9:.2f}",
+            f"{s['seconds'] * 1e3:.2f}",
+            f"{s['activation_bytes'] / MB:.2f}",
+            f"{s['sent_bytes'] / MB:.2f}",
+        ]
+        for s in stages
+    ]
+    headers = [
+        "stage",
+        "rank",
+        "FQN range",
+        "nodes",
+        "params",
+        "fwd GFLOP",
+        "bwd GFLOP",
+        "time ms",
+        "act MB/mb",
+        "sent MB/mb",
+    ]
+    times = [s["seconds"] for s in stages]
+    mean = sum(times) / K
+    slowest = max(range(K), key=times.__getitem__)
+    imbalance = max(times) / mean
+    heaviest = stages[slowest]
+    share = heaviest["heaviest_seconds"] / times[slowest]
+    all_heaviest = max(s["heaviest_seconds"] for s in stages)
+    lower_bound = max(sum(s["compute_seconds"] for s in stages) / K, all_heaviest)
+    bubble = (K - 1) / (M + K - 1)
+    model = program["model"]
+    lines = [
+        f"# ppcompile partition report: {model['source']}:{model['factory']}",
+        "",
+        f"{K} stages, {M} micro-batches, schedule {program['schedule']['name']}, "
+        f"device profile {program['config']['device_profile']}; costs per micro-batch at "
+        + ", ".join(f"{k}={v}" for k, v in program["symbols"].items())
+        + ".",
+        "",
+        tabulate(rows, headers=headers, tablefmt="github"),
+        "",
+        f"- imbalance (slowest / mean stage time): {imbalance:.3f}",
+    ]
+    even = costs.get("even_split_seconds")
+    if even:
+        even_imbalance = max(even) / (sum(even) / K)
+        lines.append(
+            f"- even split by layer count ({costs['even_split_layers']} layers dealt out evenly): imbalance "
+            f"{even_imbalance:.3f}, slowest stage {max(even) * 1e3:.2f} ms vs {max(times) * 1e3:.2f} ms here"
+        )
+    else:
+        lines.append("- even split by layer count: not applicable (no repeated layers to deal out)")
+    lines += [
+        f"- slowest stage: {slowest}; its heaviest node `{heaviest['heaviest_node']}` is {share:.0%} of it "
+        f"({heaviest['heaviest_seconds'] * 1e3:.2f} of {times[slowest] * 1e3:.2f} ms); a node is never split, "
+        f"so no partition beats {lower_bound * 1e3:.2f} ms per stage",
+        f"- predicted bubble (K-1)/(M+K-1): {bubble:.3f}",
+        f"- simulated step ({program['schedule']['name']}, transfers included): "
+        f"{costs['simulated_step_seconds'] * 1e3:.1f} ms, bubble {costs['simulated_bubble']:.3f}",
+    ]
+    if program["tied_parameters"]:
+        for group in program["tied_parameters"]:
+            lines.append(
+                f"- tied parameters {', '.join(group['parameters'])} on stages "
+                f"{', '.join(map(str, group['stages']))}: gradients summed across them"
+            )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,61 @@
+"""The verifier: structural invariants checked after each pass (in tests and under ``--check``)."""
+
+from __future__ import annotations
+
+from torch import fx
+
+from ppcompile.context import CompileContext
+
+
+class VerifyError(AssertionError):
+    pass
+
+
+def verify(gm: fx.GraphModule, ctx: CompileContext, after: str) -> None:
+    """Check what must hold once pass ``after`` has run; raise VerifyError naming the first breach."""
+    gm.graph.lint()
+    nodes = list(gm.graph.nodes)
+    if after in ("propagate_shapes", "estimate_costs", "partition_stages", "split_stages"):
+        for node in nodes:
+            _require("ppc.kind" in node.meta, f"{node.name} has no ppc.kind after {after}")
+            if node.meta["ppc.kind"] == "tensor":
+                _require("ppc.shape" in node.meta, f"tensor {node.name} has no symbolic shape")
+    if after in ("estimate_costs", "partition_stages", "split_stages"):
+        for node in nodes:
+            _require("ppc.cost" in node.meta, f"{node.name} has no cost")
+    if after in ("partition_stages", "split_stages"):
+        last = -1
+        for node in nodes:
+            stage = node.meta.get("ppc.stage")
+            if node.op in ("call_function", "call_method", "call_module") and node.name in set(
+                ctx.partition.compute_order
+            ):
+                _require(stage is not None, f"compute node {node.name} has no stage")
+                _require(
+                    stage >= last,
+                    f"{node.name} on stage {stage} comes after stage {last}: cuts not contiguous",
+                )
+                last = stage
+    if after == "split_stages":
+        received = {(name, sg.stage) for sg in ctx.stage_graphs for name in sg.receives}
+        sent = {name for sg in ctx.stage_graphs for name in sg.sends}
+        for b in ctx.boundaries.values():
+            _require(b.name in sent, f"boundary {b.name} is never sent")
+            _require(b.producer < min(b.consumers), f"boundary {b.name} flows backwards")
+            for c in b.consumers:
+                _require((b.name, c) in received, f"stage {c} never receives {b.name}")
+        for name, stage in received:
+            _require(
+                name in ctx.boundaries and stage in ctx.boundaries[name].consumers,
+                f"{name} received by {stage} unsent",
+            )
+        owned = [n for sg in ctx.stage_graphs for n in sg.node_names]
+        _require(len(owned) == len(set(owned)), "a compute node is in two stages")
+        _require(set(owned) == set(ctx.partition.compute_order), "a compute node is in no stage")
+        for sg in ctx.stage_graphs:
+            sg.graph.lint()
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise VerifyError(message)

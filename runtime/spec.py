@@ -1,0 +1,109 @@
+"""What a model file hands to ppcompile: the module, one micro-batch of inputs, and its symbolic dims.
+
+A model file exposes factories. A factory returns either ``(module, example_inputs)`` or a
+:class:`ModelSpec` when it needs to say more. ``module(*example_inputs)`` returns the scalar loss.
+
+This module lives in the runtime because both halves need it: the compiler traces the
+module, and each rank rebuilds the same module from the same factory to get its weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model plus what the compiler cannot guess from it.
+
+    Example::
+
+        ModelSpec(model, (idx, targets), dims={"idx": {0: "b", 1: "s"}, "targets": {0: "b", 1: "s"}})
+    """
+
+    module: nn.Module
+    # One micro-batch; dim 0 of every input is the batch dim.
+    example_inputs: tuple[torch.Tensor, ...]
+    # input name -> {dim index -> symbol}; inputs not named here get {0: "b"}.
+    dims: dict[str, dict[int, str]] = field(default_factory=dict)
+    # Optional: called as data(batch_size, seed) -> iterator of input tuples (one full batch each).
+    data: Callable[[int, int], Iterator[tuple[torch.Tensor, ...]]] | None = None
+
+
+def as_spec(made: ModelSpec | tuple) -> ModelSpec:
+    """Normalise what a factory returned into a ModelSpec."""
+    if isinstance(made, ModelSpec):
+        return made
+    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
+        module, inputs = made
+        return ModelSpec(module=module, example_inputs=tuple(inputs))
+    raise TypeError(
+        f"a factory must return (module, example_inputs) or a ModelSpec, got {type(made).__name__}"
+    )
+
+
+class SpecError(ValueError):
+    """A model reference that cannot be loaded; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """``path/to/model.py:factory`` as typed by a user."""
+
+    path: str
+    factory: str
+
+    @staticmethod
+    def parse(text: str) -> ModelRef:
+        path, sep, factory = text.rpartition(":")
+        if not sep or not path or not factory:
+            raise SpecError(
+                f"model reference {text!r} must look like PATH.py:FACTORY, e.g. models/gpt.py:gpt_mini"
+            )
+        return ModelRef(path, factory)
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.factory}"
+
+    def sha256(self) -> str:
+        return hashlib.sha256(Path(self.path).read_bytes()).hexdigest()
+
+    def load_factory(self) -> Callable[[], ModelSpec | tuple]:
+        file = Path(self.path)
+        if not file.is_file():
+            raise SpecError(f"model file {self.path} does not exist")
+        module_name = "ppc_model_" + hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:12]
+        module = sys.modules.get(module_name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(module_name, file)
+            module = importlib.util.module_from_spec(spec)
+            # Registered before exec so dataclasses and pickling inside the model file resolve.
+            sys.modules[module_name] = module
+            try:
+                spec.loader.exec_module(module)
+            except Exception:
+                del sys.modules[module_name]
+                raise
+        factory = getattr(module, self.factory, None)
+        if not callable(factory):
+            known = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+            raise SpecError(
+                f"{self.path} has no factory {self.factory!r}; callables there: {', '.join(known)}"
+            )
+        return factory
+
+    def build(self, device: str | torch.device = "cpu", seed: int | None = 0) -> ModelSpec:
+        """Run the factory on ``device`` (``"meta"`` allocates nothing) under a fixed seed."""
+        factory = self.load_factory()
+        if seed is not None:
+            torch.manual_seed(seed)
+        with torch.device(device):
+            return as_spec(factory())

@@ -1,0 +1,60 @@
+"""The base class of every generated stage module.
+
+A generated ``stage_<i>.py`` lists the leaf submodules and the parameters/buffers it
+uses under the model's own names; the constructor adopts exactly those from a model
+instance, so ``state_dict()`` keys are the original FQNs and any checkpoint written in
+the model's own names loads into any partition.
+
+Example::
+
+    model = GPT(config)          # built from the same factory and seed as at compile time
+    stage = Stage1(model)        # holds transformer.h.2..3 and lm_head, nothing else
+    stage.state_dict().keys()    # 'transformer.h.2.ln_1.weight', ...
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class Container(nn.Module):
+    """An intermediate module on the path to an adopted leaf; ``h[2]`` reads attribute ``"2"``."""
+
+    def __getitem__(self, index: int) -> nn.Module:
+        return getattr(self, str(index))
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - containers are never called
+        raise RuntimeError("a Container only holds submodules")
+
+
+class StageModule(nn.Module):
+    MODULES: tuple[str, ...] = ()  # leaf submodules this stage calls, by FQN
+    TENSORS: tuple[str, ...] = ()  # parameters and buffers it reads directly, by FQN
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        for fqn in self.MODULES:
+            parent, name = self._parent_of(fqn)
+            if name not in parent._modules:
+                parent.add_module(name, model.get_submodule(fqn))
+        for fqn in self.TENSORS:
+            owner_path, _, name = fqn.rpartition(".")
+            owner = model.get_submodule(owner_path) if owner_path else model
+            parent, _ = self._parent_of(fqn)
+            if name in parent._parameters or name in parent._buffers:
+                continue
+            if name in owner._parameters:
+                parent.register_parameter(name, owner._parameters[name])
+            else:
+                persistent = name not in owner._non_persistent_buffers_set
+                parent.register_buffer(name, owner._buffers[name], persistent=persistent)
+
+    def _parent_of(self, fqn: str) -> tuple[nn.Module, str]:
+        """The (created on demand) container that holds the last component of ``fqn``."""
+        *path, name = fqn.split(".")
+        module: nn.Module = self
+        for part in path:
+            if part not in module._modules:
+                module.add_module(part, Container())
+            module = module._modules[part]
+        return module, name

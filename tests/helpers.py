@@ -1,0 +1,42 @@
+"""Shared test helpers: compile into a temporary directory and chain the stages in one process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ppcompile.context import CompileConfig
+from ppcompile.driver import compile_model
+from ppcompile.program import write_program
+from ppcompile.runtime.loader import load_program
+from ppcompile.runtime.spec import ModelRef
+
+
+def compile_to(tmp: Path, ref: str, stages: int, **options) -> Path:
+    config = CompileConfig(stages=stages, check=True, **options)
+    result = compile_model(ref, config)
+    return write_program(tmp / f"prog_{stages}", result.program, result.files)
+
+
+def chained_forward(program_dir: Path, model: torch.nn.Module, inputs: tuple) -> torch.Tensor:
+    """Run every stage's forward in order, handing boundary tensors from producer to consumer."""
+    program = load_program(program_dir)
+    by_name = dict(zip([i["name"] for i in program.data["inputs"]], inputs))
+    values = {}
+    loss = None
+    for stage_id in range(program.num_stages):
+        info = program.stage(stage_id)
+        stage = program.stage_class(stage_id)(model)
+        args = [by_name[n] for n in info["inputs"]] + [values[n] for n in info["receives"]]
+        out = stage(*args)
+        for name in info["sends"]:
+            values[name] = out[name]
+        if info["returns_loss"]:
+            loss = out["loss"]
+    return loss
+
+
+def build_model(ref: str, seed: int = 0):
+    spec = ModelRef.parse(ref).build("cpu", seed=seed)
+    return spec.module, spec.example_inputs

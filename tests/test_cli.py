@@ -1,0 +1,70 @@
+"""Bad input: one clear line on stderr, exit code 2, nothing half-written."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def ppcompile(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "ppcompile", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def assert_user_error(result, *needles):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "spec,stages,needles",
+    [
+        ("models/nope.py:gpt_mini", "2", ["models/nope.py", "does not exist"]),
+        ("models/gpt.py:gpt_huge", "2", ["gpt_huge", "gpt_mini"]),
+        ("models/gpt.py", "2", ["PATH.py:FACTORY"]),
+        ("tests/fixtures/untraceable.py:model", "2", ["untraceable.py:12", "if h.sum() > 0", "cannot trace"]),
+        ("models/mlp.py:mlp", "500 --schedule gpipe", ["--stages 500", "places it can be cut"]),
+        ("models/mlp.py:mlp", "0", ["--stages must be at least 1"]),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(tmp_path, spec, stages, needles):
+    out = tmp_path / "out"
+    result = ppcompile("compile", spec, "--stages", *stages.split(), "-o", str(out))
+    assert_user_error(result, *needles)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no staging directory left behind
+
+
+def test_refuses_to_overwrite_a_directory_that_is_not_a_program(tmp_path):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    result = ppcompile("compile", "models/mlp.py:mlp", "--stages", "2", "-o", str(out))
+    assert_user_error(result, "not a ppcompile program")
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_recompiles_over_a_previous_program_and_reports(tmp_path):
+    out = tmp_path / "prog"
+    for stages in ("2", "3"):
+        result = ppcompile("compile", "models/mlp.py:mlp", "--stages", stages, "-o", str(out))
+        assert result.returncode == 0, result.stderr
+    report = ppcompile("report", str(out))
+    assert report.returncode == 0
+    assert "imbalance (slowest / mean stage time)" in report.stdout
+    assert report.stdout.count("\n|") == 3 + 2  # header, rule, three stages
+
+
+def test_unknown_schedule_and_too_few_microbatches(tmp_path):
+    result = ppcompile(
+        "compile", "models/mlp.py:mlp", "--stages", "2", "--schedule", "zigzag", "-o", str(tmp_path / "x")
+    )
+    assert_user_error(result, "zigzag", "1f1b", "gpipe")
+    result = ppcompile("compile", "models/mlp.py:mlp", "--stages", "4", "-m", "2", "-o", str(tmp_path / "x"))
+    assert_user_error(result, "2", "4")
+
+
+def test_report_of_a_non_program(tmp_path):
+    assert_user_error(ppcompile("report", str(tmp_path)), "not a ppcompile program")

@@ -1,0 +1,65 @@
+"""The partitioner is optimal for its cost model: checked against brute force on small problems."""
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+
+from ppcompile.passes.partition_stages import CrossingValue, segment_costs, solve_partition, stage_times_for
+
+
+def naive_stage_cost(i, j, times, values):
+    """Stage i..j: its compute plus every value entering or leaving it, written the obvious way."""
+    total = sum(times[i : j + 1])
+    for v in values:
+        inside_producer = i <= v.producer <= j
+        uses_inside = any(i <= c <= j for c in v.consumers)
+        uses_after = any(c > j for c in v.consumers)
+        if (not inside_producer and v.producer < i and uses_inside) or (inside_producer and uses_after):
+            total += v.transfer_time
+    return total
+
+
+def random_problem(rng, n):
+    times = [rng.uniform(0.1, 3.0) for _ in range(n)]
+    values = []
+    for p in range(n - 1):
+        consumers = sorted(rng.sample(range(p + 1, n), rng.randint(1, min(3, n - 1 - p))))
+        values.append(CrossingValue(p, tuple(consumers), rng.uniform(0.0, 1.5)))
+    forbidden = {c for c in range(1, n) if rng.random() < 0.15}
+    return times, values, forbidden
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_matches_brute_force(seed):
+    rng = random.Random(seed)
+    n = rng.randint(2, 9)
+    K = rng.randint(1, min(4, n))
+    times, values, forbidden = random_problem(rng, n)
+    cost = segment_costs(times, values, forbidden)
+    for i in range(n):
+        for j in range(i, n):
+            legal = (i == 0 or i not in forbidden) and (j == n - 1 or j + 1 not in forbidden)
+            expected = naive_stage_cost(i, j, times, values) if legal else np.inf
+            assert cost[i, j] == pytest.approx(expected)
+    best = np.inf
+    for cuts in itertools.combinations(range(1, n), K - 1):
+        if any(c in forbidden for c in cuts):
+            continue
+        bounds = [0, *cuts, n]
+        best = min(best, max(naive_stage_cost(bounds[s], bounds[s + 1] - 1, times, values) for s in range(K)))
+    found = solve_partition(cost, K)
+    if not np.isfinite(best):
+        assert found is None
+        return
+    assert len(found) == K - 1 and found == sorted(set(found))
+    assert max(stage_times_for(cost, found)) == pytest.approx(best)
+
+
+def test_ties_prefer_balanced_other_stages():
+    # One heavy node bounds the step; the rest should still be spread evenly, not piled up.
+    times = [1.0] * 6 + [10.0]
+    cost = segment_costs(times, [], set())
+    cuts = solve_partition(cost, 4)
+    assert stage_times_for(cost, cuts) == [2.0, 2.0, 2.0, 10.0]

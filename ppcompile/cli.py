@@ -72,5 +72,62 @@ def report(program_dir):
     click.echo(render_report(read_program(program_dir)), nl=False)
 
 
+@main.command()
+@click.argument("program_dir", type=click.Path())
+@click.option("--steps", default=3, show_default=True, help="Optimizer steps to compare.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
+@click.option("--lr", default=1e-2, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--rtol", default=1e-5, show_default=True, help="Relative tolerance for gradients and parameters."
+)
+@user_errors
+def verify(program_dir, steps, optimizer, lr, seed, rtol):
+    """Train PROGRAM_DIR in one process beside the eager model; exit 0 only if they agree."""
+    from ppcompile.check_training import verify_in_process
+
+    result = verify_in_process(
+        _load(program_dir), steps=steps, optimizer=optimizer, lr=lr, seed=seed, rtol=rtol
+    )
+    for line in result.lines():
+        click.echo(line)
+    click.echo(
+        "OK: the compiled program trains as the eager model" if result.ok else "FAILED: outside the bar"
+    )
+    sys.exit(0 if result.ok else 1)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("program_dir", type=click.Path())
+@click.argument("run_args", nargs=-1, type=click.UNPROCESSED)
+@user_errors
+def run(program_dir, run_args):
+    """Start torchrun with one process per rank: ppcompile run DIR -- --steps 50."""
+    import subprocess
+    from pathlib import Path
+
+    program = _load(program_dir)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(program.num_ranks),
+        str(Path(program_dir) / "run.py"),
+        *run_args,
+    ]
+    click.echo(" ".join(command[1:]), err=True)
+    sys.exit(subprocess.call(command))
+
+
+def _load(program_dir):
+    from ppcompile.runtime.loader import ProgramError, load_program
+
+    try:
+        return load_program(program_dir)
+    except ProgramError as e:
+        raise CompileError(str(e)) from None
+
+
 if __name__ == "__main__":
     main()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -146,6 +147,10 @@ def build_program(
             "total_compute_seconds": float(sum(n.meta["ppc.cost"].time for n in gm.graph.nodes)),
             "simulated_step_seconds": float(simulated.step_time),
             "simulated_bubble": float(simulated.overall_bubble_fraction),
+            # Micro-batches whose activations a stage holds at once under this schedule.
+            "simulated_live_microbatches": [
+                int(simulated.peak_live_microbatches[s]) for s in range(len(ctx.stage_graphs))
+            ],
         },
     }
     files["report.md"] = render_report(program)
@@ -161,6 +166,8 @@ def write_program(out_dir: str | Path, program: dict, files: dict[str, str]) -> 
                 f"output directory {out} exists and is not a ppcompile program; choose a new -o or remove it"
             )
     program = dict(program)
+    source = Path(program["model"]["source"]).resolve()
+    program["model"] = {**program["model"], "source_from_program": os.path.relpath(source, out.resolve())}
     program["files"] = {
         name: hashlib.sha256(text.encode()).hexdigest() for name, text in sorted(files.items())
     }

@@ -1,0 +1,151 @@
+"""Training steps over a whole program: data, micro-batching, tied gradients, optimizer.
+
+``InProcessPipeline`` runs every rank in this process (tests, ``ppcompile verify``,
+debugging on one device); ``train_distributed`` is what ``run.py`` calls on each
+``torchrun`` rank. Both drive the same ``RankExecutor``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ppcompile.runtime.executor import RankExecutor
+from ppcompile.runtime.loader import Program, ProgramError
+from ppcompile.runtime.spec import ModelRef, ModelSpec
+from ppcompile.runtime.transport import InProcessTransport
+
+
+def model_ref(program: Program) -> ModelRef:
+    """The model file, found relative to the program directory, and unchanged since compilation."""
+    model = program.data["model"]
+    candidates = [program.root / model["source_from_program"], Path(model["source"])]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise ProgramError(
+            f"model file {model['source']} not found (looked at {', '.join(map(str, candidates))})"
+        )
+    ref = ModelRef(str(path), model["factory"])
+    if ref.sha256() != model["sha256"]:
+        raise ProgramError(
+            f"{path} changed since this program was compiled; recompile it with ppcompile compile"
+        )
+    return ref
+
+
+def build_spec(program: Program, seed: int, device: str = "cpu") -> ModelSpec:
+    """The model with the weights every rank (and the eager reference) gets for ``seed``."""
+    return model_ref(program).build(device, seed=seed)
+
+
+def batches(program: Program, spec: ModelSpec, seed: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Steps of M micro-batches, each a dict of inputs by name. Every rank makes the same ones."""
+    M = program.data["schedule"]["microbatches"]
+    names = [i["name"] for i in program.data["inputs"]]
+    micro = program.data["symbols"].get("b", 1)
+    if spec.data is not None:
+        source = spec.data(M * micro, seed)
+    else:
+        source = itertools.repeat(tuple(torch.cat([t] * M) for t in spec.example_inputs))
+    for batch in source:
+        if batch[0].shape[0] % M:
+            raise ProgramError(f"a batch of {batch[0].shape[0]} rows does not split into {M} micro-batches")
+        chunks = [t.chunk(M) for t in batch]
+        yield [dict(zip(names, (c[m] for c in chunks))) for m in range(M)]
+
+
+def make_optimizer(name: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    raise ProgramError(f"unknown optimizer {name!r}; use sgd or adamw")
+
+
+def tied_parameters(program: Program, executor: RankExecutor) -> list[list[nn.Parameter]]:
+    """Per tied group: the distinct parameter objects this rank holds for it."""
+    named = {}
+    for module in executor.stages.values():
+        named.update(dict(module.named_parameters(remove_duplicate=False)))
+    groups = []
+    for group in program.data["tied_parameters"]:
+        params, seen = [], set()
+        for fqn in group["parameters"]:
+            p = named.get(fqn)
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+        groups.append(params)
+    return groups
+
+
+class InProcessPipeline:
+    """All ranks of a program in one process, each with its own copy of the model, as on real ranks."""
+
+    def __init__(
+        self,
+        program: Program,
+        seed: int = 0,
+        optimizer: str = "sgd",
+        lr: float = 1e-3,
+        device: str = "cpu",
+        track_memory: bool = False,
+    ):
+        self.program = program
+        self.transport = InProcessTransport()
+        self.executors = []
+        for rank in range(program.num_ranks):
+            spec = build_spec(program, seed)
+            self.executors.append(
+                RankExecutor(program, rank, spec.module, self.transport, device, track_memory)
+            )
+        self.spec = spec
+        self.optimizers = [make_optimizer(optimizer, e.parameters(), lr) for e in self.executors]
+
+    def step(self, microbatches: list[dict[str, torch.Tensor]], update: bool = True) -> list[float]:
+        """One training step; returns the per-micro-batch losses."""
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        runs = [e.run(microbatches) for e in self.executors]
+        active = list(range(len(runs)))
+        while active:
+            sent_before = self.transport.sent
+            waiting = {}
+            for rank in active:
+                action = next(runs[rank], None)
+                if action is not None:
+                    waiting[rank] = action
+            if waiting and len(waiting) == len(active) and self.transport.sent == sent_before:
+                # Everyone is blocked on a receive and nobody sent anything: the next round is the same.
+                stuck = "; ".join(f"rank {r} waits in {a}" for r, a in sorted(waiting.items()))
+                raise RuntimeError(f"deadlock: {stuck}")
+            active = sorted(waiting)
+        self.reduce_tied_gradients()
+        if update:
+            for opt in self.optimizers:
+                opt.step()
+        losses = {}
+        for e in self.executors:
+            losses.update(e.losses)
+        return [float(losses[m]) for m in sorted(losses)]
+
+    def reduce_tied_gradients(self) -> None:
+        per_rank = [tied_parameters(self.program, e) for e in self.executors]
+        for g in range(len(self.program.data["tied_parameters"])):
+            params = [p for groups in per_rank for p in groups[g]]
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            total = grads[0].clone()
+            for grad in grads[1:]:
+                total += grad
+            for p in params:
+                p.grad = total.clone()
+
+    def named_gradients(self) -> dict[str, torch.Tensor]:
+        return {n: p.grad for e in self.executors for m in e.stages.values() for n, p in m.named_parameters()}
+
+    def named_parameters(self) -> dict[str, torch.Tensor]:
+        return {n: p for e in self.executors for m in e.stages.values() for n, p in m.named_parameters()}

@@ -1,0 +1,91 @@
+"""Point-to-point transports. A message is one tensor for one (boundary, micro-batch, direction).
+
+``DistTransport`` uses ``torch.distributed`` (gloo on CPU, NCCL on GPUs): sends are posted
+at once and completed lazily; a receive waits at most ``timeout`` seconds and then fails
+with a line naming this rank, the action and the peer. ``InProcessTransport`` runs every
+rank in one process through the same executor: messages go into a mailbox, and a receive
+whose message has not been sent yet tells the caller to let another rank run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+class PeerError(RuntimeError):
+    """A receive that failed or timed out; the message is one line naming rank, action and peer."""
+
+
+@dataclass(frozen=True)
+class MessageKey:
+    boundary: int  # index of the boundary tensor in program.json
+    microbatch: int
+    gradient: bool  # False: activation producer -> consumer; True: gradient consumer -> producer
+    src_stage: int
+    dst_stage: int
+
+    def tag(self, num_boundaries: int) -> int:
+        return (self.microbatch * num_boundaries + self.boundary) * 2 + int(self.gradient)
+
+
+class InProcessTransport:
+    """Every rank in one process; a shared mailbox stands in for the network."""
+
+    def __init__(self):
+        self.mailbox: dict[MessageKey, torch.Tensor] = {}
+        self.sent = 0  # messages posted so far: lets the caller tell a deadlock from a wait
+
+    def send(self, key: MessageKey, tensor: torch.Tensor, peer_rank: int) -> None:
+        # A copy, as the wire would make: the receiver must not alias the sender's tensor.
+        self.mailbox[key] = tensor.detach().clone()
+        self.sent += 1
+
+    def try_receive(self, keys: list[tuple[MessageKey, int, torch.Size, torch.dtype]], action: str):
+        if not all(key in self.mailbox for key, *_ in keys):
+            return None
+        return [self.mailbox.pop(key) for key, *_ in keys]
+
+    def finish_step(self) -> None:
+        pass
+
+
+class DistTransport:
+    """torch.distributed point-to-point; buffers are allocated from the program's shapes."""
+
+    def __init__(self, rank: int, num_boundaries: int, timeout: float, device: torch.device):
+        self.rank = rank
+        self.num_boundaries = num_boundaries
+        self.timeout = timeout
+        self.device = device
+        self.pending: list[tuple[dist.Work, torch.Tensor]] = []
+
+    def send(self, key: MessageKey, tensor: torch.Tensor, peer_rank: int) -> None:
+        payload = tensor.detach().contiguous()
+        work = dist.isend(payload, peer_rank, tag=key.tag(self.num_boundaries))
+        self.pending.append((work, payload))  # keep the payload alive until the send completes
+
+    def try_receive(self, keys: list[tuple[MessageKey, int, torch.Size, torch.dtype]], action: str):
+        buffers, works = [], []
+        for key, peer_rank, shape, dtype in keys:
+            buffer = torch.empty(shape, dtype=dtype, device=self.device)
+            works.append((dist.irecv(buffer, peer_rank, tag=key.tag(self.num_boundaries)), peer_rank, key))
+            buffers.append(buffer)
+        for work, peer_rank, key in works:
+            try:
+                work.wait(timedelta(seconds=self.timeout))
+            except Exception as e:  # gloo raises RuntimeError on timeout and on a closed connection
+                reason = "timed out" if "imeout" in str(e) or "imed out" in str(e) else "lost the connection"
+                raise PeerError(
+                    f"rank {self.rank}: {reason} in {action} waiting for stage {key.src_stage} on rank {peer_rank} "
+                    f"(timeout {self.timeout:g} s); that peer died or is stuck: {str(e).splitlines()[0][:160]}"
+                ) from None
+        return buffers
+
+    def finish_step(self) -> None:
+        for work, _ in self.pending:
+            work.wait(timedelta(seconds=self.timeout))
+        self.pending.clear()

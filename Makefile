@@ -12,9 +12,12 @@ install: .installed
 	$(PIP) install -q -e ".[test]"
 	touch .installed
 
+# Compile gpt_mini into 2 stages, check it trains as the eager model, then train it with torchrun.
 demo: install
-	$(PYTHON) -m ppcompile compile models/gpt.py:gpt_mini --stages 2 --microbatches 8 -o build/demo
+	$(PYTHON) -m ppcompile compile models/gpt.py:gpt_mini --stages 2 --microbatches 8 --schedule 1f1b -o build/demo
 	$(PYTHON) -m ppcompile report build/demo
+	$(PYTHON) -m ppcompile verify build/demo
+	$(PYTHON) -m ppcompile run build/demo -- --steps 50 --lr 3e-3
 
 test: install
 	$(PYTHON) -m pytest

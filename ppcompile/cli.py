@@ -111,12 +111,13 @@ def run(program_dir, run_args):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",
         "--nproc-per-node",
         str(program.num_ranks),
         str(Path(program_dir) / "run.py"),
         *run_args,
     ]
-    click.echo(" ".join(command[1:]), err=True)
+    click.echo("torchrun " + " ".join(command[3:]), err=True)
     sys.exit(subprocess.call(command))
 
 

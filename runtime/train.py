@@ -58,7 +58,21 @@ def batches(program: Program, spec: ModelSpec, seed: int) -> Iterator[list[dict[
         yield [dict(zip(names, (c[m] for c in chunks))) for m in range(M)]
 
 
-def make_optimizer(name: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+class _NoParameters:
+    """The optimizer of a stage that holds no parameters (a loss-only or activation-only stage)."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def step(self) -> None:
+        pass
+
+
+def make_optimizer(name: str, params: list[nn.Parameter], lr: float):
+    if name not in ("sgd", "adamw"):
+        raise ProgramError(f"unknown optimizer {name!r}; use sgd or adamw")
+    if not params:
+        return _NoParameters()
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)
     if name == "adamw":

@@ -1,0 +1,106 @@
+"""The real path: torchrun processes on gloo. Few and small; breadth lives in test_runtime.py."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from ppcompile.check_training import compare, eager_run
+from ppcompile.runtime.loader import load_program
+from tests.helpers import compile_to
+
+
+def torchrun(program_dir, nproc, *args, **popen):
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        str(program_dir / "run.py"),
+        *args,
+    ]
+    return command
+
+
+def run(program_dir, nproc, *args, timeout=240):
+    return subprocess.run(
+        torchrun(program_dir, nproc, *args), capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("stages", [2, 4])
+@pytest.mark.parametrize("ref", ["models/gpt.py:gpt_mini", "models/mlp.py:mlp"])
+def test_torchrun_trains_like_eager(tmp_path, ref, stages, schedule):
+    program_dir = compile_to(tmp_path, ref, stages, microbatches=4, schedule=schedule)
+    record = tmp_path / "record"
+    result = run(
+        program_dir, stages, "--steps", "3", "--optimizer", "sgd", "--lr", "0.05", "--record", str(record)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(record / f"rank{r}.pt") for r in range(stages)]
+    losses = next(r["losses"] for r in ranks if r["losses"])
+    grads = {n: g for r in ranks for n, g in r["grads"].items()}
+    params = {n: p for r in ranks for n, p in r["params"].items()}
+    reference = eager_run(load_program(program_dir), 3, "sgd", 0.05, 0)
+    comparison = compare(losses, grads, params, reference, rtol=1e-5)
+    assert comparison.ok, "\n".join(comparison.lines())
+    assert losses[0] == reference[0][0]  # the first step's per-micro-batch losses, bitwise
+
+
+@pytest.fixture(scope="module")
+def mini_program(tmp_path_factory):
+    return compile_to(tmp_path_factory.mktemp("mini"), "models/gpt.py:gpt_mini", 2, microbatches=4)
+
+
+def test_wrong_world_size_is_one_clear_error(mini_program):
+    result = run(mini_program, 3, "--steps", "1")
+    assert result.returncode != 0
+    assert (
+        "error: this program has 2 ranks but torchrun started 3; use torchrun --nproc-per-node 2"
+        in result.stderr
+    )
+
+
+def test_edited_stage_file_is_refused(tmp_path):
+    program_dir = compile_to(tmp_path, "models/mlp.py:mlp", 2, microbatches=4)
+    with open(program_dir / "stage_1.py", "a") as f:
+        f.write("# a local tweak\n")
+    result = run(program_dir, 2, "--steps", "1")
+    assert result.returncode != 0
+    assert "stage_1.py was changed after compilation" in result.stderr
+
+
+def test_killed_rank_ends_the_others_naming_the_peer(tmp_path):
+    program_dir = compile_to(tmp_path, "models/gpt.py:gpt_mini", 2, microbatches=4)
+    timeout = 20
+    process = subprocess.Popen(
+        torchrun(program_dir, 2, "--steps", "100000", "--timeout", str(timeout)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        for line in process.stdout:
+            if line.startswith("step 3/"):
+                break
+        workers = subprocess.run(
+            ["pgrep", "-P", str(process.pid)], capture_output=True, text=True
+        ).stdout.split()
+        rank0 = next(p for p in workers if b"RANK=0\x00" in open(f"/proc/{p}/environ", "rb").read())
+        start = time.monotonic()
+        os.kill(int(rank0), signal.SIGKILL)  # rank 0 dies mid-step; rank 1 waits on its activations
+        output = process.stdout.read()
+        process.wait(timeout=timeout + 30)
+        elapsed = time.monotonic() - start
+    finally:
+        process.kill()
+    assert process.returncode != 0
+    assert elapsed < timeout + 15
+    assert "error: rank 1:" in output and "on rank 0" in output, output[-2000:]

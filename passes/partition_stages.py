@@ -24,11 +24,12 @@ Keys written on each node:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
+import torch
 from torch import fx
 
 from ppcompile.context import CompileContext, Partition
@@ -125,19 +126,22 @@ def _problem(gm, ctx, order):
     return times, values, forbidden
 
 
-def segment_costs(times: Sequence[float], values: Sequence[CrossingValue], forbidden: set[int]) -> np.ndarray:
+def segment_costs(
+    times: Sequence[float], values: Sequence[CrossingValue], forbidden: set[int]
+) -> torch.Tensor:
     """cost[i, j]: the time of a stage running positions i..j; inf where j < i or a cut is illegal."""
     n = len(times)
-    prefix = np.concatenate([[0.0], np.cumsum(times)])
+    prefix = torch.cat(
+        [torch.zeros(1, dtype=torch.float64), torch.cumsum(torch.tensor(times, dtype=torch.float64), 0)]
+    )
     cost = prefix[None, 1:] - prefix[:-1, None]
     # Each crossing value adds its transfer time on rectangles of (i, j); sum them with a 2-D difference array.
-    diff = np.zeros((n + 1, n + 1))
+    rows, cols, weights = [], [], []
 
     def add(i0, i1, j0, j1, w):  # inclusive ranges
-        diff[i0, j0] += w
-        diff[i1 + 1, j0] -= w
-        diff[i0, j1 + 1] -= w
-        diff[i1 + 1, j1 + 1] += w
+        rows.extend((i0, i1 + 1, i0, i1 + 1))
+        cols.extend((j0, j0, j1 + 1, j1 + 1))
+        weights.extend((w, -w, -w, w))
 
     for v in values:
         previous = v.producer
@@ -147,38 +151,40 @@ def segment_costs(times: Sequence[float], values: Sequence[CrossingValue], forbi
             previous = c
         # Leaves stage [i, j] when the stage holds the producer and some use comes after j.
         add(0, v.producer, v.producer, v.consumers[-1] - 1, v.transfer_time)
-    cost += np.cumsum(np.cumsum(diff, axis=0), axis=1)[:n, :n]
-    cost[np.tril_indices(n, -1)] = np.inf
+    diff = torch.zeros((n + 1, n + 1), dtype=torch.float64)
+    if rows:
+        index = (torch.tensor(rows), torch.tensor(cols))
+        diff.index_put_(index, torch.tensor(weights, dtype=torch.float64), accumulate=True)
+    cost += torch.cumsum(torch.cumsum(diff, 0), 1)[:n, :n]
+    cost[torch.ones(n, n, dtype=torch.bool).tril(-1)] = torch.inf
     for cut in forbidden:
-        cost[cut, :] = np.inf  # no stage may start at a forbidden cut
-        cost[:, cut - 1] = np.inf  # nor end just before it
+        cost[cut, :] = torch.inf  # no stage may start at a forbidden cut
+        cost[:, cut - 1] = torch.inf  # nor end just before it
     return cost
 
 
-def solve_partition(cost: np.ndarray, K: int) -> list[int] | None:
+def solve_partition(cost: torch.Tensor, K: int) -> list[int] | None:
     """Cut positions (the first index of stages 1..K-1) minimising the max stage cost, then the
     sum of squares among optimal partitions. None when no partition is feasible."""
     n = cost.shape[0]
     if K > n:
         return None
-    # Phase 1: the optimal bottleneck.
-    best = cost[0].copy()
+    # Phase 1: the optimal bottleneck. Row i-1 of the max is a stage starting at i.
+    best = cost[0].clone()
     for _ in range(1, K):
-        # Stage starting at i (1..n-1) after a prefix ending at i-1.
-        best = np.min(np.maximum(best[:-1, None], cost[1:, :]), axis=0, initial=np.inf)
-    bottleneck = best[n - 1]
-    if not np.isfinite(bottleneck):
+        best = torch.maximum(best[:-1, None], cost[1:, :]).amin(dim=0)
+    bottleneck = float(best[n - 1])
+    if not math.isfinite(bottleneck):
         return None
     # Phase 2: among stages no slower than the bottleneck, the smallest sum of squares.
-    allowed = np.where(cost <= bottleneck * (1 + 1e-12), cost**2, np.inf)
-    total = allowed[0].copy()
+    allowed = torch.where(cost <= bottleneck * (1 + 1e-12), cost**2, torch.full_like(cost, torch.inf))
+    total = allowed[0].clone()
     choices = []
     for _ in range(1, K):
-        candidates = total[:-1, None] + allowed[1:, :]  # row i-1 -> stage starts at i
-        choice = np.argmin(candidates, axis=0)
-        total = candidates[choice, np.arange(n)]
+        candidates = total[:-1, None] + allowed[1:, :]
+        total, choice = candidates.min(dim=0)
         choices.append(choice + 1)
-    if not np.isfinite(total[n - 1]):
+    if not math.isfinite(float(total[n - 1])):
         return None
     cuts, end = [], n - 1
     for choice in reversed(choices):
@@ -188,7 +194,7 @@ def solve_partition(cost: np.ndarray, K: int) -> list[int] | None:
     return sorted(cuts)
 
 
-def stage_times_for(cost: np.ndarray, cuts: Sequence[int]) -> list[float]:
+def stage_times_for(cost: torch.Tensor, cuts: Sequence[int]) -> list[float]:
     bounds = [0, *cuts, cost.shape[0]]
     return [float(cost[bounds[s], bounds[s + 1] - 1]) for s in range(len(bounds) - 1)]
 

@@ -8,7 +8,7 @@ last run, so ``[b, s, 768]`` or ``[b*s, 50257]`` come out exact; a dim that fits
 monomial keeps its concrete size (the program then serves only that size).
 
 Keys written on each node:
-  ppc.kind           "tensor", "tuple" (of tensors), "none" or "other" (ints, sizes, devices)
+  ppc.kind           "tensor", "tuple" (holding tensors), "none" or "other" (ints, sizes, devices)
   ppc.shape          symbolic shape (tensors)
   ppc.concrete       concrete shape at the example micro-batch (tensors)
   ppc.dtype          dtype (tensors)
@@ -116,8 +116,8 @@ def _fit_dim(name, dim, size, base, scaled_runs, ctx) -> sympy.Expr:
 def _kind(value) -> str:
     if isinstance(value, torch.Tensor):
         return "tensor"
-    if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
-        return "tuple"
+    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+        return "tuple"  # e.g. nn.MultiheadAttention's (output, None): costed, never sent whole
     if value is None:
         return "none"
     return "other"

@@ -65,13 +65,16 @@ class DistTransport:
 
     def send(self, key: MessageKey, tensor: torch.Tensor, peer_rank: int) -> None:
         payload = tensor.detach().contiguous()
+        if payload.dtype == torch.bool:
+            payload = payload.to(torch.uint8)  # gloo has no bool
         work = dist.isend(payload, peer_rank, tag=key.tag(self.num_boundaries))
         self.pending.append((work, payload))  # keep the payload alive until the send completes
 
     def try_receive(self, keys: list[tuple[MessageKey, int, torch.Size, torch.dtype]], action: str):
         buffers, works = [], []
         for key, peer_rank, shape, dtype in keys:
-            buffer = torch.empty(shape, dtype=dtype, device=self.device)
+            wire_dtype = torch.uint8 if dtype == torch.bool else dtype
+            buffer = torch.empty(shape, dtype=wire_dtype, device=self.device)
             works.append((dist.irecv(buffer, peer_rank, tag=key.tag(self.num_boundaries)), peer_rank, key))
             buffers.append(buffer)
         for work, peer_rank, key in works:
@@ -83,7 +86,7 @@ class DistTransport:
                     f"rank {self.rank}: {reason} in {action} waiting for stage {key.src_stage} on rank {peer_rank} "
                     f"(timeout {self.timeout:g} s); that peer died or is stuck: {str(e).splitlines()[0][:160]}"
                 ) from None
-        return buffers
+        return [b.bool() if dtype == torch.bool else b for b, (_, _, _, dtype) in zip(buffers, keys)]
 
     def finish_step(self) -> None:
         for work, _ in self.pending:

@@ -5,7 +5,12 @@ import torch
 
 from tests.helpers import build_model, chained_forward, compile_to
 
-MODELS = ["models/gpt.py:gpt_mini", "models/mlp.py:mlp", "models/mlp.py:mlp_deep"]
+MODELS = [
+    "models/gpt.py:gpt_mini",
+    "models/mlp.py:mlp",
+    "models/mlp.py:mlp_deep",
+    "tests/fixtures/zoo.py:encoder",
+]
 
 
 @pytest.mark.parametrize("ref", MODELS)

@@ -9,7 +9,13 @@ from ppcompile.runtime.loader import load_program
 from ppcompile.runtime.train import InProcessPipeline, batches
 from tests.helpers import compile_to
 
-MODELS = ["models/gpt.py:gpt_mini", "models/mlp.py:mlp", "models/mlp.py:mlp_deep"]
+MODELS = [
+    "models/gpt.py:gpt_mini",
+    "models/mlp.py:mlp",
+    "models/mlp.py:mlp_deep",
+    # Leaf nn.MultiheadAttention / LayerNorm / BatchNorm, three inputs, a buffer forward updates, a long skip.
+    "tests/fixtures/zoo.py:encoder",
+]
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])

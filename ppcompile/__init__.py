@@ -4,7 +4,12 @@ Kept light on purpose: model files import ``ModelSpec`` from here, and the runti
 model files, so importing ``ppcompile`` must not pull in the compiler.
 """
 
-from ppcompile.runtime.spec import ModelSpec
+import warnings
+
+# torch warns at import when NumPy is missing; ppcompile never uses NumPy, and user errors must stay one line.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+
+from ppcompile.runtime.spec import ModelSpec  # noqa: E402
 
 __all__ = ["ModelSpec"]
 __version__ = "0.1.0"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 import time
 from datetime import timedelta
@@ -68,6 +69,22 @@ def train(program, rank: int, world: int, args) -> int:
     # Every rank builds the model from the same factory and seed, then keeps only its stages.
     spec = build_spec(program, args.seed)
     transport = DistTransport(rank, len(program.data["boundaries"]), args.timeout, device)
+
+    peers = sorted(_peer_ranks(program, rank))
+
+    def stopped_by_launcher(signum, frame):
+        # torchrun stops the survivors when one rank dies; a receive blocked on the dead peer reports
+        # itself (PeerError), so this runs when the signal lands between receives.
+        where = f"in {transport.waiting}" if transport.waiting else "between actions"
+        print(
+            f"error: rank {rank}: stopped by torchrun {where}: a peer failed; this rank exchanges tensors "
+            f"with rank{'s' if len(peers) > 1 else ''} {', '.join(map(str, peers))}",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(2)
+
+    signal.signal(signal.SIGTERM, stopped_by_launcher)
     executor = RankExecutor(program, rank, spec.module, transport, device)
     spec = dataclasses.replace(spec, module=None)  # keep only this rank's stages alive
     groups = _tied_groups(program) if world > 1 else []
@@ -109,6 +126,20 @@ def train(program, rank: int, world: int, args) -> int:
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def _peer_ranks(program, rank: int) -> set[int]:
+    rank_of = {s["id"]: s["rank"] for s in program.data["stages"]}
+    peers = set()
+    for b in program.data["boundaries"]:
+        ends = {rank_of[b["producer"]], *(rank_of[c] for c in b["consumers"])}
+        if rank in ends:
+            peers |= ends - {rank}
+    for group in program.data["tied_parameters"]:
+        ranks = {rank_of[s] for s in group["stages"]}
+        if rank in ranks:
+            peers |= ranks - {rank}
+    return peers
 
 
 def _tied_groups(program) -> list:

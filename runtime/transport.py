@@ -62,6 +62,7 @@ class DistTransport:
         self.timeout = timeout
         self.device = device
         self.pending: list[tuple[dist.Work, torch.Tensor]] = []
+        self.waiting: str | None = None  # the receive in progress, for error messages
 
     def send(self, key: MessageKey, tensor: torch.Tensor, peer_rank: int) -> None:
         payload = tensor.detach().contiguous()
@@ -78,14 +79,20 @@ class DistTransport:
             works.append((dist.irecv(buffer, peer_rank, tag=key.tag(self.num_boundaries)), peer_rank, key))
             buffers.append(buffer)
         for work, peer_rank, key in works:
+            self.waiting = f"{action} waiting for stage {key.src_stage} on rank {peer_rank}"
             try:
                 work.wait(timedelta(seconds=self.timeout))
-            except Exception as e:  # gloo raises RuntimeError on timeout and on a closed connection
-                reason = "timed out" if "imeout" in str(e) or "imed out" in str(e) else "lost the connection"
+            except Exception as e:  # gloo raises on timeout and when the peer's connection closes
+                text = str(e)
+                if "imeout" in text or "imed out" in text:
+                    raise PeerError(
+                        f"rank {self.rank}: timed out after {self.timeout:g} s in {self.waiting}; that rank died "
+                        "or is stuck (raise --timeout if its stages are just slow)"
+                    ) from None
                 raise PeerError(
-                    f"rank {self.rank}: {reason} in {action} waiting for stage {key.src_stage} on rank {peer_rank} "
-                    f"(timeout {self.timeout:g} s); that peer died or is stuck: {str(e).splitlines()[0][:160]}"
+                    f"rank {self.rank}: lost the connection in {self.waiting}: {text.splitlines()[0][:160]}"
                 ) from None
+        self.waiting = None
         return [b.bool() if dtype == torch.bool else b for b, (_, _, _, dtype) in zip(buffers, keys)]
 
     def finish_step(self) -> None:

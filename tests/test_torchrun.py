@@ -103,4 +103,7 @@ def test_killed_rank_ends_the_others_naming_the_peer(tmp_path):
         process.kill()
     assert process.returncode != 0
     assert elapsed < timeout + 15
-    assert "error: rank 1:" in output and "on rank 0" in output, output[-2000:]
+    # Either its receive fails on the closed connection, or torchrun stops it first: both name rank 0.
+    assert "error: rank 1:" in output, output[-2000:]
+    line = next(line for line in output.splitlines() if line.startswith("error: rank 1:"))
+    assert "on rank 0" in line or line.endswith("with rank 0"), line

@@ -11,7 +11,8 @@ Identical nodes (same operator, argument shapes and module configuration) are co
 once: the 96 blocks of GPT-3 cost as much to estimate as one.
 
 Keys written on each node:
-  ppc.cost  NodeCost
+  ppc.cost     NodeCost
+  ppc.view_of  the input whose storage this node's output shares (views), else None
 """
 
 from __future__ import annotations
@@ -50,14 +51,18 @@ def estimate_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     values = run_meta(gm, ctx, ctx.symbol_values)
     cache: dict[tuple, tuple] = {}
     for node in gm.graph.nodes:
+        node.meta["ppc.view_of"] = None
         if node.op not in ("call_function", "call_method", "call_module") or node.meta["ppc.kind"] == "other":
             node.meta["ppc.cost"] = ZERO
             continue
         key = _signature(gm, node, values)
         if key not in cache:
             cache[key] = _measure(gm, node, values)
-        fwd_flops, bwd_flops, saved_args, saved_self, temp_bytes, param_bytes, is_view = cache[key]
+        fwd_flops, bwd_flops, saved_args, saved_self, temp_bytes, param_bytes, view_of = cache[key]
         input_nodes = _arg_nodes(node)
+        is_view = view_of is not None
+        # A view shares its input's storage: memory accounting counts the storage once.
+        node.meta["ppc.view_of"] = input_nodes[view_of].name if is_view else None
         saved = [input_nodes[i].name for i in saved_args if input_nodes[i].op != "get_attr"]
         if saved_self:
             saved.append(node.name)
@@ -109,7 +114,7 @@ def _signature(gm: fx.GraphModule, node: fx.Node, values: dict) -> tuple:
 
 def _measure(gm: fx.GraphModule, node: fx.Node, values: dict) -> tuple:
     """Run one node alone on meta tensors: (fwd flops, bwd flops, saved input indices, saved self,
-    temporary saved bytes, parameter bytes, output is a view of an input)."""
+    temporary saved bytes, parameter bytes, index of the input the output is a view of or None)."""
     input_nodes = _arg_nodes(node)
     leaves, fresh = {}, {}
     for n in input_nodes:
@@ -167,7 +172,8 @@ def _measure(gm: fx.GraphModule, node: fx.Node, values: dict) -> tuple:
         else:
             temp[ref] = t.untyped_storage().nbytes()
     outs = [o for o in _flatten(out) if isinstance(o, torch.Tensor)]
-    is_view = bool(outs) and all(StorageWeakRef(o.untyped_storage()) in input_storages for o in outs)
+    views = [input_storages.get(StorageWeakRef(o.untyped_storage())) for o in outs]
+    view_of = views[0] if outs and None not in views and len(set(views)) == 1 else None
     temp_bytes = sum(temp.values())
     return (
         forward_flops,
@@ -176,7 +182,7 @@ def _measure(gm: fx.GraphModule, node: fx.Node, values: dict) -> tuple:
         saved_self,
         temp_bytes,
         param_bytes,
-        is_view,
+        view_of,
     )
 
 

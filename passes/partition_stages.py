@@ -58,12 +58,34 @@ def partition_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             f"({len(order)} compute nodes); use --stages {legal_cuts + 1} or fewer"
         )
     cost = segment_costs(times, values, forbidden)
+    fitting = None
+    if ctx.config.memory_per_device is not None:
+        # The best cuts that fit without recomputation; plan_memory weighs them against the fastest
+        # cuts with layers recomputed, and keeps whichever gives the faster slowest stage.
+        fitting = solve_partition(cost, K, memory_fits(gm, ctx, order, ctx.config.memory_per_device))
     cuts = solve_partition(cost, K)
     if cuts is None:
         raise CompileError(f"no partition of {ctx.ref} into {K} stages exists; use fewer stages")
-    stage_times = stage_times_for(cost, cuts)
-    position = {node.name: i for i, node in enumerate(order)}
-    bounds = [0, *cuts, len(order)]
+    ctx.partition = Partition(
+        cut_positions=list(cuts),
+        stage_times=stage_times_for(cost, cuts),
+        compute_order=[n.name for n in order],
+    )
+    if fitting is not None:
+        ctx.partition.fitting_cuts = list(fitting)
+        ctx.partition.fitting_times = stage_times_for(cost, fitting)
+    assign_stages(gm, ctx.partition.compute_order, ctx.partition.cut_positions, K)
+    even = even_layer_cuts(order, K)
+    if even is not None:
+        ctx.partition.even_split_times = stage_times_for(cost, even)
+        ctx.partition.even_split_layers = even_layer_count(order)
+    return gm
+
+
+def assign_stages(gm: fx.GraphModule, compute_order: list[str], cuts: list[int], K: int) -> None:
+    """Write ppc.stage (and ppc.position) for the partition given by ``cuts``."""
+    position = {name: i for i, name in enumerate(compute_order)}
+    bounds = [0, *cuts, len(compute_order)]
     for node in gm.graph.nodes:
         node.meta["ppc.stage"] = None
         if node.name in position:
@@ -72,14 +94,6 @@ def partition_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             node.meta["ppc.stage"] = next(s for s in range(K) if bounds[s] <= pos < bounds[s + 1])
         elif node.op == "output":
             node.meta["ppc.stage"] = K - 1
-    ctx.partition = Partition(
-        cut_positions=list(cuts), stage_times=stage_times, compute_order=[n.name for n in order]
-    )
-    even = even_layer_cuts(order, K)
-    if even is not None:
-        ctx.partition.even_split_times = stage_times_for(cost, even)
-        ctx.partition.even_split_layers = even_layer_count(order)
-    return gm
 
 
 def is_free(node: fx.Node, free: set[str]) -> bool:
@@ -103,8 +117,11 @@ def compute_order(gm: fx.GraphModule) -> list[fx.Node]:
     return order
 
 
-def _problem(gm, ctx, order):
-    """Per-position compute times, the values that may cross cuts, and the forbidden cut positions."""
+def _problem(gm, ctx, order, weight=None):
+    """Per-position compute times, the values that may cross cuts, and the forbidden cut positions.
+
+    Each crossing value weighs its transfer time (activation forward, gradient back), or
+    ``weight(node)`` per direction when given."""
     position = {node.name: i for i, node in enumerate(order)}
     last = len(order) - 1
     times = [node.meta["ppc.cost"].time for node in order]
@@ -119,9 +136,9 @@ def _problem(gm, ctx, order):
             forbidden.update(range(p + 1, users[-1] + 1))
             continue
         nbytes = node.meta["ppc.nbytes"]
-        t = ctx.profile.transfer_time(nbytes)
+        t = weight(node) if weight else ctx.profile.transfer_time(nbytes)
         if node.meta["ppc.requires_grad"]:
-            t += ctx.profile.transfer_time(nbytes)
+            t *= 2
         values.append(CrossingValue(p, tuple(users), t))
     return times, values, forbidden
 
@@ -163,25 +180,35 @@ def segment_costs(
     return cost
 
 
-def solve_partition(cost: torch.Tensor, K: int) -> list[int] | None:
+def solve_partition(cost: torch.Tensor, K: int, fits=None) -> list[int] | None:
     """Cut positions (the first index of stages 1..K-1) minimising the max stage cost, then the
-    sum of squares among optimal partitions. None when no partition is feasible."""
+    sum of squares among optimal partitions. ``fits(k)``, when given, is a boolean matrix of the
+    (i, j) segments stage k may hold (its memory budget). None when no partition is feasible."""
     n = cost.shape[0]
     if K > n:
         return None
+    inf = torch.full_like(cost, torch.inf)
+
+    def stage_cost(k: int) -> torch.Tensor:
+        return cost if fits is None else torch.where(fits(k), cost, inf)
+
     # Phase 1: the optimal bottleneck. Row i-1 of the max is a stage starting at i.
-    best = cost[0].clone()
-    for _ in range(1, K):
-        best = torch.maximum(best[:-1, None], cost[1:, :]).amin(dim=0)
+    best = stage_cost(0)[0].clone()
+    for k in range(1, K):
+        best = torch.maximum(best[:-1, None], stage_cost(k)[1:, :]).amin(dim=0)
     bottleneck = float(best[n - 1])
     if not math.isfinite(bottleneck):
         return None
+
     # Phase 2: among stages no slower than the bottleneck, the smallest sum of squares.
-    allowed = torch.where(cost <= bottleneck * (1 + 1e-12), cost**2, torch.full_like(cost, torch.inf))
-    total = allowed[0].clone()
+    def allowed(k: int) -> torch.Tensor:
+        c = stage_cost(k)
+        return torch.where(c <= bottleneck * (1 + 1e-12), c**2, inf)
+
+    total = allowed(0)[0].clone()
     choices = []
-    for _ in range(1, K):
-        candidates = total[:-1, None] + allowed[1:, :]
+    for k in range(1, K):
+        candidates = total[:-1, None] + allowed(k)[1:, :]
         total, choice = candidates.min(dim=0)
         choices.append(choice + 1)
     if not math.isfinite(float(total[n - 1])):
@@ -194,6 +221,88 @@ def solve_partition(cost: torch.Tensor, K: int) -> list[int] | None:
     return sorted(cuts)
 
 
+def exists_in_segment(n: int, items) -> torch.Tensor:
+    """sum of weights of the items with a position inside segment [i, j], for every (i, j).
+
+    ``items`` is (sorted positions, weight) pairs: a parameter and the nodes that use it, or a
+    saved tensor and the nodes that save it; each counts once per segment however often it occurs.
+    """
+    rows, cols, weights = [], [], []
+    for positions, w in items:
+        previous = -1
+        for c in positions:
+            # The first position at or after i is c: the segment holds it when j >= c.
+            rows.extend((previous + 1, c + 1))
+            cols.extend((c, c))
+            weights.extend((w, -w))
+            previous = c
+    diff = torch.zeros((n + 1, n + 1), dtype=torch.float64)
+    if rows:
+        diff.index_put_(
+            (torch.tensor(rows), torch.tensor(cols)),
+            torch.tensor(weights, dtype=torch.float64),
+            accumulate=True,
+        )
+    return torch.cumsum(torch.cumsum(diff, 0), 1)[:n, :n]
+
+
+def memory_fits(gm: fx.GraphModule, ctx: CompileContext, order: list[fx.Node], budget: int):
+    """fits(k): which segments stage k can hold within ``budget`` without recomputation.
+
+    Parameters count with their gradients and optimizer state, once per stage that uses them;
+    a saved tensor counts once per stage that saves it, times the micro-batches stage k keeps
+    in flight; transfers count once per direction."""
+    from ppcompile.memory import OPTIMIZER_STATE_FACTOR
+
+    n = len(order)
+    by_name = {node.name: node for node in gm.graph.nodes}
+    per_param = 2 + OPTIMIZER_STATE_FACTOR[ctx.config.optimizer]
+    model = ctx.spec.module
+    static: dict[int, tuple[list[int], float]] = {}
+    saved: dict[str, tuple[set[int], float]] = {}
+    temp = torch.zeros(n + 1, dtype=torch.float64)
+    for i, node in enumerate(order):
+        tensors = []
+        if node.op == "call_module":
+            tensors += [(p, True) for p in model.get_submodule(node.target).parameters()]
+            tensors += [(b, False) for b in model.get_submodule(node.target).buffers()]
+        for dep in node.all_input_nodes:
+            if dep.op == "get_attr":
+                owner, _, attr = dep.target.rpartition(".")
+                value = getattr(model.get_submodule(owner) if owner else model, attr)
+                tensors.append((value, value.requires_grad))
+        for t, is_param in tensors:
+            nbytes = t.numel() * t.element_size() * (per_param if is_param else 1)
+            static.setdefault(id(t), ([], nbytes))[0].append(i)
+        cost = node.meta["ppc.cost"]
+        temp[i + 1] = cost.saved_temp_bytes
+        for name in cost.saved_inputs:
+            root = storage_root(by_name, name)
+            if root is not None:
+                saved.setdefault(root.name, (set(), float(root.meta.get("ppc.nbytes", 0))))[0].add(i)
+    static_bytes = exists_in_segment(n, [(sorted(set(p)), w) for p, w in static.values()])
+    act = exists_in_segment(n, [(sorted(p), w) for p, w in saved.values()])
+    prefix = torch.cumsum(temp, 0)
+    act += prefix[None, 1:] - prefix[:-1, None]
+    _, values, _ = _problem(gm, ctx, order, weight=lambda node: node.meta["ppc.nbytes"])
+    transfers = segment_costs([0.0] * n, values, set())
+    fixed = static_bytes + transfers
+    del static_bytes, transfers
+
+    def fits(k: int) -> torch.Tensor:
+        return fixed + act * ctx.live_microbatches[k] <= budget
+
+    return fits
+
+
+def storage_root(by_name: dict[str, fx.Node], name: str) -> fx.Node | None:
+    """The node whose storage a value lives in (through views); None for parameters and buffers."""
+    node = by_name[name]
+    while node.meta.get("ppc.view_of"):
+        node = by_name[node.meta["ppc.view_of"]]
+    return None if node.op == "get_attr" else node
+
+
 def stage_times_for(cost: torch.Tensor, cuts: Sequence[int]) -> list[float]:
     bounds = [0, *cuts, cost.shape[0]]
     return [float(cost[bounds[s], bounds[s + 1] - 1]) for s in range(len(bounds) - 1)]
@@ -202,7 +311,7 @@ def stage_times_for(cost: torch.Tensor, cuts: Sequence[int]) -> list[float]:
 _LAYER = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")
 
 
-def _layer_of(node: fx.Node) -> tuple[str, int] | None:
+def layer_of(node: fx.Node) -> tuple[str, int] | None:
     path = (
         node.target
         if node.op == "call_module"
@@ -215,7 +324,7 @@ def _layer_of(node: fx.Node) -> tuple[str, int] | None:
 def even_layer_count(order: Sequence[fx.Node]) -> int:
     layers = {}
     for node in order:
-        found = _layer_of(node)
+        found = layer_of(node)
         if found:
             layers.setdefault(found[0], set()).add(found[1])
     return max((len(v) for v in layers.values()), default=0)
@@ -226,7 +335,7 @@ def even_layer_cuts(order: Sequence[fx.Node], K: int) -> list[int] | None:
     what comes before them on the first stage and what comes after on the last."""
     layers: dict[str, set[int]] = {}
     for node in order:
-        found = _layer_of(node)
+        found = layer_of(node)
         if found:
             layers.setdefault(found[0], set()).add(found[1])
     if not layers:
@@ -240,7 +349,7 @@ def even_layer_cuts(order: Sequence[fx.Node], K: int) -> list[int] | None:
     cuts = []
     for start in starts:
         for pos, node in enumerate(order):
-            found = _layer_of(node)
+            found = layer_of(node)
             if found and found[0] == prefix and found[1] >= start:
                 cuts.append(pos)
                 break

@@ -37,12 +37,19 @@ def main():
 @click.option("--microbatches", "-m", type=int, default=8, show_default=True, help="Micro-batches per step.")
 @click.option("--schedule", default="1f1b", show_default=True, help="Pipeline schedule: gpipe or 1f1b.")
 @click.option("--device-profile", default="cpu", show_default=True, help="Cost profile: cpu, a100 or h100.")
+@click.option("--memory-per-device", help="Memory budget per rank, e.g. 16GiB; layers are recomputed to fit.")
+@click.option(
+    "--optimizer", default="adamw", show_default=True, help="Optimizer whose state the memory model counts."
+)
 @click.option("--check", is_flag=True, help="Run the verifier after every pass.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Program directory to write.")
 @user_errors
-def compile(spec, stages, microbatches, schedule, device_profile, check, output):
+def compile(
+    spec, stages, microbatches, schedule, device_profile, memory_per_device, optimizer, check, output
+):
     """Compile SPEC (PATH.py:FACTORY) into a program directory."""
     from ppcompile.driver import compile_model
+    from ppcompile.memory import parse_bytes
     from ppcompile.program import write_program
 
     config = CompileConfig(
@@ -51,6 +58,8 @@ def compile(spec, stages, microbatches, schedule, device_profile, check, output)
         schedule=schedule,
         device_profile=device_profile,
         check=check,
+        memory_per_device=parse_bytes(memory_per_device) if memory_per_device is not None else None,
+        optimizer=optimizer,
     )
     result = compile_model(spec, config)
     out = write_program(output, result.program, result.files)

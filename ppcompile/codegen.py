@@ -11,6 +11,7 @@ import builtins
 import keyword
 import math
 import operator
+import re
 
 import sympy
 import torch
@@ -188,17 +189,18 @@ def stage_class_name(stage: int) -> str:
 def generate_stage(ctx: CompileContext, sg: StageGraph, version: str) -> str:
     K = ctx.config.stages
     emitter = _Emitter(sg.graph)
-    body = []
+    regions = _regions(sg.graph)
+    body, methods = [], []
     for node in sg.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
-        name = emitter.names[node.name]
-        if node.op == "call_function" and node.target in _INPLACE and not node.kwargs:
-            a, b = node.args
-            body.append(f"{emitter.value(a)} {_INPLACE[node.target]} {emitter.value(b)}")
-            body.append(f"{name} = {emitter.value(a)}{_comment(node)}")
-            continue
-        body.append(f"{name} = {emitter.expression(node)}{_comment(node)}")
+        region = node.meta.get("ppc.checkpoint")
+        if region is None:
+            body.extend(_node_lines(emitter, node))
+        elif node is regions[region][-1]:
+            call, method = _checkpoint_region(ctx, emitter, region, regions[region])
+            body.extend(call)
+            methods.append(method)
     params = [emitter.names[n] for n in sg.graph_inputs + sg.receives]
     returns = [f'"{n}": {emitter.names[n]}' for n in sg.sends]
     if sg.returns_loss:
@@ -251,7 +253,64 @@ def generate_stage(ctx: CompileContext, sg: StageGraph, version: str) -> str:
         "        return {" + ", ".join(returns) + "}",
         "",
     ]
+    for method in methods:
+        lines += method + [""]
     return "\n".join(lines)
+
+
+def _node_lines(emitter: _Emitter, node: fx.Node) -> list[str]:
+    name = emitter.names[node.name]
+    if node.op == "call_function" and node.target in _INPLACE and not node.kwargs:
+        a, b = node.args
+        return [
+            f"{emitter.value(a)} {_INPLACE[node.target]} {emitter.value(b)}",
+            f"{name} = {emitter.value(a)}{_comment(node)}",
+        ]
+    return [f"{name} = {emitter.expression(node)}{_comment(node)}"]
+
+
+def _regions(graph: fx.Graph) -> dict[str, list[fx.Node]]:
+    regions: dict[str, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.meta.get("ppc.checkpoint") is not None:
+            regions.setdefault(node.meta["ppc.checkpoint"], []).append(node)
+    return regions
+
+
+def _checkpoint_region(
+    ctx, emitter: _Emitter, region: str, nodes: list[fx.Node]
+) -> tuple[list[str], list[str]]:
+    """The forward's call of a recomputed region, and the method that computes it."""
+    inside = set(nodes)
+    inputs = []
+    for node in nodes:
+        for dep in node.all_input_nodes:
+            if dep not in inside and dep not in inputs:
+                inputs.append(dep)
+    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+    method_name = "_recompute_" + re.sub(r"\W", "_", region)
+    args = ", ".join(emitter.names[n.name] for n in inputs)
+    results = ", ".join(emitter.names[n.name] for n in outputs)
+    returned = results if len(outputs) == 1 else f"({results})" if outputs else "None"
+    info = next((r for r in ctx.regions if r.name == region), None)
+    why = ""
+    if info is not None:
+        why = f" (frees {info.saved_bytes / 2**20:.1f} MiB per micro-batch for {info.recompute_seconds * 1e3:.2f} ms)"
+    emitter.imports.add("torch.utils.checkpoint")
+    call = [
+        f"# {region} is recomputed in backward{why}",
+        f"{results} = torch.utils.checkpoint.checkpoint(self.{method_name}, {args}, use_reentrant=False)",
+    ]
+    for n in outputs:
+        if n.meta.get("ppc.kind") == "tensor":
+            call[-1] += "" if len(outputs) > 1 else _comment(n)
+    method = [
+        f"    def {method_name}(self, {args}):",
+        f'        """{region}: run in forward without saving activations, and again in backward."""',
+        *("        " + line for n in nodes for line in _node_lines(emitter, n)),
+        f"        return {returned}",
+    ]
+    return call, method
 
 
 def _tuple_literal(items: list[str]) -> str:

@@ -25,6 +25,8 @@ class CompileConfig:
     schedule: str = "1f1b"  # pipeline schedule name
     device_profile: str = "cpu"  # roofline profile used to cost nodes
     check: bool = False  # run the verifier after every pass
+    memory_per_device: int | None = None  # bytes a rank may use; None: no limit
+    optimizer: str = "adamw"  # sizes the optimizer state in the memory model: adamw or sgd
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,8 @@ class Partition:
     compute_order: list[str]  # compute node names in the order cuts are made
     even_split_times: list[float] | None = None  # the same costs for the even split by layer count
     even_split_layers: int = 0  # repeated layers found for that split
+    fitting_cuts: list[int] | None = None  # the best cuts that fit the memory budget without recomputation
+    fitting_times: list[float] | None = None
 
 
 @dataclass
@@ -80,3 +84,6 @@ class CompileContext:
     boundaries: dict[str, BoundaryTensor] = field(default_factory=dict)
     tied_groups: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # facts the report should show
+    live_microbatches: list[int] = field(default_factory=list)  # per stage, at the schedule's peak
+    memory: list[Any] = field(default_factory=list)  # StageMemory per stage
+    regions: list[Any] = field(default_factory=list)  # recomputed regions, in stage order

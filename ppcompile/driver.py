@@ -15,8 +15,10 @@ from torch import fx
 from ppcompile.context import CompileConfig, CompileContext
 from ppcompile.errors import CompileError, PassError
 from ppcompile.frontend import load_context, trace
+from ppcompile.memory import OPTIMIZER_STATE_FACTOR
 from ppcompile.passes.estimate_costs import estimate_costs
 from ppcompile.passes.partition_stages import partition_stages
+from ppcompile.passes.plan_memory import plan_memory
 from ppcompile.passes.propagate_shapes import propagate_shapes
 from ppcompile.passes.split_stages import split_stages
 from ppcompile.program import build_program
@@ -29,8 +31,10 @@ PASSES = [
     ("propagate_shapes", propagate_shapes),
     # FLOPs, bytes, activations saved for backward and roofline time per node.
     ("estimate_costs", estimate_costs),
-    # K contiguous stages minimising the slowest one, transfers included.
+    # K contiguous stages minimising the slowest one, transfers included, within the memory budget.
     ("partition_stages", partition_stages),
+    # Peak memory per rank; recompute layers in backward where a rank is over budget.
+    ("plan_memory", plan_memory),
     # One graph per stage, with receive and send ports and tied parameters.
     ("split_stages", split_stages),
 ]
@@ -52,6 +56,13 @@ def compile_model(ref: str, config: CompileConfig) -> CompileResult:
         raise CompileError(f"--microbatches must be at least 1, got {config.microbatches}")
     ctx = load_context(ref, config)
     schedule = _schedule(config)  # fail on a bad schedule before the expensive passes
+    if config.optimizer not in OPTIMIZER_STATE_FACTOR:
+        raise CompileError(
+            f"--optimizer {config.optimizer!r}: use one of {', '.join(OPTIMIZER_STATE_FACTOR)}"
+        )
+    ctx.live_microbatches = list(
+        simulate(schedule, {s: StageCosts(0, 0) for s in range(config.stages)}, set()).peak_live_microbatches
+    )
     gm = trace(ctx)
     for name, run_pass in PASSES:
         try:
@@ -83,7 +94,10 @@ def _simulate(gm, ctx, schedule, edges, grad_edges):
     costs = {}
     for sg in ctx.stage_graphs:
         own = [nodes[n].meta["ppc.cost"] for n in sg.node_names]
-        costs[sg.stage] = StageCosts(sum(c.forward_time for c in own), sum(c.backward_time for c in own))
+        recompute = sum(r.recompute_seconds for r in ctx.regions if r.stage == sg.stage)
+        costs[sg.stage] = StageCosts(
+            sum(c.forward_time for c in own), sum(c.backward_time for c in own) + recompute
+        )
     forward, backward = {}, {}
     for b in ctx.boundaries.values():
         nbytes = nodes[b.name].meta["ppc.nbytes"]

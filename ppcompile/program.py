@@ -147,6 +147,18 @@ def build_program(
             "total_compute_seconds": float(sum(n.meta["ppc.cost"].time for n in gm.graph.nodes)),
             "simulated_step_seconds": float(simulated.step_time),
             "simulated_bubble": float(simulated.overall_bubble_fraction),
+            "memory": [m.as_dict() for m in ctx.memory],
+            "memory_per_device": ctx.config.memory_per_device,
+            "optimizer": ctx.config.optimizer,
+            "recomputed": [
+                {
+                    "region": r.name,
+                    "stage": r.stage,
+                    "saved_bytes": r.saved_bytes,
+                    "recompute_seconds": r.recompute_seconds,
+                }
+                for r in ctx.regions
+            ],
             # Micro-batches whose activations a stage holds at once under this schedule.
             "simulated_live_microbatches": [
                 int(simulated.peak_live_microbatches[s]) for s in range(len(ctx.stage_graphs))

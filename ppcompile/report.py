@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from tabulate import tabulate
 
+from ppcompile.memory import format_bytes
+
 MB = 1e6
 
 
@@ -79,6 +81,7 @@ def render_report(program: dict) -> str:
         f"- simulated step ({program['schedule']['name']}, transfers included): "
         f"{costs['simulated_step_seconds'] * 1e3:.1f} ms, bubble {costs['simulated_bubble']:.3f}",
     ]
+    lines += _memory_section(program)
     if program["tied_parameters"]:
         for group in program["tied_parameters"]:
             lines.append(
@@ -86,3 +89,48 @@ def render_report(program: dict) -> str:
                 f"{', '.join(map(str, group['stages']))}: gradients summed across them"
             )
     return "\n".join(lines) + "\n"
+
+
+def _memory_section(program: dict) -> list[str]:
+    costs = program["costs"]
+    memory = costs.get("memory") or []
+    if not memory:
+        return []
+    budget = costs.get("memory_per_device")
+    rows = []
+    for stage, m in enumerate(memory):
+        static = m["parameters"] + m["gradients"] + m["optimizer"] + m["buffers"]
+        rows.append(
+            [
+                stage,
+                format_bytes(static),
+                f"{format_bytes(m['activations_per_microbatch'])} x {m['live_microbatches']}",
+                format_bytes(m["transfers"]),
+                format_bytes(m["recompute"]),
+                format_bytes(m["total"]),
+            ]
+        )
+    headers = ["rank", "params+grads+optimizer", "activations x in flight", "transfers", "recompute", "peak"]
+    limit = f"budget {format_bytes(budget)} per rank" if budget else "no budget given (--memory-per-device)"
+    lines = [
+        "",
+        f"Predicted peak memory per rank ({costs.get('optimizer', 'adamw')} state; {limit}):",
+        "",
+        tabulate(rows, headers=headers, tablefmt="github"),
+        "",
+    ]
+    recomputed = costs.get("recomputed") or []
+    if recomputed:
+        by_stage: dict[int, list[str]] = {}
+        for r in recomputed:
+            by_stage.setdefault(r["stage"], []).append(r["region"])
+        for stage, regions in sorted(by_stage.items()):
+            extra = sum(r["recompute_seconds"] for r in recomputed if r["stage"] == stage)
+            freed = sum(r["saved_bytes"] for r in recomputed if r["stage"] == stage)
+            lines.append(
+                f"- recomputed in backward on stage {stage}: {', '.join(regions)} "
+                f"(frees {freed / 2**20:.1f} MiB per micro-batch, costs {extra * 1e3:.2f} ms per micro-batch)"
+            )
+    else:
+        lines.append("- nothing is recomputed in backward")
+    return lines

@@ -15,15 +15,15 @@ def verify(gm: fx.GraphModule, ctx: CompileContext, after: str) -> None:
     """Check what must hold once pass ``after`` has run; raise VerifyError naming the first breach."""
     gm.graph.lint()
     nodes = list(gm.graph.nodes)
-    if after in ("propagate_shapes", "estimate_costs", "partition_stages", "split_stages"):
+    if after in ("propagate_shapes", "estimate_costs", "partition_stages", "plan_memory", "split_stages"):
         for node in nodes:
             _require("ppc.kind" in node.meta, f"{node.name} has no ppc.kind after {after}")
             if node.meta["ppc.kind"] == "tensor":
                 _require("ppc.shape" in node.meta, f"tensor {node.name} has no symbolic shape")
-    if after in ("estimate_costs", "partition_stages", "split_stages"):
+    if after in ("estimate_costs", "partition_stages", "plan_memory", "split_stages"):
         for node in nodes:
             _require("ppc.cost" in node.meta, f"{node.name} has no cost")
-    if after in ("partition_stages", "split_stages"):
+    if after in ("partition_stages", "plan_memory", "split_stages"):
         last = -1
         for node in nodes:
             stage = node.meta.get("ppc.stage")
@@ -36,6 +36,22 @@ def verify(gm: fx.GraphModule, ctx: CompileContext, after: str) -> None:
                     f"{node.name} on stage {stage} comes after stage {last}: cuts not contiguous",
                 )
                 last = stage
+    if after in ("plan_memory", "split_stages"):
+        for node in nodes:
+            region = node.meta.get("ppc.checkpoint")
+            _require(
+                region is None or node.meta.get("ppc.stage") is not None, f"{node.name} recomputed off-stage"
+            )
+        regions = [
+            node.meta.get("ppc.checkpoint") for node in nodes if node.name in set(ctx.partition.compute_order)
+        ]
+        closed = set()
+        for previous, current in zip([None, *regions], regions):
+            if current != previous and previous is not None:
+                closed.add(previous)
+            _require(
+                current is None or current not in closed, f"checkpoint region {current} is not contiguous"
+            )
     if after == "split_stages":
         received = {(name, sg.stage) for sg in ctx.stage_graphs for name in sg.receives}
         sent = {name for sg in ctx.stage_graphs for name in sg.sends}

@@ -55,7 +55,8 @@ def batches(program: Program, spec: ModelSpec, seed: int) -> Iterator[list[dict[
         if batch[0].shape[0] % M:
             raise ProgramError(f"a batch of {batch[0].shape[0]} rows does not split into {M} micro-batches")
         chunks = [t.chunk(M) for t in batch]
-        yield [dict(zip(names, (c[m] for c in chunks))) for m in range(M)]
+        # A copy per micro-batch: a chunk is a view that would keep the whole batch alive while saved.
+        yield [dict(zip(names, (c[m].clone() for c in chunks))) for m in range(M)]
 
 
 class _NoParameters:

@@ -54,7 +54,9 @@ def test_recompiles_over_a_previous_program_and_reports(tmp_path):
     report = ppcompile("report", str(out))
     assert report.returncode == 0
     assert "imbalance (slowest / mean stage time)" in report.stdout
-    assert report.stdout.count("\n|") == 3 + 2  # header, rule, three stages
+    stage_table = report.stdout.split("Predicted peak memory")[0]
+    assert stage_table.count("\n|") == 3 + 2  # header, rule, three stages
+    assert "Predicted peak memory per rank" in report.stdout
 
 
 def test_unknown_schedule_and_too_few_microbatches(tmp_path):

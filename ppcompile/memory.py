@@ -1,0 +1,98 @@
+"""The memory model: what a rank holds at its peak, and the budget it must fit.
+
+Per rank: parameters, their gradients, optimizer state (AdamW keeps two float32 moments per
+parameter, SGD none), model buffers, activations saved for backward times the micro-batches
+the schedule keeps in flight on that stage, transfer buffers for one micro-batch's messages
+in each direction, and, when regions are recomputed, the largest region's activations while
+it is being recomputed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ppcompile.errors import CompileError
+
+OPTIMIZER_STATE_FACTOR = {"sgd": 0.0, "adamw": 2.0}  # state bytes per parameter byte (float32 params)
+
+_UNITS = {
+    "b": 1,
+    "kb": 1e3,
+    "mb": 1e6,
+    "gb": 1e9,
+    "tb": 1e12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_bytes(text: str) -> int:
+    """``"16GiB"`` -> 17179869184; a number without a unit is refused, since 16 could mean anything.
+
+    >>> parse_bytes("512MiB")
+    536870912
+    """
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]+)?\s*", text or "")
+    if not match:
+        raise CompileError(f"--memory-per-device {text!r} is not a size; write e.g. 16GiB, 80GB or 512MiB")
+    number, unit = match.groups()
+    if unit is None:
+        raise CompileError(f"--memory-per-device {text!r} has no unit; write e.g. {text}GiB or {text}GB")
+    if unit.lower() not in _UNITS:
+        raise CompileError(
+            f"--memory-per-device {text!r}: unknown unit {unit!r}; use one of B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
+        )
+    return int(float(number) * _UNITS[unit.lower()])
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Peak bytes of one stage on its rank, by what holds them."""
+
+    parameters: float
+    gradients: float
+    optimizer: float
+    buffers: float  # model buffers (masks, running statistics)
+    activations_per_microbatch: float  # saved for backward, one micro-batch, after recomputation
+    live_microbatches: int  # micro-batches in flight at once under the schedule
+    transfers: float  # one micro-batch of received and sent tensors, each direction
+    recompute: float  # the largest recomputed region's activations, alive during its backward
+
+    @property
+    def activations(self) -> float:
+        return self.activations_per_microbatch * self.live_microbatches
+
+    @property
+    def total(self) -> float:
+        return (
+            self.parameters
+            + self.gradients
+            + self.optimizer
+            + self.buffers
+            + self.activations
+            + self.transfers
+            + self.recompute
+        )
+
+    def as_dict(self) -> dict:
+        return {
+            "parameters": self.parameters,
+            "gradients": self.gradients,
+            "optimizer": self.optimizer,
+            "buffers": self.buffers,
+            "activations_per_microbatch": self.activations_per_microbatch,
+            "live_microbatches": self.live_microbatches,
+            "transfers": self.transfers,
+            "recompute": self.recompute,
+            "total": self.total,
+        }

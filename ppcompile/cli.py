@@ -41,11 +41,44 @@ def main():
 @click.option(
     "--optimizer", default="adamw", show_default=True, help="Optimizer whose state the memory model counts."
 )
+@click.option(
+    "--profile", is_flag=True, help="Measure every node's time on a real device instead of the roofline."
+)
+@click.option(
+    "--profile-device",
+    default="cpu",
+    show_default=True,
+    help="Device --profile measures on: cpu, cuda, cuda:N.",
+)
+@click.option(
+    "--profile-threads",
+    default=1,
+    show_default=True,
+    help="CPU threads while profiling (torchrun gives ranks 1).",
+)
+@click.option(
+    "--profile-cache",
+    default="~/.cache/ppcompile/profiles",
+    show_default=True,
+    help="Where measured profiles are kept, by graph and device; 'none' to always measure.",
+)
 @click.option("--check", is_flag=True, help="Run the verifier after every pass.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Program directory to write.")
 @user_errors
 def compile(
-    spec, stages, microbatches, schedule, device_profile, memory_per_device, optimizer, check, output
+    spec,
+    stages,
+    microbatches,
+    schedule,
+    device_profile,
+    memory_per_device,
+    optimizer,
+    profile,
+    profile_device,
+    profile_threads,
+    profile_cache,
+    check,
+    output,
 ):
     """Compile SPEC (PATH.py:FACTORY) into a program directory."""
     from ppcompile.driver import compile_model
@@ -60,6 +93,10 @@ def compile(
         check=check,
         memory_per_device=parse_bytes(memory_per_device) if memory_per_device is not None else None,
         optimizer=optimizer,
+        profile=profile,
+        profile_device=profile_device,
+        profile_threads=profile_threads,
+        profile_cache=None if profile_cache.lower() == "none" else profile_cache,
     )
     result = compile_model(spec, config)
     out = write_program(output, result.program, result.files)

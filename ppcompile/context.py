@@ -27,6 +27,11 @@ class CompileConfig:
     check: bool = False  # run the verifier after every pass
     memory_per_device: int | None = None  # bytes a rank may use; None: no limit
     optimizer: str = "adamw"  # sizes the optimizer state in the memory model: adamw or sgd
+    profile: bool = False  # time every node on a real device instead of the roofline
+    profile_device: str = "cpu"  # where --profile measures
+    profile_threads: int = 1  # CPU threads while profiling: torchrun gives each rank one
+    profile_cache: str | None = "~/.cache/ppcompile/profiles"  # None: always measure afresh
+    dims: dict[str, int] | None = None  # balance for this micro-batch shape instead of the example's
 
 
 @dataclass(frozen=True)
@@ -87,3 +92,5 @@ class CompileContext:
     live_microbatches: list[int] = field(default_factory=list)  # per stage, at the schedule's peak
     memory: list[Any] = field(default_factory=list)  # StageMemory per stage
     regions: list[Any] = field(default_factory=list)  # recomputed regions, in stage order
+    profiled_on: str | None = None  # the device costs were measured on, if --profile
+    cost_basis: list[dict[str, int]] = field(default_factory=list)  # monomials of the cost formulas

@@ -17,8 +17,10 @@ from ppcompile.errors import CompileError, PassError
 from ppcompile.frontend import load_context, trace
 from ppcompile.memory import OPTIMIZER_STATE_FACTOR
 from ppcompile.passes.estimate_costs import estimate_costs
+from ppcompile.passes.fit_cost_formulas import fit_cost_formulas
 from ppcompile.passes.partition_stages import partition_stages
 from ppcompile.passes.plan_memory import plan_memory
+from ppcompile.passes.profile_costs import profile_costs
 from ppcompile.passes.propagate_shapes import propagate_shapes
 from ppcompile.passes.split_stages import split_stages
 from ppcompile.program import build_program
@@ -31,6 +33,10 @@ PASSES = [
     ("propagate_shapes", propagate_shapes),
     # FLOPs, bytes, activations saved for backward and roofline time per node.
     ("estimate_costs", estimate_costs),
+    # The same costs as polynomials in b, s; with --dims, costs at that micro-batch shape.
+    ("fit_cost_formulas", fit_cost_formulas),
+    # With --profile: forward and backward time of every node measured on the real device.
+    ("profile_costs", profile_costs),
     # K contiguous stages minimising the slowest one, transfers included, within the memory budget.
     ("partition_stages", partition_stages),
     # Peak memory per rank; recompute layers in backward where a rank is over budget.

@@ -97,6 +97,7 @@ def build_program(
             "microbatches": ctx.config.microbatches,
             "schedule": ctx.config.schedule,
             "device_profile": ctx.profile.name,
+            "costs_measured_on": ctx.profiled_on,
         },
         "inputs": [
             {

@@ -56,7 +56,12 @@ def render_report(program: dict) -> str:
         f"# ppcompile partition report: {model['source']}:{model['factory']}",
         "",
         f"{K} stages, {M} micro-batches, schedule {program['schedule']['name']}, "
-        f"device profile {program['config']['device_profile']}; costs per micro-batch at "
+        + (
+            f"costs measured on {program['config']['costs_measured_on']} (--profile)"
+            if program["config"].get("costs_measured_on")
+            else f"device profile {program['config']['device_profile']}"
+        )
+        + "; costs per micro-batch at "
         + ", ".join(f"{k}={v}" for k, v in program["symbols"].items())
         + ".",
         "",

@@ -3,13 +3,20 @@
 Semantics, matching the runtime: each rank runs its actions in order, one at a time. Compute
 actions take their stage's cost. A SEND is non-blocking (an ``isend``): it costs the sender nothing
 and its messages arrive at ``send time + transfer time``. A RECV blocks until every message it
-stands for has arrived. Arithmetic follows the cost type, so ``Fraction`` costs give exact results.
+stands for has arrived. Arithmetic follows the cost type, so ``Fraction`` (or ``int``) costs give
+exact results, ratios included.
+
+Memory is counted in microbatch activations per stage: a microbatch's activations are alive on a
+stage from the start of its F to the end of its B, or of its W when the backward is split. An F
+with no backward anywhere in the schedule (inference) frees its activations when it ends.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
+from numbers import Rational
 
 from ppcompile.runtime.actions import Action, ActionKind
 from ppcompile.schedules import Edge, Schedule, ScheduleError, check_edges
@@ -36,14 +43,29 @@ class StageCosts:
 
         >>> StageCosts(forward=1.0, backward=2.0)
         StageCosts(forward=1.0, backward=2.0, backward_input=None, backward_weight=None)
+        >>> StageCosts(forward=1.0, backward=2.0).split_backward()
+        (1.0, 1.0)
     """
 
     forward: float
     # The full backward, B.
     backward: float
-    # The two halves of a split backward (I and W); only needed by schedules that emit them.
+    # The two halves of a split backward (I and W), used by schedules that emit them. A missing
+    # half is what the other leaves of B; with neither given, each is half of B.
     backward_input: float | None = None
     backward_weight: float | None = None
+
+    def split_backward(self) -> tuple[float, float]:
+        """The (I, W) costs, filling in missing halves from ``backward``."""
+        given_input, given_weight = self.backward_input, self.backward_weight
+        if given_input is None and given_weight is None:
+            half = _ratio(self.backward, 2)
+            return half, half
+        if given_input is None:
+            return self.backward - given_weight, given_weight
+        if given_weight is None:
+            return given_input, self.backward - given_input
+        return given_input, given_weight
 
 
 @dataclass(frozen=True)
@@ -70,8 +92,24 @@ class SimResult:
     # Per stage: the most microbatches whose activations are alive at once (from the start of
     # a microbatch's F to the end of its B, or of its W for a split backward).
     peak_live_microbatches: tuple[int, ...]
+    # Per rank: the most microbatch activations alive at once summed over the rank's stages; with
+    # V virtual stages each counts one stage's (about 1/V of the rank's layers).
+    peak_live_per_rank: tuple[int, ...]
     # Every action, grouped by rank, in execution order.
     events: tuple[TimelineEvent, ...]
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    """``numerator / denominator``, exact (a Fraction) when both are ints or Fractions.
+
+    Example::
+
+        >>> _ratio(1, 3), _ratio(1.0, 4)
+        (Fraction(1, 3), 0.25)
+    """
+    if isinstance(numerator, Rational) and isinstance(denominator, Rational):
+        return Fraction(numerator, denominator)
+    return numerator / denominator
 
 
 def free_transfer(producer: int, consumer: int, direction: ActionKind) -> float:
@@ -160,6 +198,15 @@ class _Replay:
         self.done: set[tuple[int, ActionKind, int | None]] = set()
         self.live = [0] * schedule.num_stages
         self.peak_live = [0] * schedule.num_stages
+        self.rank_live = {rank: 0 for rank in ranks}
+        self.rank_peak_live = {rank: 0 for rank in ranks}
+        # (stage, microbatch) pairs whose activations wait for a backward; the others free at once.
+        self.trained = {
+            (a.stage, a.microbatch)
+            for actions in schedule.actions.values()
+            for a in actions
+            if a.kind in (ActionKind.B, ActionKind.I, ActionKind.W)
+        }
 
     def run(self) -> None:
         # Sends never block, so a rank can only wait at a RECV; running each rank as far as it
@@ -197,7 +244,7 @@ class _Replay:
             self._check_compute_dependencies(action)
             end = start + self._compute_cost(action)
             self.busy[rank] += end - start
-            self._track_live_activations(action)
+            self._track_live_activations(rank, action)
         elif action.kind in (ActionKind.SEND_F, ActionKind.SEND_B):
             end = start
             self._send(action, start)
@@ -216,12 +263,8 @@ class _Replay:
             return costs.forward
         if action.kind == ActionKind.B:
             return costs.backward
-        split = costs.backward_input if action.kind == ActionKind.I else costs.backward_weight
-        if split is None:
-            raise ValueError(
-                f"{action} needs StageCosts.backward_input and backward_weight for stage {action.stage}"
-            )
-        return split
+        input_grad, weight_grad = costs.split_backward()
+        return input_grad if action.kind == ActionKind.I else weight_grad
 
     def _require(self, action: Action, kind: ActionKind, why: str) -> None:
         if (action.stage, kind, action.microbatch) not in self.done:
@@ -244,12 +287,22 @@ class _Replay:
         if kind == ActionKind.W:
             self._require(action, ActionKind.I, "the weight gradient follows the input gradient")
 
-    def _track_live_activations(self, action: Action) -> None:
+    def _track_live_activations(self, rank: int, action: Action) -> None:
+        # Only this rank's own actions change its stages' counts, so tracking them in the rank's
+        # program order gives the true peaks whatever order the replay visits ranks in.
+        stage = action.stage
         if action.kind == ActionKind.F:
-            self.live[action.stage] += 1
-            self.peak_live[action.stage] = max(self.peak_live[action.stage], self.live[action.stage])
+            self._add_live(rank, stage, 1)
+            if (stage, action.microbatch) not in self.trained:
+                self._add_live(rank, stage, -1)
         elif action.kind in (ActionKind.B, ActionKind.W):
-            self.live[action.stage] -= 1
+            self._add_live(rank, stage, -1)
+
+    def _add_live(self, rank: int, stage: int, delta: int) -> None:
+        self.live[stage] += delta
+        self.rank_live[rank] += delta
+        self.peak_live[stage] = max(self.peak_live[stage], self.live[stage])
+        self.rank_peak_live[rank] = max(self.rank_peak_live[rank], self.rank_live[rank])
 
     def _send(self, action: Action, now: float) -> None:
         stage, m = action.stage, action.microbatch
@@ -311,13 +364,14 @@ class _Replay:
             # Nothing costs anything, so nothing is idle either.
             bubbles, overall = tuple(0 for _ in ranks), 0
         else:
-            bubbles = tuple((step_time - busy[rank]) / step_time for rank in ranks)
-            overall = 1 - sum(busy) / (len(busy) * step_time)
+            bubbles = tuple(_ratio(step_time - busy[rank], step_time) for rank in ranks)
+            overall = 1 - _ratio(sum(busy), len(busy) * step_time)
         return SimResult(
             step_time=step_time,
             busy_time=busy,
             bubble_fraction=bubbles,
             overall_bubble_fraction=overall,
             peak_live_microbatches=tuple(self.peak_live),
+            peak_live_per_rank=tuple(self.rank_peak_live[rank] for rank in ranks),
             events=tuple(event for rank in ranks for event in self.events[rank]),
         )

@@ -15,12 +15,27 @@ def verify(gm: fx.GraphModule, ctx: CompileContext, after: str) -> None:
     """Check what must hold once pass ``after`` has run; raise VerifyError naming the first breach."""
     gm.graph.lint()
     nodes = list(gm.graph.nodes)
-    if after in ("propagate_shapes", "estimate_costs", "partition_stages", "plan_memory", "split_stages"):
+    if after in (
+        "propagate_shapes",
+        "estimate_costs",
+        "fit_cost_formulas",
+        "profile_costs",
+        "partition_stages",
+        "plan_memory",
+        "split_stages",
+    ):
         for node in nodes:
             _require("ppc.kind" in node.meta, f"{node.name} has no ppc.kind after {after}")
             if node.meta["ppc.kind"] == "tensor":
                 _require("ppc.shape" in node.meta, f"tensor {node.name} has no symbolic shape")
-    if after in ("estimate_costs", "partition_stages", "plan_memory", "split_stages"):
+    if after in (
+        "estimate_costs",
+        "fit_cost_formulas",
+        "profile_costs",
+        "partition_stages",
+        "plan_memory",
+        "split_stages",
+    ):
         for node in nodes:
             _require("ppc.cost" in node.meta, f"{node.name} has no cost")
     if after in ("partition_stages", "plan_memory", "split_stages"):

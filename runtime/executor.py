@@ -6,16 +6,20 @@ another rank run. Under ``torch.distributed`` a receive blocks instead, so the g
 runs straight through.
 
 Gradients: the last stage backpropagates ``loss / M``, so accumulated gradients equal
-those of the mean loss over the step's M micro-batches, as in the eager model.
+those of the mean loss over the step's M micro-batches, as in the eager model. A schedule
+runs a micro-batch's backward either whole (``B``) or split in two (``I`` then, later, ``W``;
+see :func:`backward_input`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge, Node, get_gradient_edge, saved_tensors_hooks
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from ppcompile.runtime.actions import Action, ActionKind, parse_rank_actions
@@ -67,6 +71,275 @@ class MemoryStats:
     bytes_per_microbatch: dict[int, int] = field(default_factory=dict)
 
 
+# Split backward: I (input grads) now, W (weight grads) later, for zero-bubble schedules ----------
+
+
+class _Box:
+    """One tensor that autograd saved for backward; emptied at I when W will not read it."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor: torch.Tensor | None = tensor
+
+
+class SavedActivations:
+    """``saved_tensors_hooks`` for one micro-batch of one stage whose backward is split.
+
+    F puts every tensor autograd saves into a box. While I runs, a box unpacked by a node that W
+    will not run again is logged; I empties those boxes when it is done. So the activations that
+    only the input-grad half reads are freed at I, and W keeps just what the weight grads need.
+    """
+
+    def __init__(self, on_pack: Callable[[torch.Tensor], object] | None = None):
+        self.on_pack = on_pack
+        self.boxes: list[_Box] = []
+        self.in_rerun_node = 0  # > 0 while I runs a node that W runs again
+        self.log: list[_Box] | None = None  # during I: boxes unpacked by nodes W does not run
+
+    def hooks(self) -> saved_tensors_hooks:
+        return saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, tensor: torch.Tensor) -> _Box:
+        if self.on_pack is not None:
+            self.on_pack(tensor)
+        box = _Box(tensor)
+        self.boxes.append(box)
+        return box
+
+    def _unpack(self, box: _Box) -> torch.Tensor:
+        if box.tensor is None:
+            raise RuntimeError("W read an activation that I freed; the split backward kept too little")
+        if self.log is not None and not self.in_rerun_node:
+            self.log.append(box)
+        return box.tensor
+
+    def live_bytes(self) -> int:
+        """Bytes of the distinct storages still held (parameters included)."""
+        held = {
+            StorageWeakRef(t.untyped_storage()): t for t in (b.tensor for b in self.boxes) if t is not None
+        }
+        return sum(t.untyped_storage().nbytes() for t in held.values())
+
+    def enter_rerun_node(self, grad_outputs) -> None:  # a pre-hook
+        self.in_rerun_node += 1
+
+    def leave_rerun_node(self, grad_inputs, grad_outputs) -> None:  # a post-hook
+        self.in_rerun_node -= 1
+
+
+@dataclass
+class _WeightGroup:
+    """Parameters whose gradients meet in common nodes; W runs one backward per group."""
+
+    edges: list[GradientEdge]  # where W restarts: inputs of nodes I ran, and roots I did not need
+    grads: list[torch.Tensor]  # the gradient that arrived at each edge
+    params: list[torch.Tensor]
+    clamp: list[tuple[Node, tuple]]  # restart nodes that W also reaches from another edge: their grads
+
+
+@dataclass
+class PendingWeightGrads:
+    """What I keeps for W of one micro-batch: the restart points of the weight-grad graph."""
+
+    groups: list[_WeightGroup]
+    saved: SavedActivations | None = None
+
+
+def _postorder(starts: Iterable[Node], children: Callable[[Node], list[Node]]) -> list[Node]:
+    """Every node reachable from ``starts``, each after all of its children (autograd graphs are DAGs)."""
+    order: list[Node] = []
+    entered: set[Node] = set()
+    stack = [(node, False) for node in starts]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            order.append(node)
+        elif node not in entered:
+            entered.add(node)
+            stack.append((node, True))
+            stack.extend((child, False) for child in children(node) if child not in entered)
+    return order
+
+
+def backward_input(
+    roots: list[torch.Tensor],
+    grads: list[torch.Tensor | None] | None,
+    inputs: list[torch.Tensor],
+    params: Iterable[torch.Tensor],
+    saved: SavedActivations | None = None,
+) -> tuple[list[torch.Tensor | None], PendingWeightGrads]:
+    """The input-grad half of ``torch.autograd.backward(roots, grads)``; :func:`backward_weight` does the rest.
+
+    Returns d(roots)/d(inputs) (None for an input the roots do not depend on) and what W needs.
+    ``grads`` may be or hold None for a scalar root (the loss), as in ``backward``.
+
+    The autograd graph from the roots splits in two. *Input-side* nodes lead to an input; I runs
+    exactly those, through one ``torch.autograd.grad`` with respect to the inputs, so the engine
+    computes only the input-side outputs of each node (a matmul's dX, not its dW). *Weight-only*
+    nodes lead to parameters and never to an input. Gradient enters the weight-only part only from
+    input-side nodes (*intermediates*) or from roots I did not need. A pre-hook
+    on each intermediate records the gradient arriving at it during I. W restarts the backward
+    at those intermediates with the recorded gradients and with respect to the parameters only:
+    the engine re-enters each intermediate for its weight-side outputs alone (the dW matmul) and
+    then runs the weight-only nodes. No input-side work is repeated, with one exception: when one
+    parameter is reached from two intermediates, one below the other (the same weight used twice),
+    W must restart from both in one call and reruns the input-side path between them; a pre-hook
+    then replaces what reaches the lower one by the gradient I recorded for it, so nothing is
+    counted twice. Parameters are grouped by the nodes they share, one ``backward`` per group,
+    so each parameter's AccumulateGrad runs once with its whole gradient, as under B.
+
+    I keeps the graph (``retain_graph``) only when W has work. With ``saved`` (the hooks F ran
+    under), the activations read during I by nodes W does not run are freed at the end of I.
+    """
+    grads = [None] * len(roots) if grads is None else grads
+    rooted = [(r, torch.ones_like(r) if g is None else g) for r, g in zip(roots, grads) if r.requires_grad]
+    input_ids = {id(t) for t in inputs}
+    param_ids = {id(p) for p in params if p.requires_grad}
+    children: dict[Node, list[Node]] = {}
+
+    def kids(node: Node) -> list[Node]:
+        if node not in children:
+            children[node] = [child for child, _ in node.next_functions if child is not None]
+        return children[node]
+
+    def leaf_id(node: Node) -> int:
+        return id(getattr(node, "variable", None))  # AccumulateGrad holds its leaf tensor
+
+    edges = [get_gradient_edge(r) for r, _ in rooted]
+    reach: dict[Node, tuple[bool, bool]] = {}  # (leads to an input, leads to a parameter)
+    for node in _postorder((e.node for e in edges), kids):
+        reach[node] = (
+            leaf_id(node) in input_ids or any(reach[c][0] for c in kids(node)),
+            leaf_id(node) in param_ids or any(reach[c][1] for c in kids(node)),
+        )
+
+    def input_side(node: Node) -> bool:
+        return reach[node][0]
+
+    def weight_only(node: Node) -> bool:
+        return reach[node] == (False, True)
+
+    # Where W restarts: intermediates (recorded during I), then roots only parameters depend on.
+    intermediates = [n for n in reach if input_side(n) and any(weight_only(c) for c in kids(n))]
+    weight_roots = [(e, g) for e, (_, g) in zip(edges, rooted) if weight_only(e.node)]
+    starts = [[c for c in kids(n) if weight_only(c)] for n in intermediates]
+    starts += [[e.node] for e, _ in weight_roots]
+
+    # Union the restart points whose weight-only subgraphs share a node; collect each one's parameters.
+    group_of = list(range(len(starts)))
+
+    def find(i: int) -> int:
+        while group_of[i] != i:
+            group_of[i] = group_of[group_of[i]]
+            i = group_of[i]
+        return i
+
+    owner: dict[Node, int] = {}
+    found: list[list[torch.Tensor]] = [[] for _ in starts]
+    for i, nodes in enumerate(starts):
+        stack = list(nodes)
+        while stack:
+            node = stack.pop()
+            if node in owner:
+                group_of[find(owner[node])] = find(i)
+                continue
+            owner[node] = i
+            if leaf_id(node) in param_ids:
+                found[i].append(node.variable)
+            stack.extend(c for c in kids(node) if reach[c][1])
+    members: dict[int, list[int]] = {}
+    for i in range(len(starts)):
+        members.setdefault(find(i), []).append(i)
+
+    # The rare group whose intermediates lie one below another: W reruns the input side between them.
+    rerun, clamped = set(intermediates), {}
+    for idxs in members.values():
+        tops = {intermediates[i] for i in idxs if i < len(intermediates)}
+        if len(tops) > 1:
+            between, lower = _input_side_between(tops, kids, input_side)
+            rerun |= between
+            clamped[idxs[0]] = lower
+
+    captured: dict[Node, tuple] = {}
+    handles = [n.register_prehook(lambda g, n=n: captured.__setitem__(n, g)) for n in intermediates]
+    if saved is not None:
+        saved.log = []
+        for node in rerun:
+            handles.append(node.register_prehook(saved.enter_rerun_node))
+            handles.append(node.register_hook(saved.leave_rerun_node))
+    try:
+        needed = [(r, g) for (r, g), e in zip(rooted, edges) if input_side(e.node)]
+        input_grads: list[torch.Tensor | None] = [None] * len(inputs)
+        if needed and inputs:
+            input_grads = list(
+                torch.autograd.grad(
+                    [r for r, _ in needed],
+                    inputs,
+                    [g for _, g in needed],
+                    retain_graph=bool(starts),
+                    allow_unused=True,
+                )
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+        if saved is not None:
+            for box in saved.log:
+                box.tensor = None
+            saved.log = None
+
+    groups = []
+    for idxs in members.values():
+        restart, restart_grads = [], []
+        for i in idxs:
+            if i < len(intermediates):
+                node = intermediates[i]
+                for nr, grad in enumerate(captured.get(node, ())):
+                    if grad is not None:
+                        restart.append(GradientEdge(node, nr))
+                        restart_grads.append(grad)
+            else:
+                edge, grad = weight_roots[i - len(intermediates)]
+                restart.append(edge)
+                restart_grads.append(grad)
+        group_params = [p for i in idxs for p in found[i]]
+        if restart and group_params:
+            clamp = [(n, captured[n]) for n in clamped.get(idxs[0], ()) if n in captured]
+            groups.append(_WeightGroup(restart, restart_grads, group_params, clamp))
+    return input_grads, PendingWeightGrads(groups, saved)
+
+
+def _input_side_between(
+    tops: set[Node], kids: Callable[[Node], list[Node]], input_side: Callable[[Node], bool]
+) -> tuple[set[Node], set[Node]]:
+    """Input-side nodes below one of ``tops`` that lead to another, and the tops that lie below another."""
+
+    def below(node: Node) -> list[Node]:
+        return [c for c in kids(node) if input_side(c)]
+
+    order = _postorder((c for t in tops for c in below(t)), below)
+    leads: dict[Node, bool] = {}
+    for node in order:
+        leads[node] = node in tops or any(leads[c] for c in below(node))
+    return {n for n in order if leads[n]}, tops.intersection(order)
+
+
+def backward_weight(pending: PendingWeightGrads) -> None:
+    """The weight-grad half: accumulate into ``p.grad`` what :func:`backward_input` left, then free it all."""
+    for k, group in enumerate(pending.groups):
+        handles = [node.register_prehook(lambda _, g=grads: g) for node, grads in group.clamp]
+        try:
+            # A group that reruns input-side nodes may run another group's restart node: keep the graph.
+            last = k == len(pending.groups) - 1
+            torch.autograd.backward(group.edges, group.grads, inputs=group.params, retain_graph=not last)
+        finally:
+            for handle in handles:
+                handle.remove()
+    pending.groups.clear()
+    pending.saved = None
+
+
 class RankExecutor:
     def __init__(
         self,
@@ -92,6 +365,8 @@ class RankExecutor:
         self.memory = MemoryStats()
         self.losses: dict[int, torch.Tensor] = {}
         self._param_storages = {StorageWeakRef(p.untyped_storage()) for p in self.parameters()}
+        # Micro-batches whose backward is split into I and W: F boxes their saved tensors.
+        self._split = {(a.stage, a.microbatch) for a in self.actions if a.kind == ActionKind.I}
 
     def parameters(self) -> list[nn.Parameter]:
         seen, params = set(), []
@@ -115,6 +390,8 @@ class RankExecutor:
         self.input_grads: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self.losses = {}
         self._live: dict[int, dict[int, int]] = {s: {} for s in self.stage_ids}
+        self._saved: dict[tuple[int, int], SavedActivations] = {}
+        self._pending_w: dict[tuple[int, int], PendingWeightGrads] = {}
         for action in self.actions:
             if action.kind in (ActionKind.RECV_F, ActionKind.RECV_B):
                 keys = self._receive_keys(action)
@@ -123,6 +400,9 @@ class RankExecutor:
                 self._store_received(action, keys, tensors)
             else:
                 self._execute(action)
+        if self._pending_w:
+            missing = ", ".join(f"{s}W{m}" for s, m in self._pending_w)
+            raise ValueError(f"rank {self.rank}: the schedule runs I but never {missing}")
         self.transport.finish_step()
 
     def _execute(self, action: Action) -> None:
@@ -133,10 +413,14 @@ class RankExecutor:
             args = [self.inputs[m][n].to(self.device) for n in info["inputs"]] + [
                 received[n] for n in info["receives"]
             ]
-            if self.track_memory:
-                with torch.autograd.graph.saved_tensors_hooks(*self._memory_hooks(stage, m)):
-                    out = self.stages[stage](*args)
+            if (stage, m) in self._split:
+                pack = self._memory_hooks(stage, m)[0] if self.track_memory else None
+                hooks = self._saved.setdefault((stage, m), SavedActivations(pack)).hooks()
+            elif self.track_memory:
+                hooks = saved_tensors_hooks(*self._memory_hooks(stage, m))
             else:
+                hooks = nullcontext()
+            with hooks:
                 out = self.stages[stage](*args)
             self.outputs[(stage, m)] = out
             if info["returns_loss"]:
@@ -150,6 +434,10 @@ class RankExecutor:
                     self.transport.send(key, out[name], self.rank_of_stage[consumer])
         elif action.kind == ActionKind.B:
             self._backward(stage, m, info)
+        elif action.kind == ActionKind.I:
+            self._backward_input(stage, m, info)
+        elif action.kind == ActionKind.W:
+            self._backward_weight(stage, m)
         elif action.kind == ActionKind.SEND_B:
             for name, grad in self.input_grads.pop((stage, m), {}).items():
                 producer = self.boundaries[name]["producer"]
@@ -160,7 +448,8 @@ class RankExecutor:
                 f"rank {self.rank}: action {action} is not supported by this runtime yet"
             )
 
-    def _backward(self, stage: int, m: int, info: dict) -> None:
+    def _roots(self, stage: int, m: int, info: dict) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """What backward starts from: ``loss / M`` on the loss stage, and each sent output with its grad."""
         out = self.outputs.pop((stage, m))
         roots, grads = [], []
         if info["returns_loss"]:
@@ -170,6 +459,10 @@ class RankExecutor:
             if out[name].requires_grad:
                 roots.append(out[name])
                 grads.append(grad)
+        return roots, grads
+
+    def _backward(self, stage: int, m: int, info: dict) -> None:
+        roots, grads = self._roots(stage, m, info)
         if roots:
             torch.autograd.backward(roots, grads)
         received = self.received.pop((stage, m), {})
@@ -178,6 +471,30 @@ class RankExecutor:
             for name, t in received.items()
             if self.boundaries[name]["requires_grad"]
         }
+        if self.track_memory:
+            self._live[stage].pop(m, None)
+
+    def _backward_input(self, stage: int, m: int, info: dict) -> None:
+        """I: input grads for SEND_B now; what W needs is kept, the rest freed (see :func:`backward_input`)."""
+        roots, grads = self._roots(stage, m, info)
+        received = self.received.pop((stage, m), {})
+        names = [name for name in received if self.boundaries[name]["requires_grad"]]
+        input_grads, pending = backward_input(
+            roots, grads, [received[n] for n in names], self.parameters(), self._saved.pop((stage, m), None)
+        )
+        # B reads t.grad, which AccumulateGrad lays out like t (contiguous); the same here.
+        self.input_grads[(stage, m)] = {
+            name: torch.zeros_like(received[name]) if grad is None else grad.contiguous()
+            for name, grad in zip(names, input_grads)
+        }
+        self._pending_w[(stage, m)] = pending
+
+    def _backward_weight(self, stage: int, m: int) -> None:
+        """W: accumulate this micro-batch's parameter grads, then release its activations."""
+        pending = self._pending_w.pop((stage, m), None)
+        if pending is None:
+            raise ValueError(f"rank {self.rank}: {stage}W{m} has no {stage}I{m} before it in the schedule")
+        backward_weight(pending)
         if self.track_memory:
             self._live[stage].pop(m, None)
 

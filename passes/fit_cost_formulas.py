@@ -1,0 +1,178 @@
+"""Symbolic costs: every node's FLOPs, bytes and saved temporaries as polynomials in b, s, ...
+
+Costs are measured (on the meta device, nothing allocated) at a small grid of micro-batch
+shapes around the example and fitted exactly: degree 1 in the batch dim ``b`` (costs are linear
+in the rows) and degree 2 in one other dim such as ``s`` (attention is quadratic in sequence
+length); with several other dims, degree 1 in each. Six meta runs suffice for a GPT.
+
+The report prints each stage's cost as a formula, and ``--dims b=8,s=512`` re-balances the
+partition for another micro-batch shape from these formulas, without tracing again.
+
+Keys written on each node:
+  ppc.cost_poly  {quantity: coefficients} over ctx.cost_basis (exact fractions)
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import replace
+from fractions import Fraction
+
+import sympy
+import torch
+from torch import fx
+
+from ppcompile.context import CompileContext
+from ppcompile.errors import CompileError
+from ppcompile.passes.estimate_costs import _arg_nodes, _measure, _signature
+from ppcompile.passes.propagate_shapes import run_meta
+
+QUANTITIES = ("forward_flops", "backward_flops", "bytes_moved", "saved_temp_bytes")
+
+
+def fit_cost_formulas(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    basis, points = _design(ctx)
+    ctx.cost_basis = basis
+    if len(points) == 1:
+        for node in gm.graph.nodes:
+            cost = node.meta["ppc.cost"]
+            node.meta["ppc.cost_poly"] = {q: (Fraction(getattr(cost, q)),) for q in QUANTITIES}
+        return _evaluate_at(gm, ctx)
+    samples = {node.name: [] for node in gm.graph.nodes}
+    cache: dict = {}
+    for point in points:
+        if point == ctx.symbol_values:
+            for node in gm.graph.nodes:
+                cost = node.meta["ppc.cost"]
+                samples[node.name].append([getattr(cost, q) for q in QUANTITIES])
+            continue
+        values = run_meta(gm, ctx, point)
+        for node in gm.graph.nodes:
+            samples[node.name].append(_quantities_at(gm, node, values, cache))
+    inverse = _inverse([[_monomial(m, p) for m in basis] for p in points])
+    for node in gm.graph.nodes:
+        rows = samples[node.name]
+        poly = {}
+        for q in range(len(QUANTITIES)):
+            ys = [Fraction(round(r[q])) for r in rows]
+            poly[QUANTITIES[q]] = tuple(
+                sum(inverse[t][p] * ys[p] for p in range(len(points))) for t in range(len(basis))
+            )
+        node.meta["ppc.cost_poly"] = poly
+    return _evaluate_at(gm, ctx)
+
+
+def _design(ctx: CompileContext):
+    """Monomials (exponent dicts) and the grid points that determine them exactly."""
+    others = [s for s in sorted(ctx.symbol_values) if s != "b"]
+    degree = 2 if len(others) == 1 else 1
+    axes, exps = [], []
+    for name in sorted(ctx.symbol_values):
+        base = ctx.symbol_values[name]
+        top = 1 if name == "b" else degree
+        if name == "b":
+            values = [base, 2 * base]
+        elif base % (2**top) == 0 and base >= 2**top:
+            values = [base // 2**k for k in range(top + 1)]  # shrink: a model may cap the sequence length
+        else:
+            values = [base * (k + 1) for k in range(top + 1)]
+        axes.append((name, values))
+        exps.append(range(top + 1))
+    basis = [dict(zip(sorted(ctx.symbol_values), e)) for e in itertools.product(*exps)]
+    points = [dict(zip([a[0] for a in axes], combo)) for combo in itertools.product(*[a[1] for a in axes])]
+    points.sort(key=lambda p: p != ctx.symbol_values)  # the example first
+    return basis, points
+
+
+def _monomial(exponents: dict[str, int], point: dict[str, int]) -> Fraction:
+    return Fraction(math.prod(point[s] ** e for s, e in exponents.items()))
+
+
+def _inverse(matrix: list[list[Fraction]]) -> list[list[Fraction]]:
+    """Exact inverse by Gauss-Jordan over fractions (the design matrix is small)."""
+    n = len(matrix)
+    a = [row[:] + [Fraction(int(i == j)) for j in range(n)] for i, row in enumerate(matrix)]
+    for col in range(n):
+        pivot = next(r for r in range(col, n) if a[r][col] != 0)
+        a[col], a[pivot] = a[pivot], a[col]
+        scale = a[col][col]
+        a[col] = [x / scale for x in a[col]]
+        for r in range(n):
+            if r != col and a[r][col] != 0:
+                factor = a[r][col]
+                a[r] = [x - factor * y for x, y in zip(a[r], a[col])]
+    return [row[n:] for row in a]
+
+
+def _quantities_at(gm, node: fx.Node, values: dict, cache: dict) -> list[float]:
+    if node.op not in ("call_function", "call_method", "call_module") or node.meta["ppc.kind"] == "other":
+        return [0.0] * len(QUANTITIES)
+    key = _signature(gm, node, values)
+    if key not in cache:
+        cache[key] = _measure(gm, node, values)
+    fwd, bwd, _, _, temp, param_bytes, view_of = cache[key]
+    if view_of is not None:
+        moved = 0.0
+    else:
+        tensors = [values.get(n.name) for n in _arg_nodes(node)] + [values.get(node.name)]
+        moved = (
+            sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)) + param_bytes
+        )
+    return [float(fwd), float(bwd), float(moved), float(temp)]
+
+
+def evaluate(poly: tuple[Fraction, ...], basis: list[dict], point: dict[str, int]) -> float:
+    return float(sum(c * _monomial(m, point) for c, m in zip(poly, basis)))
+
+
+def formula(poly: tuple[Fraction, ...], basis: list[dict], symbols: dict[str, sympy.Symbol]) -> sympy.Expr:
+    """The polynomial as a sympy expression with 3 significant digits, e.g. 1.57e+6*b*s**2 + ..."""
+    expr = sympy.Integer(0)
+    for c, m in zip(poly, basis):
+        if c:
+            term = sympy.Float(float(c), 3)
+            for s, e in m.items():
+                term *= symbols[s] ** e
+            expr += term
+    return expr
+
+
+def _evaluate_at(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    """With --dims, re-cost every node at that micro-batch shape from its formulas."""
+    target = ctx.config.dims
+    if not target:
+        return gm
+    unknown = set(target) - set(ctx.symbol_values)
+    if unknown:
+        raise CompileError(
+            f"--dims names {', '.join(sorted(unknown))}, but {ctx.ref}'s symbolic dims are {', '.join(sorted(ctx.symbol_values))}"
+        )
+    point = {**ctx.symbol_values, **target}
+    subs = {ctx.symbols[s]: v for s, v in point.items()}
+    profile = ctx.profile
+    for node in gm.graph.nodes:
+        if node.meta.get("ppc.kind") == "tensor":
+            nbytes = (
+                math.prod(int(d.subs(subs)) for d in node.meta["ppc.shape"]) * node.meta["ppc.dtype"].itemsize
+            )
+            node.meta["ppc.nbytes"] = nbytes
+        cost = node.meta["ppc.cost"]
+        if cost.forward_time == 0 and cost.backward_time == 0:
+            continue
+        poly = node.meta["ppc.cost_poly"]
+        q = {name: evaluate(poly[name], ctx.cost_basis, point) for name in QUANTITIES}
+        dtype = node.meta.get("ppc.dtype", torch.float32)
+        node.meta["ppc.cost"] = replace(
+            cost,
+            forward_flops=q["forward_flops"],
+            backward_flops=q["backward_flops"],
+            bytes_moved=q["bytes_moved"],
+            saved_temp_bytes=q["saved_temp_bytes"],
+            forward_time=profile.compute_time(q["forward_flops"], q["bytes_moved"], dtype),
+            backward_time=profile.compute_time(q["backward_flops"], 2 * q["bytes_moved"], dtype)
+            if cost.backward_time
+            else 0.0,
+        )
+    ctx.symbol_values = point
+    return gm

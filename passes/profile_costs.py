@@ -1,0 +1,235 @@
+"""Measured costs (``--profile``): time every node forward and backward on the real device.
+
+The model is built for real on the device from the same factory, the graph is run once on the
+example micro-batch to get every node's real inputs, then each node is timed alone: forward,
+then backward (gradients of its inputs and parameters), after warm-up, as the median of
+repeated runs. Identical nodes (same operator, shapes and module configuration) are timed once.
+What autograd saves for backward is counted on the real device too, since a backend may save
+less than the meta device suggests (CPU attention kernels keep a log-sum-exp, not the matrix).
+
+Profiles are cached by graph, shapes, device, thread count and torch version, so recompiling
+the same model reuses them. The roofline FLOPs and bytes stay; only times and saved bytes change.
+
+On CPU the timing uses ``profile_threads`` threads (default 1: what torchrun gives each rank).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import fx
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from ppcompile.context import CompileContext
+from ppcompile.errors import CompileError
+from ppcompile.passes.estimate_costs import _arg_nodes, _call, _flatten, _signature
+
+MIN_SECONDS = 0.004  # time each node for at least this long
+MAX_REPEATS = 50
+
+
+def profile_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    config = ctx.config
+    if not config.profile:
+        return gm
+    device = check_device(config.profile_device)
+    key = profile_key(gm, ctx, device)
+    cache_file = Path(config.profile_cache).expanduser() / f"{key}.json" if config.profile_cache else None
+    measured = None
+    if cache_file is not None and cache_file.is_file():
+        measured = json.loads(cache_file.read_text())
+        ctx.notes.append(f"profile: reused {cache_file.name} from the cache")
+    if measured is None:
+        measured = measure(gm, ctx, device)
+        ctx.notes.append(f"profile: measured {len(measured)} nodes on {device}")
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            cache_file.write_text(json.dumps(measured, indent=0, sort_keys=True))
+    for node in gm.graph.nodes:
+        if node.name in measured:
+            forward, backward, saved_inputs, temp = measured[node.name]
+            node.meta["ppc.cost"] = replace(
+                node.meta["ppc.cost"],
+                forward_time=forward,
+                backward_time=backward,
+                saved_inputs=tuple(saved_inputs),
+                saved_temp_bytes=temp,
+            )
+    ctx.profiled_on = str(device)
+    return gm
+
+
+def check_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CompileError(f"--profile-device {name!r} is not a device name; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CompileError(
+            f"--profile-device {name}: torch sees no CUDA device on this machine; use --profile-device cpu"
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise CompileError(f"--profile-device {name}: only {torch.cuda.device_count()} CUDA devices here")
+    if device.type not in ("cpu", "cuda"):
+        raise CompileError(f"--profile-device {name}: only cpu and cuda can be profiled")
+    return device
+
+
+def profile_key(gm: fx.GraphModule, ctx: CompileContext, device: torch.device) -> str:
+    what = [
+        gm.code,
+        repr(sorted(ctx.symbol_values.items())),
+        repr([(n.name, n.meta.get("ppc.concrete"), str(n.meta.get("ppc.dtype"))) for n in gm.graph.nodes]),
+        torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        str(ctx.config.profile_threads),
+        torch.__version__,
+    ]
+    return hashlib.sha256("\n".join(what).encode()).hexdigest()[:24]
+
+
+def measure(gm: fx.GraphModule, ctx: CompileContext, device: torch.device) -> dict:
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(ctx.config.profile_threads)
+    try:
+        spec = ctx.ref.build(device, seed=0)
+        real = fx.GraphModule(spec.module, gm.graph)
+        values = _run(real, spec.example_inputs)
+        result, by_signature = {}, {}
+        for node in gm.graph.nodes:
+            if node.op not in ("call_function", "call_method", "call_module") or node.meta["ppc.kind"] in (
+                "other",
+                "none",
+            ):
+                continue
+            key = _signature(real, node, values)
+            if key not in by_signature:
+                by_signature[key] = _time_node(real, node, values, device)
+            forward, backward, saved_args, saved_self, temp = by_signature[key]
+            inputs = _arg_nodes(node)
+            saved = [inputs[i].name for i in saved_args if inputs[i].op != "get_attr"]
+            if saved_self:
+                saved.append(node.name)
+            result[node.name] = [forward, backward, saved, temp]
+        return result
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(real: fx.GraphModule, inputs) -> dict:
+    values = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node):
+            out = super().run_node(node)
+            values[node.name] = out
+            return out
+
+    Recorder(real).run(*inputs)
+    return values
+
+
+def timed(fn, sync) -> float:
+    """Median seconds of ``fn`` after two warm-up calls, repeated for at least MIN_SECONDS."""
+    fn()
+    fn()
+    samples, spent = [], 0.0
+    while (spent < MIN_SECONDS and len(samples) < MAX_REPEATS) or len(samples) < 3:
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        samples.append(time.perf_counter() - start)
+        spent += samples[-1]
+    return statistics.median(samples)
+
+
+_ENGINE_OVERHEAD: list[float] = []
+
+
+def engine_overhead() -> float:
+    """Seconds one autograd.grad call costs around a trivial graph on this machine."""
+    if not _ENGINE_OVERHEAD:
+        x = torch.ones(1, requires_grad=True)
+        y = x * 1.0
+        g = torch.ones(1)
+        _ENGINE_OVERHEAD.append(
+            timed(lambda: torch.autograd.grad([y], [x], [g], retain_graph=True), lambda: None)
+        )
+    return _ENGINE_OVERHEAD[0]
+
+
+def _time_node(real: fx.GraphModule, node: fx.Node, values: dict, device: torch.device):
+    inputs = _arg_nodes(node)
+    module = real.get_submodule(node.target) if node.op == "call_module" else None
+    params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
+    param_storages = {StorageWeakRef(p.untyped_storage()) for p in params}
+
+    def prepare():
+        leaves, fresh = [], {}
+        for n in inputs:
+            v = values.get(n.name)
+            if isinstance(v, torch.Tensor) and n.op != "get_attr":
+                leaf = v.detach().requires_grad_(v.requires_grad and v.is_floating_point())
+                if leaf.requires_grad:
+                    leaves.append(leaf)
+                fresh[n.name] = leaf.clone() if leaf.requires_grad else leaf
+            else:
+                fresh[n.name] = v
+        return leaves, fresh
+
+    def forward(fresh, hooks=None):
+        args = fx.node.map_arg(node.args, lambda n: fresh[n.name])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: fresh[n.name])
+        if hooks is None:
+            return _call(real, node, module, args, kwargs)
+        with torch.autograd.graph.saved_tensors_hooks(*hooks):
+            return _call(real, node, module, args, kwargs)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    # Saved tensors, counted on the real device.
+    saved: list[torch.Tensor] = []
+    leaves, fresh = prepare()
+    out = forward(fresh, (lambda t: saved.append(t) or t, lambda t: t))
+    input_storages = {}
+    for i, n in enumerate(inputs):
+        v = fresh[n.name]
+        if isinstance(v, torch.Tensor):
+            input_storages.setdefault(StorageWeakRef(v.untyped_storage()), i)
+    outputs = [o for o in _flatten(out) if isinstance(o, torch.Tensor)]
+    output_storages = {StorageWeakRef(o.untyped_storage()) for o in outputs}
+    saved_args, saved_self, temp = set(), False, {}
+    for t in saved:
+        ref = StorageWeakRef(t.untyped_storage())
+        if ref in param_storages:
+            continue
+        if ref in input_storages:
+            saved_args.add(input_storages[ref])
+        elif ref in output_storages:
+            saved_self = True
+        else:
+            temp[ref] = t.untyped_storage().nbytes()
+    differentiable = [o for o in outputs if o.requires_grad]
+    wrt = leaves + params
+
+    forward_seconds = timed(lambda: forward(fresh), sync)
+    backward_seconds = 0.0
+    if differentiable and wrt:
+        grads = [torch.ones_like(o) for o in differentiable]
+
+        def backward():
+            torch.autograd.grad(differentiable, wrt, grads, retain_graph=True, allow_unused=True)
+
+        # Each autograd.grad call starts the engine once; a stage's backward starts it once for
+        # all its nodes, so that fixed cost is taken out of every node's share.
+        backward_seconds = max(timed(backward, sync) - engine_overhead(), 0.1 * timed(backward, sync))
+    return forward_seconds, backward_seconds, sorted(saved_args), saved_self, float(sum(temp.values()))

@@ -1,0 +1,154 @@
+"""The memory model, the memory budget, recomputation, and measured costs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ppcompile.check_training import verify_in_process
+from ppcompile.context import CompileConfig
+from ppcompile.driver import compile_model
+from ppcompile.errors import CompileError
+from ppcompile.memory import parse_bytes
+from ppcompile.runtime.loader import load_program
+from ppcompile.runtime.train import InProcessPipeline, batches
+from tests.helpers import compile_to
+
+
+def ppcompile(*args):
+    return subprocess.run([sys.executable, "-m", "ppcompile", *args], capture_output=True, text=True)
+
+
+def one_line_error(result, *needles):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_parse_bytes():
+    assert parse_bytes("16GiB") == 16 * 2**30
+    assert parse_bytes("80GB") == 80 * 10**9
+    assert parse_bytes("1.5 MiB") == int(1.5 * 2**20)
+    for bad, needle in [("16", "has no unit"), ("lots", "not a size"), ("3XB", "unknown unit")]:
+        with pytest.raises(CompileError, match=needle):
+            parse_bytes(bad)
+
+
+def test_bad_budgets_and_devices_are_one_line(tmp_path):
+    out = str(tmp_path / "x")
+    one_line_error(
+        ppcompile("compile", "models/mlp.py:mlp", "-k", "2", "--memory-per-device", "16", "-o", out),
+        "has no unit",
+        "16GiB",
+    )
+    one_line_error(
+        ppcompile("compile", "models/gpt.py:gpt_mini", "-k", "2", "--memory-per-device", "1MiB", "-o", out),
+        "rank 0 needs",
+        "short",
+        "more --stages",
+    )
+    if not torch.cuda.is_available():
+        one_line_error(
+            ppcompile(
+                "compile", "models/mlp.py:mlp", "-k", "2", "--profile", "--profile-device", "cuda", "-o", out
+            ),
+            "no CUDA device",
+            "--profile-device cpu",
+        )
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def gpt_small_under_budget(tmp_path_factory):
+    out = tmp_path_factory.mktemp("g") / "prog"
+    result = ppcompile(
+        "compile",
+        "models/gpt.py:gpt_small",
+        "-k",
+        "4",
+        "-m",
+        "16",
+        "--memory-per-device",
+        "1.5GiB",
+        "-o",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_gpt_small_recomputes_to_fit(gpt_small_under_budget):
+    out = gpt_small_under_budget
+    program = json.loads((out / "program.json").read_text())
+    memory = program["costs"]["memory"]
+    assert all(m["total"] <= parse_bytes("1.5GiB") for m in memory)
+    assert program["costs"]["recomputed"], "this budget does not fit gpt_small at K=4 without recomputation"
+    report = ppcompile("report", str(out)).stdout
+    assert "recomputed in backward on stage 0: transformer.h.0" in report
+    assert "Predicted peak memory per rank" in report
+    assert (
+        "torch.utils.checkpoint.checkpoint(self._recompute_transformer_h_0"
+        in (out / "stage_0.py").read_text()
+    )
+
+
+def test_without_a_budget_nothing_is_recomputed_and_peaks_exceed_it(tmp_path):
+    result = compile_model("models/gpt.py:gpt_small", CompileConfig(stages=4, microbatches=16))
+    assert max(m.total for m in result.ctx.memory) > parse_bytes("1.5GiB")
+    assert result.ctx.regions == []
+
+
+def test_budget_that_fits_by_moving_cuts_needs_no_recompute():
+    budget = parse_bytes("2GiB")
+    result = compile_model(
+        "models/gpt.py:gpt_small", CompileConfig(stages=4, microbatches=16, memory_per_device=budget)
+    )
+    assert result.ctx.regions == []
+    assert all(m.total <= budget for m in result.ctx.memory)
+    assert result.ctx.partition.cut_positions != [164, 324, 485]  # the unconstrained cuts do not fit
+
+
+@pytest.mark.parametrize("schedule,budget", [("gpipe", "3.2MiB"), ("1f1b", "2.5MiB")])
+def test_training_with_recomputed_layers_meets_the_bar(tmp_path, schedule, budget):
+    program_dir = compile_to(
+        tmp_path,
+        "models/gpt.py:gpt_mini",
+        2,
+        microbatches=4,
+        schedule=schedule,
+        memory_per_device=parse_bytes(budget),
+    )
+    program = load_program(program_dir)
+    assert program.data["costs"]["recomputed"]
+    result = verify_in_process(program, steps=3, lr=0.05)
+    assert result.ok, "\n".join(result.lines())
+
+
+@pytest.mark.parametrize("ref", ["models/gpt.py:gpt_mini", "models/mlp.py:mlp", "models/mlp.py:mlp_deep"])
+def test_predicted_activation_bytes_match_saved_tensors(tmp_path, ref):
+    program = load_program(compile_to(tmp_path, ref, 3, microbatches=4))
+    pipeline = InProcessPipeline(program, track_memory=True)
+    pipeline.step(next(batches(program, pipeline.spec, 0)))
+    measured = {}
+    for executor in pipeline.executors:
+        measured.update(executor.memory.bytes_per_microbatch)
+    for stage, memory in enumerate(program.data["costs"]["memory"]):
+        assert memory["activations_per_microbatch"] == pytest.approx(measured[stage], rel=0.05)
+
+
+def test_profile_is_measured_then_cached(tmp_path):
+    config = CompileConfig(stages=2, microbatches=4, profile=True, profile_cache=str(tmp_path / "cache"))
+    first = compile_model("models/mlp.py:mlp", config)
+    assert any("measured" in n for n in first.ctx.notes)
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    second = compile_model("models/mlp.py:mlp", config)
+    assert any("reused" in n for n in second.ctx.notes)
+    assert first.program["costs"]["stages"] == second.program["costs"]["stages"]
+    assert first.program["config"]["costs_measured_on"] == "cpu"
+    # Measured times replace the roofline: no node costs the same as in the roofline profile.
+    roofline = compile_model("models/mlp.py:mlp", CompileConfig(stages=2, microbatches=4))
+    assert first.program["costs"]["stages"] != roofline.program["costs"]["stages"]

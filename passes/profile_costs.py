@@ -4,7 +4,9 @@ The model is built for real on the device from the same factory, the graph is ru
 example micro-batch to get every node's real inputs, then each node is timed alone: forward,
 then backward (gradients of its inputs and parameters), after warm-up, as the median of
 repeated runs. Identical nodes (same operator, shapes and module configuration) are timed once.
-What autograd saves for backward is counted on the real device too, since a backend may save
+Timed alone, a node misses what it shares with its neighbours in a real run (one pass of the
+autograd engine, warm caches), so all node times are scaled by one factor: the whole model's
+measured forward + backward over the sum of its nodes. What autograd saves for backward is counted on the real device too, since a backend may save
 less than the meta device suggests (CPU attention kernels keep a log-sum-exp, not the matrix).
 
 Profiles are cached by graph, shapes, device, thread count and torch version, so recompiling
@@ -117,9 +119,32 @@ def measure(gm: fx.GraphModule, ctx: CompileContext, device: torch.device) -> di
             if saved_self:
                 saved.append(node.name)
             result[node.name] = [forward, backward, saved, temp]
+        # Timed alone, nodes miss what they share in a real run (one autograd engine pass, caches
+        # warmed by the previous node): scale every node by whole-model time over the nodes' sum.
+        whole = _time_whole(real, spec.example_inputs, device)
+        total = sum(f + b for f, b, _, _ in result.values())
+        scale = whole / total if total > 0 else 1.0
+        for entry in result.values():
+            entry[0] *= scale
+            entry[1] *= scale
         return result
     finally:
         torch.set_num_threads(threads)
+
+
+def _time_whole(real: fx.GraphModule, inputs, device: torch.device) -> float:
+    """Forward + backward of the whole traced model on the example micro-batch, median seconds."""
+    params = [p for p in real.parameters() if p.requires_grad]
+
+    def step():
+        loss = real(*inputs)
+        torch.autograd.grad([loss], params, allow_unused=True)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return timed(step, sync)
 
 
 def _run(real: fx.GraphModule, inputs) -> dict:

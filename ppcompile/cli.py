@@ -62,6 +62,7 @@ def main():
     show_default=True,
     help="Where measured profiles are kept, by graph and device; 'none' to always measure.",
 )
+@click.option("--dims", help="Balance for another micro-batch shape, e.g. b=8,s=512, from the cost formulas.")
 @click.option("--check", is_flag=True, help="Run the verifier after every pass.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Program directory to write.")
 @user_errors
@@ -77,6 +78,7 @@ def compile(
     profile_device,
     profile_threads,
     profile_cache,
+    dims,
     check,
     output,
 ):
@@ -97,6 +99,7 @@ def compile(
         profile_device=profile_device,
         profile_threads=profile_threads,
         profile_cache=None if profile_cache.lower() == "none" else profile_cache,
+        dims=_parse_dims(dims) if dims else None,
     )
     result = compile_model(spec, config)
     out = write_program(output, result.program, result.files)
@@ -105,6 +108,16 @@ def compile(
         f"wrote {out}/ ({stages} stages, imbalance {max(times) / (sum(times) / len(times)):.3f}); "
         f"see `ppcompile report {output}`"
     )
+
+
+def _parse_dims(text: str) -> dict[str, int]:
+    dims = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        if not sep or not name.strip().isidentifier() or not value.strip().isdigit() or int(value) < 1:
+            raise CompileError(f"--dims {text!r}: write symbol=size pairs such as b=8,s=512")
+        dims[name.strip()] = int(value)
+    return dims
 
 
 @main.command()

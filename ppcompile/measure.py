@@ -36,7 +36,7 @@ def measure_stages(
         params = {id(p): p for stage in stages for p in stage.parameters()}
         param_storages = {StorageWeakRef(p.untyped_storage()) for p in params.values()}
         inputs = _stage_inputs(program, stages, microbatch)
-        results = []
+        steps, saved = [], []
         for s, stage in enumerate(stages):
             info = program.stage(s)
 
@@ -72,15 +72,18 @@ def measure_stages(
             step(count)
             for _ in range(3):
                 step()  # warm-up
-            samples = []
-            for _ in range(repeats):
+            steps.append(step)
+            saved.append(sum(seen.values()))
+        # Round-robin over the stages, so a change in the machine's load hits every stage alike.
+        samples = [[] for _ in stages]
+        for _ in range(repeats):
+            for s, step in enumerate(steps):
                 for p in params.values():
                     p.grad = None
                 start = time.perf_counter()
                 step()
-                samples.append(time.perf_counter() - start)
-            results.append(StageMeasurement(statistics.median(samples), sum(seen.values())))
-        return results
+                samples[s].append(time.perf_counter() - start)
+        return [StageMeasurement(statistics.median(t), b) for t, b in zip(samples, saved)]
     finally:
         torch.set_num_threads(previous_threads)
 

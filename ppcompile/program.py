@@ -65,11 +65,25 @@ def stage_statistics(gm: fx.GraphModule, ctx: CompileContext) -> list[dict]:
                 "seconds": float(seconds),
                 "activation_bytes": float(activation),
                 "sent_bytes": float(sent),
+                "formulas": _stage_formulas(ctx, own),
                 "heaviest_node": heaviest.name,
                 "heaviest_seconds": float(heaviest.meta["ppc.cost"].time),
             }
         )
     return stats
+
+
+def _stage_formulas(ctx: CompileContext, own) -> dict[str, str]:
+    """A stage's FLOPs and saved bytes per micro-batch as polynomials in the symbolic dims."""
+    from ppcompile.passes.fit_cost_formulas import formula
+
+    if not ctx.cost_basis:
+        return {}
+    result = {}
+    for quantity in ("forward_flops", "backward_flops", "saved_temp_bytes"):
+        total = [sum(c) for c in zip(*(n.meta["ppc.cost_poly"][quantity] for n in own))] if own else []
+        result[quantity] = str(formula(tuple(total), ctx.cost_basis, ctx.symbols)) if total else "0"
+    return result
 
 
 def build_program(

@@ -86,6 +86,12 @@ def render_report(program: dict) -> str:
         f"- simulated step ({program['schedule']['name']}, transfers included): "
         f"{costs['simulated_step_seconds'] * 1e3:.1f} ms, bubble {costs['simulated_bubble']:.3f}",
     ]
+    formulas = [s.get("formulas") for s in stages]
+    if any(formulas):
+        lines += ["", "Forward FLOPs per micro-batch as a formula of the symbolic dims:", ""]
+        lines += [
+            f"- stage {s['stage']}: {s['formulas']['forward_flops']}" for s in stages if s.get("formulas")
+        ]
     lines += _memory_section(program)
     if program["tied_parameters"]:
         for group in program["tied_parameters"]:

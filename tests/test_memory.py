@@ -152,3 +152,26 @@ def test_profile_is_measured_then_cached(tmp_path):
     # Measured times replace the roofline: no node costs the same as in the roofline profile.
     roofline = compile_model("models/mlp.py:mlp", CompileConfig(stages=2, microbatches=4))
     assert first.program["costs"]["stages"] != roofline.program["costs"]["stages"]
+
+
+def test_cost_formulas_rebalance_for_another_microbatch_shape():
+    """--dims b=2,s=16 costs gpt_mini from its formulas exactly as tracing it at that shape does."""
+    from_formulas = compile_model("models/gpt.py:gpt_mini", CompileConfig(stages=3, dims={"b": 2, "s": 16}))
+    traced = compile_model("tests/fixtures/gpt_shapes.py:gpt_mini_b2_s16", CompileConfig(stages=3))
+    a, b = from_formulas.program["costs"]["stages"], traced.program["costs"]["stages"]
+    for key in ("forward_flops", "backward_flops", "activation_bytes", "sent_bytes"):
+        assert [s[key] for s in a] == pytest.approx([s[key] for s in b], rel=1e-9), key
+    assert from_formulas.ctx.partition.cut_positions == traced.ctx.partition.cut_positions
+    formulas = from_formulas.program["costs"]["stages"][1]["formulas"]
+    assert "b*s**2" in formulas["forward_flops"]  # attention is quadratic in the sequence
+
+
+def test_dims_must_name_known_symbols(tmp_path):
+    one_line_error(
+        ppcompile("compile", "models/mlp.py:mlp", "-k", "2", "--dims", "s=4", "-o", str(tmp_path / "x")),
+        "symbolic dims are b",
+    )
+    one_line_error(
+        ppcompile("compile", "models/mlp.py:mlp", "-k", "2", "--dims", "b=x", "-o", str(tmp_path / "x")),
+        "b=8",
+    )

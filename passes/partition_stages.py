@@ -46,7 +46,7 @@ class CrossingValue:
 
 
 def partition_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
-    K = ctx.config.stages
+    K = ctx.num_stages
     if K < 1:
         raise CompileError(f"--stages must be at least 1, got {K}")
     order = compute_order(gm)
@@ -54,8 +54,8 @@ def partition_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     legal_cuts = len(order) - 1 - len(forbidden)
     if K - 1 > legal_cuts:
         raise CompileError(
-            f"--stages {K} needs {K - 1} cuts but {ctx.ref} has only {legal_cuts} places it can be cut "
-            f"({len(order)} compute nodes); use --stages {legal_cuts + 1} or fewer"
+            f"{_stages_text(ctx)} needs {K - 1} cuts but {ctx.ref} has only {legal_cuts} places it can be cut "
+            f"({len(order)} compute nodes); use {legal_cuts + 1} stages or fewer in all"
         )
     cost = segment_costs(times, values, forbidden)
     fitting = None
@@ -80,6 +80,12 @@ def partition_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         ctx.partition.even_split_times = stage_times_for(cost, even)
         ctx.partition.even_split_layers = even_layer_count(order)
     return gm
+
+
+def _stages_text(ctx: CompileContext) -> str:
+    if ctx.config.virtual_stages == 1:
+        return f"--stages {ctx.config.stages}"
+    return f"--stages {ctx.config.stages} x --virtual-stages {ctx.config.virtual_stages} = {ctx.num_stages} stages"
 
 
 def assign_stages(gm: fx.GraphModule, compute_order: list[str], cuts: list[int], K: int) -> None:

@@ -50,7 +50,7 @@ def plan_memory(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         if max(partition.fitting_times) <= recomputed_bottleneck:
             partition.cut_positions = partition.fitting_cuts
             partition.stage_times = list(partition.fitting_times)
-            assign_stages(gm, partition.compute_order, partition.cut_positions, ctx.config.stages)
+            assign_stages(gm, partition.compute_order, partition.cut_positions, ctx.num_stages)
             plan = _plan(gm, ctx, partition.stage_times)
     stage_times, ctx.memory, ctx.regions = plan
     partition.stage_times = stage_times
@@ -66,7 +66,7 @@ def plan_memory(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
 def _plan(gm: fx.GraphModule, ctx: CompileContext, stage_times: list[float]):
     """(stage times with recomputation, StageMemory per stage, recomputed regions) for the current stages."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    K = ctx.config.stages
+    K = ctx.num_stages
     compute = set(ctx.partition.compute_order)
     stage_nodes = [[] for _ in range(K)]
     for node in gm.graph.nodes:

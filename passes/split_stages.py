@@ -19,7 +19,7 @@ from ppcompile.errors import CompileError
 
 
 def split_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
-    K = ctx.config.stages
+    K = ctx.num_stages
     nodes = list(gm.graph.nodes)
     output = next(n for n in nodes if n.op == "output")
     loss = output.args[0]
@@ -102,7 +102,7 @@ def _stage_graph(gm, ctx, stage: int, nodes: list[fx.Node], loss: fx.Node) -> St
             node_names.append(node.name)
     sends = [n.name for n in own if n.name in ctx.boundaries]
     outputs = {name: env[name] for name in sends}
-    returns_loss = stage == ctx.config.stages - 1
+    returns_loss = stage == ctx.num_stages - 1
     if returns_loss:
         outputs["loss"] = env[loss.name]
     graph.output(outputs)

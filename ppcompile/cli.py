@@ -35,7 +35,15 @@ def main():
 @click.argument("spec")
 @click.option("--stages", "-k", type=int, required=True, help="Pipeline stages K (one per rank).")
 @click.option("--microbatches", "-m", type=int, default=8, show_default=True, help="Micro-batches per step.")
-@click.option("--schedule", default="1f1b", show_default=True, help="Pipeline schedule: gpipe or 1f1b.")
+@click.option(
+    "--schedule",
+    default="1f1b",
+    show_default=True,
+    help="Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1, forward-only, or auto (fastest that fits).",
+)
+@click.option(
+    "--virtual-stages", "-v", type=int, default=1, show_default=True, help="Stages per rank (interleaved)."
+)
 @click.option("--device-profile", default="cpu", show_default=True, help="Cost profile: cpu, a100 or h100.")
 @click.option("--memory-per-device", help="Memory budget per rank, e.g. 16GiB; layers are recomputed to fit.")
 @click.option(
@@ -71,6 +79,7 @@ def compile(
     stages,
     microbatches,
     schedule,
+    virtual_stages,
     device_profile,
     memory_per_device,
     optimizer,
@@ -91,6 +100,7 @@ def compile(
         stages=stages,
         microbatches=microbatches,
         schedule=schedule,
+        virtual_stages=virtual_stages,
         device_profile=device_profile,
         check=check,
         memory_per_device=parse_bytes(memory_per_device) if memory_per_device is not None else None,
@@ -105,7 +115,7 @@ def compile(
     out = write_program(output, result.program, result.files)
     times = [s["seconds"] for s in result.program["costs"]["stages"]]
     click.echo(
-        f"wrote {out}/ ({stages} stages, imbalance {max(times) / (sum(times) / len(times)):.3f}); "
+        f"wrote {out}/ ({len(times)} stages on {stages} ranks, schedule {result.program['schedule']['name']}, imbalance {max(times) / (sum(times) / len(times)):.3f}); "
         f"see `ppcompile report {output}`"
     )
 
@@ -129,6 +139,52 @@ def report(program_dir):
     from ppcompile.report import render_report
 
     click.echo(render_report(read_program(program_dir)), nl=False)
+
+
+@main.command()
+@click.argument("program_dir", type=click.Path())
+@click.option("--png", type=click.Path(), help="Draw the predicted timeline of one step (needs matplotlib).")
+@click.option(
+    "--trace", type=click.Path(), help="Write the predicted timeline as Chrome trace JSON (Perfetto)."
+)
+@click.option("--infer", is_flag=True, help="Simulate the forward-only inference schedule instead.")
+@user_errors
+def simulate(program_dir, png, trace, infer):
+    """Predict one step of a compiled program: time, bubble, activations in flight, per rank."""
+    import json
+
+    from ppcompile.replay import simulate_program
+    from ppcompile.schedules import ScheduleError
+    from ppcompile.timeline import chrome_trace, render_png
+
+    program = _load(program_dir).data
+    key = "inference_schedule" if infer else "schedule"
+    result = simulate_program(program, key)
+    name = program[key]["name"]
+    K, M = len(result.busy_time), program[key]["microbatches"]
+    click.echo(f"{name}: {len(program['stages'])} stages on {K} ranks, {M} micro-batches")
+    click.echo(
+        f"predicted step {result.step_time * 1e3:.2f} ms, bubble {float(result.overall_bubble_fraction):.3f}"
+    )
+    memory = program["costs"].get("memory") or []
+    for rank in range(K):
+        stages = [s["id"] for s in program["stages"] if s["rank"] == rank]
+        peak = sum(memory[s]["total"] for s in stages) if memory else 0.0
+        click.echo(
+            f"  rank {rank}: busy {result.busy_time[rank] * 1e3:.2f} ms, idle {float(result.bubble_fraction[rank]):.1%}, "
+            f"at most {result.peak_live_per_rank[rank]} micro-batches of activations, peak memory {peak / 2**20:.1f} MiB"
+        )
+    if trace:
+        metadata = {"predicted_step_seconds": float(result.step_time), "schedule": name}
+        with open(trace, "w") as f:
+            json.dump(chrome_trace(result.events, metadata=metadata), f)
+        click.echo(f"wrote {trace} (open in https://ui.perfetto.dev)")
+    if png:
+        try:
+            render_png(result, png, title=f"{program['model']['factory']}: {name}, K={K}, M={M}")
+        except ScheduleError as e:
+            raise CompileError(str(e)) from None
+        click.echo(f"wrote {png}")
 
 
 @main.command()

@@ -20,11 +20,12 @@ from ppcompile.runtime.spec import ModelRef, ModelSpec
 
 @dataclass(frozen=True)
 class CompileConfig:
-    stages: int  # pipeline stages K (one per rank)
+    stages: int  # pipeline ranks K; each holds virtual_stages stages
     microbatches: int = 8  # micro-batches M per training step
     schedule: str = "1f1b"  # pipeline schedule name
     device_profile: str = "cpu"  # roofline profile used to cost nodes
     check: bool = False  # run the verifier after every pass
+    virtual_stages: int = 1  # V: stages per rank (interleaved schedules); stage i lives on rank i % K
     memory_per_device: int | None = None  # bytes a rank may use; None: no limit
     optimizer: str = "adamw"  # sizes the optimizer state in the memory model: adamw or sgd
     profile: bool = False  # time every node on a real device instead of the roofline
@@ -94,3 +95,11 @@ class CompileContext:
     regions: list[Any] = field(default_factory=list)  # recomputed regions, in stage order
     profiled_on: str | None = None  # the device costs were measured on, if --profile
     cost_basis: list[dict[str, int]] = field(default_factory=list)  # monomials of the cost formulas
+
+    @property
+    def num_stages(self) -> int:
+        """Stages the graph is cut into: K ranks times V virtual stages."""
+        return self.config.stages * self.config.virtual_stages
+
+    def rank_of(self, stage: int) -> int:
+        return stage % self.config.stages

@@ -8,6 +8,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from torch import fx
@@ -24,6 +25,7 @@ from ppcompile.passes.profile_costs import profile_costs
 from ppcompile.passes.propagate_shapes import propagate_shapes
 from ppcompile.passes.split_stages import split_stages
 from ppcompile.program import build_program
+from ppcompile.report import render_report
 from ppcompile.schedules import Schedule, ScheduleError, lower_communication, make_schedule
 from ppcompile.simulate import StageCosts, simulate
 from ppcompile.verify import verify
@@ -55,7 +57,12 @@ class CompileResult:
     files: dict[str, str]
 
 
+AUTO_CANDIDATES = [("gpipe", 1), ("1f1b", 1), ("zb-h1", 1), ("interleaved-1f1b", 2), ("interleaved-1f1b", 4)]
+
+
 def compile_model(ref: str, config: CompileConfig) -> CompileResult:
+    if config.schedule == "auto":
+        return compile_auto(ref, config)
     if config.stages < 1:
         raise CompileError(f"--stages must be at least 1, got {config.stages}")
     if config.microbatches < 1:
@@ -67,7 +74,7 @@ def compile_model(ref: str, config: CompileConfig) -> CompileResult:
             f"--optimizer {config.optimizer!r}: use one of {', '.join(OPTIMIZER_STATE_FACTOR)}"
         )
     ctx.live_microbatches = list(
-        simulate(schedule, {s: StageCosts(0, 0) for s in range(config.stages)}, set()).peak_live_microbatches
+        simulate(schedule, {s: StageCosts(0, 0) for s in range(ctx.num_stages)}, set()).peak_live_microbatches
     )
     gm = trace(ctx)
     for name, run_pass in PASSES:
@@ -83,13 +90,16 @@ def compile_model(ref: str, config: CompileConfig) -> CompileResult:
     grad_edges = {(b.producer, c) for b in ctx.boundaries.values() if b.requires_grad for c in b.consumers}
     schedule = lower_communication(schedule, edges, grad_edges)
     simulated = _simulate(gm, ctx, schedule, edges, grad_edges)
-    program, files = build_program(gm, ctx, schedule, simulated)
+    # The same program runs forward-only (run.py --infer) on this schedule.
+    inference = make_schedule("forward-only", config.stages, config.microbatches, config.virtual_stages)
+    inference = lower_communication(inference, edges, set())
+    program, files = build_program(gm, ctx, schedule, simulated, inference)
     return CompileResult(ctx, gm, schedule, program, files)
 
 
 def _schedule(config: CompileConfig) -> Schedule:
     try:
-        return make_schedule(config.schedule, config.stages, config.microbatches)
+        return make_schedule(config.schedule, config.stages, config.microbatches, config.virtual_stages)
     except ScheduleError as e:
         raise CompileError(str(e)) from None
 
@@ -119,3 +129,35 @@ def _simulate(gm, ctx, schedule, edges, grad_edges):
         return table.get((producer, consumer), 0.0)
 
     return simulate(schedule, costs, edges, grad_edges, transfer_time=transfer)
+
+
+def compile_auto(ref: str, config: CompileConfig) -> CompileResult:
+    """Compile every schedule (and V) the simulator can evaluate, keep those within the memory
+    budget, and return the one with the shortest predicted step; the program records why."""
+    tried, best = [], None
+    for name, V in AUTO_CANDIDATES:
+        candidate = dataclasses.replace(config, schedule=name, virtual_stages=V)
+        try:
+            result = compile_model(ref, candidate)
+        except CompileError as e:
+            tried.append({"schedule": name, "virtual_stages": V, "rejected": str(e)})
+            continue
+        costs = result.program["costs"]
+        tried.append(
+            {
+                "schedule": name,
+                "virtual_stages": V,
+                "step_seconds": costs["simulated_step_seconds"],
+                "bubble": costs["simulated_bubble"],
+                "peak_bytes": max(m["total"] for m in costs["memory"]),
+                "recomputed": len(costs["recomputed"]),
+            }
+        )
+        if best is None or costs["simulated_step_seconds"] < best.program["costs"]["simulated_step_seconds"]:
+            best = result
+    if best is None:
+        reasons = "; ".join(f"{t['schedule']} V={t['virtual_stages']}: {t['rejected']}" for t in tried)
+        raise CompileError(f"--schedule auto: no schedule fits ({reasons})")
+    best.program["costs"]["auto"] = tried
+    best.files["report.md"] = render_report(best.program)
+    return best

@@ -51,7 +51,7 @@ def stage_statistics(gm: fx.GraphModule, ctx: CompileContext) -> list[dict]:
         stats.append(
             {
                 "stage": sg.stage,
-                "rank": sg.stage,
+                "rank": ctx.rank_of(sg.stage),
                 "first": (sg.modules or sg.node_names)[0],
                 "last": (sg.modules or sg.node_names)[-1],
                 "nodes": len(own),
@@ -87,7 +87,7 @@ def _stage_formulas(ctx: CompileContext, own) -> dict[str, str]:
 
 
 def build_program(
-    gm: fx.GraphModule, ctx: CompileContext, schedule: Schedule, simulated
+    gm: fx.GraphModule, ctx: CompileContext, schedule: Schedule, simulated, inference: Schedule
 ) -> tuple[dict, dict]:
     """(program.json content without hashes, {file name: text}) for a compiled model."""
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -108,6 +108,7 @@ def build_program(
         "symbols": {name: ctx.symbol_values[name] for name in sorted(ctx.symbols)},
         "config": {
             "stages": ctx.config.stages,
+            "virtual_stages": ctx.config.virtual_stages,
             "microbatches": ctx.config.microbatches,
             "schedule": ctx.config.schedule,
             "device_profile": ctx.profile.name,
@@ -125,7 +126,7 @@ def build_program(
         "stages": [
             {
                 "id": sg.stage,
-                "rank": sg.stage,
+                "rank": ctx.rank_of(sg.stage),
                 "file": f"stage_{sg.stage}.py",
                 "class": stage_class_name(sg.stage),
                 "inputs": sg.graph_inputs,
@@ -152,8 +153,14 @@ def build_program(
         "schedule": {
             "name": schedule.name,
             "microbatches": schedule.microbatches,
-            "virtual_stages": 1,
+            "virtual_stages": ctx.config.virtual_stages,
             "ranks": {str(r): format_rank_actions(schedule.actions[r]) for r in sorted(schedule.actions)},
+        },
+        "inference_schedule": {
+            "name": inference.name,
+            "microbatches": inference.microbatches,
+            "virtual_stages": ctx.config.virtual_stages,
+            "ranks": {str(r): format_rank_actions(inference.actions[r]) for r in sorted(inference.actions)},
         },
         "costs": {
             "stages": [{k: v for k, v in s.items() if k != "parameter_names"} for s in stats],

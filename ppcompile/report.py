@@ -93,6 +93,7 @@ def render_report(program: dict) -> str:
             f"- stage {s['stage']}: {s['formulas']['forward_flops']}" for s in stages if s.get("formulas")
         ]
     lines += _memory_section(program)
+    lines += _auto_section(program)
     if program["tied_parameters"]:
         for group in program["tied_parameters"]:
             lines.append(
@@ -145,3 +146,34 @@ def _memory_section(program: dict) -> list[str]:
     else:
         lines.append("- nothing is recomputed in backward")
     return lines
+
+
+def _auto_section(program: dict) -> list[str]:
+    tried = program["costs"].get("auto")
+    if not tried:
+        return []
+    chosen = program["schedule"]["name"], program["schedule"]["virtual_stages"]
+    rows = []
+    for t in tried:
+        mark = "<- chosen" if (t["schedule"], t["virtual_stages"]) == chosen else ""
+        if "rejected" in t:
+            rows.append([t["schedule"], t["virtual_stages"], "", "", "", f"rejected: {t['rejected'][:90]}"])
+        else:
+            rows.append(
+                [
+                    t["schedule"],
+                    t["virtual_stages"],
+                    f"{t['step_seconds'] * 1e3:.1f}",
+                    f"{t['bubble']:.3f}",
+                    format_bytes(t["peak_bytes"]),
+                    mark or (f"{t['recomputed']} layers recomputed" if t["recomputed"] else ""),
+                ]
+            )
+    best = min((t for t in tried if "rejected" not in t), key=lambda t: t["step_seconds"])
+    return [
+        "",
+        f"--schedule auto chose {best['schedule']} (V={best['virtual_stages']}): the shortest simulated step "
+        "among the schedules that fit the memory budget.",
+        "",
+        tabulate(rows, headers=["schedule", "V", "step ms", "bubble", "peak memory", ""], tablefmt="github"),
+    ]

@@ -1,9 +1,14 @@
-"""The executor: interprets one rank's action list for one training step.
+"""The executor: interprets one rank's action list for one training (or inference) step.
 
 It is a generator: it yields (the action it waits on) whenever a receive has nothing to
 read yet, which only happens under the in-process transport, where the caller then lets
 another rank run. Under ``torch.distributed`` a receive blocks instead, so the generator
 runs straight through.
+
+The same executor runs the training schedule and the forward-only inference schedule
+(:func:`inference_actions`); run the latter under ``torch.no_grad()``. With a ``timings``
+list, :meth:`RankExecutor.run` also records when each action starts and ends (see
+``ppcompile.runtime.trace``).
 
 Gradients: the last stage backpropagates ``loss / M``, so accumulated gradients equal
 those of the mean loss over the step's M micro-batches, as in the eager model. A schedule
@@ -13,6 +18,7 @@ see :func:`backward_input`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -22,8 +28,9 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge, saved_tensors_hooks
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from ppcompile.runtime.actions import Action, ActionKind, parse_rank_actions
+from ppcompile.runtime.actions import Action, ActionKind, format_rank_actions, parse_rank_actions
 from ppcompile.runtime.loader import Program
+from ppcompile.runtime.trace import ActionTiming
 from ppcompile.runtime.transport import MessageKey
 
 _DTYPES = {
@@ -60,6 +67,41 @@ def symbol_values(program: Program, microbatch: dict[str, torch.Tensor]) -> dict
             if expr.isidentifier():
                 values[expr] = int(tensor.shape[dim])
     return values
+
+
+def forward_only_schedule(program: Program) -> dict:
+    """The forward-only schedule, in program.json's ``"schedule"`` layout, for programs compiled
+    without an ``"inference_schedule"``: per rank, for each micro-batch in order, for each of the
+    rank's stages in order, ``RECV_F`` (if the stage receives anything), ``F``, ``SEND_F`` (if it
+    sends anything). No rank can deadlock: sends do not block, and everything an action waits for
+    (its producers' forward of the same micro-batch, the rank's earlier actions) comes before it in
+    (micro-batch, stage) order.
+    """
+    M = program.data["schedule"]["microbatches"]
+    ranks = {}
+    for rank in range(program.num_ranks):
+        actions = []
+        for m in range(M):
+            for stage in program.stages_of_rank(rank):
+                info = program.stage(stage)
+                if info["receives"]:
+                    actions.append(Action(stage, ActionKind.RECV_F, m))
+                actions.append(Action(stage, ActionKind.F, m))
+                if info["sends"]:
+                    actions.append(Action(stage, ActionKind.SEND_F, m))
+        ranks[str(rank)] = format_rank_actions(actions)
+    V = program.data["schedule"].get("virtual_stages", 1)
+    return {"name": "forward-only", "microbatches": M, "virtual_stages": V, "ranks": ranks}
+
+
+def inference_schedule(program: Program) -> dict:
+    """program.json's ``"inference_schedule"``, or :func:`forward_only_schedule` where it has none."""
+    return program.data.get("inference_schedule") or forward_only_schedule(program)
+
+
+def inference_actions(program: Program, rank: int) -> list[Action]:
+    """``rank``'s forward-only action list, for :meth:`RankExecutor.run` under ``torch.no_grad()``."""
+    return parse_rank_actions(inference_schedule(program)["ranks"][str(rank)])
 
 
 @dataclass
@@ -365,8 +407,6 @@ class RankExecutor:
         self.memory = MemoryStats()
         self.losses: dict[int, torch.Tensor] = {}
         self._param_storages = {StorageWeakRef(p.untyped_storage()) for p in self.parameters()}
-        # Micro-batches whose backward is split into I and W: F boxes their saved tensors.
-        self._split = {(a.stage, a.microbatch) for a in self.actions if a.kind == ActionKind.I}
 
     def parameters(self) -> list[nn.Parameter]:
         seen, params = set(), []
@@ -379,9 +419,25 @@ class RankExecutor:
 
     # One step -----------------------------------------------------------------------------
 
-    def run(self, microbatches: list[dict[str, torch.Tensor]]) -> Iterator[str]:
-        """Run every action of this rank once over ``microbatches`` (inputs by name)."""
-        assert len(microbatches) == self.microbatches, (len(microbatches), self.microbatches)
+    def run(
+        self,
+        microbatches: list[dict[str, torch.Tensor]],
+        actions: list[Action] | None = None,
+        timings: list[ActionTiming] | None = None,
+    ) -> Iterator[str]:
+        """Run every action of this rank once over ``microbatches`` (inputs by name).
+
+        ``actions`` replaces the training schedule's list, e.g. by :func:`inference_actions`
+        (run that under ``torch.no_grad()``). With ``timings``, one :class:`ActionTiming` per
+        action is appended, in ``time.perf_counter()`` seconds; a receive's time is the time it
+        waited for its message.
+        """
+        actions = self.actions if actions is None else actions
+        needed = 1 + max((a.microbatch for a in actions if a.microbatch is not None), default=-1)
+        if len(microbatches) != needed:
+            raise ValueError(
+                f"rank {self.rank}: the schedule runs {needed} micro-batches, got {len(microbatches)}"
+            )
         self.inputs = microbatches
         self.symbols = [symbol_values(self.program, mb) for mb in microbatches]
         self.received: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
@@ -392,7 +448,12 @@ class RankExecutor:
         self._live: dict[int, dict[int, int]] = {s: {} for s in self.stage_ids}
         self._saved: dict[tuple[int, int], SavedActivations] = {}
         self._pending_w: dict[tuple[int, int], PendingWeightGrads] = {}
-        for action in self.actions:
+        # Micro-batches whose backward is split into I and W: F boxes their saved tensors.
+        self._split = {(a.stage, a.microbatch) for a in actions if a.kind == ActionKind.I}
+        # On a GPU an action only queues kernels; a trace waits for them so each event shows its own time.
+        sync = timings is not None and self.device.type == "cuda"
+        for action in actions:
+            start = time.perf_counter() if timings is not None else 0.0
             if action.kind in (ActionKind.RECV_F, ActionKind.RECV_B):
                 keys = self._receive_keys(action)
                 while (tensors := self.transport.try_receive(keys, str(action))) is None:
@@ -400,6 +461,10 @@ class RankExecutor:
                 self._store_received(action, keys, tensors)
             else:
                 self._execute(action)
+            if timings is not None:
+                if sync:
+                    torch.cuda.synchronize(self.device)
+                timings.append(ActionTiming(str(action), action.kind.value, start, time.perf_counter()))
         if self._pending_w:
             missing = ", ".join(f"{s}W{m}" for s, m in self._pending_w)
             raise ValueError(f"rank {self.rank}: the schedule runs I but never {missing}")
@@ -409,7 +474,9 @@ class RankExecutor:
         stage, m = action.stage, action.microbatch
         info = self.program.stage(stage)
         if action.kind == ActionKind.F:
-            received = self.received.get((stage, m), {})
+            # Without autograd no backward will read the inputs again: let them go after this forward.
+            grad = torch.is_grad_enabled()
+            received = self.received.get((stage, m), {}) if grad else self.received.pop((stage, m), {})
             args = [self.inputs[m][n].to(self.device) for n in info["inputs"]] + [
                 received[n] for n in info["receives"]
             ]
@@ -422,11 +489,13 @@ class RankExecutor:
                 hooks = nullcontext()
             with hooks:
                 out = self.stages[stage](*args)
-            self.outputs[(stage, m)] = out
+            if grad or info["sends"]:
+                self.outputs[(stage, m)] = out
             if info["returns_loss"]:
                 self.losses[m] = out["loss"].detach()
         elif action.kind == ActionKind.SEND_F:
-            out = self.outputs[(stage, m)]
+            # Training keeps the outputs for backward; forward-only drops them once sent.
+            out = self.outputs[(stage, m)] if torch.is_grad_enabled() else self.outputs.pop((stage, m))
             for name in info["sends"]:
                 b = self.boundaries[name]
                 for consumer in b["consumers"]:
@@ -524,7 +593,8 @@ class RankExecutor:
             for (key, *_), tensor in zip(keys, tensors):
                 name = self.program.data["boundaries"][key.boundary]["name"]
                 tensor = tensor.to(self.device)
-                if self.boundaries[name]["requires_grad"]:
+                # Under no_grad (inference) nothing backpropagates into the received tensor.
+                if self.boundaries[name]["requires_grad"] and torch.is_grad_enabled():
                     tensor.requires_grad_(True)
                 store[name] = tensor
         else:

@@ -1,10 +1,14 @@
 """``run.py``: train (or evaluate) a compiled program on ``torchrun`` ranks.
 
     torchrun --nproc-per-node 2 build/mini/run.py --steps 50 --lr 3e-3 --optimizer adamw
+    torchrun --nproc-per-node 2 build/mini/run.py --steps 5 --trace trace.json --trace-steps 2
+    torchrun --nproc-per-node 2 build/mini/run.py --steps 5 --infer
 
 One line per step on the rank that owns the loss: mean loss over the step's micro-batches,
-step time and tokens/s. A user error (wrong world size, an edited stage file, a lost
-peer) ends every rank with one line and exit code 2.
+step time and tokens/s. ``--infer`` runs the forward-only inference schedule without autograd
+or optimizer instead. ``--trace`` writes, from rank 0, a Chrome trace of every rank's actions
+in the last ``--trace-steps`` steps (see ``ppcompile.runtime.trace``). A user error (wrong
+world size, an edited stage file, a lost peer) ends every rank with one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -21,15 +25,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ppcompile.runtime.executor import RankExecutor
+from ppcompile.runtime.executor import RankExecutor, inference_actions, inference_schedule
 from ppcompile.runtime.loader import ProgramError, load_program
+from ppcompile.runtime.trace import ActionTiming, measured_trace, shift_timings, write_trace
 from ppcompile.runtime.train import batches, build_spec, make_optimizer, tied_parameters
 from ppcompile.runtime.transport import DistTransport, PeerError
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="run.py", description="Train a ppcompile program under torchrun.")
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps")
+    parser.add_argument(
+        "--steps", type=int, default=10, help="optimizer steps (batches evaluated with --infer)"
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw")
     parser.add_argument(
@@ -39,6 +46,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--record", type=Path, help="write per-rank losses, step-0 gradients and final parameters here"
     )
+    parser.add_argument(
+        "--infer", action="store_true", help="evaluate: forward only, no autograd, no optimizer"
+    )
+    parser.add_argument(
+        "--trace", type=Path, help="write a Chrome trace (Perfetto) of every rank's actions to this file"
+    )
+    parser.add_argument(
+        "--trace-steps", type=int, default=1, help="how many of the last steps --trace records (default 1)"
+    )
     return parser.parse_args(argv)
 
 
@@ -47,6 +63,7 @@ def main(program_dir: Path, argv: list[str]) -> int:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
+        _check_args(args, rank)
         program = load_program(program_dir)
         if world != program.num_ranks:
             raise ProgramError(
@@ -59,7 +76,21 @@ def main(program_dir: Path, argv: list[str]) -> int:
         os._exit(2)  # skip process-group teardown, which would wait on the lost peer
 
 
+def _check_args(args, rank: int) -> None:
+    """Fail before any rank starts work rather than after the last step."""
+    if args.steps < 1:
+        raise ProgramError(f"--steps must be at least 1, got {args.steps}")
+    if args.trace_steps < 1:
+        raise ProgramError(f"--trace-steps must be at least 1, got {args.trace_steps}")
+    if args.trace and rank == 0:
+        try:
+            args.trace.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ProgramError(f"cannot write --trace {args.trace}: {e.strerror}") from None
+
+
 def train(program, rank: int, world: int, args) -> int:
+    """Set up this rank, then train (or with ``--infer`` evaluate) for ``--steps`` steps."""
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
     if cuda:
@@ -87,17 +118,35 @@ def train(program, rank: int, world: int, args) -> int:
     signal.signal(signal.SIGTERM, stopped_by_launcher)
     executor = RankExecutor(program, rank, spec.module, transport, device)
     spec = dataclasses.replace(spec, module=None)  # keep only this rank's stages alive
+    data = batches(program, spec, args.seed)
+    loop = _evaluate if args.infer else _train
+    record, traced = loop(program, executor, data, args)
+    if args.trace:
+        _write_trace(program, rank, world, traced, args)
+    if args.record:
+        record["params"] = _named(executor, lambda p: p.detach())
+        args.record.mkdir(parents=True, exist_ok=True)
+        torch.save(record, args.record / f"rank{rank}.pt")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def _train(program, executor: RankExecutor, data, args) -> tuple[dict, list[list[ActionTiming]]]:
+    """``--steps`` optimizer steps; returns what ``--record`` saves and the traced steps' timings."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
     groups = _tied_groups(program) if world > 1 else []
     tied = tied_parameters(program, executor)
     optimizer = make_optimizer(args.optimizer, executor.parameters(), args.lr)
-    owns_loss = any(program.stage(s)["returns_loss"] for s in executor.stage_ids)
-    data = batches(program, spec, args.seed)
     record = {"losses": [], "grads": {}, "params": {}}
+    traced = []
     for step in range(args.steps):
         microbatches = next(data)
+        timings = _start_traced_step(executor) if _traced(step, args) else None
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        for _ in executor.run(microbatches):
+        for _ in executor.run(microbatches, timings=timings):
             pass  # a blocking transport never yields
         for params, group in zip(tied, groups):
             for p in params:
@@ -109,23 +158,81 @@ def train(program, rank: int, world: int, args) -> int:
             record["grads"] = _named(executor, lambda p: p.grad)
         optimizer.step()
         seconds = time.perf_counter() - start
-        if owns_loss:
-            losses = [float(executor.losses[m]) for m in sorted(executor.losses)]
-            record["losses"].append(losses)
-            tokens = sum(mb[program.data["inputs"][0]["name"]].numel() for mb in microbatches)
-            print(
-                f"step {step + 1}/{args.steps} | loss {sum(losses) / len(losses):.4f} | "
-                f"{seconds * 1e3:.0f} ms | {tokens / seconds:,.0f} tokens/s",
-                flush=True,
-            )
-    if args.record:
-        record["params"] = _named(executor, lambda p: p.detach())
-        args.record.mkdir(parents=True, exist_ok=True)
-        torch.save(record, args.record / f"rank{rank}.pt")
+        if timings is not None:
+            traced.append(shift_timings(timings, start))
+        _report(program, executor, microbatches, record, f"step {step + 1}/{args.steps}", seconds)
+    return record, traced
+
+
+def _evaluate(program, executor: RankExecutor, data, args) -> tuple[dict, list[list[ActionTiming]]]:
+    """``--steps`` batches through the forward-only schedule, with autograd off and weights unchanged."""
+    actions = inference_actions(program, executor.rank)
+    record = {"losses": [], "grads": {}, "params": {}}
+    traced = []
+    with torch.no_grad():
+        for step in range(args.steps):
+            microbatches = next(data)
+            timings = _start_traced_step(executor) if _traced(step, args) else None
+            start = time.perf_counter()
+            for _ in executor.run(microbatches, actions, timings):
+                pass  # a blocking transport never yields
+            seconds = time.perf_counter() - start
+            if timings is not None:
+                traced.append(shift_timings(timings, start))
+            _report(program, executor, microbatches, record, f"eval step {step + 1}/{args.steps}", seconds)
+    return record, traced
+
+
+def _traced(step: int, args) -> bool:
+    return args.trace is not None and step >= args.steps - args.trace_steps
+
+
+def _start_traced_step(executor: RankExecutor) -> list[ActionTiming]:
+    """Line the ranks up so that a traced step starts at the same moment everywhere: each rank's times
+    are then relative to its own exit from this barrier, which holds across machines whose clocks differ."""
+    if executor.device.type == "cuda":
+        torch.cuda.synchronize(executor.device)  # the previous step's kernels are not this step's time
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
-    return 0
+    return []
+
+
+def _report(program, executor: RankExecutor, microbatches, record: dict, label: str, seconds: float) -> None:
+    """On the rank that owns the loss: keep the step's losses and print its line."""
+    if not executor.losses:
+        return
+    losses = [float(executor.losses[m]) for m in sorted(executor.losses)]
+    record["losses"].append(losses)
+    tokens = sum(mb[program.data["inputs"][0]["name"]].numel() for mb in microbatches)
+    print(
+        f"{label} | loss {sum(losses) / len(losses):.4f} | "
+        f"{seconds * 1e3:.0f} ms | {tokens / seconds:,.0f} tokens/s",
+        flush=True,
+    )
+
+
+def _write_trace(program, rank: int, world: int, traced: list[list[ActionTiming]], args) -> None:
+    """Gather every rank's timings on rank 0 and write one trace with the measured step and busy times."""
+    per_rank = [traced]
+    if dist.is_initialized():
+        per_rank = [None] * world if rank == 0 else None
+        dist.gather_object(traced, per_rank, dst=0)
+    if rank != 0:
+        return
+    schedule = inference_schedule(program) if args.infer else program.data["schedule"]
+    steps = [[per_rank[r][j] for r in range(world)] for j in range(len(traced))]
+    metadata = {
+        "schedule": schedule["name"],
+        "microbatches": schedule["microbatches"],
+        "virtual_stages": schedule.get("virtual_stages", 1),
+        "mode": "inference" if args.infer else "training",
+        "traced_steps": [args.steps - len(traced) + j + 1 for j in range(len(traced))],
+    }
+    try:
+        write_trace(args.trace, measured_trace(steps, metadata))
+    except OSError as e:
+        raise ProgramError(f"cannot write --trace {args.trace}: {e.strerror}") from None
+    print(f"wrote {args.trace} (open in https://ui.perfetto.dev)", flush=True)
 
 
 def _peer_ranks(program, rank: int) -> set[int]:

@@ -5,15 +5,45 @@ both open side by side: one process per rank (``pid`` = rank, named ``rank r``),
 (``"ph": "X"``) per action, named by its text form (``1F3``) with its kind (``F``, ``SEND_F``, ...)
 as the category. Times go in as seconds and are written in microseconds, as the format wants.
 Standard library only: the runtime imports this.
+
+A measured trace (``run.py --trace``, :func:`measured_trace`) also carries the step time and every
+rank's busy time in ``otherData``, so that a benchmark gets the measured bubble without re-reading
+the events::
+
+    step, busy = read_trace_times("trace.json")
+    bubble = 1 - sum(busy) / (len(busy) * step)
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 MICROSECONDS_PER_SECOND = 1_000_000
+# The categories (action kinds) that are a stage's compute; the rest is communication and waiting.
+COMPUTE_CATEGORIES = frozenset({"F", "B", "I", "W"})
+
+
+class ActionTiming(NamedTuple):
+    """When one action of one rank ran, in seconds on that rank's clock (what the executor records)."""
+
+    name: str  # the action's text form, "1F3"
+    kind: str  # its kind, "F", "RECV_B", ...
+    start: float
+    end: float
+
+
+def shift_timings(timings: Iterable[ActionTiming], origin: float) -> list[ActionTiming]:
+    """``timings`` relative to ``origin`` (such as the end of the barrier that began the step).
+
+    Example::
+
+        >>> shift_timings([ActionTiming("0F0", "F", 10.5, 10.75)], origin=10.0)
+        [ActionTiming(name='0F0', kind='F', start=0.5, end=0.75)]
+    """
+    return [t._replace(start=t.start - origin, end=t.end - origin) for t in timings]
 
 
 def _microseconds(seconds: float) -> float:
@@ -79,3 +109,71 @@ def write_trace(path: str | Path, document: dict) -> Path:
     path = Path(path)
     path.write_text(json.dumps(document, indent=None, separators=(",", ":")) + "\n")
     return path
+
+
+def measured_trace(steps: Sequence[Sequence[Sequence[ActionTiming]]], metadata: dict | None = None) -> dict:
+    """The trace document of measured steps: ``steps[j][rank]`` is that rank's timings in step ``j``,
+    relative to the step's start (a barrier every rank leaves at the same moment). Steps are laid out
+    one after another, each as long as its slowest rank.
+
+    ``otherData`` gets, besides ``metadata``: ``measured_step_seconds`` (the mean step time: from the
+    step's start to the end of the last action on any rank), ``busy_seconds`` (per rank, the mean time
+    per step in compute actions F/B/I/W), ``step_seconds`` (each traced step's time), ``measured_bubble``
+    (``1 - sum(busy) / (K * step)``) and ``ranks`` (K).
+
+    Example::
+
+        >>> doc = measured_trace([[[ActionTiming("0F0", "F", 0.0, 1.0)], [ActionTiming("1F0", "F", 1.0, 2.0)]]])
+        >>> doc["otherData"]["measured_step_seconds"], doc["otherData"]["measured_bubble"]
+        (2.0, 0.5)
+    """
+    if not steps:
+        raise ValueError("a measured trace needs at least one step")
+    ranks = len(steps[0])
+    events, step_seconds, busy = [], [], [0.0] * ranks
+    offset = 0.0
+    for step in steps:
+        if len(step) != ranks:
+            raise ValueError(f"every traced step needs all {ranks} ranks, one has {len(step)}")
+        length = max((t.end for timings in step for t in timings), default=0.0)
+        for rank, timings in enumerate(step):
+            for t in timings:
+                events.append(trace_event(rank, t.name, t.kind, offset + t.start, offset + t.end))
+                if t.kind in COMPUTE_CATEGORIES:
+                    busy[rank] += t.end - t.start
+        step_seconds.append(length)
+        offset += length
+    step_time = sum(step_seconds) / len(steps)
+    busy = [b / len(steps) for b in busy]
+    measured = {
+        "measured_step_seconds": step_time,
+        "busy_seconds": busy,
+        "step_seconds": step_seconds,
+        "measured_bubble": 1 - sum(busy) / (ranks * step_time) if step_time > 0 else 0.0,
+        "ranks": ranks,
+    }
+    return trace_document(events, ranks=range(ranks), metadata={**(metadata or {}), **measured})
+
+
+def read_trace_times(path: str | Path) -> tuple[float, list[float]]:
+    """(step time, busy time per rank), in seconds, of the trace at ``path``.
+
+    A measured trace states both in ``otherData``. For any other trace in this layout (a predicted
+    one), they are computed from its events: the step from the first event's start to the last one's
+    end, a rank's busy time as the sum of its compute events (F/B/I/W).
+    """
+    document = json.loads(Path(path).read_text())
+    other = document.get("otherData", {})
+    if "measured_step_seconds" in other and "busy_seconds" in other:
+        return float(other["measured_step_seconds"]), [float(b) for b in other["busy_seconds"]]
+    actions = [e for e in document.get("traceEvents", []) if e.get("ph") == "X"]
+    if not actions:
+        raise ValueError(f"{path} holds no action events")
+    first = min(e["ts"] for e in actions)
+    last = max(e["ts"] + e["dur"] for e in actions)
+    ranks = 1 + max(e["pid"] for e in document["traceEvents"])
+    busy = [0.0] * ranks
+    for e in actions:
+        if e.get("cat") in COMPUTE_CATEGORIES:
+            busy[e["pid"]] += e["dur"] / MICROSECONDS_PER_SECOND
+    return (last - first) / MICROSECONDS_PER_SECOND, busy

@@ -1,22 +1,25 @@
 """Training steps over a whole program: data, micro-batching, tied gradients, optimizer.
 
 ``InProcessPipeline`` runs every rank in this process (tests, ``ppcompile verify``,
-debugging on one device); ``train_distributed`` is what ``run.py`` calls on each
-``torchrun`` rank. Both drive the same ``RankExecutor``.
+debugging on one device); ``run.py`` (``ppcompile.runtime.main``) runs one rank per
+``torchrun`` process. Both drive the same ``RankExecutor``.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ppcompile.runtime.executor import RankExecutor
+from ppcompile.runtime.actions import Action
+from ppcompile.runtime.executor import RankExecutor, inference_actions
 from ppcompile.runtime.loader import Program, ProgramError
 from ppcompile.runtime.spec import ModelRef, ModelSpec
+from ppcompile.runtime.trace import ActionTiming, shift_timings
 from ppcompile.runtime.transport import InProcessTransport
 
 
@@ -121,11 +124,45 @@ class InProcessPipeline:
         self.spec = spec
         self.optimizers = [make_optimizer(optimizer, e.parameters(), lr) for e in self.executors]
 
-    def step(self, microbatches: list[dict[str, torch.Tensor]], update: bool = True) -> list[float]:
-        """One training step; returns the per-micro-batch losses."""
+    def step(
+        self, microbatches: list[dict[str, torch.Tensor]], update: bool = True, trace: list | None = None
+    ) -> list[float]:
+        """One training step; returns the per-micro-batch losses.
+
+        With ``trace``, appends this step's timings: one list of :class:`ActionTiming` per rank, in
+        seconds since the step began (for :func:`ppcompile.runtime.trace.measured_trace`). The ranks
+        take turns in this process, so the timeline shows the order of actions, not their overlap.
+        """
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        runs = [e.run(microbatches) for e in self.executors]
+        self._run([None] * len(self.executors), microbatches, trace)
+        self.reduce_tied_gradients()
+        if update:
+            for opt in self.optimizers:
+                opt.step()
+        return self._losses()
+
+    def evaluate(self, microbatches: list[dict[str, torch.Tensor]], trace: list | None = None) -> list[float]:
+        """Forward only, without autograd, through the inference schedule; returns the per-micro-batch
+        losses. Gradients and optimizer state are left alone. ``trace`` as in :meth:`step`."""
+        actions = [inference_actions(self.program, e.rank) for e in self.executors]
+        with torch.no_grad():
+            self._run(actions, microbatches, trace)
+        return self._losses()
+
+    def _run(
+        self,
+        actions: list[list[Action] | None],
+        microbatches: list[dict[str, torch.Tensor]],
+        trace: list | None,
+    ) -> None:
+        """Every rank's action list (None: its training schedule), taking turns while receives wait."""
+        timings: list[list[ActionTiming]] | None = None if trace is None else [[] for _ in self.executors]
+        start = time.perf_counter()
+        runs = [
+            e.run(microbatches, a, None if timings is None else timings[e.rank])
+            for e, a in zip(self.executors, actions)
+        ]
         active = list(range(len(runs)))
         while active:
             sent_before = self.transport.sent
@@ -139,10 +176,10 @@ class InProcessPipeline:
                 stuck = "; ".join(f"rank {r} waits in {a}" for r, a in sorted(waiting.items()))
                 raise RuntimeError(f"deadlock: {stuck}")
             active = sorted(waiting)
-        self.reduce_tied_gradients()
-        if update:
-            for opt in self.optimizers:
-                opt.step()
+        if trace is not None:
+            trace.append([shift_timings(t, start) for t in timings])
+
+    def _losses(self) -> list[float]:
         losses = {}
         for e in self.executors:
             losses.update(e.losses)

@@ -1,0 +1,114 @@
+"""Schedules measured against the simulator: gpt_mini on K ranks of this machine.
+
+For each schedule: compile with measured node costs (--profile), predict one step with the
+simulator, then train under torchrun (gloo) and take the median step time and, from the
+runtime's --trace, the measured bubble. Goal: measured within 15% of predicted.
+
+    python bench/schedules.py                         # K=2, M=8, gpt_mini
+    python bench/schedules.py --stages 2 --microbatches 4 --steps 6    # quicker
+
+The last line prints measured/predicted per schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tabulate import tabulate  # noqa: E402
+
+from ppcompile.context import CompileConfig  # noqa: E402
+from ppcompile.driver import compile_model  # noqa: E402
+from ppcompile.program import write_program  # noqa: E402
+from ppcompile.runtime.trace import read_trace_times  # noqa: E402
+
+SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("zb-h1", 1), ("interleaved-1f1b", 2)]
+STEP_LINE = re.compile(r"^step (\d+)/\d+ \| loss [0-9.]+ \| ([0-9.]+) ms")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="measured vs predicted step time per schedule")
+    parser.add_argument("--model", default="models/gpt.py:gpt_mini")
+    parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+
+    rows, ratios = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, V in SCHEDULES:
+            config = CompileConfig(
+                stages=args.stages,
+                microbatches=args.microbatches,
+                schedule=name,
+                virtual_stages=V,
+                profile=True,
+            )
+            result = compile_model(args.model, config)
+            out = write_program(Path(tmp) / f"{name}_{V}", result.program, result.files)
+            predicted = result.program["costs"]["simulated_step_seconds"]
+            predicted_bubble = result.program["costs"]["simulated_bubble"]
+            trace = Path(tmp) / f"{name}_{V}.json"
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                str(args.stages),
+                str(out / "run.py"),
+                "--steps",
+                str(args.steps),
+                "--trace",
+                str(trace),
+            ]
+            run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+            if run.returncode != 0:
+                print(run.stderr[-2000:], file=sys.stderr)
+                return 1
+            times = [
+                float(m.group(2)) / 1e3 for line in run.stdout.splitlines() if (m := STEP_LINE.match(line))
+            ]
+            measured = statistics.median(times[len(times) // 4 :])  # skip warm-up steps
+            step, busy = read_trace_times(trace)
+            measured_bubble = 1 - sum(busy) / (len(busy) * step)
+            ratios.append((name if V == 1 else f"{name} V={V}", measured / predicted))
+            rows.append(
+                [
+                    name,
+                    V,
+                    f"{predicted * 1e3:.2f}",
+                    f"{measured * 1e3:.2f}",
+                    f"{measured / predicted:.3f}",
+                    f"{predicted_bubble:.3f}",
+                    f"{measured_bubble:.3f}",
+                ]
+            )
+    headers = [
+        "schedule",
+        "V",
+        "predicted ms",
+        "measured ms",
+        "measured/predicted",
+        "predicted bubble",
+        "measured bubble",
+    ]
+    print(tabulate(rows, headers=headers, tablefmt="github"))
+    print(
+        "ratios: measured/predicted "
+        + ", ".join(f"{n} {r:.3f}" for n, r in ratios)
+        + " (goal within 0.85..1.15)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

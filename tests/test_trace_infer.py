@@ -1,0 +1,165 @@
+"""Measured traces (``--trace``) and forward-only evaluation (``--infer``): in process, then on torchrun."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+
+from ppcompile.runtime.actions import ActionKind, parse_rank_actions
+from ppcompile.runtime.executor import forward_only_schedule
+from ppcompile.runtime.loader import load_program
+from ppcompile.runtime.trace import (
+    COMPUTE_CATEGORIES,
+    measured_trace,
+    read_trace_times,
+    trace_document,
+    trace_event,
+    write_trace,
+)
+from ppcompile.runtime.train import InProcessPipeline, batches
+from tests.helpers import compile_to
+
+
+@pytest.fixture(scope="module")
+def mini_dir(tmp_path_factory):
+    return compile_to(
+        tmp_path_factory.mktemp("mini"), "models/gpt.py:gpt_mini", 2, microbatches=4, schedule="1f1b"
+    )
+
+
+def torchrun(program_dir, nproc, *args):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    command += [str(program_dir / "run.py"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=240)
+
+
+def action_events(document: dict) -> list[dict]:
+    return [e for e in document["traceEvents"] if e["ph"] == "X"]
+
+
+# In process ---------------------------------------------------------------------------------------
+
+
+def test_in_process_trace_has_every_action_once_without_overlap(mini_dir):
+    program = load_program(mini_dir)
+    pipeline = InProcessPipeline(program)
+    trace = []
+    pipeline.step(next(batches(program, pipeline.spec, 0)), trace=trace)
+    document = measured_trace(trace, {"schedule": "1f1b"})
+    events = action_events(document)
+
+    for rank in range(2):
+        row = [e for e in events if e["pid"] == rank]
+        assert [e["name"] for e in row] == program.data["schedule"]["ranks"][str(rank)].split()
+        for before, after in zip(row, row[1:]):
+            assert before["ts"] + before["dur"] <= after["ts"]
+    compute = {(e["name"], e["cat"]) for e in events if e["cat"] in COMPUTE_CATEGORIES}
+    assert compute == {(f"{s}{k}{m}", k) for s in range(2) for k in "FB" for m in range(4)}
+
+    other = document["otherData"]
+    assert other["ranks"] == 2 and other["schedule"] == "1f1b"
+    assert 0 < max(other["busy_seconds"]) <= other["measured_step_seconds"]
+    assert 0 <= other["measured_bubble"] < 1
+
+
+def test_read_trace_times_reads_measured_and_predicted_traces(tmp_path, mini_dir):
+    program = load_program(mini_dir)
+    pipeline = InProcessPipeline(program)
+    trace = []
+    pipeline.step(next(batches(program, pipeline.spec, 0)), trace=trace)
+    document = measured_trace(trace)
+    step, busy = read_trace_times(write_trace(tmp_path / "measured.json", document))
+    assert (step, busy) == (
+        document["otherData"]["measured_step_seconds"],
+        document["otherData"]["busy_seconds"],
+    )
+
+    # A trace without the measured metadata (a predicted one): both come from the events.
+    events = [
+        trace_event(0, "0F0", "F", 0.0, 1.0),
+        trace_event(0, "0SEND_F0", "SEND_F", 1.0, 1.5),
+        trace_event(1, "1RECV_F0", "RECV_F", 0.0, 1.5),
+        trace_event(1, "1F0", "F", 1.5, 2.0),
+    ]
+    predicted = write_trace(tmp_path / "predicted.json", trace_document(events, ranks=[0, 1]))
+    assert read_trace_times(predicted) == (2.0, [1.0, 0.5])
+
+
+@pytest.mark.parametrize("ref,stages", [("models/gpt.py:gpt_mini", 2), ("models/mlp.py:mlp_deep", 3)])
+def test_in_process_inference_matches_eager_bitwise(tmp_path, ref, stages):
+    program = load_program(compile_to(tmp_path, ref, stages, microbatches=4))
+    pipeline = InProcessPipeline(program)
+    seen_requires_grad = []
+    for executor in pipeline.executors:
+        for stage in executor.stages.values():
+            stage.register_forward_pre_hook(
+                lambda module, args: seen_requires_grad.extend(a.requires_grad for a in args)
+            )
+    names = [i["name"] for i in program.data["inputs"]]
+    model = pipeline.spec.module
+    data = batches(program, pipeline.spec, 0)
+    for _ in range(2):
+        microbatches = next(data)
+        losses = pipeline.evaluate(microbatches)
+        with torch.no_grad():
+            assert losses == [float(model(*(mb[n] for n in names))) for mb in microbatches]
+
+    assert seen_requires_grad and not any(seen_requires_grad)  # received tensors too
+    assert all(p.grad is None for p in pipeline.named_parameters().values())
+    for executor in pipeline.executors:  # forward-only frees each micro-batch once it is sent
+        assert not executor.outputs and not executor.received
+
+
+def test_forward_only_schedule_is_built_when_program_json_lacks_it(tmp_path):
+    program = load_program(compile_to(tmp_path, "models/mlp.py:mlp_deep", 3, microbatches=4))
+    built = forward_only_schedule(program)
+    assert built["name"] == "forward-only" and built["microbatches"] == 4
+    assert built["ranks"]["1"] == " ".join(f"1RECV_F{m} 1F{m} 1SEND_F{m}" for m in range(4))
+    for text in built["ranks"].values():
+        counts = Counter(a.kind for a in parse_rank_actions(text))
+        assert counts[ActionKind.F] == 4 and not counts[ActionKind.B]
+    if "inference_schedule" in program.data:  # the compiler's agrees with the runtime's own
+        assert built["ranks"] == program.data["inference_schedule"]["ranks"]
+
+    # Without the key the runtime uses its own schedule, with the same losses.
+    data = dict(program.data)
+    data.pop("inference_schedule", None)
+    bare = InProcessPipeline(dataclasses.replace(program, data=data))
+    microbatches = next(batches(program, bare.spec, 0))
+    assert bare.evaluate(microbatches) == InProcessPipeline(program).evaluate(microbatches)
+
+
+# torchrun -----------------------------------------------------------------------------------------
+
+
+def test_torchrun_trace_has_both_ranks_and_the_step_times(tmp_path, mini_dir):
+    path = tmp_path / "trace" / "T.json"
+    result = torchrun(mini_dir, 2, "--steps", "2", "--trace", str(path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    document = json.loads(path.read_text())
+    events = action_events(document)
+    for rank in range(2):
+        names = [e["name"] for e in events if e["pid"] == rank]
+        assert names == load_program(mini_dir).data["schedule"]["ranks"][str(rank)].split()  # last step only
+    other = document["otherData"]
+    assert other["traced_steps"] == [2] and other["mode"] == "training"
+    step, busy = read_trace_times(path)
+    assert len(busy) == 2 and 0 < max(busy) <= step
+    assert other["measured_bubble"] == pytest.approx(1 - sum(busy) / (2 * step))
+
+
+def test_torchrun_infer_prints_eval_lines(mini_dir):
+    result = torchrun(mini_dir, 2, "--steps", "2", "--infer")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("eval step")]
+    assert [line.split(" | ")[0] for line in lines] == ["eval step 1/2", "eval step 2/2"]
+    assert all(line.endswith("tokens/s") and " ms | " in line for line in lines)
+    # The same loss as the in-process forward-only pass over the same first batch.
+    program = load_program(mini_dir)
+    pipeline = InProcessPipeline(program)
+    losses = pipeline.evaluate(next(batches(program, pipeline.spec, 0)))
+    assert f"| loss {sum(losses) / len(losses):.4f} |" in lines[0]

@@ -39,6 +39,9 @@ class InProcessTransport:
         self.mailbox: dict[MessageKey, torch.Tensor] = {}
         self.sent = 0  # messages posted so far: lets the caller tell a deadlock from a wait
 
+    def post(self, keys, action: str) -> None:
+        pass  # the mailbox needs no receive posted ahead
+
     def send(self, key: MessageKey, tensor: torch.Tensor, peer_rank: int) -> None:
         # A copy, as the wire would make: the receiver must not alias the sender's tensor.
         self.mailbox[key] = tensor.detach().clone()
@@ -63,6 +66,7 @@ class DistTransport:
         self.device = device
         self.pending: list[tuple[dist.Work, torch.Tensor]] = []
         self.waiting: str | None = None  # the receive in progress, for error messages
+        self.posted: dict[str, tuple[list, list]] = {}  # action text -> receive buffers and works in flight
 
     def send(self, key: MessageKey, tensor: torch.Tensor, peer_rank: int) -> None:
         payload = tensor.detach().contiguous()
@@ -71,13 +75,21 @@ class DistTransport:
         work = dist.isend(payload, peer_rank, tag=key.tag(self.num_boundaries))
         self.pending.append((work, payload))  # keep the payload alive until the send completes
 
-    def try_receive(self, keys: list[tuple[MessageKey, int, torch.Size, torch.dtype]], action: str):
+    def post(self, keys: list[tuple[MessageKey, int, torch.Size, torch.dtype]], action: str) -> None:
+        """Post the receives of a later action now, so its messages land while this rank computes."""
+        if action in self.posted:
+            return
         buffers, works = [], []
         for key, peer_rank, shape, dtype in keys:
             wire_dtype = torch.uint8 if dtype == torch.bool else dtype
             buffer = torch.empty(shape, dtype=wire_dtype, device=self.device)
             works.append((dist.irecv(buffer, peer_rank, tag=key.tag(self.num_boundaries)), peer_rank, key))
             buffers.append(buffer)
+        self.posted[action] = (buffers, works)
+
+    def try_receive(self, keys: list[tuple[MessageKey, int, torch.Size, torch.dtype]], action: str):
+        self.post(keys, action)
+        buffers, works = self.posted.pop(action)
         for work, peer_rank, key in works:
             self.waiting = f"{action} waiting for stage {key.src_stage} on rank {peer_rank}"
             try:

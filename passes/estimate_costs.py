@@ -152,11 +152,34 @@ def _measure(gm: fx.GraphModule, node: fx.Node, values: dict) -> tuple:
             torch.autograd.grad(outputs, wrt, [torch.ones_like(o) for o in outputs], allow_unused=True)
         backward_flops = counter.get_total_flops()
 
-    input_storages = {}
-    for i, n in enumerate(input_nodes):
-        v = fresh[n.name]
+    input_storages = storage_indices([fresh[n.name] for n in input_nodes])
+    saved_args, saved_self, temp_bytes = classify_saved(saved, input_storages, out, param_storages)
+    outs = [o for o in _flatten(out) if isinstance(o, torch.Tensor)]
+    views = [input_storages.get(StorageWeakRef(o.untyped_storage())) for o in outs]
+    view_of = views[0] if outs and None not in views and len(set(views)) == 1 else None
+    return (
+        forward_flops,
+        backward_flops,
+        tuple(sorted(saved_args)),
+        saved_self,
+        temp_bytes,
+        param_bytes,
+        view_of,
+    )
+
+
+def storage_indices(values: list) -> dict:
+    """Storage of each tensor among ``values`` -> the index of the first value that uses it."""
+    indices = {}
+    for i, v in enumerate(values):
         if isinstance(v, torch.Tensor):
-            input_storages.setdefault(StorageWeakRef(v.untyped_storage()), i)
+            indices.setdefault(StorageWeakRef(v.untyped_storage()), i)
+    return indices
+
+
+def classify_saved(saved: list[torch.Tensor], input_storages: dict, out, param_storages: set):
+    """What autograd kept for backward, by owner: (indices of inputs kept, output kept, bytes of
+    temporaries that belong to no graph value). Parameters are not activations and are left out."""
     output_storages = {
         StorageWeakRef(o.untyped_storage()) for o in _flatten(out) if isinstance(o, torch.Tensor)
     }
@@ -171,19 +194,7 @@ def _measure(gm: fx.GraphModule, node: fx.Node, values: dict) -> tuple:
             saved_self = True
         else:
             temp[ref] = t.untyped_storage().nbytes()
-    outs = [o for o in _flatten(out) if isinstance(o, torch.Tensor)]
-    views = [input_storages.get(StorageWeakRef(o.untyped_storage())) for o in outs]
-    view_of = views[0] if outs and None not in views and len(set(views)) == 1 else None
-    temp_bytes = sum(temp.values())
-    return (
-        forward_flops,
-        backward_flops,
-        tuple(sorted(saved_args)),
-        saved_self,
-        temp_bytes,
-        param_bytes,
-        view_of,
-    )
+    return saved_args, saved_self, float(sum(temp.values()))
 
 
 def _call(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, args, kwargs):

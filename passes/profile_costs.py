@@ -30,7 +30,14 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from ppcompile.context import CompileContext
 from ppcompile.errors import CompileError
-from ppcompile.passes.estimate_costs import _arg_nodes, _call, _flatten, _signature
+from ppcompile.passes.estimate_costs import (
+    _arg_nodes,
+    _call,
+    _flatten,
+    _signature,
+    classify_saved,
+    storage_indices,
+)
 
 MIN_SECONDS = 0.004  # time each node for at least this long
 MAX_REPEATS = 50
@@ -225,24 +232,9 @@ def _time_node(real: fx.GraphModule, node: fx.Node, values: dict, device: torch.
     saved: list[torch.Tensor] = []
     leaves, fresh = prepare()
     out = forward(fresh, (lambda t: saved.append(t) or t, lambda t: t))
-    input_storages = {}
-    for i, n in enumerate(inputs):
-        v = fresh[n.name]
-        if isinstance(v, torch.Tensor):
-            input_storages.setdefault(StorageWeakRef(v.untyped_storage()), i)
+    input_storages = storage_indices([fresh[n.name] for n in inputs])
+    saved_args, saved_self, temp = classify_saved(saved, input_storages, out, param_storages)
     outputs = [o for o in _flatten(out) if isinstance(o, torch.Tensor)]
-    output_storages = {StorageWeakRef(o.untyped_storage()) for o in outputs}
-    saved_args, saved_self, temp = set(), False, {}
-    for t in saved:
-        ref = StorageWeakRef(t.untyped_storage())
-        if ref in param_storages:
-            continue
-        if ref in input_storages:
-            saved_args.add(input_storages[ref])
-        elif ref in output_storages:
-            saved_self = True
-        else:
-            temp[ref] = t.untyped_storage().nbytes()
     differentiable = [o for o in outputs if o.requires_grad]
     wrt = leaves + params
 
@@ -257,4 +249,4 @@ def _time_node(real: fx.GraphModule, node: fx.Node, values: dict, device: torch.
         # Each autograd.grad call starts the engine once; a stage's backward starts it once for
         # all its nodes, so that fixed cost is taken out of every node's share.
         backward_seconds = max(timed(backward, sync) - engine_overhead(), 0.1 * timed(backward, sync))
-    return forward_seconds, backward_seconds, sorted(saved_args), saved_self, float(sum(temp.values()))
+    return forward_seconds, backward_seconds, sorted(saved_args), saved_self, temp

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -40,3 +41,17 @@ def chained_forward(program_dir: Path, model: torch.nn.Module, inputs: tuple) ->
 def build_model(ref: str, seed: int = 0):
     spec = ModelRef.parse(ref).build("cpu", seed=seed)
     return spec.module, spec.example_inputs
+
+
+def torchrun_command(program_dir: Path, nproc: int, *args: str) -> list[str]:
+    """``torchrun --standalone --nproc-per-node N DIR/run.py ARGS`` with this interpreter."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        str(program_dir / "run.py"),
+        *args,
+    ]

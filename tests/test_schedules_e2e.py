@@ -11,7 +11,7 @@ from ppcompile.check_training import compare, eager_run, verify_in_process
 from ppcompile.replay import simulate_program
 from ppcompile.runtime.loader import load_program
 from ppcompile.runtime.train import InProcessPipeline, batches
-from tests.helpers import compile_to
+from tests.helpers import compile_to, torchrun_command
 
 CONFIGS = [
     ("gpipe", 2, 1, 4),
@@ -81,23 +81,9 @@ def test_torchrun_new_schedules(tmp_path, schedule, V):
         tmp_path, "models/gpt.py:gpt_mini", 2, microbatches=4, schedule=schedule, virtual_stages=V
     )
     record = tmp_path / "record"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        str(program_dir / "run.py"),
-        "--steps",
-        "3",
-        "--optimizer",
-        "sgd",
-        "--lr",
-        "0.05",
-        "--record",
-        str(record),
-    ]
+    command = torchrun_command(
+        program_dir, 2, "--steps", "3", "--optimizer", "sgd", "--lr", "0.05", "--record", str(record)
+    )
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(record / f"rank{r}.pt") for r in range(2)]

@@ -3,7 +3,6 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -11,21 +10,11 @@ import torch
 
 from ppcompile.check_training import compare, eager_run
 from ppcompile.runtime.loader import load_program
-from tests.helpers import compile_to
+from tests.helpers import compile_to, torchrun_command
 
 
-def torchrun(program_dir, nproc, *args, **popen):
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(nproc),
-        str(program_dir / "run.py"),
-        *args,
-    ]
-    return command
+def torchrun(program_dir, nproc, *args):
+    return torchrun_command(program_dir, nproc, *args)
 
 
 def run(program_dir, nproc, *args, timeout=240):

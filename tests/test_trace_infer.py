@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import subprocess
-import sys
 from collections import Counter
 
 import pytest
@@ -21,7 +20,7 @@ from ppcompile.runtime.trace import (
     write_trace,
 )
 from ppcompile.runtime.train import InProcessPipeline, batches
-from tests.helpers import compile_to
+from tests.helpers import compile_to, torchrun_command
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +31,7 @@ def mini_dir(tmp_path_factory):
 
 
 def torchrun(program_dir, nproc, *args):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-    command += [str(program_dir / "run.py"), *args]
+    command = torchrun_command(program_dir, nproc, *args)
     return subprocess.run(command, capture_output=True, text=True, timeout=240)
 
 

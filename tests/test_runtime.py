@@ -15,6 +15,10 @@ MODELS = [
     "models/mlp.py:mlp_deep",
     # Leaf nn.MultiheadAttention / LayerNorm / BatchNorm, three inputs, a buffer forward updates, a long skip.
     "tests/fixtures/zoo.py:encoder",
+    # RMSNorm, rotary tables in buffers, SwiGLU, F.scaled_dot_product_attention.
+    "tests/fixtures/zoo.py:llama",
+    # Convolutions, BatchNorm2d running statistics, residual adds, pooling.
+    "tests/fixtures/zoo.py:resnet",
 ]
 
 

@@ -19,6 +19,7 @@ from torch import fx
 
 from ppcompile.context import CompileContext, StageGraph
 from ppcompile.errors import CompileError
+from ppcompile.passes.order_mutations import is_in_place
 
 _INFIX = {
     operator.add: "+",
@@ -191,6 +192,10 @@ def generate_stage(ctx: CompileContext, sg: StageGraph, version: str) -> str:
     emitter = _Emitter(sg.graph)
     regions = _regions(sg.graph)
     body, methods = [], []
+    for name in _mutated_receives(ctx, sg):
+        var = emitter.names[name]
+        # The runtime hands a received tensor to autograd as a leaf, and a leaf cannot change in place.
+        body.append(f"{var} = {var}.clone()  # changed in place below")
     for node in sg.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
@@ -256,6 +261,20 @@ def generate_stage(ctx: CompileContext, sg: StageGraph, version: str) -> str:
     for method in methods:
         lines += method + [""]
     return "\n".join(lines)
+
+
+def _mutated_receives(ctx, sg: StageGraph) -> list[str]:
+    """Received tensors that need a gradient and that an in-place op of this stage writes to."""
+    modules = ctx.spec.module
+    mutated = []
+    for node in sg.graph.nodes:
+        first = node.args[0] if node.args else None
+        if not isinstance(first, fx.Node) or first.op != "placeholder" or first.name not in sg.receives:
+            continue
+        in_place = is_in_place(modules, node)
+        if in_place and ctx.boundaries[first.name].requires_grad and first.name not in mutated:
+            mutated.append(first.name)
+    return mutated
 
 
 def _node_lines(emitter: _Emitter, node: fx.Node) -> list[str]:

@@ -19,6 +19,7 @@ from ppcompile.frontend import load_context, trace
 from ppcompile.memory import OPTIMIZER_STATE_FACTOR
 from ppcompile.passes.estimate_costs import estimate_costs
 from ppcompile.passes.fit_cost_formulas import fit_cost_formulas
+from ppcompile.passes.order_mutations import order_mutations
 from ppcompile.passes.partition_stages import partition_stages
 from ppcompile.passes.plan_memory import plan_memory
 from ppcompile.passes.profile_costs import profile_costs
@@ -31,6 +32,8 @@ from ppcompile.simulate import StageCosts, simulate
 from ppcompile.verify import verify
 
 PASSES = [
+    # Reads after an in-place update read the update, so cuts cannot split them.
+    ("order_mutations", order_mutations),
     # Concrete and symbolic shapes ([b, s, 768]) of every value.
     ("propagate_shapes", propagate_shapes),
     # FLOPs, bytes, activations saved for backward and roofline time per node.

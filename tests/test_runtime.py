@@ -19,6 +19,8 @@ MODELS = [
     "tests/fixtures/zoo.py:llama",
     # Convolutions, BatchNorm2d running statistics, residual adds, pooling.
     "tests/fixtures/zoo.py:resnet",
+    # In-place ReLU and mul_ whose results later stages read.
+    "tests/fixtures/inplace.py:model",
 ]
 
 

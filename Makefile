@@ -26,8 +26,13 @@ lint: install
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 
+# Every benchmark; each prints its ratios last. Timings are only compared within one run.
 bench: install
 	$(PYTHON) bench/compile_time.py
+	$(PYTHON) bench/cost_accuracy.py
+	$(PYTHON) bench/schedules.py
+	$(PYTHON) bench/vs_pippy.py
+	$(PYTHON) bench/overhead.py
 
 clean:
 	rm -rf build .installed .pytest_cache .ruff_cache *.egg-info

@@ -405,6 +405,7 @@ class RankExecutor:
         self.microbatches = program.data["schedule"]["microbatches"]
         self.track_memory = track_memory
         self.memory = MemoryStats()
+        self._keys_cache: dict = {}
         self.losses: dict[int, torch.Tensor] = {}
         self._param_storages = {StorageWeakRef(p.untyped_storage()) for p in self.parameters()}
 
@@ -579,6 +580,15 @@ class RankExecutor:
             self._live[stage].pop(m, None)
 
     def _receive_keys(self, action: Action):
+        """The messages a receive action stands for, with peers and buffer shapes; reused across
+        steps while the micro-batch shape stays the same (it is asked twice per receive)."""
+        cache_key = (action, tuple(sorted(self.symbols[action.microbatch].items())))
+        keys = self._keys_cache.get(cache_key)
+        if keys is None:
+            keys = self._keys_cache[cache_key] = self._make_receive_keys(action)
+        return keys
+
+    def _make_receive_keys(self, action: Action):
         stage, m = action.stage, action.microbatch
         info = self.program.stage(stage)
         keys = []

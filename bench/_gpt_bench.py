@@ -42,9 +42,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from ppcompile import ModelSpec  # noqa: E402
+from ppcompile.launch import torchrun_command  # noqa: E402
 from ppcompile.runtime.spec import ModelRef  # noqa: E402
 
 STEP_LINE = re.compile(r"^step (\d+)/\d+ \| loss [0-9.naif-]+ \| ([0-9.]+) ms")
+
+
+def step_seconds(stdout: str) -> list[float]:
+    """The step times run.py printed, one line per step on the rank that owns the loss."""
+    return [float(m.group(2)) / 1e3 for line in stdout.splitlines() if (m := STEP_LINE.match(line))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,16 +228,7 @@ def _eager_steps(model_spec: str, microbatches: int, steps: int, lr: float) -> d
 
 
 def torchrun(nproc: int, script: str | Path, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(nproc),
-        str(script),
-        *map(str, args),
-    ]
+    return torchrun_command(script, nproc, *args)
 
 
 def check_run(command: list[str], what: str) -> subprocess.CompletedProcess:
@@ -284,7 +281,7 @@ def run_ppcompile(out: Path, stages: int, steps: int, lr: float = 0.0) -> dict:
     command = torchrun(stages, Path(out) / "run.py", "--steps", steps + 1, "--optimizer", "sgd")
     command += ["--lr", repr(lr), "--record", str(record), "--trace", str(trace)]
     run = check_run(command, "ppcompile run.py")
-    times = [float(m.group(2)) / 1e3 for line in run.stdout.splitlines() if (m := STEP_LINE.match(line))]
+    times = step_seconds(run.stdout)
     losses = []
     for file in sorted(record.glob("rank*.pt")):
         losses = losses or torch.load(file)["losses"]

@@ -13,7 +13,6 @@ The last line prints measured/predicted per schedule.
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import subprocess
 import sys
@@ -23,15 +22,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _gpt_bench import step_seconds  # noqa: E402 - bench/ is on the path when run as a script
 from tabulate import tabulate  # noqa: E402
 
 from ppcompile.context import CompileConfig  # noqa: E402
 from ppcompile.driver import compile_model  # noqa: E402
+from ppcompile.launch import torchrun_command  # noqa: E402
 from ppcompile.program import write_program  # noqa: E402
 from ppcompile.runtime.trace import read_trace_times  # noqa: E402
 
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("zb-h1", 1), ("interleaved-1f1b", 2)]
-STEP_LINE = re.compile(r"^step (\d+)/\d+ \| loss [0-9.]+ \| ([0-9.]+) ms")
 
 
 def main() -> int:
@@ -57,26 +57,12 @@ def main() -> int:
             predicted = result.program["costs"]["simulated_step_seconds"]
             predicted_bubble = result.program["costs"]["simulated_bubble"]
             trace = Path(tmp) / f"{name}_{V}.json"
-            command = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc-per-node",
-                str(args.stages),
-                str(out / "run.py"),
-                "--steps",
-                str(args.steps),
-                "--trace",
-                str(trace),
-            ]
+            command = torchrun_command(out / "run.py", args.stages, "--steps", args.steps, "--trace", trace)
             run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
             if run.returncode != 0:
                 print(run.stderr[-2000:], file=sys.stderr)
                 return 1
-            times = [
-                float(m.group(2)) / 1e3 for line in run.stdout.splitlines() if (m := STEP_LINE.match(line))
-            ]
+            times = step_seconds(run.stdout)
             measured = statistics.median(times[len(times) // 4 :])  # skip warm-up steps
             step, busy = read_trace_times(trace)
             measured_bubble = 1 - sum(busy) / (len(busy) * step)

@@ -116,16 +116,7 @@ def _measure(gm: fx.GraphModule, node: fx.Node, values: dict) -> tuple:
     """Run one node alone on meta tensors: (fwd flops, bwd flops, saved input indices, saved self,
     temporary saved bytes, parameter bytes, index of the input the output is a view of or None)."""
     input_nodes = _arg_nodes(node)
-    leaves, fresh = {}, {}
-    for n in input_nodes:
-        v = values.get(n.name)
-        if isinstance(v, torch.Tensor):
-            leaf = v.detach().requires_grad_(v.requires_grad and v.is_floating_point())
-            leaves[n.name] = leaf
-            # A non-leaf copy, so in-place ops are allowed; made before counting starts.
-            fresh[n.name] = leaf.clone() if leaf.requires_grad else leaf
-        else:
-            fresh[n.name] = v
+    leaves, fresh = fresh_inputs(input_nodes, values)
     module = gm.get_submodule(node.target) if node.op == "call_module" else None
     params = list(module.parameters()) if module is not None else []
     param_bytes = sum(p.numel() * p.element_size() for p in params)
@@ -166,6 +157,26 @@ def _measure(gm: fx.GraphModule, node: fx.Node, values: dict) -> tuple:
         param_bytes,
         view_of,
     )
+
+
+def fresh_inputs(
+    input_nodes: list[fx.Node], values: dict, detach_attributes: bool = True
+) -> tuple[dict, dict]:
+    """A node's inputs made anew for running it alone: ({name: leaf tensor}, {name: value to pass}).
+
+    Each tensor becomes a leaf that requires grad as the original did, and what is passed is a
+    non-leaf copy of it, so in-place ops are allowed (the copy is made before any counting starts).
+    With ``detach_attributes`` off, parameters and buffers read through get_attr pass as they are."""
+    leaves, fresh = {}, {}
+    for n in input_nodes:
+        v = values.get(n.name)
+        if isinstance(v, torch.Tensor) and (detach_attributes or n.op != "get_attr"):
+            leaf = v.detach().requires_grad_(v.requires_grad and v.is_floating_point())
+            leaves[n.name] = leaf
+            fresh[n.name] = leaf.clone() if leaf.requires_grad else leaf
+        else:
+            fresh[n.name] = v
+    return leaves, fresh
 
 
 def storage_indices(values: list) -> dict:

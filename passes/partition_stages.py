@@ -34,6 +34,7 @@ from torch import fx
 
 from ppcompile.context import CompileContext, Partition
 from ppcompile.errors import CompileError
+from ppcompile.memory import OPTIMIZER_STATE_FACTOR, held_tensors, storage_root
 
 
 @dataclass(frozen=True)
@@ -258,8 +259,6 @@ def memory_fits(gm: fx.GraphModule, ctx: CompileContext, order: list[fx.Node], b
     Parameters count with their gradients and optimizer state, once per stage that uses them;
     a saved tensor counts once per stage that saves it, times the micro-batches stage k keeps
     in flight; transfers count once per direction."""
-    from ppcompile.memory import OPTIMIZER_STATE_FACTOR
-
     n = len(order)
     by_name = {node.name: node for node in gm.graph.nodes}
     per_param = 2 + OPTIMIZER_STATE_FACTOR[ctx.config.optimizer]
@@ -268,16 +267,7 @@ def memory_fits(gm: fx.GraphModule, ctx: CompileContext, order: list[fx.Node], b
     saved: dict[str, tuple[set[int], float]] = {}
     temp = torch.zeros(n + 1, dtype=torch.float64)
     for i, node in enumerate(order):
-        tensors = []
-        if node.op == "call_module":
-            tensors += [(p, True) for p in model.get_submodule(node.target).parameters()]
-            tensors += [(b, False) for b in model.get_submodule(node.target).buffers()]
-        for dep in node.all_input_nodes:
-            if dep.op == "get_attr":
-                owner, _, attr = dep.target.rpartition(".")
-                value = getattr(model.get_submodule(owner) if owner else model, attr)
-                tensors.append((value, value.requires_grad))
-        for t, is_param in tensors:
+        for t, is_param in held_tensors(model, node):
             nbytes = t.numel() * t.element_size() * (per_param if is_param else 1)
             static.setdefault(id(t), ([], nbytes))[0].append(i)
         cost = node.meta["ppc.cost"]
@@ -299,14 +289,6 @@ def memory_fits(gm: fx.GraphModule, ctx: CompileContext, order: list[fx.Node], b
         return fixed + act * ctx.live_microbatches[k] <= budget
 
     return fits
-
-
-def storage_root(by_name: dict[str, fx.Node], name: str) -> fx.Node | None:
-    """The node whose storage a value lives in (through views); None for parameters and buffers."""
-    node = by_name[name]
-    while node.meta.get("ppc.view_of"):
-        node = by_name[node.meta["ppc.view_of"]]
-    return None if node.op == "get_attr" else node
 
 
 def stage_times_for(cost: torch.Tensor, cuts: Sequence[int]) -> list[float]:

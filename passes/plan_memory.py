@@ -21,7 +21,7 @@ from torch import fx
 
 from ppcompile.context import CompileContext
 from ppcompile.errors import CompileError
-from ppcompile.memory import OPTIMIZER_STATE_FACTOR, StageMemory, format_bytes
+from ppcompile.memory import OPTIMIZER_STATE_FACTOR, StageMemory, format_bytes, held_tensors, storage_root
 from ppcompile.passes.partition_stages import assign_stages, layer_of
 
 
@@ -159,26 +159,10 @@ def saved_values(nodes, own_names, run_nodes, skip: set[str]) -> tuple[set[str],
     return values, temp
 
 
-def storage_key(nodes: dict[str, fx.Node], own_names: set[str], name: str) -> tuple[str, float] | None:
-    """The storage a value lives in on this stage, and its bytes; None for parameters and buffers.
-
-    A view shares its base's storage while the base is made on this stage; a value received from
-    another stage (or a model input) arrives as a storage of its own."""
-    node = nodes[name]
-    while node.name in own_names and node.meta.get("ppc.view_of"):
-        node = nodes[node.meta["ppc.view_of"]]
-    if node.op == "get_attr":
-        return None
-    return node.name, float(node.meta.get("ppc.nbytes", 0))
-
-
 def _bytes(nodes, own_names, values: set[str]) -> float:
-    storages = {}
-    for name in values:
-        found = storage_key(nodes, own_names, name)
-        if found:
-            storages[found[0]] = found[1]
-    return sum(storages.values())
+    """Bytes of the distinct storages ``values`` live in on this stage (views counted once)."""
+    roots = {storage_root(nodes, name, own_names) for name in values} - {None}
+    return sum(float(root.meta.get("ppc.nbytes", 0)) for root in roots)
 
 
 def activation_bytes(nodes, own: list[fx.Node], regions: list[Region]) -> tuple[float, float]:
@@ -201,17 +185,8 @@ def stage_memory(
     own_names = {n.name for n in own}
     params, buffers = {}, {}
     for node in own:
-        if node.op == "call_module":
-            module = ctx.spec.module.get_submodule(node.target)
-            for p in module.parameters():
-                params[id(p)] = p.numel() * p.element_size()
-            for b in module.buffers():
-                buffers[id(b)] = b.numel() * b.element_size()
-        for dep in node.all_input_nodes:
-            if dep.op == "get_attr":
-                value = _attribute(ctx.spec.module, dep.target)
-                table = params if value.requires_grad else buffers
-                table[id(value)] = value.numel() * value.element_size()
+        for t, is_param in held_tensors(ctx.spec.module, node):
+            (params if is_param else buffers)[id(t)] = t.numel() * t.element_size()
     param_bytes = float(sum(params.values()))
     activations, recompute = activation_bytes(nodes, own, regions)
     # One micro-batch of messages: activations in and out, and their gradients the other way.
@@ -234,8 +209,3 @@ def stage_memory(
         transfers=transfers,
         recompute=recompute,
     )
-
-
-def _attribute(module, fqn: str):
-    owner, _, name = fqn.rpartition(".")
-    return getattr(module.get_submodule(owner) if owner else module, name)

@@ -36,8 +36,10 @@ from ppcompile.passes.estimate_costs import (
     _flatten,
     _signature,
     classify_saved,
+    fresh_inputs,
     storage_indices,
 )
+from ppcompile.passes.propagate_shapes import ValueRecorder
 
 MIN_SECONDS = 0.004  # time each node for at least this long
 MAX_REPEATS = 50
@@ -109,7 +111,9 @@ def measure(gm: fx.GraphModule, ctx: CompileContext, device: torch.device) -> di
     try:
         spec = ctx.ref.build(device, seed=0)
         real = fx.GraphModule(spec.module, gm.graph)
-        values = _run(real, spec.example_inputs)
+        recorder = ValueRecorder(real)
+        recorder.run(*spec.example_inputs)
+        values = recorder.values
         result, by_signature = {}, {}
         for node in gm.graph.nodes:
             if node.op not in ("call_function", "call_method", "call_module") or node.meta["ppc.kind"] in (
@@ -154,19 +158,6 @@ def _time_whole(real: fx.GraphModule, inputs, device: torch.device) -> float:
     return timed(step, sync)
 
 
-def _run(real: fx.GraphModule, inputs) -> dict:
-    values = {}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, node):
-            out = super().run_node(node)
-            values[node.name] = out
-            return out
-
-    Recorder(real).run(*inputs)
-    return values
-
-
 def timed(fn, sync) -> float:
     """Median seconds of ``fn`` after two warm-up calls, repeated for at least MIN_SECONDS."""
     fn()
@@ -203,19 +194,6 @@ def _time_node(real: fx.GraphModule, node: fx.Node, values: dict, device: torch.
     params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
     param_storages = {StorageWeakRef(p.untyped_storage()) for p in params}
 
-    def prepare():
-        leaves, fresh = [], {}
-        for n in inputs:
-            v = values.get(n.name)
-            if isinstance(v, torch.Tensor) and n.op != "get_attr":
-                leaf = v.detach().requires_grad_(v.requires_grad and v.is_floating_point())
-                if leaf.requires_grad:
-                    leaves.append(leaf)
-                fresh[n.name] = leaf.clone() if leaf.requires_grad else leaf
-            else:
-                fresh[n.name] = v
-        return leaves, fresh
-
     def forward(fresh, hooks=None):
         args = fx.node.map_arg(node.args, lambda n: fresh[n.name])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: fresh[n.name])
@@ -230,7 +208,8 @@ def _time_node(real: fx.GraphModule, node: fx.Node, values: dict, device: torch.
 
     # Saved tensors, counted on the real device.
     saved: list[torch.Tensor] = []
-    leaves, fresh = prepare()
+    leaves, fresh = fresh_inputs(inputs, values, detach_attributes=False)
+    leaves = [leaf for leaf in leaves.values() if leaf.requires_grad]
     out = forward(fresh, (lambda t: saved.append(t) or t, lambda t: t))
     input_storages = storage_indices([fresh[n.name] for n in inputs])
     saved_args, saved_self, temp = classify_saved(saved, input_storages, out, param_storages)
@@ -248,5 +227,6 @@ def _time_node(real: fx.GraphModule, node: fx.Node, values: dict, device: torch.
 
         # Each autograd.grad call starts the engine once; a stage's backward starts it once for
         # all its nodes, so that fixed cost is taken out of every node's share.
-        backward_seconds = max(timed(backward, sync) - engine_overhead(), 0.1 * timed(backward, sync))
+        raw = timed(backward, sync)
+        backward_seconds = max(raw - engine_overhead(), 0.1 * raw)
     return forward_seconds, backward_seconds, sorted(saved_args), saved_self, temp

@@ -27,7 +27,9 @@ from torch import fx
 from ppcompile.context import CompileContext
 
 
-class _Recorder(fx.Interpreter):
+class ValueRecorder(fx.Interpreter):
+    """Runs a graph and keeps every node's value by name."""
+
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm)
         self.values: dict[str, object] = {}
@@ -46,7 +48,7 @@ def run_meta(gm: fx.GraphModule, ctx: CompileContext, symbol_values: dict[str, i
         for dim, symbol in ctx.input_dims[name].items():
             shape[dim] = symbol_values[symbol]
         inputs.append(torch.empty(shape, dtype=example.dtype, device="meta"))
-    recorder = _Recorder(gm)
+    recorder = ValueRecorder(gm)
     with torch.device("meta"):
         recorder.run(*inputs)
     return recorder.values

@@ -221,17 +221,10 @@ def run(program_dir, run_args):
     import subprocess
     from pathlib import Path
 
+    from ppcompile.launch import torchrun_command
+
     program = _load(program_dir)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(program.num_ranks),
-        str(Path(program_dir) / "run.py"),
-        *run_args,
-    ]
+    command = torchrun_command(Path(program_dir) / "run.py", program.num_ranks, *run_args)
     click.echo("torchrun " + " ".join(command[3:]), err=True)
     sys.exit(subprocess.call(command))
 

@@ -179,7 +179,7 @@ def _comment(node: fx.Node) -> str:
 
 
 def _fqn_range(ctx: CompileContext, sg: StageGraph) -> str:
-    first_last = [m for m in sg.modules] or sg.node_names
+    first_last = sg.modules or sg.node_names
     return f"{first_last[0]} .. {first_last[-1]}" if first_last else "(empty)"
 
 
@@ -320,9 +320,8 @@ def _checkpoint_region(
         f"# {region} is recomputed in backward{why}",
         f"{results} = torch.utils.checkpoint.checkpoint(self.{method_name}, {args}, use_reentrant=False)",
     ]
-    for n in outputs:
-        if n.meta.get("ppc.kind") == "tensor":
-            call[-1] += "" if len(outputs) > 1 else _comment(n)
+    if len(outputs) == 1 and outputs[0].meta.get("ppc.kind") == "tensor":
+        call[-1] += _comment(outputs[0])
     method = [
         f"    def {method_name}(self, {args}):",
         f'        """{region}: run in forward without saving activations, and again in backward."""',

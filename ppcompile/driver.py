@@ -25,7 +25,8 @@ from ppcompile.passes.plan_memory import plan_memory
 from ppcompile.passes.profile_costs import profile_costs
 from ppcompile.passes.propagate_shapes import propagate_shapes
 from ppcompile.passes.split_stages import split_stages
-from ppcompile.program import build_program
+from ppcompile.program import add_simulation, build_program
+from ppcompile.replay import simulate_program
 from ppcompile.report import render_report
 from ppcompile.schedules import Schedule, ScheduleError, lower_communication, make_schedule
 from ppcompile.simulate import StageCosts, simulate
@@ -80,7 +81,7 @@ def compile_model(ref: str, config: CompileConfig) -> CompileResult:
         simulate(schedule, {s: StageCosts(0, 0) for s in range(ctx.num_stages)}, set()).peak_live_microbatches
     )
     gm = trace(ctx)
-    for name, run_pass in PASSES:
+    for index, (name, run_pass) in enumerate(PASSES):
         try:
             gm = run_pass(gm, ctx)
         except CompileError:
@@ -88,15 +89,17 @@ def compile_model(ref: str, config: CompileConfig) -> CompileResult:
         except Exception as e:
             raise PassError(name, e) from e
         if config.check:
-            verify(gm, ctx, after=name)
+            verify(gm, ctx, done=[n for n, _ in PASSES[: index + 1]])
     edges = {(b.producer, c) for b in ctx.boundaries.values() for c in b.consumers}
     grad_edges = {(b.producer, c) for b in ctx.boundaries.values() if b.requires_grad for c in b.consumers}
     schedule = lower_communication(schedule, edges, grad_edges)
-    simulated = _simulate(gm, ctx, schedule, edges, grad_edges)
     # The same program runs forward-only (run.py --infer) on this schedule.
     inference = make_schedule("forward-only", config.stages, config.microbatches, config.virtual_stages)
     inference = lower_communication(inference, edges, set())
-    program, files = build_program(gm, ctx, schedule, simulated, inference)
+    program, files = build_program(gm, ctx, schedule, inference)
+    # The prediction is made from program.json alone, as `ppcompile simulate` makes it later.
+    add_simulation(program, simulate_program(program))
+    files["report.md"] = render_report(program)
     return CompileResult(ctx, gm, schedule, program, files)
 
 
@@ -105,33 +108,6 @@ def _schedule(config: CompileConfig) -> Schedule:
         return make_schedule(config.schedule, config.stages, config.microbatches, config.virtual_stages)
     except ScheduleError as e:
         raise CompileError(str(e)) from None
-
-
-def _simulate(gm, ctx, schedule, edges, grad_edges):
-    """Replay the lowered schedule with the cost model's stage times and transfer times."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    costs = {}
-    for sg in ctx.stage_graphs:
-        own = [nodes[n].meta["ppc.cost"] for n in sg.node_names]
-        recompute = sum(r.recompute_seconds for r in ctx.regions if r.stage == sg.stage)
-        costs[sg.stage] = StageCosts(
-            sum(c.forward_time for c in own), sum(c.backward_time for c in own) + recompute
-        )
-    forward, backward = {}, {}
-    for b in ctx.boundaries.values():
-        nbytes = nodes[b.name].meta["ppc.nbytes"]
-        for c in b.consumers:
-            forward[(b.producer, c)] = forward.get((b.producer, c), 0.0) + ctx.profile.transfer_time(nbytes)
-            if b.requires_grad:
-                backward[(b.producer, c)] = backward.get((b.producer, c), 0.0) + ctx.profile.transfer_time(
-                    nbytes
-                )
-
-    def transfer(producer, consumer, direction):
-        table = forward if direction.name == "SEND_F" else backward
-        return table.get((producer, consumer), 0.0)
-
-    return simulate(schedule, costs, edges, grad_edges, transfer_time=transfer)
 
 
 def compile_auto(ref: str, config: CompileConfig) -> CompileResult:

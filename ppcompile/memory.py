@@ -12,6 +12,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
+from torch import fx, nn
+
 from ppcompile.errors import CompileError
 
 OPTIMIZER_STATE_FACTOR = {"sgd": 0.0, "adamw": 2.0}  # state bytes per parameter byte (float32 params)
@@ -96,3 +99,30 @@ class StageMemory:
             "recompute": self.recompute,
             "total": self.total,
         }
+
+
+def held_tensors(model: nn.Module, node: fx.Node) -> list[tuple[torch.Tensor, bool]]:
+    """The parameters and buffers a node reads, each with whether it is a parameter: a leaf module's
+    own, and those it gets as ``get_attr`` inputs."""
+    held = []
+    if node.op == "call_module":
+        module = model.get_submodule(node.target)
+        held += [(p, True) for p in module.parameters()]
+        held += [(b, False) for b in module.buffers()]
+    for dep in node.all_input_nodes:
+        if dep.op == "get_attr":
+            owner, _, name = dep.target.rpartition(".")
+            value = getattr(model.get_submodule(owner) if owner else model, name)
+            held.append((value, value.requires_grad))
+    return held
+
+
+def storage_root(nodes: dict[str, fx.Node], name: str, own: set[str] | None = None) -> fx.Node | None:
+    """The node whose storage value ``name`` lives in, through views; None for parameters and buffers.
+
+    With ``own`` (one stage's node names), the walk stops at the stage's edge: a value received
+    from another stage (or a model input) arrives there as a storage of its own."""
+    node = nodes[name]
+    while node.meta.get("ppc.view_of") and (own is None or node.name in own):
+        node = nodes[node.meta["ppc.view_of"]]
+    return None if node.op == "get_attr" else node

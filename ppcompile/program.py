@@ -21,7 +21,7 @@ import ppcompile
 from ppcompile.codegen import describe_boundary, format_dtype, generate_stage, shape_text, stage_class_name
 from ppcompile.context import CompileContext
 from ppcompile.errors import CompileError
-from ppcompile.report import render_report
+from ppcompile.passes.plan_memory import activation_bytes
 from ppcompile.runtime.actions import format_rank_actions
 from ppcompile.schedules import Schedule, format_schedule_grid
 
@@ -32,20 +32,13 @@ PROGRAM_FILE = "program.json"
 def stage_statistics(gm: fx.GraphModule, ctx: CompileContext) -> list[dict]:
     """Per-stage figures for the report and the runtime: cost, parameters, activations, traffic."""
     nodes = {n.name: n for n in gm.graph.nodes}
+    all_params = dict(gm.named_parameters(remove_duplicate=False))
     stats = []
     for sg, seconds in zip(ctx.stage_graphs, ctx.partition.stage_times):
         own = [nodes[name] for name in sg.node_names]
-        saved_values, temp = set(), 0.0
-        for node in own:
-            cost = node.meta["ppc.cost"]
-            saved_values.update(cost.saved_inputs)
-            temp += cost.saved_temp_bytes
-        activation = temp + sum(
-            nodes[v].meta.get("ppc.nbytes", 0) for v in saved_values if nodes[v].op != "get_attr"
-        )
+        activation, _ = activation_bytes(nodes, own, [])  # before recomputation, as the report's column says
         param_names = {f"{m}.{n}" for m in sg.modules for n, _ in gm.get_submodule(m).named_parameters()}
-        param_names |= {t for t in sg.tensors if t in dict(gm.named_parameters(remove_duplicate=False))}
-        all_params = dict(gm.named_parameters(remove_duplicate=False))
+        param_names |= {t for t in sg.tensors if t in all_params}
         heaviest = max(own, key=lambda n: n.meta["ppc.cost"].time)
         sent = sum(nodes[s].meta["ppc.nbytes"] * len(ctx.boundaries[s].consumers) for s in sg.sends)
         stats.append(
@@ -86,10 +79,20 @@ def _stage_formulas(ctx: CompileContext, own) -> dict[str, str]:
     return result
 
 
+def _schedule_json(schedule: Schedule, virtual_stages: int) -> dict:
+    return {
+        "name": schedule.name,
+        "microbatches": schedule.microbatches,
+        "virtual_stages": virtual_stages,
+        "ranks": {str(r): format_rank_actions(schedule.actions[r]) for r in sorted(schedule.actions)},
+    }
+
+
 def build_program(
-    gm: fx.GraphModule, ctx: CompileContext, schedule: Schedule, simulated, inference: Schedule
+    gm: fx.GraphModule, ctx: CompileContext, schedule: Schedule, inference: Schedule
 ) -> tuple[dict, dict]:
-    """(program.json content without hashes, {file name: text}) for a compiled model."""
+    """(program.json content without hashes and without the simulated step, {stage and schedule
+    files}) for a compiled model; :func:`add_simulation` and ``report.md`` complete it."""
     nodes = {n.name: n for n in gm.graph.nodes}
     version = ppcompile.__version__
     files = {f"stage_{sg.stage}.py": generate_stage(ctx, sg, version) for sg in ctx.stage_graphs}
@@ -150,25 +153,13 @@ def build_program(
             for b in ctx.boundaries.values()
         ],
         "tied_parameters": ctx.tied_groups,
-        "schedule": {
-            "name": schedule.name,
-            "microbatches": schedule.microbatches,
-            "virtual_stages": ctx.config.virtual_stages,
-            "ranks": {str(r): format_rank_actions(schedule.actions[r]) for r in sorted(schedule.actions)},
-        },
-        "inference_schedule": {
-            "name": inference.name,
-            "microbatches": inference.microbatches,
-            "virtual_stages": ctx.config.virtual_stages,
-            "ranks": {str(r): format_rank_actions(inference.actions[r]) for r in sorted(inference.actions)},
-        },
+        "schedule": _schedule_json(schedule, ctx.config.virtual_stages),
+        "inference_schedule": _schedule_json(inference, ctx.config.virtual_stages),
         "costs": {
             "stages": [{k: v for k, v in s.items() if k != "parameter_names"} for s in stats],
             "even_split_seconds": partition.even_split_times,
             "even_split_layers": partition.even_split_layers,
             "total_compute_seconds": float(sum(n.meta["ppc.cost"].time for n in gm.graph.nodes)),
-            "simulated_step_seconds": float(simulated.step_time),
-            "simulated_bubble": float(simulated.overall_bubble_fraction),
             "memory": [m.as_dict() for m in ctx.memory],
             "memory_per_device": ctx.config.memory_per_device,
             "optimizer": ctx.config.optimizer,
@@ -181,14 +172,17 @@ def build_program(
                 }
                 for r in ctx.regions
             ],
-            # Micro-batches whose activations a stage holds at once under this schedule.
-            "simulated_live_microbatches": [
-                int(simulated.peak_live_microbatches[s]) for s in range(len(ctx.stage_graphs))
-            ],
         },
     }
-    files["report.md"] = render_report(program)
     return program, files
+
+
+def add_simulation(program: dict, simulated) -> None:
+    """Record one simulated step of the program's schedule in its costs."""
+    program["costs"]["simulated_step_seconds"] = float(simulated.step_time)
+    program["costs"]["simulated_bubble"] = float(simulated.overall_bubble_fraction)
+    # Micro-batches whose activations a stage holds at once under this schedule.
+    program["costs"]["simulated_live_microbatches"] = [int(n) for n in simulated.peak_live_microbatches]
 
 
 def write_program(out_dir: str | Path, program: dict, files: dict[str, str]) -> Path:

@@ -10,20 +10,9 @@ import math
 
 from ppcompile.devices import get_profile
 from ppcompile.runtime.actions import ActionKind, parse_rank_actions
+from ppcompile.runtime.executor import dtype_of, evaluate_dim
 from ppcompile.schedules import Schedule
 from ppcompile.simulate import SimResult, StageCosts, simulate
-
-DTYPE_BYTES = {
-    "float32": 4,
-    "float16": 2,
-    "bfloat16": 2,
-    "float64": 8,
-    "int64": 8,
-    "int32": 4,
-    "bool": 1,
-    "uint8": 1,
-    "int8": 1,
-}
 
 
 def program_schedule(program: dict, key: str = "schedule") -> Schedule:
@@ -39,9 +28,9 @@ def program_schedule(program: dict, key: str = "schedule") -> Schedule:
 
 
 def boundary_bytes(program: dict, boundary: dict) -> int:
-    values = program["symbols"]
-    numel = math.prod(int(eval(d, {"__builtins__": {}}, dict(values))) for d in boundary["shape"])  # noqa: S307
-    return numel * DTYPE_BYTES[boundary["dtype"]]
+    """One message's bytes at the micro-batch shape the program was costed for."""
+    numel = math.prod(evaluate_dim(d, program["symbols"]) for d in boundary["shape"])
+    return numel * dtype_of(boundary["dtype"]).itemsize
 
 
 def simulate_program(program: dict, key: str = "schedule") -> SimResult:

@@ -11,55 +11,39 @@ class VerifyError(AssertionError):
     pass
 
 
-def verify(gm: fx.GraphModule, ctx: CompileContext, after: str) -> None:
-    """Check what must hold once pass ``after`` has run; raise VerifyError naming the first breach."""
+def verify(gm: fx.GraphModule, ctx: CompileContext, done: list[str]) -> None:
+    """Check what the passes in ``done`` (the driver's, in order, so far) guarantee; what one pass
+    guarantees holds after every later one too. Raise VerifyError naming the first breach."""
     gm.graph.lint()
     nodes = list(gm.graph.nodes)
-    if after in (
-        "propagate_shapes",
-        "estimate_costs",
-        "fit_cost_formulas",
-        "profile_costs",
-        "partition_stages",
-        "plan_memory",
-        "split_stages",
-    ):
+    after = done[-1]
+    if "propagate_shapes" in done:
         for node in nodes:
             _require("ppc.kind" in node.meta, f"{node.name} has no ppc.kind after {after}")
             if node.meta["ppc.kind"] == "tensor":
                 _require("ppc.shape" in node.meta, f"tensor {node.name} has no symbolic shape")
-    if after in (
-        "estimate_costs",
-        "fit_cost_formulas",
-        "profile_costs",
-        "partition_stages",
-        "plan_memory",
-        "split_stages",
-    ):
+    if "estimate_costs" in done:
         for node in nodes:
             _require("ppc.cost" in node.meta, f"{node.name} has no cost")
-    if after in ("partition_stages", "plan_memory", "split_stages"):
+    compute = set(ctx.partition.compute_order) if ctx.partition else set()
+    if "partition_stages" in done:
         last = -1
         for node in nodes:
             stage = node.meta.get("ppc.stage")
-            if node.op in ("call_function", "call_method", "call_module") and node.name in set(
-                ctx.partition.compute_order
-            ):
+            if node.name in compute:
                 _require(stage is not None, f"compute node {node.name} has no stage")
                 _require(
                     stage >= last,
                     f"{node.name} on stage {stage} comes after stage {last}: cuts not contiguous",
                 )
                 last = stage
-    if after in ("plan_memory", "split_stages"):
+    if "plan_memory" in done:
         for node in nodes:
             region = node.meta.get("ppc.checkpoint")
             _require(
                 region is None or node.meta.get("ppc.stage") is not None, f"{node.name} recomputed off-stage"
             )
-        regions = [
-            node.meta.get("ppc.checkpoint") for node in nodes if node.name in set(ctx.partition.compute_order)
-        ]
+        regions = [node.meta.get("ppc.checkpoint") for node in nodes if node.name in compute]
         closed = set()
         for previous, current in zip([None, *regions], regions):
             if current != previous and previous is not None:
@@ -67,7 +51,7 @@ def verify(gm: fx.GraphModule, ctx: CompileContext, after: str) -> None:
             _require(
                 current is None or current not in closed, f"checkpoint region {current} is not contiguous"
             )
-    if after == "split_stages":
+    if "split_stages" in done:
         received = {(name, sg.stage) for sg in ctx.stage_graphs for name in sg.receives}
         sent = {name for sg in ctx.stage_graphs for name in sg.sends}
         for b in ctx.boundaries.values():
@@ -82,7 +66,7 @@ def verify(gm: fx.GraphModule, ctx: CompileContext, after: str) -> None:
             )
         owned = [n for sg in ctx.stage_graphs for n in sg.node_names]
         _require(len(owned) == len(set(owned)), "a compute node is in two stages")
-        _require(set(owned) == set(ctx.partition.compute_order), "a compute node is in no stage")
+        _require(set(owned) == compute, "a compute node is in no stage")
         for sg in ctx.stage_graphs:
             sg.graph.lint()
 

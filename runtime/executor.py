@@ -401,22 +401,18 @@ class RankExecutor:
         self.actions: list[Action] = parse_rank_actions(program.data["schedule"]["ranks"][str(rank)])
         self.boundaries = {b["name"]: b for b in program.data["boundaries"]}
         self.boundary_index = {b["name"]: i for i, b in enumerate(program.data["boundaries"])}
-        self.rank_of_stage = {s["id"]: s["rank"] for s in program.data["stages"]}
+        self.rank_of_stage = program.rank_of_stage
         self.microbatches = program.data["schedule"]["microbatches"]
         self.track_memory = track_memory
         self.memory = MemoryStats()
         self._keys_cache: dict = {}
         self.losses: dict[int, torch.Tensor] = {}
-        self._param_storages = {StorageWeakRef(p.untyped_storage()) for p in self.parameters()}
+        # The stages' distinct parameters: fixed for the executor's life, asked for at every I.
+        self._params = list({id(p): p for m in self.stages.values() for p in m.parameters()}.values())
+        self._param_storages = {StorageWeakRef(p.untyped_storage()) for p in self._params}
 
     def parameters(self) -> list[nn.Parameter]:
-        seen, params = set(), []
-        for module in self.stages.values():
-            for p in module.parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    params.append(p)
-        return params
+        return list(self._params)
 
     # One step -----------------------------------------------------------------------------
 
@@ -561,7 +557,7 @@ class RankExecutor:
         received = self.received.pop((stage, m), {})
         names = [name for name in received if self.boundaries[name]["requires_grad"]]
         input_grads, pending = backward_input(
-            roots, grads, [received[n] for n in names], self.parameters(), self._saved.pop((stage, m), None)
+            roots, grads, [received[n] for n in names], self._params, self._saved.pop((stage, m), None)
         )
         # B reads t.grad, which AccumulateGrad lays out like t (contiguous); the same here.
         self.input_grads[(stage, m)] = {

@@ -40,6 +40,10 @@ class Program:
     def stage(self, stage_id: int) -> dict:
         return self.data["stages"][stage_id]
 
+    @property
+    def rank_of_stage(self) -> dict[int, int]:
+        return {s["id"]: s["rank"] for s in self.data["stages"]}
+
     def stages_of_rank(self, rank: int) -> list[int]:
         return [s["id"] for s in self.data["stages"] if s["rank"] == rank]
 

@@ -236,7 +236,7 @@ def _write_trace(program, rank: int, world: int, traced: list[list[ActionTiming]
 
 
 def _peer_ranks(program, rank: int) -> set[int]:
-    rank_of = {s["id"]: s["rank"] for s in program.data["stages"]}
+    rank_of = program.rank_of_stage
     peers = set()
     for b in program.data["boundaries"]:
         ends = {rank_of[b["producer"]], *(rank_of[c] for c in b["consumers"])}
@@ -251,7 +251,7 @@ def _peer_ranks(program, rank: int) -> set[int]:
 
 def _tied_groups(program) -> list:
     """One process group per tied group; every rank creates every group, in the same order."""
-    rank_of = {s["id"]: s["rank"] for s in program.data["stages"]}
+    rank_of = program.rank_of_stage
     groups = []
     for group in program.data["tied_parameters"]:
         ranks = sorted({rank_of[s] for s in group["stages"]})
@@ -261,8 +261,5 @@ def _tied_groups(program) -> list:
 
 
 def _named(executor: RankExecutor, get) -> dict:
-    return {
-        n: get(p).detach().cpu().clone() if get(p) is not None else None
-        for m in executor.stages.values()
-        for n, p in m.named_parameters()
-    }
+    named = {n: get(p) for m in executor.stages.values() for n, p in m.named_parameters()}
+    return {n: None if t is None else t.detach().cpu().clone() for n, t in named.items()}

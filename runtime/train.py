@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ppcompile.runtime.actions import Action
-from ppcompile.runtime.executor import RankExecutor, inference_actions
+from ppcompile.runtime.executor import MemoryStats, RankExecutor, inference_actions
 from ppcompile.runtime.loader import Program, ProgramError
 from ppcompile.runtime.spec import ModelRef, ModelSpec
 from ppcompile.runtime.trace import ActionTiming, shift_timings
@@ -72,16 +72,13 @@ class _NoParameters:
         pass
 
 
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+
+
 def make_optimizer(name: str, params: list[nn.Parameter], lr: float):
-    if name not in ("sgd", "adamw"):
-        raise ProgramError(f"unknown optimizer {name!r}; use sgd or adamw")
-    if not params:
-        return _NoParameters()
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr)
-    raise ProgramError(f"unknown optimizer {name!r}; use sgd or adamw")
+    if name not in OPTIMIZERS:
+        raise ProgramError(f"unknown optimizer {name!r}; use {' or '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name](params, lr=lr) if params else _NoParameters()
 
 
 def tied_parameters(program: Program, executor: RankExecutor) -> list[list[nn.Parameter]]:
@@ -123,6 +120,7 @@ class InProcessPipeline:
             )
         self.spec = spec
         self.optimizers = [make_optimizer(optimizer, e.parameters(), lr) for e in self.executors]
+        self._tied = [tied_parameters(program, e) for e in self.executors]
 
     def step(
         self, microbatches: list[dict[str, torch.Tensor]], update: bool = True, trace: list | None = None
@@ -186,15 +184,23 @@ class InProcessPipeline:
         return [float(losses[m]) for m in sorted(losses)]
 
     def reduce_tied_gradients(self) -> None:
-        per_rank = [tied_parameters(self.program, e) for e in self.executors]
         for g in range(len(self.program.data["tied_parameters"])):
-            params = [p for groups in per_rank for p in groups[g]]
+            params = [p for groups in self._tied for p in groups[g]]
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             total = grads[0].clone()
             for grad in grads[1:]:
                 total += grad
             for p in params:
                 p.grad = total.clone()
+
+    def memory(self) -> MemoryStats:
+        """Every stage's activation counts (with ``track_memory``), gathered from all ranks."""
+        merged = MemoryStats()
+        for e in self.executors:
+            merged.peak_live_microbatches.update(e.memory.peak_live_microbatches)
+            merged.peak_bytes.update(e.memory.peak_bytes)
+            merged.bytes_per_microbatch.update(e.memory.bytes_per_microbatch)
+        return merged
 
     def named_gradients(self) -> dict[str, torch.Tensor]:
         return {n: p.grad for e in self.executors for m in e.stages.values() for n, p in m.named_parameters()}

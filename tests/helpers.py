@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
 from ppcompile.context import CompileConfig
 from ppcompile.driver import compile_model
+from ppcompile.launch import torchrun_command as launch_command
 from ppcompile.program import write_program
-from ppcompile.runtime.loader import load_program
+from ppcompile.runtime.loader import Program, load_program
 from ppcompile.runtime.spec import ModelRef
+from ppcompile.runtime.train import InProcessPipeline, batches
 
 
 def compile_to(tmp: Path, ref: str, stages: int, **options) -> Path:
@@ -43,15 +44,14 @@ def build_model(ref: str, seed: int = 0):
     return spec.module, spec.example_inputs
 
 
+def tracked_step(program_dir: Path) -> tuple[Program, InProcessPipeline]:
+    """One in-process training step of the program with activation counting on."""
+    program = load_program(program_dir)
+    pipeline = InProcessPipeline(program, track_memory=True)
+    pipeline.step(next(batches(program, pipeline.spec, 0)))
+    return program, pipeline
+
+
 def torchrun_command(program_dir: Path, nproc: int, *args: str) -> list[str]:
-    """``torchrun --standalone --nproc-per-node N DIR/run.py ARGS`` with this interpreter."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(nproc),
-        str(program_dir / "run.py"),
-        *args,
-    ]
+    """torchrun of a compiled program's ``run.py`` with ``args``."""
+    return launch_command(program_dir / "run.py", nproc, *args)

@@ -13,8 +13,7 @@ from ppcompile.driver import compile_model
 from ppcompile.errors import CompileError
 from ppcompile.memory import parse_bytes
 from ppcompile.runtime.loader import load_program
-from ppcompile.runtime.train import InProcessPipeline, batches
-from tests.helpers import compile_to
+from tests.helpers import compile_to, tracked_step
 
 
 def ppcompile(*args):
@@ -130,12 +129,8 @@ def test_training_with_recomputed_layers_meets_the_bar(tmp_path, schedule, budge
 
 @pytest.mark.parametrize("ref", ["models/gpt.py:gpt_mini", "models/mlp.py:mlp", "models/mlp.py:mlp_deep"])
 def test_predicted_activation_bytes_match_saved_tensors(tmp_path, ref):
-    program = load_program(compile_to(tmp_path, ref, 3, microbatches=4))
-    pipeline = InProcessPipeline(program, track_memory=True)
-    pipeline.step(next(batches(program, pipeline.spec, 0)))
-    measured = {}
-    for executor in pipeline.executors:
-        measured.update(executor.memory.bytes_per_microbatch)
+    program, pipeline = tracked_step(compile_to(tmp_path, ref, 3, microbatches=4))
+    measured = pipeline.memory().bytes_per_microbatch
     for stage, memory in enumerate(program.data["costs"]["memory"]):
         assert memory["activations_per_microbatch"] == pytest.approx(measured[stage], rel=0.05)
 

@@ -6,8 +6,8 @@ import pytest
 
 from ppcompile.check_training import verify_in_process
 from ppcompile.runtime.loader import load_program
-from ppcompile.runtime.train import InProcessPipeline, batches
-from tests.helpers import compile_to
+from ppcompile.runtime.train import InProcessPipeline
+from tests.helpers import compile_to, tracked_step
 
 MODELS = [
     "models/gpt.py:gpt_mini",
@@ -52,12 +52,8 @@ def test_live_activations_match_the_schedule(tmp_path, schedule, stages, microba
     program_dir = compile_to(
         tmp_path, "models/gpt.py:gpt_mini", stages, microbatches=microbatches, schedule=schedule
     )
-    program = load_program(program_dir)
-    pipeline = InProcessPipeline(program, track_memory=True)
-    pipeline.step(next(batches(program, pipeline.spec, 0)))
-    measured = {}
-    for executor in pipeline.executors:
-        measured.update(executor.memory.peak_live_microbatches)
+    _, pipeline = tracked_step(program_dir)
+    measured = pipeline.memory().peak_live_microbatches
     predicted = json.loads((program_dir / "program.json").read_text())["costs"]["simulated_live_microbatches"]
     expected = [min(stages - s, microbatches) if schedule == "1f1b" else microbatches for s in range(stages)]
     assert [measured[s] for s in range(stages)] == predicted == expected

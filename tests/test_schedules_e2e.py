@@ -10,8 +10,7 @@ import torch
 from ppcompile.check_training import compare, eager_run, verify_in_process
 from ppcompile.replay import simulate_program
 from ppcompile.runtime.loader import load_program
-from ppcompile.runtime.train import InProcessPipeline, batches
-from tests.helpers import compile_to, torchrun_command
+from tests.helpers import compile_to, torchrun_command, tracked_step
 
 CONFIGS = [
     ("gpipe", 2, 1, 4),
@@ -36,12 +35,8 @@ def test_every_schedule_trains_like_eager(tmp_path, ref, schedule, K, V, M):
 
 
 def _peak_live(program_dir):
-    program = load_program(program_dir)
-    pipeline = InProcessPipeline(program, track_memory=True)
-    pipeline.step(next(batches(program, pipeline.spec, 0)))
-    measured = {}
-    for executor in pipeline.executors:
-        measured.update(executor.memory.peak_live_microbatches)
+    program, pipeline = tracked_step(program_dir)
+    measured = pipeline.memory().peak_live_microbatches
     predicted = json.loads((program_dir / "program.json").read_text())["costs"]["memory"]
     return [measured[s] for s in range(program.num_stages)], [m["live_microbatches"] for m in predicted]
 

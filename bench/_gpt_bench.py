@@ -279,16 +279,26 @@ def run_ppcompile(out: Path, stages: int, steps: int, lr: float = 0.0) -> dict:
     """``steps`` timed steps plus one traced step (left out of the times: its barrier lines ranks up)."""
     record, trace = Path(out) / "record", Path(out) / "trace.json"
     command = torchrun(stages, Path(out) / "run.py", "--steps", steps + 1, "--optimizer", "sgd")
-    command += ["--lr", repr(lr), "--record", str(record), "--trace", str(trace)]
+    command += ["--lr", repr(lr), "--record", str(record), "--trace", str(trace), "--trace-steps", str(steps)]
     run = check_run(command, "ppcompile run.py")
     times = step_seconds(run.stdout)
     losses = []
     for file in sorted(record.glob("rank*.pt")):
         losses = losses or torch.load(file)["losses"]
+    from ppcompile.replay import measured_stage_costs, simulate_program
     from ppcompile.runtime.trace import read_trace_times
 
     step, busy = read_trace_times(trace)
-    return {"times": times[:steps], "losses": losses[:steps], "traced_step": step, "traced_busy": busy}
+    # The bound: the schedule replayed with the stage times this run measured (every rank busy).
+    program = json.loads((Path(out) / "program.json").read_text())
+    replayed = simulate_program(program, costs=measured_stage_costs(json.loads(trace.read_text())))
+    return {
+        "times": times[:steps],
+        "losses": losses[:steps],
+        "traced_step": step,
+        "traced_busy": busy,
+        "replayed_step": float(replayed.step_time),
+    }
 
 
 # ----------------------------------------------------------------------------------------------

@@ -189,16 +189,20 @@ def stage_memory(
             (params if is_param else buffers)[id(t)] = t.numel() * t.element_size()
     param_bytes = float(sum(params.values()))
     activations, recompute = activation_bytes(nodes, own, regions)
-    # One micro-batch of messages: activations in and out, and their gradients the other way.
+    # Messages: the runtime posts every receive of a step when the step starts, so a stage holds a
+    # receive buffer per micro-batch for each tensor it receives and for the gradient of each tensor
+    # it sends; what it sends is one micro-batch in flight.
+    M = ctx.config.microbatches
     transfers, received = 0.0, set()
     for node in own:
         if node.meta.get("ppc.kind") == "tensor":
             crosses = {u.meta.get("ppc.stage") for u in node.users} - {node.meta["ppc.stage"], None}
-            transfers += node.meta["ppc.nbytes"] * (2 if node.meta["ppc.requires_grad"] else 1) * len(crosses)
+            gradient_buffers = M if node.meta["ppc.requires_grad"] else 0
+            transfers += node.meta["ppc.nbytes"] * (1 + gradient_buffers) * len(crosses)
         received.update(
             d for d in node.all_input_nodes if d.name not in own_names and d.meta.get("ppc.stage") is not None
         )
-    transfers += sum(d.meta["ppc.nbytes"] * (2 if d.meta["ppc.requires_grad"] else 1) for d in received)
+    transfers += sum(d.meta["ppc.nbytes"] * (M + (1 if d.meta["ppc.requires_grad"] else 0)) for d in received)
     return StageMemory(
         parameters=param_bytes,
         gradients=param_bytes,

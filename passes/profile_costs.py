@@ -9,10 +9,16 @@ autograd engine, warm caches), so all node times are scaled by one factor: the w
 measured forward + backward over the sum of its nodes. What autograd saves for backward is counted on the real device too, since a backend may save
 less than the meta device suggests (CPU attention kernels keep a log-sum-exp, not the matrix).
 
-Profiles are cached by graph, shapes, device, thread count and torch version, so recompiling
-the same model reuses them. The roofline FLOPs and bytes stay; only times and saved bytes change.
-
 On CPU the timing uses ``profile_threads`` threads (default 1: what torchrun gives each rank).
+There the K ranks will also share this machine's cores, so by default the profile measures what
+they cost each other (``ppcompile.contention``): every node time is multiplied by the compute
+slowdown with K processes busy at once, and the link latency and bandwidth measured between two
+busy ranks replace the device profile's, for the partitioner and the simulated step alike.
+``profile_concurrency=1`` times alone; on CUDA each rank has its own device and nothing is shared.
+
+Profiles are cached by graph, shapes, device, thread count, concurrency and torch version, so
+recompiling the same model reuses them. The roofline FLOPs and bytes stay; only times, saved
+bytes and (under contention) the link change.
 """
 
 from __future__ import annotations
@@ -21,13 +27,14 @@ import hashlib
 import json
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from torch import fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from ppcompile.contention import Contention, measure_contention
 from ppcompile.context import CompileContext
 from ppcompile.errors import CompileError
 from ppcompile.passes.estimate_costs import (
@@ -52,19 +59,36 @@ def profile_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     device = check_device(config.profile_device)
     key = profile_key(gm, ctx, device)
     cache_file = Path(config.profile_cache).expanduser() / f"{key}.json" if config.profile_cache else None
-    measured = None
+    cached = None
     if cache_file is not None and cache_file.is_file():
-        measured = json.loads(cache_file.read_text())
+        cached = json.loads(cache_file.read_text())
         ctx.notes.append(f"profile: reused {cache_file.name} from the cache")
-    if measured is None:
-        measured = measure(gm, ctx, device)
-        ctx.notes.append(f"profile: measured {len(measured)} nodes on {device}")
+    if cached is None:
+        cached = {"nodes": measure(gm, ctx, device), "contention": None}
+        ranks = profile_concurrency(config, device)
+        if ranks > 1:
+            cached["contention"] = asdict(measure_contention(ctx.ref, ranks, config.profile_threads))
+        ctx.notes.append(f"profile: measured {len(cached['nodes'])} nodes on {device}")
         if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            cache_file.write_text(json.dumps(measured, indent=0, sort_keys=True))
+            cache_file.write_text(json.dumps(cached, indent=0, sort_keys=True))
+    measured = cached["nodes"]
+    slowdown = 1.0
+    if cached["contention"] is not None:
+        contention = Contention(**cached["contention"])
+        slowdown = contention.slowdown
+        ctx.profile = replace(
+            ctx.profile, link_latency=contention.link_latency, link_bandwidth=contention.link_bandwidth
+        )
+        ctx.notes.append(
+            f"profile: {contention.ranks} ranks busy at once compute {slowdown:.2f}x slower than one alone; "
+            f"link measured between busy ranks: {contention.link_latency * 1e6:.0f} us + "
+            f"{contention.link_bandwidth / 1e9:.2f} GB/s"
+        )
     for node in gm.graph.nodes:
         if node.name in measured:
             forward, backward, saved_inputs, temp = measured[node.name]
+            forward, backward = forward * slowdown, backward * slowdown
             node.meta["ppc.cost"] = replace(
                 node.meta["ppc.cost"],
                 forward_time=forward,
@@ -74,6 +98,13 @@ def profile_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             )
     ctx.profiled_on = str(device)
     return gm
+
+
+def profile_concurrency(config, device: torch.device) -> int:
+    """Processes busy at once while measuring: the K ranks on a CPU, one per device on CUDA."""
+    if config.profile_concurrency is not None:
+        return config.profile_concurrency
+    return config.stages if device.type == "cpu" else 1
 
 
 def check_device(name: str) -> torch.device:
@@ -99,6 +130,8 @@ def profile_key(gm: fx.GraphModule, ctx: CompileContext, device: torch.device) -
         repr([(n.name, n.meta.get("ppc.concrete"), str(n.meta.get("ppc.dtype"))) for n in gm.graph.nodes]),
         torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         str(ctx.config.profile_threads),
+        str(profile_concurrency(ctx.config, device)),
+        "contention-v1",  # the cache layout
         torch.__version__,
     ]
     return hashlib.sha256("\n".join(what).encode()).hexdigest()[:24]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from functools import wraps
+from pathlib import Path
 
 import click
 
@@ -65,6 +66,11 @@ def main():
     help="CPU threads while profiling (torchrun gives ranks 1).",
 )
 @click.option(
+    "--profile-concurrency",
+    type=int,
+    help="Processes kept busy while profiling [default: one per rank on cpu, 1 on cuda].",
+)
+@click.option(
     "--profile-cache",
     default="~/.cache/ppcompile/profiles",
     show_default=True,
@@ -86,6 +92,7 @@ def compile(
     profile,
     profile_device,
     profile_threads,
+    profile_concurrency,
     profile_cache,
     dims,
     check,
@@ -108,6 +115,7 @@ def compile(
         profile=profile,
         profile_device=profile_device,
         profile_threads=profile_threads,
+        profile_concurrency=profile_concurrency,
         profile_cache=None if profile_cache.lower() == "none" else profile_cache,
         dims=_parse_dims(dims) if dims else None,
     )
@@ -148,9 +156,18 @@ def report(program_dir):
     "--trace", type=click.Path(), help="Write the predicted timeline as Chrome trace JSON (Perfetto)."
 )
 @click.option("--infer", is_flag=True, help="Simulate the forward-only inference schedule instead.")
+@click.option(
+    "--costs-from",
+    type=click.Path(),
+    help="Use the stage times of a measured run (run.py --trace file) instead of the compiler's.",
+)
 @user_errors
-def simulate(program_dir, png, trace, infer):
-    """Predict one step of a compiled program: time, bubble, activations in flight, per rank."""
+def simulate(program_dir, png, trace, infer, costs_from):
+    """Predict one step of a compiled program: time, bubble, activations in flight, per rank.
+
+    With --costs-from, each stage's F/B/I/W take the median time they took in that measured run:
+    the step the schedule would give with the costs the run really had (both ranks busy).
+    """
     import json
 
     from ppcompile.replay import simulate_program
@@ -159,12 +176,17 @@ def simulate(program_dir, png, trace, infer):
 
     program = _load(program_dir).data
     key = "inference_schedule" if infer else "schedule"
-    result = simulate_program(program, key)
+    costs = None
+    if costs_from:
+        costs = _measured_costs(costs_from, program)
+    result = simulate_program(program, key, costs)
     name = program[key]["name"]
     K, M = len(result.busy_time), program[key]["microbatches"]
     click.echo(f"{name}: {len(program['stages'])} stages on {K} ranks, {M} micro-batches")
+    basis = f"stage times measured in {costs_from}" if costs_from else "the compiler's stage costs"
     click.echo(
-        f"predicted step {result.step_time * 1e3:.2f} ms, bubble {float(result.overall_bubble_fraction):.3f}"
+        f"predicted step {result.step_time * 1e3:.2f} ms, bubble {float(result.overall_bubble_fraction):.3f} "
+        f"(from {basis})"
     )
     memory = program["costs"].get("memory") or []
     for rank in range(K):
@@ -185,6 +207,30 @@ def simulate(program_dir, png, trace, infer):
         except ScheduleError as e:
             raise CompileError(str(e)) from None
         click.echo(f"wrote {png}")
+
+
+def _measured_costs(path: str, program: dict):
+    """Per-stage costs from a run.py --trace file; a file that is not one is a user error."""
+    import json
+
+    from ppcompile.replay import measured_stage_costs
+
+    try:
+        costs = measured_stage_costs(json.loads(Path(path).read_text()))
+    except OSError as e:
+        raise CompileError(f"--costs-from {path}: {e.strerror}") from None
+    except (ValueError, KeyError, TypeError):
+        raise CompileError(
+            f"--costs-from {path} is not a trace written by run.py --trace; record one with "
+            "torchrun ... run.py --trace FILE"
+        ) from None
+    stages = {s["id"] for s in program["stages"]}
+    if set(costs) != stages:
+        raise CompileError(
+            f"--costs-from {path} times stages {sorted(costs)} but this program has stages {sorted(stages)}; "
+            "trace a run of this program"
+        )
+    return costs
 
 
 @main.command()

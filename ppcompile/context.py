@@ -31,6 +31,7 @@ class CompileConfig:
     profile: bool = False  # time every node on a real device instead of the roofline
     profile_device: str = "cpu"  # where --profile measures
     profile_threads: int = 1  # CPU threads while profiling: torchrun gives each rank one
+    profile_concurrency: int | None = None  # processes busy while profiling; None: K on cpu, 1 on cuda
     profile_cache: str | None = "~/.cache/ppcompile/profiles"  # None: always measure afresh
     dims: dict[str, int] | None = None  # balance for this micro-batch shape instead of the example's
 

@@ -71,6 +71,11 @@ def compile_model(ref: str, config: CompileConfig) -> CompileResult:
         raise CompileError(f"--stages must be at least 1, got {config.stages}")
     if config.microbatches < 1:
         raise CompileError(f"--microbatches must be at least 1, got {config.microbatches}")
+    if config.profile_concurrency is not None and config.profile_concurrency < 1:
+        raise CompileError(
+            f"--profile-concurrency must be at least 1, got {config.profile_concurrency}; "
+            "1 times every node alone"
+        )
     ctx = load_context(ref, config)
     schedule = _schedule(config)  # fail on a bad schedule before the expensive passes
     if config.optimizer not in OPTIMIZER_STATE_FACTOR:

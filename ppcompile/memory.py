@@ -2,8 +2,8 @@
 
 Per rank: parameters, their gradients, optimizer state (AdamW keeps two float32 moments per
 parameter, SGD none), model buffers, activations saved for backward times the micro-batches
-the schedule keeps in flight on that stage, transfer buffers for one micro-batch's messages
-in each direction, and, when regions are recomputed, the largest region's activations while
+the schedule keeps in flight on that stage, transfer buffers (a receive buffer per micro-batch:
+the runtime posts a step's receives when it starts; one micro-batch of sends), and, when regions are recomputed, the largest region's activations while
 it is being recomputed.
 """
 
@@ -68,7 +68,7 @@ class StageMemory:
     buffers: float  # model buffers (masks, running statistics)
     activations_per_microbatch: float  # saved for backward, one micro-batch, after recomputation
     live_microbatches: int  # micro-batches in flight at once under the schedule
-    transfers: float  # one micro-batch of received and sent tensors, each direction
+    transfers: float  # receive buffers for every micro-batch, and one micro-batch of sends
     recompute: float  # the largest recomputed region's activations, alive during its backward
 
     @property

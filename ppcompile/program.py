@@ -163,6 +163,13 @@ def build_program(
             "memory": [m.as_dict() for m in ctx.memory],
             "memory_per_device": ctx.config.memory_per_device,
             "optimizer": ctx.config.optimizer,
+            # One message costs latency + bytes / bandwidth: the device profile's figures, or the
+            # ones measured between busy ranks (--profile on a CPU).
+            "notes": list(ctx.notes),  # what the passes found that the report should say
+            "link": {
+                "latency_seconds": ctx.profile.link_latency,
+                "bandwidth_bytes_per_second": ctx.profile.link_bandwidth,
+            },
             "recomputed": [
                 {
                     "region": r.name,

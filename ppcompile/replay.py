@@ -7,9 +7,10 @@ and to draw the timeline; benchmarks use it to set predictions beside measuremen
 from __future__ import annotations
 
 import math
+import statistics
 
 from ppcompile.devices import get_profile
-from ppcompile.runtime.actions import ActionKind, parse_rank_actions
+from ppcompile.runtime.actions import Action, ActionKind, parse_rank_actions
 from ppcompile.runtime.executor import dtype_of, evaluate_dim
 from ppcompile.schedules import Schedule
 from ppcompile.simulate import SimResult, StageCosts, simulate
@@ -33,20 +34,66 @@ def boundary_bytes(program: dict, boundary: dict) -> int:
     return numel * dtype_of(boundary["dtype"]).itemsize
 
 
-def simulate_program(program: dict, key: str = "schedule") -> SimResult:
-    """One step of the program's schedule with its predicted stage costs and transfer times."""
-    schedule = program_schedule(program, key)
+def predicted_stage_costs(program: dict) -> dict[int, StageCosts]:
+    """Per stage, the compiler's predicted seconds per micro-batch (recomputation included)."""
     recompute = {}
     for region in program["costs"].get("recomputed", []):
         recompute[region["stage"]] = recompute.get(region["stage"], 0.0) + region["recompute_seconds"]
-    costs = {
+    return {
         s["stage"]: StageCosts(s["forward_seconds"], s["backward_seconds"] + recompute.get(s["stage"], 0.0))
         for s in program["costs"]["stages"]
     }
-    profile = get_profile(program["config"]["device_profile"])
+
+
+def measured_stage_costs(trace: dict) -> dict[int, StageCosts]:
+    """Per stage, the median seconds its F, B, I and W actions took in a measured run's trace
+    (``run.py --trace``): the costs the stages really had, with every rank busy at once.
+
+    Example::
+
+        >>> from ppcompile.runtime.trace import trace_document, trace_event
+        >>> doc = trace_document([trace_event(0, "0F0", "F", 0, 1), trace_event(0, "0B0", "B", 1, 3)], [0])
+        >>> measured_stage_costs(doc)
+        {0: StageCosts(forward=1.0, backward=2.0, backward_input=None, backward_weight=None)}
+    """
+    durations: dict[tuple[int, ActionKind], list[float]] = {}
+    for event in trace["traceEvents"]:
+        if event.get("ph") != "X":
+            continue
+        action = Action.parse(event["name"])
+        if action.is_compute:
+            durations.setdefault((action.stage, action.kind), []).append(event["dur"] / 1e6)
+    costs = {}
+    for stage in sorted({stage for stage, _ in durations}):
+
+        def median(kind: ActionKind, stage=stage) -> float | None:
+            found = durations.get((stage, kind))
+            return statistics.median(found) if found else None
+
+        forward, whole = median(ActionKind.F) or 0.0, median(ActionKind.B)
+        backward_input, backward_weight = median(ActionKind.I), median(ActionKind.W)
+        if whole is None:
+            whole = (backward_input or 0.0) + (backward_weight or 0.0)
+        costs[stage] = StageCosts(forward, whole, backward_input, backward_weight)
+    return costs
+
+
+def simulate_program(
+    program: dict, key: str = "schedule", costs: dict[int, StageCosts] | None = None
+) -> SimResult:
+    """One step of the program's schedule with its predicted stage costs (or ``costs``, such as
+    :func:`measured_stage_costs`) and its link's transfer times."""
+    schedule = program_schedule(program, key)
+    costs = predicted_stage_costs(program) if costs is None else costs
+    link = program["costs"].get("link")
+    if link is not None:
+        latency, bandwidth = link["latency_seconds"], link["bandwidth_bytes_per_second"]
+    else:  # programs from before the link was written down
+        profile = get_profile(program["config"]["device_profile"])
+        latency, bandwidth = profile.link_latency, profile.link_bandwidth
     forward, backward = {}, {}
     for b in program["boundaries"]:
-        seconds = profile.transfer_time(boundary_bytes(program, b))
+        seconds = latency + boundary_bytes(program, b) / bandwidth
         for c in b["consumers"]:
             edge = (b["producer"], c)
             forward[edge] = forward.get(edge, 0.0) + seconds

@@ -78,6 +78,7 @@ def render_report(program: dict) -> str:
         )
     else:
         lines.append("- even split by layer count: not applicable (no repeated layers to deal out)")
+    lines += [f"- {note}" for note in costs.get("notes", [])]
     lines += [
         f"- slowest stage: {slowest}; its heaviest node `{heaviest['heaviest_node']}` is {share:.0%} of it "
         f"({heaviest['heaviest_seconds'] * 1e3:.2f} of {times[slowest] * 1e3:.2f} ms); a node is never split, "

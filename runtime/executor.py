@@ -449,14 +449,16 @@ class RankExecutor:
         self._split = {(a.stage, a.microbatch) for a in actions if a.kind == ActionKind.I}
         # On a GPU an action only queues kernels; a trace waits for them so each event shows its own time.
         sync = timings is not None and self.device.type == "cuda"
-        receives = [i for i, a in enumerate(actions) if a.kind in (ActionKind.RECV_F, ActionKind.RECV_B)]
-        upcoming = iter(receives)
-        self._post_next(actions, upcoming)
+        # Every receive of the step is posted now, in the order the rank will wait on them: gloo
+        # moves a message only once its receive is posted, so a sender that runs ahead (GPipe's
+        # forwards) is not held up behind a receiver busy computing. The buffers cost one message
+        # per micro-batch and direction, which the memory model counts.
+        for action in actions:
+            if action.kind in (ActionKind.RECV_F, ActionKind.RECV_B):
+                self.transport.post(self._receive_keys(action), str(action))
         for action in actions:
             start = time.perf_counter() if timings is not None else 0.0
             if action.kind in (ActionKind.RECV_F, ActionKind.RECV_B):
-                # Keep one receive posted ahead: its message arrives while this one's work runs.
-                self._post_next(actions, upcoming)
                 keys = self._receive_keys(action)
                 while (tensors := self.transport.try_receive(keys, str(action))) is None:
                     yield str(action)
@@ -471,12 +473,6 @@ class RankExecutor:
             missing = ", ".join(f"{s}W{m}" for s, m in self._pending_w)
             raise ValueError(f"rank {self.rank}: the schedule runs I but never {missing}")
         self.transport.finish_step()
-
-    def _post_next(self, actions: list[Action], upcoming) -> None:
-        index = next(upcoming, None)
-        if index is not None:
-            action = actions[index]
-            self.transport.post(self._receive_keys(action), str(action))
 
     def _execute(self, action: Action) -> None:
         stage, m = action.stage, action.microbatch

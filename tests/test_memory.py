@@ -9,6 +9,7 @@ import torch
 
 from ppcompile.check_training import verify_in_process
 from ppcompile.context import CompileConfig
+from ppcompile.devices import PROFILES
 from ppcompile.driver import compile_model
 from ppcompile.errors import CompileError
 from ppcompile.memory import parse_bytes
@@ -102,7 +103,7 @@ def test_without_a_budget_nothing_is_recomputed_and_peaks_exceed_it(tmp_path):
 
 
 def test_budget_that_fits_by_moving_cuts_needs_no_recompute():
-    budget = parse_bytes("2GiB")
+    budget = parse_bytes("2.2GiB")
     result = compile_model(
         "models/gpt.py:gpt_small", CompileConfig(stages=4, microbatches=16, memory_per_device=budget)
     )
@@ -111,7 +112,7 @@ def test_budget_that_fits_by_moving_cuts_needs_no_recompute():
     assert result.ctx.partition.cut_positions != [164, 324, 485]  # the unconstrained cuts do not fit
 
 
-@pytest.mark.parametrize("schedule,budget", [("gpipe", "3.2MiB"), ("1f1b", "2.5MiB")])
+@pytest.mark.parametrize("schedule,budget", [("gpipe", "3.3MiB"), ("1f1b", "2.6MiB")])
 def test_training_with_recomputed_layers_meets_the_bar(tmp_path, schedule, budget):
     program_dir = compile_to(
         tmp_path,
@@ -147,6 +148,46 @@ def test_profile_is_measured_then_cached(tmp_path):
     # Measured times replace the roofline: no node costs the same as in the roofline profile.
     roofline = compile_model("models/mlp.py:mlp", CompileConfig(stages=2, microbatches=4))
     assert first.program["costs"]["stages"] != roofline.program["costs"]["stages"]
+
+
+def test_profile_on_cpu_measures_busy_ranks_and_their_link(tmp_path):
+    """K ranks share this CPU: the profile times them busy together and measures their link, and the
+    partitioner and simulated step use that link; --profile-concurrency 1 times alone."""
+    shared = compile_model(
+        "models/mlp.py:mlp",
+        CompileConfig(stages=2, microbatches=4, profile=True, profile_cache=str(tmp_path / "a")),
+    )
+    link = shared.program["costs"]["link"]
+    assert any("2 ranks busy at once" in n for n in shared.ctx.notes)
+    assert link["latency_seconds"] != PROFILES["cpu"].link_latency
+    assert 0 < link["latency_seconds"] < 0.1 and link["bandwidth_bytes_per_second"] > 1e6
+    alone = compile_model(
+        "models/mlp.py:mlp",
+        CompileConfig(
+            stages=2, microbatches=4, profile=True, profile_concurrency=1, profile_cache=str(tmp_path / "b")
+        ),
+    )
+    assert not any("busy at once" in n for n in alone.ctx.notes)
+    assert alone.program["costs"]["link"]["latency_seconds"] == PROFILES["cpu"].link_latency
+
+
+def test_bad_profile_concurrency_is_one_line(tmp_path):
+    run = ppcompile(
+        "compile",
+        "models/mlp.py:mlp",
+        "-k",
+        "2",
+        "--profile",
+        "--profile-concurrency",
+        "0",
+        "-o",
+        tmp_path / "x",
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip() == (
+        "error: --profile-concurrency must be at least 1, got 0; 1 times every node alone"
+    )
+    assert not (tmp_path / "x").exists()
 
 
 def test_cost_formulas_rebalance_for_another_microbatch_shape():

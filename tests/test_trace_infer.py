@@ -3,12 +3,14 @@
 import dataclasses
 import json
 import subprocess
+import sys
 from collections import Counter
 
 import pytest
 import torch
 
-from ppcompile.runtime.actions import ActionKind, parse_rank_actions
+from ppcompile.replay import measured_stage_costs, simulate_program
+from ppcompile.runtime.actions import Action, ActionKind, parse_rank_actions
 from ppcompile.runtime.executor import forward_only_schedule
 from ppcompile.runtime.loader import load_program
 from ppcompile.runtime.trace import (
@@ -20,6 +22,7 @@ from ppcompile.runtime.trace import (
     write_trace,
 )
 from ppcompile.runtime.train import InProcessPipeline, batches
+from ppcompile.simulate import StageCosts
 from tests.helpers import compile_to, torchrun_command
 
 
@@ -161,3 +164,46 @@ def test_torchrun_infer_prints_eval_lines(mini_dir):
     pipeline = InProcessPipeline(program)
     losses = pipeline.evaluate(next(batches(program, pipeline.spec, 0)))
     assert f"| loss {sum(losses) / len(losses):.4f} |" in lines[0]
+
+
+def test_simulate_replays_a_measured_runs_stage_times(tmp_path, mini_dir):
+    """``simulate --costs-from`` takes each stage's median F and B from a trace and replays the schedule."""
+    program = load_program(mini_dir).data
+    seconds = {"F": [0.001, 0.003, 0.001], "B": [0.002, 0.002, 0.009]}  # medians 1 ms and 2 ms
+    events = []
+    for rank, text in program["schedule"]["ranks"].items():
+        for i, name in enumerate(text.split()):
+            action = Action.parse(name)
+            if action.is_compute:
+                duration = seconds[action.kind.value][action.microbatch % 3]
+                events.append(trace_event(int(rank), name, action.kind.value, i, i + duration))
+    trace = write_trace(tmp_path / "run.json", trace_document(events, ranks=[0, 1]))
+    costs = measured_stage_costs(json.loads(trace.read_text()))
+    assert costs == {0: StageCosts(0.001, 0.002), 1: StageCosts(0.001, 0.002)}
+    expected = simulate_program(program, costs=costs).step_time
+    assert expected != simulate_program(program).step_time  # not the compiler's costs
+    run = subprocess.run(
+        [sys.executable, "-m", "ppcompile", "simulate", str(mini_dir), "--costs-from", str(trace)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert f"predicted step {expected * 1e3:.2f} ms" in run.stdout
+    assert f"from stage times measured in {trace}" in run.stdout
+    # A file that is not a run's trace is one line and exit code 2.
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ppcompile",
+            "simulate",
+            str(mini_dir),
+            "--costs-from",
+            str(mini_dir / "program.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not a trace written by run.py" in bad.stderr
+    )

@@ -1,0 +1,188 @@
+"""What ranks that share one machine cost each other: compute slowdown and message latency under load.
+
+Profiling times each node alone in one process. When the program's K ranks then run as K processes
+on the same CPU cores (a CPU machine under ``torchrun``), every rank computes slower (they share
+cores, caches and memory bandwidth, and gloo's threads need a core too), and a message waits for
+the sender's and receiver's communication threads to be scheduled. Both are properties of the
+machine under the run's load, so they are measured under that load:
+
+* ``slowdown``: the whole model's forward + backward in K processes at once, over the same
+  step in one process while the others wait (medians, in the same worker code);
+* the link: a message of a few KiB and one of a few MiB, sent with ``isend`` by a rank that keeps
+  computing (as a pipeline stage does) to a rank waiting on a posted ``irecv`` (as a receive on the
+  critical path does), under gloo, the runtime's CPU backend. Latency is the small message's time,
+  bandwidth the large one's extra bytes over its extra time.
+
+Run as ``python -m ppcompile.contention WORKER-ARGS`` it is one of the K worker processes;
+:func:`measure_contention` starts them and reads their answers.
+
+    >>> measure_contention(ModelRef("models/gpt.py", "gpt_mini"), ranks=2)  # doctest: +SKIP
+    Contention(ranks=2, slowdown=1.38, link_latency=0.00041, link_bandwidth=1.9e9)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ppcompile.errors import CompileError
+from ppcompile.runtime.spec import ModelRef
+
+SMALL_MESSAGE = 4 * 1024  # bytes: latency
+LARGE_MESSAGE = 4 * 1024 * 1024  # bytes: bandwidth
+MESSAGE_REPEATS = 15
+ROUNDS = 5  # of timing alone, then together
+MIN_SAMPLES = 3  # steps per timing, at least
+MIN_SECONDS = 0.25  # per timing, at least
+PROBE_TIMEOUT = 600  # seconds for the whole probe; a model that slow to build is the user's to see
+
+
+@dataclass(frozen=True)
+class Contention:
+    ranks: int  # processes that were busy at once
+    slowdown: float  # compute time with all of them busy over compute time alone
+    link_latency: float  # seconds for a small message, receiver waiting
+    link_bandwidth: float  # bytes/s for large messages
+
+
+def measure_contention(ref: ModelRef, ranks: int, threads: int = 1) -> Contention:
+    """Start ``ranks`` worker processes on this machine's CPU and measure what they cost each other."""
+    with tempfile.TemporaryDirectory(prefix="ppc-contention-") as tmp:
+        store = Path(tmp) / "store"
+        workers = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "ppcompile.contention",
+                    ref.path,
+                    ref.factory,
+                    str(rank),
+                    str(ranks),
+                    str(threads),
+                    str(store),
+                    str(Path(tmp) / f"rank{rank}.json"),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+            )
+            for rank in range(ranks)
+        ]
+        deadline = time.monotonic() + PROBE_TIMEOUT
+        failures = []
+        for rank, worker in enumerate(workers):
+            try:
+                _, err = worker.communicate(timeout=max(deadline - time.monotonic(), 1))
+            except subprocess.TimeoutExpired:
+                for w in workers:
+                    w.kill()
+                raise CompileError(
+                    f"--profile: measuring {ranks} busy ranks took over {PROBE_TIMEOUT} s; "
+                    "use --profile-concurrency 1 to time alone"
+                ) from None
+            if worker.returncode != 0:
+                failures.append(
+                    f"rank {rank}: {err.strip().splitlines()[-1] if err.strip() else worker.returncode}"
+                )
+        if failures:
+            raise RuntimeError(f"contention probe failed: {'; '.join(failures)}")
+        answer = json.loads((Path(tmp) / "rank0.json").read_text())
+        receiver = json.loads((Path(tmp) / "rank1.json").read_text())
+    small, large = receiver["small_seconds"], receiver["large_seconds"]
+    bandwidth = (LARGE_MESSAGE - SMALL_MESSAGE) / max(large - small, 1e-9)
+    return Contention(ranks, answer["slowdown"], small, bandwidth)
+
+
+# The worker ----------------------------------------------------------------------------------
+
+
+def _worker(path: str, factory: str, rank: int, ranks: int, threads: int, store: str, out: str) -> None:
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=ranks)
+    spec = ModelRef(path, factory).build("cpu", seed=0)
+    params = [p for p in spec.module.parameters() if p.requires_grad]
+
+    def step():
+        loss = spec.module(*spec.example_inputs)
+        torch.autograd.grad([loss], params, allow_unused=True)
+
+    for _ in range(2):
+        step()  # warm-up
+    # Alone: rank 0 computes while the others wait at the barrier (blocked, not spinning). Rounds
+    # of alone-then-together, so that a change in the machine's other load hits both alike.
+    ratios = []
+    for _ in range(ROUNDS):
+        alone = _median_seconds(step) if rank == 0 else None
+        dist.barrier()
+        together = _median_seconds(step)
+        dist.barrier()
+        if alone:
+            ratios.append(together / alone)
+    answer: dict = {"slowdown": statistics.median(ratios) if ratios else None}
+    if ranks > 1:
+        answer.update(_link(rank))
+    dist.barrier()
+    Path(out).write_text(json.dumps(answer))
+    dist.destroy_process_group()
+
+
+def _median_seconds(fn) -> float:
+    """Median of at least MIN_SAMPLES calls, repeated for at least MIN_SECONDS."""
+    samples, begin = [], time.perf_counter()
+    while len(samples) < MIN_SAMPLES or time.perf_counter() - begin < MIN_SECONDS:
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def _link(rank: int) -> dict:
+    """Rank 0 sends while computing; rank 1 waits on a posted receive; other ranks keep computing.
+
+    The send time travels in the message, and both clocks are the machine's monotonic clock.
+    """
+    a = torch.randn(192, 192)
+
+    def burst():  # about a millisecond of one core's work, the sender's "next action"
+        for _ in range(8):
+            a @ a
+
+    answer = {}
+    for label, nbytes in (("small_seconds", SMALL_MESSAGE), ("large_seconds", LARGE_MESSAGE)):
+        message = torch.zeros(nbytes // 8, dtype=torch.float64)
+        samples = []
+        for _ in range(MESSAGE_REPEATS):
+            dist.barrier()
+            if rank == 0:
+                burst()
+                message[0] = time.perf_counter()
+                work = dist.isend(message, 1)
+                burst()
+                work.wait()
+            elif rank == 1:
+                work = dist.irecv(message, 0)
+                work.wait()
+                samples.append(time.perf_counter() - message[0].item())
+            else:
+                burst()
+                burst()
+        if rank == 1:
+            answer[label] = statistics.median(samples)
+    return answer
+
+
+if __name__ == "__main__":
+    path, factory, rank, ranks, threads, store, out = sys.argv[1:8]
+    _worker(path, factory, int(rank), int(ranks), int(threads), store, out)

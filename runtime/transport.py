@@ -64,7 +64,7 @@ class DistTransport:
         self.num_boundaries = num_boundaries
         self.timeout = timeout
         self.device = device
-        self.pending: list[tuple[dist.Work, torch.Tensor]] = []
+        self.pending: list[tuple[dist.Work, torch.Tensor, int]] = []  # payload kept alive until sent
         self.waiting: str | None = None  # the receive in progress, for error messages
         self.posted: dict[str, tuple[list, list]] = {}  # action text -> receive buffers and works in flight
 
@@ -72,8 +72,11 @@ class DistTransport:
         payload = tensor.detach().contiguous()
         if payload.dtype == torch.bool:
             payload = payload.to(torch.uint8)  # gloo has no bool
-        work = dist.isend(payload, peer_rank, tag=key.tag(self.num_boundaries))
-        self.pending.append((work, payload))  # keep the payload alive until the send completes
+        where = f"sending to stage {key.dst_stage} on rank {peer_rank}"
+        work = self._peer_call(
+            lambda: dist.isend(payload, peer_rank, tag=key.tag(self.num_boundaries)), where
+        )
+        self.pending.append((work, payload, peer_rank))  # keep the payload alive until the send completes
 
     def post(self, keys: list[tuple[MessageKey, int, torch.Size, torch.dtype]], action: str) -> None:
         """Post the receives of a later action now, so its messages land while this rank computes."""
@@ -83,7 +86,11 @@ class DistTransport:
         for key, peer_rank, shape, dtype in keys:
             wire_dtype = torch.uint8 if dtype == torch.bool else dtype
             buffer = torch.empty(shape, dtype=wire_dtype, device=self.device)
-            works.append((dist.irecv(buffer, peer_rank, tag=key.tag(self.num_boundaries)), peer_rank, key))
+            where = f"{action} posting its receive from stage {key.src_stage} on rank {peer_rank}"
+            work = self._peer_call(
+                lambda b=buffer, k=key, r=peer_rank: dist.irecv(b, r, tag=k.tag(self.num_boundaries)), where
+            )
+            works.append((work, peer_rank, key))
             buffers.append(buffer)
         self.posted[action] = (buffers, works)
 
@@ -92,22 +99,27 @@ class DistTransport:
         buffers, works = self.posted.pop(action)
         for work, peer_rank, key in works:
             self.waiting = f"{action} waiting for stage {key.src_stage} on rank {peer_rank}"
-            try:
-                work.wait(timedelta(seconds=self.timeout))
-            except Exception as e:  # gloo raises on timeout and when the peer's connection closes
-                text = str(e)
-                if "imeout" in text or "imed out" in text:
-                    raise PeerError(
-                        f"rank {self.rank}: timed out after {self.timeout:g} s in {self.waiting}; that rank died "
-                        "or is stuck (raise --timeout if its stages are just slow)"
-                    ) from None
-                raise PeerError(
-                    f"rank {self.rank}: lost the connection in {self.waiting}: {text.splitlines()[0][:160]}"
-                ) from None
+            self._peer_call(lambda w=work: w.wait(timedelta(seconds=self.timeout)), self.waiting)
         self.waiting = None
         return [b.bool() if dtype == torch.bool else b for b, (_, _, _, dtype) in zip(buffers, keys)]
 
     def finish_step(self) -> None:
-        for work, _ in self.pending:
-            work.wait(timedelta(seconds=self.timeout))
+        for work, _, peer_rank in self.pending:
+            where = f"completing a send to rank {peer_rank}"
+            self._peer_call(lambda w=work: w.wait(timedelta(seconds=self.timeout)), where)
         self.pending.clear()
+
+    def _peer_call(self, call, where: str):
+        """``call()``, with gloo's failures (a timeout, a peer's closed connection) as one-line PeerErrors."""
+        try:
+            return call()
+        except Exception as e:
+            text = str(e)
+            if "imeout" in text or "imed out" in text:
+                raise PeerError(
+                    f"rank {self.rank}: timed out after {self.timeout:g} s in {where}; that rank died "
+                    "or is stuck (raise --timeout if its stages are just slow)"
+                ) from None
+            raise PeerError(
+                f"rank {self.rank}: lost the connection in {where}: {text.splitlines()[0][:160] if text else type(e).__name__}"
+            ) from None

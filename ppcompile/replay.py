@@ -63,18 +63,15 @@ def measured_stage_costs(trace: dict) -> dict[int, StageCosts]:
         action = Action.parse(event["name"])
         if action.is_compute:
             durations.setdefault((action.stage, action.kind), []).append(event["dur"] / 1e6)
+    median = {key: statistics.median(found) for key, found in durations.items()}
     costs = {}
     for stage in sorted({stage for stage, _ in durations}):
-
-        def median(kind: ActionKind, stage=stage) -> float | None:
-            found = durations.get((stage, kind))
-            return statistics.median(found) if found else None
-
-        forward, whole = median(ActionKind.F) or 0.0, median(ActionKind.B)
-        backward_input, backward_weight = median(ActionKind.I), median(ActionKind.W)
-        if whole is None:
-            whole = (backward_input or 0.0) + (backward_weight or 0.0)
-        costs[stage] = StageCosts(forward, whole, backward_input, backward_weight)
+        backward_input = median.get((stage, ActionKind.I))
+        backward_weight = median.get((stage, ActionKind.W))
+        whole = median.get((stage, ActionKind.B), (backward_input or 0.0) + (backward_weight or 0.0))
+        costs[stage] = StageCosts(
+            median.get((stage, ActionKind.F), 0.0), whole, backward_input, backward_weight
+        )
     return costs
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -55,3 +57,19 @@ def tracked_step(program_dir: Path) -> tuple[Program, InProcessPipeline]:
 def torchrun_command(program_dir: Path, nproc: int, *args: str) -> list[str]:
     """torchrun of a compiled program's ``run.py`` with ``args``."""
     return launch_command(program_dir / "run.py", nproc, *args)
+
+
+def ppcompile(*args, cwd=None) -> subprocess.CompletedProcess:
+    """Run the ``ppcompile`` command line as a user would, capturing its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "ppcompile", *map(str, args)], capture_output=True, text=True, cwd=cwd
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    """A user error: exit code 2 and one line on stderr that holds every needle."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]

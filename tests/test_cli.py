@@ -1,21 +1,8 @@
 """Bad input: one clear line on stderr, exit code 2, nothing half-written."""
 
-import subprocess
-import sys
-
 import pytest
 
-
-def ppcompile(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "ppcompile", *args], capture_output=True, text=True, cwd=cwd)
-
-
-def assert_user_error(result, *needles):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+from tests.helpers import assert_user_error, ppcompile
 
 
 @pytest.mark.parametrize(

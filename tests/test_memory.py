@@ -1,8 +1,6 @@
 """The memory model, the memory budget, recomputation, and measured costs."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,19 +12,7 @@ from ppcompile.driver import compile_model
 from ppcompile.errors import CompileError
 from ppcompile.memory import parse_bytes
 from ppcompile.runtime.loader import load_program
-from tests.helpers import compile_to, tracked_step
-
-
-def ppcompile(*args):
-    return subprocess.run([sys.executable, "-m", "ppcompile", *args], capture_output=True, text=True)
-
-
-def one_line_error(result, *needles):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+from tests.helpers import assert_user_error, compile_to, ppcompile, tracked_step
 
 
 def test_parse_bytes():
@@ -40,19 +26,19 @@ def test_parse_bytes():
 
 def test_bad_budgets_and_devices_are_one_line(tmp_path):
     out = str(tmp_path / "x")
-    one_line_error(
+    assert_user_error(
         ppcompile("compile", "models/mlp.py:mlp", "-k", "2", "--memory-per-device", "16", "-o", out),
         "has no unit",
         "16GiB",
     )
-    one_line_error(
+    assert_user_error(
         ppcompile("compile", "models/gpt.py:gpt_mini", "-k", "2", "--memory-per-device", "1MiB", "-o", out),
         "rank 0 needs",
         "short",
         "more --stages",
     )
     if not torch.cuda.is_available():
-        one_line_error(
+        assert_user_error(
             ppcompile(
                 "compile", "models/mlp.py:mlp", "-k", "2", "--profile", "--profile-device", "cuda", "-o", out
             ),
@@ -203,11 +189,11 @@ def test_cost_formulas_rebalance_for_another_microbatch_shape():
 
 
 def test_dims_must_name_known_symbols(tmp_path):
-    one_line_error(
+    assert_user_error(
         ppcompile("compile", "models/mlp.py:mlp", "-k", "2", "--dims", "s=4", "-o", str(tmp_path / "x")),
         "symbolic dims are b",
     )
-    one_line_error(
+    assert_user_error(
         ppcompile("compile", "models/mlp.py:mlp", "-k", "2", "--dims", "b=x", "-o", str(tmp_path / "x")),
         "b=8",
     )

@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch
 from ppcompile.check_training import compare, eager_run, verify_in_process
 from ppcompile.replay import simulate_program
 from ppcompile.runtime.loader import load_program
-from tests.helpers import compile_to, torchrun_command, tracked_step
+from tests.helpers import compile_to, ppcompile, torchrun_command, tracked_step
 
 CONFIGS = [
     ("gpipe", 2, 1, 4),
@@ -87,10 +86,6 @@ def test_torchrun_new_schedules(tmp_path, schedule, V):
     params = {n: p for r in ranks for n, p in r["params"].items()}
     comparison = compare(losses, grads, params, eager_run(load_program(program_dir), 3, "sgd", 0.05, 0))
     assert comparison.ok, "\n".join(comparison.lines())
-
-
-def ppcompile(*args):
-    return subprocess.run([sys.executable, "-m", "ppcompile", *args], capture_output=True, text=True)
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,13 @@
 
 The compute nodes are laid out in the traced (topological) order; a partition is K-1 cut
 positions in that order. A stage's time is its nodes' forward + backward time plus the
-transfer time of every tensor that enters it (made earlier, used here) or leaves it (made
-here, used later), activations forward and gradients backward. That cost depends only
+link occupancy (bytes over bandwidth) of every tensor that enters it (made earlier, used
+here) or leaves it (made here, used later), activations forward and gradients backward.
+The link's latency is left out: it delays a message without keeping either rank busy, and
+in a pipeline's steady state each pair of neighbouring stages pays it once per micro-batch
+wherever the cut falls, so it cannot favour one balance over another. Counting it as
+stage time starves the middle stages, which pay it on both sides; the simulator charges
+it as the delay it is. That cost depends only
 on the stage's first and last node, so all N*N stage costs form one matrix, built in
 O(N^2) from 2-D prefix sums, and a dynamic program over it finds the optimum exactly:
 
@@ -43,7 +48,7 @@ class CrossingValue:
 
     producer: int
     consumers: tuple[int, ...]
-    transfer_time: float  # seconds to send it forward and its gradient back
+    transfer_time: float  # seconds it occupies the link, forward and its gradient back
 
 
 def partition_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
@@ -127,7 +132,7 @@ def compute_order(gm: fx.GraphModule) -> list[fx.Node]:
 def _problem(gm, ctx, order, weight=None):
     """Per-position compute times, the values that may cross cuts, and the forbidden cut positions.
 
-    Each crossing value weighs its transfer time (activation forward, gradient back), or
+    Each crossing value weighs its link occupancy (activation forward, gradient back), or
     ``weight(node)`` per direction when given."""
     position = {node.name: i for i, node in enumerate(order)}
     last = len(order) - 1
@@ -143,7 +148,7 @@ def _problem(gm, ctx, order, weight=None):
             forbidden.update(range(p + 1, users[-1] + 1))
             continue
         nbytes = node.meta["ppc.nbytes"]
-        t = weight(node) if weight else ctx.profile.transfer_time(nbytes)
+        t = weight(node) if weight else ctx.profile.transfer_occupancy(nbytes)
         if node.meta["ppc.requires_grad"]:
             t *= 2
         values.append(CrossingValue(p, tuple(users), t))

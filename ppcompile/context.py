@@ -68,7 +68,7 @@ class Partition:
     """Where the cuts fall and what each stage costs under the cost model."""
 
     cut_positions: list[int]  # index into the compute order where each stage after the first starts
-    stage_times: list[float]  # seconds per micro-batch, forward + backward + transfers
+    stage_times: list[float]  # seconds per micro-batch, forward + backward + link occupancy
     compute_order: list[str]  # compute node names in the order cuts are made
     even_split_times: list[float] | None = None  # the same costs for the even split by layer count
     even_split_layers: int = 0  # repeated layers found for that split

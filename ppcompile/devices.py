@@ -34,7 +34,13 @@ class DeviceProfile:
         return max(flops / self.peak_flops(dtype), bytes_moved / self.memory_bandwidth) + self.op_overhead
 
     def transfer_time(self, nbytes: float) -> float:
+        """When a message arrives after it was sent: latency plus its bytes over the bandwidth."""
         return self.link_latency + nbytes / self.link_bandwidth
+
+    def transfer_occupancy(self, nbytes: float) -> float:
+        """How long a message keeps the link busy: its bytes over the bandwidth. The latency
+        only delays the receiver, which meanwhile computes other micro-batches."""
+        return nbytes / self.link_bandwidth
 
 
 GiB = 1024**3

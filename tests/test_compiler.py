@@ -2,10 +2,12 @@
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from ppcompile import devices
 from tests.helpers import compile_to
 
 GOLDEN = Path(__file__).parent / "golden" / "gpt_mini_k2"
@@ -77,6 +79,20 @@ def test_gpt_small_balance(tmp_path, stages):
     else:
         # The LM head alone is over a quarter of the model: the report must say so.
         assert "heaviest node `lm_head`" in report
+
+
+def test_link_latency_does_not_starve_middle_stages(tmp_path, monkeypatch):
+    # Latency delays a message but keeps no rank busy; middle stages send and receive on both
+    # sides, so charging it as stage time would shrink them to nothing.
+    slow_link = replace(devices.PROFILES["cpu"], link_latency=1.0)
+    monkeypatch.setitem(devices.PROFILES, "cpu", slow_link)
+    program_dir = compile_to(tmp_path, "models/gpt.py:gpt_mini", 4)
+    program = json.loads((program_dir / "program.json").read_text())
+    compute = [s["compute_seconds"] for s in program["costs"]["stages"]]
+    assert max(compute) / (sum(compute) / 4) <= 1.10, compute
+    assert program["costs"]["link"]["latency_seconds"] == 1.0
+    # The simulator still charges it, as the delay it is.
+    assert program["costs"]["simulated_step_seconds"] > 2 * 3 * 1.0
 
 
 def test_verifier_runs_after_every_pass(tmp_path):

@@ -97,6 +97,7 @@ def profile_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                 saved_temp_bytes=temp,
             )
     ctx.profiled_on = str(device)
+    ctx.profile_slowdown = slowdown
     return gm
 
 

@@ -6,6 +6,7 @@ and to draw the timeline; benchmarks use it to set predictions beside measuremen
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 
@@ -35,7 +36,19 @@ def boundary_bytes(program: dict, boundary: dict) -> int:
 
 
 def predicted_stage_costs(program: dict) -> dict[int, StageCosts]:
-    """Per stage, the compiler's predicted seconds per micro-batch (recomputation included)."""
+    """Per stage, the compiler's predicted seconds per micro-batch (recomputation included): the
+    stages timed whole where ``--profile`` calibrated them, else the sum of their nodes."""
+    calibrated = program["costs"].get("calibrated")
+    if calibrated is not None:
+        return {
+            s["stage"]: StageCosts(
+                s["forward_seconds"],
+                s["backward_seconds"],
+                s["backward_input_seconds"],
+                s["backward_weight_seconds"],
+            )
+            for s in calibrated["stages"]
+        }
     recompute = {}
     for region in program["costs"].get("recomputed", []):
         recompute[region["stage"]] = recompute.get(region["stage"], 0.0) + region["recompute_seconds"]
@@ -79,15 +92,16 @@ def simulate_program(
     program: dict, key: str = "schedule", costs: dict[int, StageCosts] | None = None
 ) -> SimResult:
     """One step of the program's schedule with its predicted stage costs (or ``costs``, such as
-    :func:`measured_stage_costs`) and its link's transfer times."""
+    :func:`measured_stage_costs`) and its link's transfer times.
+
+    A training step predicted from a ``--profile``d program's own costs ends with the update:
+    tied gradients all-reduced between their ranks, then each rank's optimizer step, so its
+    ``step_time`` is what ``run.py`` prints per step. Bubbles stay those of the pipeline (the
+    part a trace records), and a replay of given ``costs`` is the pipeline alone."""
     schedule = program_schedule(program, key)
+    calibrated = program["costs"].get("calibrated") if costs is None and key == "schedule" else None
     costs = predicted_stage_costs(program) if costs is None else costs
-    link = program["costs"].get("link")
-    if link is not None:
-        latency, bandwidth = link["latency_seconds"], link["bandwidth_bytes_per_second"]
-    else:  # programs from before the link was written down
-        profile = get_profile(program["config"]["device_profile"])
-        latency, bandwidth = profile.link_latency, profile.link_bandwidth
+    latency, bandwidth = link_of(program)
     forward, backward = {}, {}
     for b in program["boundaries"]:
         seconds = latency + boundary_bytes(program, b) / bandwidth
@@ -103,4 +117,31 @@ def simulate_program(
         table = forward if direction == ActionKind.SEND_F else backward
         return table.get((producer, consumer), 0.0)
 
-    return simulate(schedule, costs, edges, grad_edges, transfer_time=transfer)
+    result = simulate(schedule, costs, edges, grad_edges, transfer_time=transfer)
+    if calibrated is None:
+        return result
+    return dataclasses.replace(result, step_time=_step_with_update(program, result, calibrated))
+
+
+def link_of(program: dict) -> tuple[float, float]:
+    """(latency seconds, bandwidth bytes/s) of one message between the program's ranks."""
+    link = program["costs"].get("link")
+    if link is not None:
+        return link["latency_seconds"], link["bandwidth_bytes_per_second"]
+    profile = get_profile(program["config"]["device_profile"])  # programs from before the link was recorded
+    return profile.link_latency, profile.link_bandwidth
+
+
+def _step_with_update(program: dict, result: SimResult, calibrated: dict) -> float:
+    ranks = len(calibrated["update_seconds"])
+    done = [0.0] * ranks
+    for event in result.events:
+        done[event.rank] = max(done[event.rank], event.end)
+    latency, bandwidth = link_of(program)
+    for group, nbytes in zip(program["tied_parameters"], calibrated["tied_bytes"]):
+        members = sorted({stage % ranks for stage in group["stages"]})
+        if len(members) > 1:
+            synced = max(done[r] for r in members) + latency + nbytes / bandwidth
+            for r in members:
+                done[r] = synced
+    return max(d + u for d, u in zip(done, calibrated["update_seconds"]))

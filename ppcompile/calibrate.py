@@ -1,0 +1,120 @@
+"""Time the compiled program's own stages as the runtime runs them (``--profile``).
+
+The partitioner needs a cost for every node, so ``profile_costs`` times nodes one by one. A
+node sum misses what only a whole stage run by the runtime has: receiving and detaching its
+inputs, the autograd engine's start per backward, and for a split backward (ZB-H1's I and W)
+the walk of the autograd graph and one engine start per weight group. It also has no figure
+for the optimizer step that ends every training step.
+
+So, once the program exists, it runs for a few steps in this process on the in-process
+transport (the ranks take turns, so each action is timed alone, through the same executor
+``run.py`` uses), and the median of every stage's F, B, I and W and of every rank's optimizer
+step become the costs the simulator predicts with. Times are scaled by the compute slowdown
+the profile measured for K busy ranks, as node times are.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ppcompile.program import write_program
+from ppcompile.replay import measured_stage_costs
+from ppcompile.runtime.loader import load_program
+from ppcompile.runtime.trace import measured_trace
+from ppcompile.runtime.train import InProcessPipeline, batches
+
+WARMUP_STEPS = 1
+TIMED_STEPS = 3
+
+
+def calibrate(
+    program: dict,
+    files: dict[str, str],
+    optimizer: str,
+    device: str = "cpu",
+    threads: int = 1,
+    slowdown: float = 1.0,
+) -> dict:
+    """Per stage the median seconds of F, B, I and W, and per rank the optimizer step, measured
+    by running ``program`` in-process; the dict ``program.json`` keeps as ``costs.calibrated``.
+
+    Example::
+
+        result = compile_model("models/gpt.py:gpt_mini", CompileConfig(stages=2))
+        calibrate(result.program, result.files, "adamw")["stages"][0]["forward_seconds"]
+    """
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with tempfile.TemporaryDirectory(prefix="ppcompile-calibrate-") as tmp:
+            loaded = load_program(write_program(Path(tmp) / "program", program, files))
+            pipeline = InProcessPipeline(loaded, optimizer=optimizer, device=device)
+            data = batches(loaded, pipeline.spec, seed=0)
+            steps, updates = [], [[] for _ in pipeline.optimizers]
+            for step in range(WARMUP_STEPS + TIMED_STEPS):
+                microbatches = [{k: v.to(device) for k, v in mb.items()} for mb in next(data)]
+                trace = [] if step >= WARMUP_STEPS else None
+                pipeline.step(microbatches, update=False, trace=trace)
+                for rank, opt in enumerate(pipeline.optimizers):
+                    start = time.perf_counter()
+                    opt.step()
+                    if device.startswith("cuda"):
+                        torch.cuda.synchronize(device)
+                    if trace is not None:
+                        updates[rank].append(time.perf_counter() - start)
+                if trace is not None:
+                    steps.extend(trace)
+            named = pipeline.named_parameters()
+            tied_bytes = [named[group["parameters"][0]].nbytes for group in loaded.data["tied_parameters"]]
+    finally:
+        torch.set_num_threads(previous_threads)
+    costs = measured_stage_costs(measured_trace(steps))
+    return {
+        "slowdown": slowdown,
+        "stages": [
+            {
+                "stage": stage,
+                "forward_seconds": c.forward * slowdown,
+                "backward_seconds": c.backward * slowdown,
+                "backward_input_seconds": None if c.backward_input is None else c.backward_input * slowdown,
+                "backward_weight_seconds": None
+                if c.backward_weight is None
+                else c.backward_weight * slowdown,
+            }
+            for stage, c in sorted(costs.items())
+        ],
+        "update_seconds": [statistics.median(u) * slowdown for u in updates],
+        # Bytes of each tied group's gradient, all-reduced between its ranks before the update.
+        "tied_bytes": tied_bytes,
+    }
+
+
+def calibration_note(program: dict) -> str:
+    """One line for the report: whole stages against their node sums, and the optimizer step."""
+    calibrated = program["costs"]["calibrated"]
+    parts = []
+    for whole, summed in zip(calibrated["stages"], program["costs"]["stages"]):
+        parts.append(
+            f"stage {whole['stage']} {(whole['forward_seconds'] + whole['backward_seconds']) * 1e3:.2f} ms "
+            f"(node sum {summed['compute_seconds'] * 1e3:.2f})"
+        )
+    split = [
+        (whole["backward_seconds"], summed["backward_seconds"])
+        for whole, summed in zip(calibrated["stages"], program["costs"]["stages"])
+        if whole["backward_input_seconds"] is not None
+    ]
+    if split:
+        parts.append(
+            "split backward I+W over the node sum's B " + ", ".join(f"{w / b:.2f}" for w, b in split)
+        )
+    update = ", ".join(f"{u * 1e3:.2f}" for u in calibrated["update_seconds"])
+    return (
+        "calibrated: stages timed whole in the runtime, F+B per micro-batch: "
+        + "; ".join(parts)
+        + f"; optimizer step per rank {update} ms"
+    )

@@ -1,0 +1,71 @@
+"""--profile times the compiled stages whole, through the runtime, and predicts with those times."""
+
+import pytest
+
+from ppcompile.context import CompileConfig
+from ppcompile.driver import compile_model
+from ppcompile.replay import link_of, predicted_stage_costs, simulate_program
+from ppcompile.simulate import StageCosts
+
+
+@pytest.fixture(scope="module")
+def zero_bubble(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("profiles")
+    config = CompileConfig(
+        stages=2,
+        microbatches=4,
+        schedule="zb-h1",
+        profile=True,
+        profile_concurrency=1,
+        profile_cache=str(cache),
+    )
+    return compile_model("models/gpt.py:gpt_mini", config).program
+
+
+def test_calibration_times_every_action_kind_and_the_update(zero_bubble):
+    calibrated = zero_bubble["costs"]["calibrated"]
+    assert [s["stage"] for s in calibrated["stages"]] == [0, 1]
+    for stage in calibrated["stages"]:
+        assert stage["forward_seconds"] > 0
+        # ZB-H1 runs the backward split: I and W are timed, B is their sum.
+        assert stage["backward_input_seconds"] > 0 and stage["backward_weight_seconds"] > 0
+        assert stage["backward_seconds"] == pytest.approx(
+            stage["backward_input_seconds"] + stage["backward_weight_seconds"]
+        )
+    assert len(calibrated["update_seconds"]) == 2 and min(calibrated["update_seconds"]) > 0
+    # gpt_mini ties lm_head to the embedding: its gradient is all-reduced before the update.
+    assert calibrated["tied_bytes"] == [128 * 64 * 4]
+    assert any(n.startswith("calibrated: stages timed whole") for n in zero_bubble["costs"]["notes"])
+
+
+def test_prediction_uses_the_calibrated_stages(zero_bubble):
+    costs = predicted_stage_costs(zero_bubble)
+    for stage in zero_bubble["costs"]["calibrated"]["stages"]:
+        assert costs[stage["stage"]] == StageCosts(
+            stage["forward_seconds"],
+            stage["backward_seconds"],
+            stage["backward_input_seconds"],
+            stage["backward_weight_seconds"],
+        )
+
+
+def test_predicted_step_ends_with_the_tied_reduction_and_the_update(zero_bubble):
+    calibrated = zero_bubble["costs"]["calibrated"]
+    pipeline = simulate_program(zero_bubble, costs=predicted_stage_costs(zero_bubble))
+    step = simulate_program(zero_bubble)
+    assert zero_bubble["costs"]["simulated_step_seconds"] == pytest.approx(step.step_time)
+    # Both ranks hold the tied weight: they meet after the later one's last action.
+    ends = [max(e.end for e in pipeline.events if e.rank == r) for r in (0, 1)]
+    latency, bandwidth = link_of(zero_bubble)
+    synced = max(ends) + latency + calibrated["tied_bytes"][0] / bandwidth
+    assert step.step_time == pytest.approx(synced + max(calibrated["update_seconds"]))
+    # Bubbles stay the pipeline's, as a trace measures them.
+    assert step.overall_bubble_fraction == pipeline.overall_bubble_fraction
+    # Without calibration (no --profile) the prediction is the pipeline alone.
+    roofline = compile_model(
+        "models/gpt.py:gpt_mini", CompileConfig(stages=2, microbatches=4, schedule="zb-h1")
+    )
+    assert "calibrated" not in roofline.program["costs"]
+    assert roofline.program["costs"]["simulated_step_seconds"] == pytest.approx(
+        simulate_program(roofline.program, costs=predicted_stage_costs(roofline.program)).step_time
+    )

@@ -11,7 +11,10 @@ machine under the run's load, so they are measured under that load:
 * the link: a message of a few KiB and one of a few MiB, sent with ``isend`` by a rank that keeps
   computing (as a pipeline stage does) to a rank waiting on a posted ``irecv`` (as a receive on the
   critical path does), under gloo, the runtime's CPU backend. Latency is the small message's time,
-  bandwidth the large one's extra bytes over its extra time.
+  bandwidth the large one's extra bytes over its extra time;
+* what a message costs the ranks themselves, besides the wait: the sender's ``isend`` call, and
+  the receiver's completion of a receive whose message has already arrived. Each is a rank's own
+  time, during which it computes nothing, so the simulator charges it to the rank.
 
 Run as ``python -m ppcompile.contention WORKER-ARGS`` it is one of the K worker processes;
 :func:`measure_contention` starts them and reads their answers.
@@ -53,6 +56,8 @@ class Contention:
     slowdown: float  # compute time with all of them busy over compute time alone
     link_latency: float  # seconds for a small message, receiver waiting
     link_bandwidth: float  # bytes/s for large messages
+    send_seconds: float = 0.0  # the sender's time in one isend call
+    receive_seconds: float = 0.0  # the receiver's time to complete a receive whose message is there
 
 
 def measure_contention(ref: ModelRef, ranks: int, threads: int = 1) -> Contention:
@@ -102,7 +107,9 @@ def measure_contention(ref: ModelRef, ranks: int, threads: int = 1) -> Contentio
         receiver = json.loads((Path(tmp) / "rank1.json").read_text())
     small, large = receiver["small_seconds"], receiver["large_seconds"]
     bandwidth = (LARGE_MESSAGE - SMALL_MESSAGE) / max(large - small, 1e-9)
-    return Contention(ranks, answer["slowdown"], small, bandwidth)
+    return Contention(
+        ranks, answer["slowdown"], small, bandwidth, answer["send_seconds"], receiver["receive_seconds"]
+    )
 
 
 # The worker ----------------------------------------------------------------------------------
@@ -162,13 +169,14 @@ def _link(rank: int) -> dict:
     answer = {}
     for label, nbytes in (("small_seconds", SMALL_MESSAGE), ("large_seconds", LARGE_MESSAGE)):
         message = torch.zeros(nbytes // 8, dtype=torch.float64)
-        samples = []
+        samples, calls = [], []
         for _ in range(MESSAGE_REPEATS):
             dist.barrier()
             if rank == 0:
                 burst()
                 message[0] = time.perf_counter()
                 work = dist.isend(message, 1)
+                calls.append(time.perf_counter() - message[0].item())
                 burst()
                 work.wait()
             elif rank == 1:
@@ -180,6 +188,24 @@ def _link(rank: int) -> dict:
                 burst()
         if rank == 1:
             answer[label] = statistics.median(samples)
+        if rank == 0 and nbytes == SMALL_MESSAGE:
+            answer["send_seconds"] = statistics.median(calls)
+    # A receive posted early whose message is already there when the receiver comes to wait on it.
+    message = torch.zeros(SMALL_MESSAGE // 8, dtype=torch.float64)
+    completions = []
+    for _ in range(MESSAGE_REPEATS):
+        dist.barrier()
+        if rank == 0:
+            dist.isend(message, 1).wait()
+        elif rank == 1:
+            work = dist.irecv(message, 0)
+            burst()
+            burst()  # long enough for the message to arrive
+            start = time.perf_counter()
+            work.wait()
+            completions.append(time.perf_counter() - start)
+    if rank == 1:
+        answer["receive_seconds"] = statistics.median(completions)
     return answer
 
 

@@ -163,12 +163,15 @@ def build_program(
             "memory": [m.as_dict() for m in ctx.memory],
             "memory_per_device": ctx.config.memory_per_device,
             "optimizer": ctx.config.optimizer,
-            # One message costs latency + bytes / bandwidth: the device profile's figures, or the
-            # ones measured between busy ranks (--profile on a CPU).
             "notes": list(ctx.notes),  # what the passes found that the report should say
+            # One message arrives latency + bytes / bandwidth after it is sent and costs the two
+            # ranks their own call times: the device profile's figures, or the ones measured
+            # between busy ranks (--profile on a CPU).
             "link": {
                 "latency_seconds": ctx.profile.link_latency,
                 "bandwidth_bytes_per_second": ctx.profile.link_bandwidth,
+                "send_seconds": ctx.profile.send_overhead,
+                "receive_seconds": ctx.profile.receive_overhead,
             },
             "recomputed": [
                 {

@@ -117,7 +117,16 @@ def simulate_program(
         table = forward if direction == ActionKind.SEND_F else backward
         return table.get((producer, consumer), 0.0)
 
-    result = simulate(schedule, costs, edges, grad_edges, transfer_time=transfer)
+    link = program["costs"].get("link", {})
+    result = simulate(
+        schedule,
+        costs,
+        edges,
+        grad_edges,
+        transfer_time=transfer,
+        send_cost=link.get("send_seconds", 0.0),
+        receive_cost=link.get("receive_seconds", 0.0),
+    )
     if calibrated is None:
         return result
     return dataclasses.replace(result, step_time=_step_with_update(program, result, calibrated))

@@ -67,14 +67,24 @@ class DistTransport:
         self.pending: list[tuple[dist.Work, torch.Tensor, int]] = []  # payload kept alive until sent
         self.waiting: str | None = None  # the receive in progress, for error messages
         self.posted: dict[str, tuple[list, list]] = {}  # action text -> receive buffers and works in flight
+        # gloo carries both directions between two ranks on one connection, under one lock; when
+        # both ranks send at once (1F1B's steady state: activations one way, gradients the other)
+        # each isend can wait on the other side's thread, on a shared CPU for a scheduler tick.
+        # A group per direction (messages to a higher rank, messages to a lower one) gives each
+        # direction its own connection. Every rank makes both, in the same order.
+        self.upward = self.downward = None
+        if dist.is_initialized() and dist.get_backend() == "gloo" and dist.get_world_size() > 1:
+            ranks = list(range(dist.get_world_size()))
+            self.upward, self.downward = dist.new_group(ranks), dist.new_group(ranks)
 
     def send(self, key: MessageKey, tensor: torch.Tensor, peer_rank: int) -> None:
         payload = tensor.detach().contiguous()
         if payload.dtype == torch.bool:
             payload = payload.to(torch.uint8)  # gloo has no bool
         where = f"sending to stage {key.dst_stage} on rank {peer_rank}"
+        group = self._group(self.rank, peer_rank)
         work = self._peer_call(
-            lambda: dist.isend(payload, peer_rank, tag=key.tag(self.num_boundaries)), where
+            lambda: dist.isend(payload, peer_rank, group=group, tag=key.tag(self.num_boundaries)), where
         )
         self.pending.append((work, payload, peer_rank))  # keep the payload alive until the send completes
 
@@ -87,8 +97,12 @@ class DistTransport:
             wire_dtype = torch.uint8 if dtype == torch.bool else dtype
             buffer = torch.empty(shape, dtype=wire_dtype, device=self.device)
             where = f"{action} posting its receive from stage {key.src_stage} on rank {peer_rank}"
+            group = self._group(peer_rank, self.rank)
             work = self._peer_call(
-                lambda b=buffer, k=key, r=peer_rank: dist.irecv(b, r, tag=k.tag(self.num_boundaries)), where
+                lambda b=buffer, k=key, r=peer_rank, g=group: dist.irecv(
+                    b, r, group=g, tag=k.tag(self.num_boundaries)
+                ),
+                where,
             )
             works.append((work, peer_rank, key))
             buffers.append(buffer)
@@ -108,6 +122,10 @@ class DistTransport:
             where = f"completing a send to rank {peer_rank}"
             self._peer_call(lambda w=work: w.wait(timedelta(seconds=self.timeout)), where)
         self.pending.clear()
+
+    def _group(self, sender: int, receiver: int):
+        """The process group a message from ``sender`` to ``receiver`` travels on (None: the default)."""
+        return self.upward if receiver > sender else self.downward
 
     def _peer_call(self, call, where: str):
         """``call()``, with gloo's failures (a timeout, a peer's closed connection) as one-line PeerErrors."""

@@ -82,13 +82,12 @@ def profile_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             link_latency=contention.link_latency,
             link_bandwidth=contention.link_bandwidth,
             send_overhead=contention.send_seconds,
-            receive_overhead=contention.receive_seconds,
         )
         ctx.notes.append(
             f"profile: {contention.ranks} ranks busy at once compute {slowdown:.2f}x slower than one alone; "
             f"link measured between busy ranks: {contention.link_latency * 1e6:.0f} us + "
-            f"{contention.link_bandwidth / 1e9:.2f} GB/s; a message costs the sender "
-            f"{contention.send_seconds * 1e6:.0f} us and the receiver {contention.receive_seconds * 1e6:.0f} us"
+            f"{contention.link_bandwidth / 1e9:.2f} GB/s (to an idle rank {contention.idle_latency * 1e6:.0f} us); "
+            f"an isend costs its rank {contention.send_seconds * 1e6:.0f} us"
         )
     for node in gm.graph.nodes:
         if node.name in measured:
@@ -137,7 +136,7 @@ def profile_key(gm: fx.GraphModule, ctx: CompileContext, device: torch.device) -
         torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         str(ctx.config.profile_threads),
         str(profile_concurrency(ctx.config, device)),
-        "contention-v2",  # the cache layout
+        "contention-v4",  # the cache layout
         torch.__version__,
     ]
     return hashlib.sha256("\n".join(what).encode()).hexdigest()[:24]

@@ -8,13 +8,15 @@ machine under the run's load, so they are measured under that load:
 
 * ``slowdown``: the whole model's forward + backward in K processes at once, over the same
   step in one process while the others wait (medians, in the same worker code);
-* the link: a message of a few KiB and one of a few MiB, sent with ``isend`` by a rank that keeps
-  computing (as a pipeline stage does) to a rank waiting on a posted ``irecv`` (as a receive on the
-  critical path does), under gloo, the runtime's CPU backend. Latency is the small message's time,
-  bandwidth the large one's extra bytes over its extra time;
-* what a message costs the ranks themselves, besides the wait: the sender's ``isend`` call, and
-  the receiver's completion of a receive whose message has already arrived. Each is a rank's own
-  time, during which it computes nothing, so the simulator charges it to the rank.
+* the link's bandwidth: a message of a few KiB and one of a few MiB, sent with ``isend`` by a rank
+  that keeps computing to a rank waiting on a posted ``irecv``, under gloo, the runtime's CPU
+  backend: the large one's extra bytes over its extra time;
+* the link's latency as a pipeline's steady state sees it: two busy ranks trade small messages
+  (activations one way, gradients the other), each with its receive posted early and sending
+  mid-compute, and each polls its receive between small pieces of work. gloo's threads need a
+  core that the computing ranks hold, so a message lands far later than between an idle pair
+  (about a millisecond against a tenth on two cores); the mean, since a step pays for the
+  occasional slow message on average. The mean ``isend`` call is the sender's own time.
 
 Run as ``python -m ppcompile.contention WORKER-ARGS`` it is one of the K worker processes;
 :func:`measure_contention` starts them and reads their answers.
@@ -43,7 +45,8 @@ from ppcompile.runtime.spec import ModelRef
 
 SMALL_MESSAGE = 4 * 1024  # bytes: latency
 LARGE_MESSAGE = 4 * 1024 * 1024  # bytes: bandwidth
-MESSAGE_REPEATS = 15
+MESSAGE_REPEATS = 40
+EXCHANGE_PIECES = 32  # 128 x 128 matmuls per exchange: about 2 ms of a stage's work, polled between
 ROUNDS = 5  # of timing alone, then together
 MIN_SAMPLES = 3  # steps per timing, at least
 MIN_SECONDS = 0.25  # per timing, at least
@@ -54,10 +57,10 @@ PROBE_TIMEOUT = 600  # seconds for the whole probe; a model that slow to build i
 class Contention:
     ranks: int  # processes that were busy at once
     slowdown: float  # compute time with all of them busy over compute time alone
-    link_latency: float  # seconds for a small message, receiver waiting
+    link_latency: float  # mean seconds for a small message between two busy ranks
     link_bandwidth: float  # bytes/s for large messages
-    send_seconds: float = 0.0  # the sender's time in one isend call
-    receive_seconds: float = 0.0  # the receiver's time to complete a receive whose message is there
+    send_seconds: float = 0.0  # a rank's own time in one isend, while the peer sends to it too
+    idle_latency: float = 0.0  # mean seconds for a small message to a rank waiting for it
 
 
 def measure_contention(ref: ModelRef, ranks: int, threads: int = 1) -> Contention:
@@ -107,9 +110,10 @@ def measure_contention(ref: ModelRef, ranks: int, threads: int = 1) -> Contentio
         receiver = json.loads((Path(tmp) / "rank1.json").read_text())
     small, large = receiver["small_seconds"], receiver["large_seconds"]
     bandwidth = (LARGE_MESSAGE - SMALL_MESSAGE) / max(large - small, 1e-9)
-    return Contention(
-        ranks, answer["slowdown"], small, bandwidth, answer["send_seconds"], receiver["receive_seconds"]
-    )
+    # Both ranks of the exchange sent and received: average the two.
+    send = (answer["send_seconds"] + receiver["send_seconds"]) / 2
+    latency = (answer["busy_latency_seconds"] + receiver["busy_latency_seconds"]) / 2
+    return Contention(ranks, answer["slowdown"], latency, bandwidth, send, small)
 
 
 # The worker ----------------------------------------------------------------------------------
@@ -169,14 +173,13 @@ def _link(rank: int) -> dict:
     answer = {}
     for label, nbytes in (("small_seconds", SMALL_MESSAGE), ("large_seconds", LARGE_MESSAGE)):
         message = torch.zeros(nbytes // 8, dtype=torch.float64)
-        samples, calls = [], []
+        samples = []
         for _ in range(MESSAGE_REPEATS):
             dist.barrier()
             if rank == 0:
                 burst()
                 message[0] = time.perf_counter()
                 work = dist.isend(message, 1)
-                calls.append(time.perf_counter() - message[0].item())
                 burst()
                 work.wait()
             elif rank == 1:
@@ -187,25 +190,45 @@ def _link(rank: int) -> dict:
                 burst()
                 burst()
         if rank == 1:
-            answer[label] = statistics.median(samples)
-        if rank == 0 and nbytes == SMALL_MESSAGE:
-            answer["send_seconds"] = statistics.median(calls)
-    # A receive posted early whose message is already there when the receiver comes to wait on it.
-    message = torch.zeros(SMALL_MESSAGE // 8, dtype=torch.float64)
-    completions = []
+            # The mean, not the median: a step pays for the occasional slow message on average.
+            answer[label] = statistics.fmean(samples)
+    # The pipeline's steady state: two busy ranks trade messages (activations one way, gradients
+    # the other), each with its receive posted early, sending mid-compute. gloo's threads need a
+    # core that the computing ranks hold, so a message lands later than between an idle pair:
+    # each rank polls its receive between small pieces of work and notes when it landed.
+    piece = torch.randn(128, 128)
+    # As the runtime does: a group per direction, so the two directions do not share a connection.
+    world = list(range(dist.get_world_size()))
+    to_higher, to_lower = dist.new_group(world), dist.new_group(world)
+    peer = 1 - rank
+    inbound, outbound = (to_lower, to_higher) if rank == 0 else (to_higher, to_lower)
+    inbox = torch.zeros(SMALL_MESSAGE // 8, dtype=torch.float64)
+    outbox = torch.zeros(SMALL_MESSAGE // 8, dtype=torch.float64)
+    sends, delays = [], []
     for _ in range(MESSAGE_REPEATS):
         dist.barrier()
-        if rank == 0:
-            dist.isend(message, 1).wait()
-        elif rank == 1:
-            work = dist.irecv(message, 0)
+        if rank not in (0, 1):
             burst()
-            burst()  # long enough for the message to arrive
-            start = time.perf_counter()
-            work.wait()
-            completions.append(time.perf_counter() - start)
-    if rank == 1:
-        answer["receive_seconds"] = statistics.median(completions)
+            burst()
+            continue
+        receive = dist.irecv(inbox, peer, group=inbound)
+        send = landed = None
+        for i in range(EXCHANGE_PIECES):
+            piece @ piece
+            if i == EXCHANGE_PIECES // 4:
+                outbox[0] = time.perf_counter()
+                send = dist.isend(outbox, peer, group=outbound)
+                sends.append(time.perf_counter() - outbox[0].item())
+            elif send is not None and landed is None and receive.is_completed():
+                landed = time.perf_counter()
+        receive.wait()  # once: a gloo receive waited on twice never returns
+        if landed is None:
+            landed = time.perf_counter()
+        delays.append(landed - inbox[0].item())
+        send.wait()
+    if rank in (0, 1):
+        answer["send_seconds"] = statistics.fmean(sends)
+        answer["busy_latency_seconds"] = statistics.fmean(delays)
     return answer
 
 

@@ -26,7 +26,6 @@ class DeviceProfile:
     op_overhead: float  # seconds of fixed cost per operator (dispatch, kernel launch)
     memory_bytes: float  # device memory, for the default memory budget
     send_overhead: float = 0.0  # seconds of the sender's own time per message (its isend call)
-    receive_overhead: float = 0.0  # seconds of the receiver's own time per message that has arrived
 
     def peak_flops(self, dtype: torch.dtype) -> float:
         return self.flops_half if dtype in (torch.float16, torch.bfloat16) else self.flops_fp32
@@ -40,10 +39,10 @@ class DeviceProfile:
         return self.link_latency + nbytes / self.link_bandwidth
 
     def transfer_occupancy(self, nbytes: float) -> float:
-        """How long a message keeps the link and its two ranks busy: its bytes over the bandwidth,
-        and half of the two ranks' call times (a stage sends one direction and receives the
-        other). The latency only delays the receiver, which meanwhile computes other micro-batches."""
-        return nbytes / self.link_bandwidth + (self.send_overhead + self.receive_overhead) / 2
+        """How long a message keeps the link and its sender busy: its bytes over the bandwidth and
+        the sender's call. The latency only delays the receiver, which meanwhile computes other
+        micro-batches."""
+        return nbytes / self.link_bandwidth + self.send_overhead
 
 
 GiB = 1024**3

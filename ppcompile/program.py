@@ -171,7 +171,6 @@ def build_program(
                 "latency_seconds": ctx.profile.link_latency,
                 "bandwidth_bytes_per_second": ctx.profile.link_bandwidth,
                 "send_seconds": ctx.profile.send_overhead,
-                "receive_seconds": ctx.profile.receive_overhead,
             },
             "recomputed": [
                 {

@@ -125,7 +125,6 @@ def simulate_program(
         grad_edges,
         transfer_time=transfer,
         send_cost=link.get("send_seconds", 0.0),
-        receive_cost=link.get("receive_seconds", 0.0),
     )
     if calibrated is None:
         return result

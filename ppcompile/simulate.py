@@ -3,8 +3,7 @@
 Semantics, matching the runtime: each rank runs its actions in order, one at a time. Compute
 actions take their stage's cost. A SEND is non-blocking (an ``isend``): it costs the sender
 ``send_cost`` per message (its own call, zero by default) and its messages arrive at ``send time +
-transfer time``. A RECV blocks until every message it stands for has arrived, then costs the
-receiver ``receive_cost`` per message. Arithmetic follows the cost type, so ``Fraction`` (or ``int``) costs give
+transfer time``. A RECV blocks until every message it stands for has arrived. Arithmetic follows the cost type, so ``Fraction`` (or ``int``) costs give
 exact results, ratios included.
 
 Memory is counted in microbatch activations per stage: a microbatch's activations are alive on a
@@ -71,7 +70,7 @@ class StageCosts:
 
 @dataclass(frozen=True)
 class TimelineEvent:
-    """One action as it ran; for a RECV, ``end - start`` is the time spent waiting and completing it."""
+    """One action as it ran; for a RECV, ``end - start`` is the time spent waiting."""
 
     rank: int
     action: Action
@@ -143,7 +142,6 @@ def simulate(
     grad_edges: Iterable[Edge] | None = None,
     transfer_time: TransferTime = free_transfer,
     send_cost: float = 0,
-    receive_cost: float = 0,
 ) -> SimResult:
     """Replay a lowered schedule. ``costs[s]`` is stage s's cost; ``edges`` and ``grad_edges``
     (default: all of ``edges``) must be the ones the schedule was lowered with.
@@ -164,7 +162,7 @@ def simulate(
     if len(costs) != schedule.num_stages:
         raise ValueError(f"need costs for {schedule.num_stages} stages, got {len(costs)}")
     replay = _Replay(schedule, costs, edges, grad_edges, transfer_time)
-    replay.send_cost, replay.receive_cost = send_cost, receive_cost
+    replay.send_cost = send_cost
     replay.run()
     return replay.result()
 
@@ -183,7 +181,7 @@ class _Replay:
         self.schedule = schedule
         self.costs = costs
         self.transfer_time = transfer_time
-        self.send_cost = self.receive_cost = 0
+        self.send_cost = 0
         stages = range(schedule.num_stages)
         # Peers each stage sends to / receives from, per direction of travel.
         self.peers = {
@@ -254,8 +252,7 @@ class _Replay:
             end = start + self.send_cost * len(self.peers[action.kind][action.stage])
             self._send(action, start)
         elif action.kind in (ActionKind.RECV_F, ActionKind.RECV_B):
-            arrivals = self._receive(action)
-            end = max([start, *arrivals]) + self.receive_cost * len(arrivals)
+            end = max([start, *self._receive(action)])
         else:
             # REDUCE_GRAD and OPT: collective / local work the cost model does not price yet.
             end = start

@@ -147,6 +147,8 @@ def test_profile_on_cpu_measures_busy_ranks_and_their_link(tmp_path):
     assert any("2 ranks busy at once" in n for n in shared.ctx.notes)
     assert link["latency_seconds"] != PROFILES["cpu"].link_latency
     assert 0 < link["latency_seconds"] < 0.1 and link["bandwidth_bytes_per_second"] > 1e6
+    # A send costs its rank its own call; the simulator charges it (the roofline profile: nothing).
+    assert 0 < link["send_seconds"] < link["latency_seconds"] + 0.01
     alone = compile_model(
         "models/mlp.py:mlp",
         CompileConfig(
@@ -155,6 +157,7 @@ def test_profile_on_cpu_measures_busy_ranks_and_their_link(tmp_path):
     )
     assert not any("busy at once" in n for n in alone.ctx.notes)
     assert alone.program["costs"]["link"]["latency_seconds"] == PROFILES["cpu"].link_latency
+    assert alone.program["costs"]["link"]["send_seconds"] == 0
 
 
 def test_bad_profile_concurrency_is_one_line(tmp_path):

@@ -102,6 +102,7 @@ def profile_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             )
     ctx.profiled_on = str(device)
     ctx.profile_slowdown = slowdown
+    ctx.profile_key = key
     return gm
 
 

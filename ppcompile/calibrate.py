@@ -15,6 +15,8 @@ the profile measured for K busy ranks, as node times are.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import statistics
 import tempfile
 import time
@@ -92,6 +94,28 @@ def calibrate(
         # Bytes of each tied group's gradient, all-reduced between its ranks before the update.
         "tied_bytes": tied_bytes,
     }
+
+
+def cached_calibration(
+    cache_dir: str | None, profile_key: str, program: dict, files: dict[str, str], **options
+) -> dict:
+    """:func:`calibrate`, kept in ``cache_dir`` (None: always measure) under the profile's key and
+    everything that decides the stages' work: their code, the schedule, the optimizer."""
+    what = [
+        profile_key,
+        json.dumps(sorted(files.items())),
+        json.dumps(program["schedule"]),
+        json.dumps(options),
+    ]
+    key = hashlib.sha256("\n".join(what).encode()).hexdigest()[:24]
+    cache_file = None if cache_dir is None else Path(cache_dir).expanduser() / f"calibration-{key}.json"
+    if cache_file is not None and cache_file.is_file():
+        return json.loads(cache_file.read_text())
+    calibrated = calibrate(program, files, **options)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps(calibrated, indent=0))
+    return calibrated
 
 
 def calibration_note(program: dict) -> str:

@@ -39,10 +39,11 @@ class DeviceProfile:
         return self.link_latency + nbytes / self.link_bandwidth
 
     def transfer_occupancy(self, nbytes: float) -> float:
-        """How long a message keeps the link and its sender busy: its bytes over the bandwidth and
-        the sender's call. The latency only delays the receiver, which meanwhile computes other
-        micro-batches."""
-        return nbytes / self.link_bandwidth + self.send_overhead
+        """How long one direction of a message keeps a stage busy, as the partitioner counts it: its
+        bytes over the bandwidth, and half the sender's call (a cut charges each direction to
+        both of its stages, while each of them makes one of the two calls). The latency only
+        delays the receiver, which meanwhile computes other micro-batches."""
+        return nbytes / self.link_bandwidth + self.send_overhead / 2
 
 
 GiB = 1024**3

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from ppcompile.calibrate import calibrate, calibration_note
+from ppcompile.calibrate import cached_calibration, calibration_note
 from ppcompile.context import CompileConfig, CompileContext
 from ppcompile.errors import CompileError, PassError
 from ppcompile.frontend import load_context, trace
@@ -87,33 +87,104 @@ def compile_model(ref: str, config: CompileConfig) -> CompileResult:
         simulate(schedule, {s: StageCosts(0, 0) for s in range(ctx.num_stages)}, set()).peak_live_microbatches
     )
     gm = trace(ctx)
-    for index, (name, run_pass) in enumerate(PASSES):
+    gm = _run_passes(gm, ctx, PASSES)
+    lowered, program, files = _build(gm, ctx, schedule)
+    if config.profile:
+        # Node sums miss the runtime's own work, and a node timed alone is noisier than a stage:
+        # time the stages whole, and cut again where that changes the balance.
+        gm, lowered, program, files = _calibrate(gm, ctx, schedule, lowered, program, files)
+    # The prediction is made from program.json alone, as `ppcompile simulate` makes it later.
+    add_simulation(program, simulate_program(program))
+    files["report.md"] = render_report(program)
+    return CompileResult(ctx, gm, lowered, program, files)
+
+
+def _run_passes(gm: fx.GraphModule, ctx: CompileContext, passes) -> fx.GraphModule:
+    for name, run_pass in passes:
         try:
             gm = run_pass(gm, ctx)
         except CompileError:
             raise
         except Exception as e:
             raise PassError(name, e) from e
-        if config.check:
-            verify(gm, ctx, done=[n for n, _ in PASSES[: index + 1]])
+        if ctx.config.check:
+            verify(gm, ctx, done=[n for n, _ in PASSES[: PASSES.index((name, run_pass)) + 1]])
+    return gm
+
+
+def _build(
+    gm: fx.GraphModule, ctx: CompileContext, schedule: Schedule
+) -> tuple[Schedule, dict, dict[str, str]]:
+    """The lowered schedule, program.json's content and the stage files for the current partition."""
+    config = ctx.config
     edges = {(b.producer, c) for b in ctx.boundaries.values() for c in b.consumers}
     grad_edges = {(b.producer, c) for b in ctx.boundaries.values() if b.requires_grad for c in b.consumers}
-    schedule = lower_communication(schedule, edges, grad_edges)
+    lowered = lower_communication(schedule, edges, grad_edges)
     # The same program runs forward-only (run.py --infer) on this schedule.
     inference = make_schedule("forward-only", config.stages, config.microbatches, config.virtual_stages)
     inference = lower_communication(inference, edges, set())
-    program, files = build_program(gm, ctx, schedule, inference)
-    if config.profile:
-        # Node sums miss the runtime's own work and the optimizer step: time the stages whole.
-        calibrated = calibrate(
-            program, files, config.optimizer, ctx.profiled_on, config.profile_threads, ctx.profile_slowdown
+    program, files = build_program(gm, ctx, lowered, inference)
+    return lowered, program, files
+
+
+# Whole stages whose node sums are off by factors further apart than this get cut again.
+REBALANCE_SPREAD = 1.05
+
+
+def _calibrate(gm, ctx, schedule, lowered, program, files):
+    """Time the program's stages whole; where they ran at different multiples of their node sums,
+    scale each stage's node times by its multiple, cut again, and time the new stages."""
+    config = ctx.config
+
+    def timed(program, files):
+        return cached_calibration(
+            config.profile_cache,
+            ctx.profile_key,
+            program,
+            files,
+            optimizer=config.optimizer,
+            device=ctx.profiled_on,
+            threads=config.profile_threads,
+            slowdown=ctx.profile_slowdown,
         )
-        program["costs"]["calibrated"] = calibrated
-        program["costs"]["notes"].append(calibration_note(program))
-    # The prediction is made from program.json alone, as `ppcompile simulate` makes it later.
-    add_simulation(program, simulate_program(program))
-    files["report.md"] = render_report(program)
-    return CompileResult(ctx, gm, schedule, program, files)
+
+    calibrated = timed(program, files)
+    factors = whole_over_node_sums(program, calibrated)
+    if max(factors) > REBALANCE_SPREAD * min(factors):
+        before = list(ctx.partition.cut_positions)
+        for node in gm.graph.nodes:
+            stage, cost = node.meta.get("ppc.stage"), node.meta.get("ppc.cost")
+            if stage is not None and cost is not None:
+                node.meta["ppc.cost"] = dataclasses.replace(
+                    cost,
+                    forward_time=cost.forward_time * factors[stage],
+                    backward_time=cost.backward_time * factors[stage],
+                )
+        gm = _run_passes(gm, ctx, PASSES[[n for n, _ in PASSES].index("partition_stages") :])
+        moved = ctx.partition.cut_positions != before
+        ctx.notes.append(
+            "calibrated: whole stages ran at "
+            + ", ".join(f"{f:.2f}" for f in factors)
+            + "x their node sums; node times scaled by their stage's factor and cut again"
+            + ("" if moved else " (the cuts stayed)")
+        )
+        lowered, program, files = _build(gm, ctx, schedule)
+        if moved:
+            calibrated = timed(program, files)
+    program["costs"]["calibrated"] = calibrated
+    program["costs"]["notes"].append(calibration_note(program))
+    return gm, lowered, program, files
+
+
+def whole_over_node_sums(program: dict, calibrated: dict) -> list[float]:
+    """Per stage: its forward + backward timed whole over the sum of its nodes (recompute included)."""
+    recompute = [0.0] * len(program["stages"])
+    for region in program["costs"].get("recomputed", []):
+        recompute[region["stage"]] += region["recompute_seconds"]
+    return [
+        (whole["forward_seconds"] + whole["backward_seconds"]) / (summed["compute_seconds"] + recompute[s])
+        for s, (whole, summed) in enumerate(zip(calibrated["stages"], program["costs"]["stages"]))
+    ]
 
 
 def _schedule(config: CompileConfig) -> Schedule:

@@ -2,6 +2,7 @@
 
 import pytest
 
+from ppcompile import driver
 from ppcompile.context import CompileConfig
 from ppcompile.driver import compile_model
 from ppcompile.replay import link_of, predicted_stage_costs, simulate_program
@@ -69,3 +70,30 @@ def test_predicted_step_ends_with_the_tied_reduction_and_the_update(zero_bubble)
     assert roofline.program["costs"]["simulated_step_seconds"] == pytest.approx(
         simulate_program(roofline.program, costs=predicted_stage_costs(roofline.program)).step_time
     )
+
+
+def test_a_stage_slower_whole_than_its_nodes_gets_cut_again(tmp_path, monkeypatch):
+    """Where a stage timed whole runs at a larger multiple of its node sum than the others, its node
+    times are scaled up and the partition cut again: that stage gives work away."""
+    config = CompileConfig(
+        stages=2, microbatches=4, profile=True, profile_concurrency=1, profile_cache=str(tmp_path)
+    )
+    plain = compile_model("models/gpt.py:gpt_mini", config)
+    real = driver.cached_calibration
+    calls = []
+
+    def last_stage_twice_as_slow(*args, **kwargs):
+        calibrated = real(*args, **kwargs)
+        calls.append(calibrated)
+        if len(calls) == 1:  # the first partition's stages: pretend the last one ran twice as long
+            last = calibrated["stages"][-1]
+            for key in ("forward_seconds", "backward_seconds"):
+                last[key] *= 2
+        return calibrated
+
+    monkeypatch.setattr(driver, "cached_calibration", last_stage_twice_as_slow)
+    recut = compile_model("models/gpt.py:gpt_mini", config)
+    assert len(calls) == 2  # the new stages were timed too
+    assert any("node times scaled by their stage's factor and cut again" in n for n in recut.ctx.notes)
+    assert recut.ctx.partition.cut_positions[0] > plain.ctx.partition.cut_positions[0]
+    assert recut.program["costs"]["calibrated"] is calls[1]

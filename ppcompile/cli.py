@@ -183,7 +183,12 @@ def simulate(program_dir, png, trace, infer, costs_from):
     name = program[key]["name"]
     K, M = len(result.busy_time), program[key]["microbatches"]
     click.echo(f"{name}: {len(program['stages'])} stages on {K} ranks, {M} micro-batches")
-    basis = f"stage times measured in {costs_from}" if costs_from else "the compiler's stage costs"
+    if costs_from:
+        basis = f"stage times measured in {costs_from}"
+    elif key == "schedule" and "calibrated" in program["costs"]:
+        basis = "the stages timed whole by --profile; the step ends with the optimizer update"
+    else:
+        basis = "the compiler's stage costs"
     click.echo(
         f"predicted step {result.step_time * 1e3:.2f} ms, bubble {float(result.overall_bubble_fraction):.3f} "
         f"(from {basis})"

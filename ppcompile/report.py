@@ -84,7 +84,8 @@ def render_report(program: dict) -> str:
         f"({heaviest['heaviest_seconds'] * 1e3:.2f} of {times[slowest] * 1e3:.2f} ms); a node is never split, "
         f"so no partition beats {lower_bound * 1e3:.2f} ms per stage",
         f"- predicted bubble (K-1)/(M+K-1): {bubble:.3f}",
-        f"- simulated step ({program['schedule']['name']}, transfers included): "
+        f"- simulated step ({program['schedule']['name']}, transfers included"
+        f"{', stages timed whole, optimizer update included' if 'calibrated' in costs else ''}): "
         f"{costs['simulated_step_seconds'] * 1e3:.1f} ms, bubble {costs['simulated_bubble']:.3f}",
     ]
     formulas = [s.get("formulas") for s in stages]

@@ -148,12 +148,15 @@ def _train(program, executor: RankExecutor, data, args) -> tuple[dict, list[list
         optimizer.zero_grad(set_to_none=True)
         for _ in executor.run(microbatches, timings=timings):
             pass  # a blocking transport never yields
-        for params, group in zip(tied, groups):
+        for params, (group, peers) in zip(tied, groups):
+            where = f"summing the tied gradients it shares with the stages on rank{'s' if len(peers) > 1 else ''} {', '.join(map(str, peers))}"
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 if group is not None:
-                    dist.all_reduce(p.grad, group=group)
+                    executor.transport.peer_call(
+                        lambda g=p.grad, pg=group: dist.all_reduce(g, group=pg), where
+                    )
         if args.record and step == 0:
             record["grads"] = _named(executor, lambda p: p.grad)
         optimizer.step()
@@ -250,13 +253,15 @@ def _peer_ranks(program, rank: int) -> set[int]:
 
 
 def _tied_groups(program) -> list:
-    """One process group per tied group; every rank creates every group, in the same order."""
+    """Per tied group, its process group (None where this rank is not in it) and this rank's peers in
+    it; every rank creates every group, in the same order."""
     rank_of = program.rank_of_stage
     groups = []
     for group in program.data["tied_parameters"]:
         ranks = sorted({rank_of[s] for s in group["stages"]})
         pg = dist.new_group(ranks) if len(ranks) > 1 else None
-        groups.append(pg if dist.get_rank() in ranks else None)
+        mine = dist.get_rank() in ranks
+        groups.append((pg if mine else None, [r for r in ranks if r != dist.get_rank()]))
     return groups
 
 

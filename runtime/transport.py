@@ -83,7 +83,7 @@ class DistTransport:
             payload = payload.to(torch.uint8)  # gloo has no bool
         where = f"sending to stage {key.dst_stage} on rank {peer_rank}"
         group = self._group(self.rank, peer_rank)
-        work = self._peer_call(
+        work = self.peer_call(
             lambda: dist.isend(payload, peer_rank, group=group, tag=key.tag(self.num_boundaries)), where
         )
         self.pending.append((work, payload, peer_rank))  # keep the payload alive until the send completes
@@ -98,7 +98,7 @@ class DistTransport:
             buffer = torch.empty(shape, dtype=wire_dtype, device=self.device)
             where = f"{action} posting its receive from stage {key.src_stage} on rank {peer_rank}"
             group = self._group(peer_rank, self.rank)
-            work = self._peer_call(
+            work = self.peer_call(
                 lambda b=buffer, k=key, r=peer_rank, g=group: dist.irecv(
                     b, r, group=g, tag=k.tag(self.num_boundaries)
                 ),
@@ -113,22 +113,23 @@ class DistTransport:
         buffers, works = self.posted.pop(action)
         for work, peer_rank, key in works:
             self.waiting = f"{action} waiting for stage {key.src_stage} on rank {peer_rank}"
-            self._peer_call(lambda w=work: w.wait(timedelta(seconds=self.timeout)), self.waiting)
+            self.peer_call(lambda w=work: w.wait(timedelta(seconds=self.timeout)), self.waiting)
         self.waiting = None
         return [b.bool() if dtype == torch.bool else b for b, (_, _, _, dtype) in zip(buffers, keys)]
 
     def finish_step(self) -> None:
         for work, _, peer_rank in self.pending:
             where = f"completing a send to rank {peer_rank}"
-            self._peer_call(lambda w=work: w.wait(timedelta(seconds=self.timeout)), where)
+            self.peer_call(lambda w=work: w.wait(timedelta(seconds=self.timeout)), where)
         self.pending.clear()
 
     def _group(self, sender: int, receiver: int):
         """The process group a message from ``sender`` to ``receiver`` travels on (None: the default)."""
         return self.upward if receiver > sender else self.downward
 
-    def _peer_call(self, call, where: str):
-        """``call()``, with gloo's failures (a timeout, a peer's closed connection) as one-line PeerErrors."""
+    def peer_call(self, call, where: str):
+        """``call()``, with gloo's failures (a timeout, a peer's closed connection) as one-line PeerErrors;
+        ``where`` names what this rank was doing and with which peer, for the message."""
         try:
             return call()
         except Exception as e:

@@ -74,3 +74,30 @@ def test_other_microbatch_size_trains_too(tmp_path):
     model = pipeline.spec.module
     with torch.no_grad():
         assert losses == [float(model(mb["x"], mb["y"])) for mb in microbatches]
+
+
+def test_peer_failures_are_one_line_naming_what_the_rank_was_doing():
+    import torch
+
+    from ppcompile.runtime.transport import DistTransport, PeerError
+
+    transport = DistTransport(rank=1, num_boundaries=1, timeout=20, device=torch.device("cpu"))
+    where = "summing the tied gradients it shares with the stages on rank 0"
+
+    def closed():
+        raise RuntimeError(
+            "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer\nmore"
+        )
+
+    def slow():
+        raise RuntimeError("[../gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 20000ms for recv")
+
+    with pytest.raises(PeerError) as lost:
+        transport.peer_call(closed, where)
+    assert str(lost.value) == (
+        f"rank 1: lost the connection in {where}: "
+        "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer"
+    )
+    with pytest.raises(PeerError, match=f"rank 1: timed out after 20 s in {where}; that rank died"):
+        transport.peer_call(slow, where)
+    assert transport.peer_call(lambda: 7, where) == 7

@@ -1,7 +1,7 @@
 """Schedules measured against the simulator: gpt_mini on K ranks of this machine.
 
-For each schedule: compile with measured node costs (--profile, which on a CPU also measures
-what two busy ranks cost each other), predict one step with the simulator, then train under
+For each schedule: compile with measured node costs (--profile, measured afresh; on a CPU it also
+measures what two busy ranks cost each other, and it times the compiled stages whole), predict one step with the simulator, then train under
 torchrun (gloo) and take the median step time and, from the runtime's --trace, the measured
 bubble. Goal: measured within 15% of predicted.
 
@@ -58,6 +58,7 @@ def main() -> int:
                 schedule=name,
                 virtual_stages=V,
                 profile=True,
+                profile_cache=None,  # measured afresh: a cached profile may come from a busier or quieter machine
             )
             result = compile_model(args.model, config)
             out = write_program(Path(tmp) / f"{name}_{V}", result.program, result.files)

@@ -82,6 +82,7 @@ def profile_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             link_latency=contention.link_latency,
             link_bandwidth=contention.link_bandwidth,
             send_overhead=contention.send_seconds,
+            idle_latency=contention.idle_latency,
         )
         ctx.notes.append(
             f"profile: {contention.ranks} ranks busy at once compute {slowdown:.2f}x slower than one alone; "

@@ -171,6 +171,7 @@ def build_program(
                 "latency_seconds": ctx.profile.link_latency,
                 "bandwidth_bytes_per_second": ctx.profile.link_bandwidth,
                 "send_seconds": ctx.profile.send_overhead,
+                "idle_latency_seconds": ctx.profile.idle_latency,
             },
             "recomputed": [
                 {

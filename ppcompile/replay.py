@@ -102,6 +102,40 @@ def simulate_program(
     calibrated = program["costs"].get("calibrated") if costs is None and key == "schedule" else None
     costs = predicted_stage_costs(program) if costs is None else costs
     latency, bandwidth = link_of(program)
+    link = program["costs"].get("link", {})
+    transfer = _transfer_table(program, latency, bandwidth)
+    idle_latency = link.get("idle_latency_seconds")
+    idle = None if idle_latency is None else _transfer_table(program, idle_latency, bandwidth)
+    forward = transfer.forward
+    edges = set(forward)
+    grad_edges = set(transfer.backward) if key == "schedule" else set()
+    result = simulate(
+        schedule,
+        costs,
+        edges,
+        grad_edges,
+        transfer_time=transfer,
+        send_cost=link.get("send_seconds", 0.0),
+        idle_transfer_time=idle,
+    )
+    if calibrated is None:
+        return result
+    return dataclasses.replace(result, step_time=_step_with_update(program, result, calibrated))
+
+
+@dataclasses.dataclass
+class _TransferTable:
+    """Seconds per edge and direction for one message latency: a simulator TransferTime."""
+
+    forward: dict
+    backward: dict
+
+    def __call__(self, producer: int, consumer: int, direction: ActionKind) -> float:
+        table = self.forward if direction == ActionKind.SEND_F else self.backward
+        return table.get((producer, consumer), 0.0)
+
+
+def _transfer_table(program: dict, latency: float, bandwidth: float) -> _TransferTable:
     forward, backward = {}, {}
     for b in program["boundaries"]:
         seconds = latency + boundary_bytes(program, b) / bandwidth
@@ -110,25 +144,7 @@ def simulate_program(
             forward[edge] = forward.get(edge, 0.0) + seconds
             if b["requires_grad"]:
                 backward[edge] = backward.get(edge, 0.0) + seconds
-    edges = set(forward)
-    grad_edges = set(backward) if key == "schedule" else set()
-
-    def transfer(producer: int, consumer: int, direction: ActionKind) -> float:
-        table = forward if direction == ActionKind.SEND_F else backward
-        return table.get((producer, consumer), 0.0)
-
-    link = program["costs"].get("link", {})
-    result = simulate(
-        schedule,
-        costs,
-        edges,
-        grad_edges,
-        transfer_time=transfer,
-        send_cost=link.get("send_seconds", 0.0),
-    )
-    if calibrated is None:
-        return result
-    return dataclasses.replace(result, step_time=_step_with_update(program, result, calibrated))
+    return _TransferTable(forward, backward)
 
 
 def link_of(program: dict) -> tuple[float, float]:

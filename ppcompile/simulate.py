@@ -142,6 +142,7 @@ def simulate(
     grad_edges: Iterable[Edge] | None = None,
     transfer_time: TransferTime = free_transfer,
     send_cost: float = 0,
+    idle_transfer_time: TransferTime | None = None,
 ) -> SimResult:
     """Replay a lowered schedule. ``costs[s]`` is stage s's cost; ``edges`` and ``grad_edges``
     (default: all of ``edges``) must be the ones the schedule was lowered with.
@@ -163,6 +164,7 @@ def simulate(
         raise ValueError(f"need costs for {schedule.num_stages} stages, got {len(costs)}")
     replay = _Replay(schedule, costs, edges, grad_edges, transfer_time)
     replay.send_cost = send_cost
+    replay.idle_transfer_time = idle_transfer_time
     replay.run()
     return replay.result()
 
@@ -182,6 +184,9 @@ class _Replay:
         self.costs = costs
         self.transfer_time = transfer_time
         self.send_cost = 0
+        self.idle_transfer_time: TransferTime | None = None
+        # key of a message in flight -> (send time, edge, direction), for idle_transfer_time.
+        self.sent: dict[tuple[ActionKind, int, int, int], tuple[float, Edge, ActionKind]] = {}
         stages = range(schedule.num_stages)
         # Peers each stage sends to / receives from, per direction of travel.
         self.peers = {
@@ -252,7 +257,7 @@ class _Replay:
             end = start + self.send_cost * len(self.peers[action.kind][action.stage])
             self._send(action, start)
         elif action.kind in (ActionKind.RECV_F, ActionKind.RECV_B):
-            end = max([start, *self._receive(action)])
+            end = max([start, *self._receive(action, start)])
         else:
             # REDUCE_GRAD and OPT: collective / local work the cost model does not price yet.
             end = start
@@ -327,16 +332,28 @@ class _Replay:
             # The edge is named (producer, consumer) whichever way the message travels.
             edge = (stage, peer) if action.kind == ActionKind.SEND_F else (peer, stage)
             self.in_flight[key] = now + self.transfer_time(*edge, action.kind)
+            self.sent[key] = (now, edge, action.kind)
 
-    def _receive(self, action: Action) -> list[float]:
-        """Consume this RECV's messages and return their arrival times."""
+    def _receive(self, action: Action, start: float) -> list[float]:
+        """Consume this RECV's messages and return their arrival times; ``start`` is when the rank
+        begins to wait. With ``idle_transfer_time``, a message the receiver waits for lands that
+        long after it was sent or the wait began, whichever is later, if that is sooner: a rank
+        blocked on a receive leaves its core to the threads that move the message."""
         peers = self.peers[action.kind][action.stage]
         if not peers:
             raise DependencyError(
                 f"schedule {self.schedule.name!r}: {action} but stage {action.stage} has no peers to receive from"
             )
         direction = ActionKind.SEND_F if action.kind == ActionKind.RECV_F else ActionKind.SEND_B
-        return [self.in_flight.pop((direction, peer, action.stage, action.microbatch)) for peer in peers]
+        arrivals = []
+        for peer in peers:
+            key = (direction, peer, action.stage, action.microbatch)
+            arrival = self.in_flight.pop(key)
+            sent, edge, kind = self.sent.pop(key)
+            if self.idle_transfer_time is not None:
+                arrival = min(arrival, max(sent, start) + self.idle_transfer_time(*edge, kind))
+            arrivals.append(arrival)
+        return arrivals
 
     def _check_finished(self) -> None:
         stuck = []

@@ -154,6 +154,7 @@ def test_profile_on_cpu_measures_busy_ranks_and_their_link(tmp_path):
     assert 0 < link["latency_seconds"] < 0.1 and link["bandwidth_bytes_per_second"] > 1e6
     # A send costs its rank its own call; the simulator charges it (the roofline profile: nothing).
     assert 0 < link["send_seconds"] < link["latency_seconds"] + 0.01
+    assert 0 < link["idle_latency_seconds"] < 0.1  # to a rank blocked on the receive
     alone = compile_model(
         "models/mlp.py:mlp",
         CompileConfig(
@@ -163,6 +164,7 @@ def test_profile_on_cpu_measures_busy_ranks_and_their_link(tmp_path):
     assert not any("busy at once" in n for n in alone.ctx.notes)
     assert alone.program["costs"]["link"]["latency_seconds"] == PROFILES["cpu"].link_latency
     assert alone.program["costs"]["link"]["send_seconds"] == 0
+    assert alone.program["costs"]["link"]["idle_latency_seconds"] is None
 
 
 def test_bad_profile_concurrency_is_one_line(tmp_path):

@@ -356,6 +356,25 @@ def test_send_call_time_is_charged_to_the_sender():
     assert result.busy_time == (3, 3)
 
 
+def test_a_waiting_receiver_gets_its_message_at_the_idle_latency():
+    # A rank blocked on a receive leaves its core to the threads moving the message: it lands
+    # idle_transfer_time after it was sent or the wait began, whichever is later, if that is
+    # sooner than transfer_time (the latency between two busy ranks).
+    edges = {(0, 1)}
+    lowered = lower_communication(gpipe(2, 2), edges)
+    costs = [StageCosts(1, 2)] * 2
+
+    def start(result, text):
+        return next(e.start for e in result.events if str(e.action) == text)
+
+    busy = simulate(lowered, costs, edges, transfer_time=lambda *_: 3)
+    assert (start(busy, "1F0"), start(busy, "1F1")) == (4, 5)
+    both = simulate(lowered, costs, edges, transfer_time=lambda *_: 3, idle_transfer_time=lambda *_: 1)
+    # 0F0's message leaves at 1 while rank 1 already waits: 1 + 1. 0F1's leaves at 2, but rank 1
+    # computes 1F0 until 3 and only then waits: 3 + 1 (sooner than 2 + 3).
+    assert (start(both, "1F0"), start(both, "1F1")) == (2, 4)
+
+
 # --- simulation: closed forms --------------------------------------------------------------------
 
 

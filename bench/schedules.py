@@ -1,9 +1,10 @@
 """Schedules measured against the simulator: gpt_mini on K ranks of this machine.
 
-For each schedule: compile with measured node costs (--profile, measured afresh; on a CPU it also
-measures what two busy ranks cost each other, and it times the compiled stages whole), predict one step with the simulator, then train under
-torchrun (gloo) and take the median step time and, from the runtime's --trace, the measured
-bubble. Goal: measured within 15% of predicted.
+For each schedule: compile with measured node costs (--profile, measured afresh; on a CPU it
+also measures what two busy ranks cost each other, and it times the compiled stages whole),
+predict one step with the simulator, then train under torchrun (gloo) and take the median step
+time and, from the runtime's --trace, the measured bubble. Goal: measured within 15% of
+predicted.
 
 A second prediction replays the same schedule with the stage times the run itself measured
 (``ppcompile simulate DIR --costs-from trace.json``): measured over that isolates what the

@@ -2,15 +2,15 @@
 
 The compute nodes are laid out in the traced (topological) order; a partition is K-1 cut
 positions in that order. A stage's time is its nodes' forward + backward time plus the
-link occupancy (bytes over bandwidth) of every tensor that enters it (made earlier, used
-here) or leaves it (made here, used later), activations forward and gradients backward.
-The link's latency is left out: it delays a message without keeping either rank busy, and
-in a pipeline's steady state each pair of neighbouring stages pays it once per micro-batch
-wherever the cut falls, so it cannot favour one balance over another. Counting it as
-stage time starves the middle stages, which pay it on both sides; the simulator charges
-it as the delay it is. That cost depends only
-on the stage's first and last node, so all N*N stage costs form one matrix, built in
-O(N^2) from 2-D prefix sums, and a dynamic program over it finds the optimum exactly:
+link occupancy (bytes over bandwidth, and the send call) of every tensor that enters it
+(made earlier, used here) or leaves it (made here, used later), activations forward and
+gradients backward. The link's latency is left out: it delays a message without keeping
+either rank busy, and in a pipeline's steady state each pair of neighbouring stages pays it
+once per micro-batch wherever the cut falls, so it cannot favour one balance over another.
+Counting it as stage time starves the middle stages, which pay it on both sides; the
+simulator charges it as the delay it is. That cost depends only on the stage's first and
+last node, so all N*N stage costs form one matrix, built in O(N^2) from 2-D prefix sums,
+and a dynamic program over it finds the optimum exactly:
 
     best[k][j] = min over i of max(best[k-1][i-1], cost[i][j])
 

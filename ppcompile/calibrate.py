@@ -76,17 +76,19 @@ def calibrate(
     finally:
         torch.set_num_threads(previous_threads)
     costs = measured_stage_costs(measured_trace(steps))
+
+    def scaled(seconds: float | None) -> float | None:
+        return None if seconds is None else seconds * slowdown
+
     return {
         "slowdown": slowdown,
         "stages": [
             {
                 "stage": stage,
-                "forward_seconds": c.forward * slowdown,
-                "backward_seconds": c.backward * slowdown,
-                "backward_input_seconds": None if c.backward_input is None else c.backward_input * slowdown,
-                "backward_weight_seconds": None
-                if c.backward_weight is None
-                else c.backward_weight * slowdown,
+                "forward_seconds": scaled(c.forward),
+                "backward_seconds": scaled(c.backward),
+                "backward_input_seconds": scaled(c.backward_input),
+                "backward_weight_seconds": scaled(c.backward_weight),
             }
             for stage, c in sorted(costs.items())
         ],
@@ -121,17 +123,14 @@ def cached_calibration(
 def calibration_note(program: dict) -> str:
     """One line for the report: whole stages against their node sums, and the optimizer step."""
     calibrated = program["costs"]["calibrated"]
-    parts = []
+    parts, split = [], []
     for whole, summed in zip(calibrated["stages"], program["costs"]["stages"]):
         parts.append(
             f"stage {whole['stage']} {(whole['forward_seconds'] + whole['backward_seconds']) * 1e3:.2f} ms "
             f"(node sum {summed['compute_seconds'] * 1e3:.2f})"
         )
-    split = [
-        (whole["backward_seconds"], summed["backward_seconds"])
-        for whole, summed in zip(calibrated["stages"], program["costs"]["stages"])
-        if whole["backward_input_seconds"] is not None
-    ]
+        if whole["backward_input_seconds"] is not None:
+            split.append((whole["backward_seconds"], summed["backward_seconds"]))
     if split:
         parts.append(
             "split backward I+W over the node sum's B " + ", ".join(f"{w / b:.2f}" for w, b in split)

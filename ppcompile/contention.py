@@ -160,16 +160,19 @@ def _median_seconds(fn) -> float:
 
 
 def _link(rank: int) -> dict:
-    """Rank 0 sends while computing; rank 1 waits on a posted receive; other ranks keep computing.
-
-    The send time travels in the message, and both clocks are the machine's monotonic clock.
-    """
+    """The link between ranks 0 and 1, while any other ranks keep computing. Send times travel in
+    the messages; every clock is the machine's monotonic clock."""
     a = torch.randn(192, 192)
 
     def burst():  # about a millisecond of one core's work, the sender's "next action"
         for _ in range(8):
             a @ a
 
+    return {**_one_way(rank, burst), **_exchange(rank, burst)}
+
+
+def _one_way(rank: int, burst) -> dict:
+    """Rank 0 sends while computing; rank 1 waits on a posted receive: each size's mean time."""
     answer = {}
     for label, nbytes in (("small_seconds", SMALL_MESSAGE), ("large_seconds", LARGE_MESSAGE)):
         message = torch.zeros(nbytes // 8, dtype=torch.float64)
@@ -192,6 +195,11 @@ def _link(rank: int) -> dict:
         if rank == 1:
             # The mean, not the median: a step pays for the occasional slow message on average.
             answer[label] = statistics.fmean(samples)
+    return answer
+
+
+def _exchange(rank: int, burst) -> dict:
+    """Ranks 0 and 1 both busy, trading messages: the mean latency and isend call."""
     # The pipeline's steady state: two busy ranks trade messages (activations one way, gradients
     # the other), each with its receive posted early, sending mid-compute. gloo's threads need a
     # core that the computing ranks hold, so a message lands later than between an idle pair:
@@ -226,10 +234,9 @@ def _link(rank: int) -> dict:
             landed = time.perf_counter()
         delays.append(landed - inbox[0].item())
         send.wait()
-    if rank in (0, 1):
-        answer["send_seconds"] = statistics.fmean(sends)
-        answer["busy_latency_seconds"] = statistics.fmean(delays)
-    return answer
+    if rank not in (0, 1):
+        return {}
+    return {"send_seconds": statistics.fmean(sends), "busy_latency_seconds": statistics.fmean(delays)}
 
 
 if __name__ == "__main__":

@@ -26,9 +26,7 @@ class DeviceProfile:
     op_overhead: float  # seconds of fixed cost per operator (dispatch, kernel launch)
     memory_bytes: float  # device memory, for the default memory budget
     send_overhead: float = 0.0  # seconds of the sender's own time per message (its isend call)
-    idle_latency: float | None = (
-        None  # seconds per message to a rank blocked on it, if less than link_latency
-    )
+    idle_latency: float | None = None  # seconds per message to a rank blocked on it, if sooner
 
     def peak_flops(self, dtype: torch.dtype) -> float:
         return self.flops_half if dtype in (torch.float16, torch.bfloat16) else self.flops_fp32

@@ -27,7 +27,7 @@ from ppcompile.passes.profile_costs import profile_costs
 from ppcompile.passes.propagate_shapes import propagate_shapes
 from ppcompile.passes.split_stages import split_stages
 from ppcompile.program import add_simulation, build_program
-from ppcompile.replay import simulate_program
+from ppcompile.replay import recompute_seconds, simulate_program
 from ppcompile.report import render_report
 from ppcompile.schedules import Schedule, ScheduleError, lower_communication, make_schedule
 from ppcompile.simulate import StageCosts, simulate
@@ -127,8 +127,10 @@ def _build(
     return lowered, program, files
 
 
-# Whole stages whose node sums are off by factors further apart than this get cut again.
+# Whole stages whose node sums are off by factors further apart than this get cut again, by the
+# passes from the partitioner on.
 REBALANCE_SPREAD = 1.05
+REPARTITION_FROM = [name for name, _ in PASSES].index("partition_stages")
 
 
 def _calibrate(gm, ctx, schedule, lowered, program, files):
@@ -160,7 +162,7 @@ def _calibrate(gm, ctx, schedule, lowered, program, files):
                     forward_time=cost.forward_time * factors[stage],
                     backward_time=cost.backward_time * factors[stage],
                 )
-        gm = _run_passes(gm, ctx, PASSES[[n for n, _ in PASSES].index("partition_stages") :])
+        gm = _run_passes(gm, ctx, PASSES[REPARTITION_FROM:])
         moved = ctx.partition.cut_positions != before
         ctx.notes.append(
             "calibrated: whole stages ran at "
@@ -178,9 +180,7 @@ def _calibrate(gm, ctx, schedule, lowered, program, files):
 
 def whole_over_node_sums(program: dict, calibrated: dict) -> list[float]:
     """Per stage: its forward + backward timed whole over the sum of its nodes (recompute included)."""
-    recompute = [0.0] * len(program["stages"])
-    for region in program["costs"].get("recomputed", []):
-        recompute[region["stage"]] += region["recompute_seconds"]
+    recompute = recompute_seconds(program)
     return [
         (whole["forward_seconds"] + whole["backward_seconds"]) / (summed["compute_seconds"] + recompute[s])
         for s, (whole, summed) in enumerate(zip(calibrated["stages"], program["costs"]["stages"]))

@@ -49,13 +49,19 @@ def predicted_stage_costs(program: dict) -> dict[int, StageCosts]:
             )
             for s in calibrated["stages"]
         }
-    recompute = {}
-    for region in program["costs"].get("recomputed", []):
-        recompute[region["stage"]] = recompute.get(region["stage"], 0.0) + region["recompute_seconds"]
+    recompute = recompute_seconds(program)
     return {
-        s["stage"]: StageCosts(s["forward_seconds"], s["backward_seconds"] + recompute.get(s["stage"], 0.0))
+        s["stage"]: StageCosts(s["forward_seconds"], s["backward_seconds"] + recompute[s["stage"]])
         for s in program["costs"]["stages"]
     }
+
+
+def recompute_seconds(program: dict) -> list[float]:
+    """Per stage, the seconds per micro-batch its backward spends recomputing checkpointed regions."""
+    seconds = [0.0] * len(program["stages"])
+    for region in program["costs"].get("recomputed", []):
+        seconds[region["stage"]] += region["recompute_seconds"]
+    return seconds
 
 
 def measured_stage_costs(trace: dict) -> dict[int, StageCosts]:
@@ -103,48 +109,49 @@ def simulate_program(
     costs = predicted_stage_costs(program) if costs is None else costs
     latency, bandwidth = link_of(program)
     link = program["costs"].get("link", {})
-    transfer = _transfer_table(program, latency, bandwidth)
+    messages = _EdgeMessages.of(program)
     idle_latency = link.get("idle_latency_seconds")
-    idle = None if idle_latency is None else _transfer_table(program, idle_latency, bandwidth)
-    forward = transfer.forward
-    edges = set(forward)
-    grad_edges = set(transfer.backward) if key == "schedule" else set()
     result = simulate(
         schedule,
         costs,
-        edges,
-        grad_edges,
-        transfer_time=transfer,
+        set(messages.forward),
+        set(messages.backward) if key == "schedule" else set(),
+        transfer_time=messages.transfer_time(latency, bandwidth),
         send_cost=link.get("send_seconds", 0.0),
-        idle_transfer_time=idle,
+        idle_transfer_time=None if idle_latency is None else messages.transfer_time(idle_latency, bandwidth),
     )
     if calibrated is None:
         return result
     return dataclasses.replace(result, step_time=_step_with_update(program, result, calibrated))
 
 
-@dataclasses.dataclass
-class _TransferTable:
-    """Seconds per edge and direction for one message latency: a simulator TransferTime."""
+@dataclasses.dataclass(frozen=True)
+class _EdgeMessages:
+    """Per edge (producer, consumer) and direction: the messages of one micro-batch and their bytes."""
 
-    forward: dict
-    backward: dict
+    forward: dict[tuple[int, int], tuple[int, int]]
+    backward: dict[tuple[int, int], tuple[int, int]]
 
-    def __call__(self, producer: int, consumer: int, direction: ActionKind) -> float:
-        table = self.forward if direction == ActionKind.SEND_F else self.backward
-        return table.get((producer, consumer), 0.0)
+    @classmethod
+    def of(cls, program: dict) -> _EdgeMessages:
+        forward, backward = {}, {}
+        for b in program["boundaries"]:
+            nbytes = boundary_bytes(program, b)
+            for table in (forward, backward) if b["requires_grad"] else (forward,):
+                for c in b["consumers"]:
+                    count, total = table.get((b["producer"], c), (0, 0))
+                    table[(b["producer"], c)] = (count + 1, total + nbytes)
+        return cls(forward, backward)
 
+    def transfer_time(self, latency: float, bandwidth: float):
+        """The simulator's TransferTime: each message's latency plus all their bytes over the bandwidth."""
 
-def _transfer_table(program: dict, latency: float, bandwidth: float) -> _TransferTable:
-    forward, backward = {}, {}
-    for b in program["boundaries"]:
-        seconds = latency + boundary_bytes(program, b) / bandwidth
-        for c in b["consumers"]:
-            edge = (b["producer"], c)
-            forward[edge] = forward.get(edge, 0.0) + seconds
-            if b["requires_grad"]:
-                backward[edge] = backward.get(edge, 0.0) + seconds
-    return _TransferTable(forward, backward)
+        def seconds(producer: int, consumer: int, direction: ActionKind) -> float:
+            table = self.forward if direction == ActionKind.SEND_F else self.backward
+            count, nbytes = table.get((producer, consumer), (0, 0))
+            return count * latency + nbytes / bandwidth
+
+        return seconds
 
 
 def link_of(program: dict) -> tuple[float, float]:

@@ -2,9 +2,9 @@
 
 Semantics, matching the runtime: each rank runs its actions in order, one at a time. Compute
 actions take their stage's cost. A SEND is non-blocking (an ``isend``): it costs the sender
-``send_cost`` per message (its own call, zero by default) and its messages arrive at ``send time +
-transfer time``. A RECV blocks until every message it stands for has arrived. Arithmetic follows the cost type, so ``Fraction`` (or ``int``) costs give
-exact results, ratios included.
+``send_cost`` per message (its own call, zero by default) and its messages arrive at ``send time
++ transfer time``. A RECV blocks until every message it stands for has arrived. Arithmetic
+follows the cost type, so ``Fraction`` (or ``int``) costs give exact results, ratios included.
 
 Memory is counted in microbatch activations per stage: a microbatch's activations are alive on a
 stage from the start of its F to the end of its B, or of its W when the backward is split. An F
@@ -162,9 +162,7 @@ def simulate(
     check_edges(schedule.num_stages, edges, grad_edges)
     if len(costs) != schedule.num_stages:
         raise ValueError(f"need costs for {schedule.num_stages} stages, got {len(costs)}")
-    replay = _Replay(schedule, costs, edges, grad_edges, transfer_time)
-    replay.send_cost = send_cost
-    replay.idle_transfer_time = idle_transfer_time
+    replay = _Replay(schedule, costs, edges, grad_edges, transfer_time, send_cost, idle_transfer_time)
     replay.run()
     return replay.result()
 
@@ -179,14 +177,14 @@ class _Replay:
         edges: set[Edge],
         grad_edges: set[Edge],
         transfer_time: TransferTime,
+        send_cost: float,
+        idle_transfer_time: TransferTime | None,
     ) -> None:
         self.schedule = schedule
         self.costs = costs
         self.transfer_time = transfer_time
-        self.send_cost = 0
-        self.idle_transfer_time: TransferTime | None = None
-        # key of a message in flight -> (send time, edge, direction), for idle_transfer_time.
-        self.sent: dict[tuple[ActionKind, int, int, int], tuple[float, Edge, ActionKind]] = {}
+        self.send_cost = send_cost
+        self.idle_transfer_time = idle_transfer_time
         stages = range(schedule.num_stages)
         # Peers each stage sends to / receives from, per direction of travel.
         self.peers = {
@@ -200,8 +198,9 @@ class _Replay:
         self.next_index = {rank: 0 for rank in ranks}
         self.busy = {rank: 0 for rank in ranks}
         self.events: dict[int, list[TimelineEvent]] = {rank: [] for rank in ranks}
-        # (direction, sender stage, receiver stage, microbatch) -> arrival time, until received.
-        self.in_flight: dict[tuple[ActionKind, int, int, int], float] = {}
+        # (direction, sender stage, receiver stage, microbatch) -> (send time, edge, direction),
+        # until received; the arrival follows from them and from when the receiver waits.
+        self.in_flight: dict[tuple[ActionKind, int, int, int], tuple[float, Edge, ActionKind]] = {}
         # (stage, kind, microbatch) for every action already run, to check dependencies.
         self.done: set[tuple[int, ActionKind, int | None]] = set()
         self.live = [0] * schedule.num_stages
@@ -331,8 +330,7 @@ class _Replay:
                 )
             # The edge is named (producer, consumer) whichever way the message travels.
             edge = (stage, peer) if action.kind == ActionKind.SEND_F else (peer, stage)
-            self.in_flight[key] = now + self.transfer_time(*edge, action.kind)
-            self.sent[key] = (now, edge, action.kind)
+            self.in_flight[key] = (now, edge, action.kind)
 
     def _receive(self, action: Action, start: float) -> list[float]:
         """Consume this RECV's messages and return their arrival times; ``start`` is when the rank
@@ -347,9 +345,8 @@ class _Replay:
         direction = ActionKind.SEND_F if action.kind == ActionKind.RECV_F else ActionKind.SEND_B
         arrivals = []
         for peer in peers:
-            key = (direction, peer, action.stage, action.microbatch)
-            arrival = self.in_flight.pop(key)
-            sent, edge, kind = self.sent.pop(key)
+            sent, edge, kind = self.in_flight.pop((direction, peer, action.stage, action.microbatch))
+            arrival = sent + self.transfer_time(*edge, kind)
             if self.idle_transfer_time is not None:
                 arrival = min(arrival, max(sent, start) + self.idle_transfer_time(*edge, kind))
             arrivals.append(arrival)

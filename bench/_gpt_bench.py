@@ -291,7 +291,9 @@ def run_ppcompile(out: Path, stages: int, steps: int, lr: float = 0.0) -> dict:
     step, busy = read_trace_times(trace)
     # The bound: the schedule replayed with the stage times this run measured (every rank busy).
     program = json.loads((Path(out) / "program.json").read_text())
-    replayed = simulate_program(program, costs=measured_stage_costs(json.loads(trace.read_text())))
+    replayed = simulate_program(
+        program, costs=measured_stage_costs(json.loads(trace.read_text()), average=statistics.fmean)
+    )
     return {
         "times": times[:steps],
         "losses": losses[:steps],

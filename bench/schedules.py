@@ -77,7 +77,7 @@ def main() -> int:
             measured = statistics.median(times[len(times) // 4 :])  # skip warm-up steps
             step, busy = read_trace_times(trace)
             measured_bubble = 1 - sum(busy) / (len(busy) * step)
-            costs = measured_stage_costs(json.loads(trace.read_text()))
+            costs = measured_stage_costs(json.loads(trace.read_text()), average=statistics.fmean)
             replayed = simulate_program(result.program, costs=costs).step_time
             label = name if V == 1 else f"{name} V={V}"
             ratios.append((label, measured / predicted, step / replayed))

@@ -165,8 +165,9 @@ def report(program_dir):
 def simulate(program_dir, png, trace, infer, costs_from):
     """Predict one step of a compiled program: time, bubble, activations in flight, per rank.
 
-    With --costs-from, each stage's F/B/I/W take the median time they took in that measured run:
-    the step the schedule would give with the costs the run really had (both ranks busy).
+    With --costs-from, each stage's F/B/I/W take the mean time they took in that measured run
+    (a step pays for every slow action): the step the schedule would give with the costs the
+    run really had (both ranks busy).
     """
     import json
 
@@ -217,11 +218,12 @@ def simulate(program_dir, png, trace, infer, costs_from):
 def _measured_costs(path: str, program: dict):
     """Per-stage costs from a run.py --trace file; a file that is not one is a user error."""
     import json
+    import statistics
 
     from ppcompile.replay import measured_stage_costs
 
     try:
-        costs = measured_stage_costs(json.loads(Path(path).read_text()))
+        costs = measured_stage_costs(json.loads(Path(path).read_text()), average=statistics.fmean)
     except OSError as e:
         raise CompileError(f"--costs-from {path}: {e.strerror}") from None
     except (ValueError, KeyError, TypeError):

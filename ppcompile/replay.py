@@ -64,9 +64,9 @@ def recompute_seconds(program: dict) -> list[float]:
     return seconds
 
 
-def measured_stage_costs(trace: dict) -> dict[int, StageCosts]:
-    """Per stage, the median seconds its F, B, I and W actions took in a measured run's trace
-    (``run.py --trace``): the costs the stages really had, with every rank busy at once.
+def measured_stage_costs(trace: dict, average=statistics.median) -> dict[int, StageCosts]:
+    """Per stage, the median (or ``average``) seconds its F, B, I and W actions took in a measured
+    run's trace (``run.py --trace``): the costs the stages really had, with every rank busy at once.
 
     Example::
 
@@ -82,14 +82,14 @@ def measured_stage_costs(trace: dict) -> dict[int, StageCosts]:
         action = Action.parse(event["name"])
         if action.is_compute:
             durations.setdefault((action.stage, action.kind), []).append(event["dur"] / 1e6)
-    median = {key: statistics.median(found) for key, found in durations.items()}
+    averaged = {key: average(found) for key, found in durations.items()}
     costs = {}
     for stage in sorted({stage for stage, _ in durations}):
-        backward_input = median.get((stage, ActionKind.I))
-        backward_weight = median.get((stage, ActionKind.W))
-        whole = median.get((stage, ActionKind.B), (backward_input or 0.0) + (backward_weight or 0.0))
+        backward_input = averaged.get((stage, ActionKind.I))
+        backward_weight = averaged.get((stage, ActionKind.W))
+        whole = averaged.get((stage, ActionKind.B), (backward_input or 0.0) + (backward_weight or 0.0))
         costs[stage] = StageCosts(
-            median.get((stage, ActionKind.F), 0.0), whole, backward_input, backward_weight
+            averaged.get((stage, ActionKind.F), 0.0), whole, backward_input, backward_weight
         )
     return costs
 

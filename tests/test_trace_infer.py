@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import statistics
 import subprocess
 import sys
 from collections import Counter
@@ -9,7 +10,8 @@ from collections import Counter
 import pytest
 import torch
 
-from ppcompile.replay import measured_stage_costs, simulate_program
+from ppcompile.cli import _measured_costs
+from ppcompile.replay import simulate_program
 from ppcompile.runtime.actions import Action, ActionKind, parse_rank_actions
 from ppcompile.runtime.executor import forward_only_schedule
 from ppcompile.runtime.loader import load_program
@@ -22,7 +24,6 @@ from ppcompile.runtime.trace import (
     write_trace,
 )
 from ppcompile.runtime.train import InProcessPipeline, batches
-from ppcompile.simulate import StageCosts
 from tests.helpers import compile_to, torchrun_command
 
 
@@ -167,19 +168,25 @@ def test_torchrun_infer_prints_eval_lines(mini_dir):
 
 
 def test_simulate_replays_a_measured_runs_stage_times(tmp_path, mini_dir):
-    """``simulate --costs-from`` takes each stage's median F and B from a trace and replays the schedule."""
+    """``simulate --costs-from`` takes each stage's mean F and B from a trace and replays the schedule."""
     program = load_program(mini_dir).data
-    seconds = {"F": [0.001, 0.003, 0.001], "B": [0.002, 0.002, 0.009]}  # medians 1 ms and 2 ms
-    events = []
+    seconds = {"F": [0.001, 0.003, 0.001], "B": [0.002, 0.002, 0.009]}
+    events, durations = [], {}
     for rank, text in program["schedule"]["ranks"].items():
         for i, name in enumerate(text.split()):
             action = Action.parse(name)
             if action.is_compute:
                 duration = seconds[action.kind.value][action.microbatch % 3]
+                durations.setdefault((action.stage, action.kind.value), []).append(duration)
                 events.append(trace_event(int(rank), name, action.kind.value, i, i + duration))
     trace = write_trace(tmp_path / "run.json", trace_document(events, ranks=[0, 1]))
-    costs = measured_stage_costs(json.loads(trace.read_text()))
-    assert costs == {0: StageCosts(0.001, 0.002), 1: StageCosts(0.001, 0.002)}
+    costs = _measured_costs(str(trace), program)
+    # The mean, not the median: a step pays for every slow action.
+    mean = {key: statistics.fmean(found) for key, found in durations.items()}
+    assert sorted(costs) == [0, 1]
+    for s, cost in costs.items():
+        assert (cost.forward, cost.backward) == pytest.approx((mean[(s, "F")], mean[(s, "B")]))
+    assert costs[0].forward > statistics.median(durations[(0, "F")])
     expected = simulate_program(program, costs=costs).step_time
     assert expected != simulate_program(program).step_time  # not the compiler's costs
     run = subprocess.run(

@@ -239,7 +239,9 @@ def check_run(command: list[str], what: str) -> subprocess.CompletedProcess:
     return run
 
 
-def compile_program(model_spec: str, stages: int, microbatches: int, out: Path, profile: bool) -> float:
+def compile_program(
+    model_spec: str, stages: int, microbatches: int, out: Path, profile: bool, fuse_loss: bool = False
+) -> float:
     """``ppcompile compile`` into ``out``; returns the compile's wall time in seconds."""
     command = [sys.executable, "-m", "ppcompile", "compile", model_spec, "--stages", str(stages)]
     command += [
@@ -254,6 +256,8 @@ def compile_program(model_spec: str, stages: int, microbatches: int, out: Path, 
     ]
     if profile:  # measured afresh: a cached profile may come from a busier or quieter machine
         command += ["--profile", "--profile-cache", "none"]
+    if fuse_loss:
+        command += ["--fuse-loss"]
     start = time.perf_counter()
     check_run(command, "ppcompile compile")
     return time.perf_counter() - start

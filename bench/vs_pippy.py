@@ -4,7 +4,9 @@ Same GPT (models/gpt.py), same weights (seed 0, built as ppcompile's runtime bui
 (the model's Markov-chain batches), same M and schedule (1F1B), both under torchrun, SGD with lr 0 so
 every step computes the same thing. Systems timed:
 
-- ppcompile, compiled with ``--profile`` (measured node costs; the headline) and without (roofline costs);
+- ppcompile, compiled with ``--profile --fuse-loss`` (measured node costs, the LM head and its
+  loss computed blockwise; the headline), with ``--profile`` alone (the loss as the model writes
+  it, so the gain of the fusion shows apart), and with ``--fuse-loss`` on roofline costs;
 - the peer with an even split (layers dealt out evenly, as users do) and with the best hand split found
   by timing layer boundaries (every one for K=2, a steepest-descent search from the even split for K>2);
   the peer is built by hand: ``PipelineStage`` per rank around the rank's layers, ``Schedule1F1B``;
@@ -62,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--search-steps", type=int, default=1, help="timed steps per split in the search")
     p.add_argument("--no-roofline", action="store_true", help="skip ppcompile compiled without --profile")
+    p.add_argument("--no-unfused", action="store_true", help="skip ppcompile compiled without --fuse-loss")
     p.add_argument("--keep", type=Path, help="keep the programs and records in this directory")
     p.add_argument("--quick", action="store_true", help="toy sizes and few steps (the smoke test)")
     args = p.parse_args(argv)
@@ -150,11 +153,15 @@ def main(argv: list[str] | None = None) -> int:
         spec = gb.write_model_file(work, "gpt", config)
         log(f"model {spec}: {config}, K={K}, M={M}")
 
-        programs = {"ppcompile": work / "ppc_profile"}
+        # name -> (directory, --profile, --fuse-loss)
+        variants = {"ppcompile": (work / "ppc_profile", True, True)}
+        if not args.no_unfused:
+            variants["ppcompile unfused"] = (work / "ppc_unfused", True, False)
         if not args.no_roofline:
-            programs["ppcompile roofline"] = work / "ppc_roofline"
-        for name, out in programs.items():
-            seconds = gb.compile_program(spec, K, M, out, profile=(name == "ppcompile"))
+            variants["ppcompile roofline"] = (work / "ppc_roofline", False, True)
+        programs = {name: out for name, (out, _, _) in variants.items()}
+        for name, (out, profile, fuse_loss) in variants.items():
+            seconds = gb.compile_program(spec, K, M, out, profile=profile, fuse_loss=fuse_loss)
             log(f"compiled {name} in {seconds:.1f} s -> {out}")
         facts = {name: gb.program_facts(out) for name, out in programs.items()}
         predicted = facts["ppcompile"]["simulated_step"]
@@ -210,10 +217,18 @@ def main(argv: list[str] | None = None) -> int:
     sim = facts["ppcompile"]
     bound = statistics.median(systems["ppcompile"].replayed)
     rows, checks = [], []
-    order = ["ppcompile", "ppcompile roofline", "peer-even", "peer-best", *(f"eager-{n}" for n in threads)]
+    order = [
+        "ppcompile",
+        "ppcompile unfused",
+        "ppcompile roofline",
+        "peer-even",
+        "peer-best",
+        *(f"eager-{n}" for n in threads),
+    ]
     labels = {
-        "ppcompile": "ppcompile (--profile costs)",
-        "ppcompile roofline": "ppcompile (roofline costs)",
+        "ppcompile": "ppcompile (--profile --fuse-loss)",
+        "ppcompile unfused": "ppcompile (--profile, loss as written)",
+        "ppcompile roofline": "ppcompile (roofline costs, --fuse-loss)",
         "peer-even": "peer: even split",
         "peer-best": "peer: best split (searched)",
     }
@@ -255,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows.append(
         [
-            "predicted: simulated step, --profile costs",
+            "predicted: simulated step, --profile --fuse-loss costs",
             cut["ppcompile"],
             f"{predicted * 1e3:.0f}",
             "",
@@ -301,6 +316,13 @@ def main(argv: list[str] | None = None) -> int:
         "bound": headline / bound,
         "eager": headline / eager.median,
     }
+    if "ppcompile unfused" in systems:
+        unfused = systems["ppcompile unfused"].median
+        print(
+            f"without --fuse-loss: ppcompile/peer-even {unfused / systems['peer-even'].median:.3f}, "
+            f"ppcompile/peer-best {unfused / systems['peer-best'].median:.3f}; "
+            f"fused/unfused {headline / unfused:.3f}"
+        )
     print(
         "ratios: "
         + ", ".join(

@@ -4,7 +4,8 @@ Runs the program under the in-process transport beside the eager model built fro
 factory and seed, on the same data, and compares per-micro-batch losses, the first step's
 gradients and the parameters after every optimizer step. The bar (DESIGN.md): first-step
 losses bitwise equal, everything else within ``rtol`` of the eager value (normwise: the
-largest difference over the largest eager magnitude, per tensor).
+largest difference over the largest eager magnitude, per tensor). A program compiled with
+``--fuse-loss`` sums its loss in another order, so its losses too are held to ``rtol``.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ class TrainingComparison:
     max_parameter_difference: float  # relative, after the last step, worst parameter
     worst_parameter: str
     rtol: float
+    bitwise_losses_expected: bool = True  # False where the program fuses its loss (--fuse-loss)
 
     @property
     def ok(self) -> bool:
         return (
-            self.first_step_losses_equal
+            (self.first_step_losses_equal or not self.bitwise_losses_expected)
             and self.max_loss_difference <= self.rtol
             and self.max_gradient_difference <= self.rtol
             and self.max_parameter_difference <= self.rtol
@@ -39,7 +41,12 @@ class TrainingComparison:
 
     def lines(self) -> list[str]:
         return [
-            f"first-step losses bitwise equal: {self.first_step_losses_equal}",
+            f"first-step losses bitwise equal: {self.first_step_losses_equal}"
+            + (
+                ""
+                if self.bitwise_losses_expected
+                else " (not required: the loss is fused, its sums run in another order)"
+            ),
             f"largest loss difference over {self.steps} steps: {self.max_loss_difference:.2e} (rtol {self.rtol:g})",
             f"largest gradient difference, step 1: {self.max_gradient_difference:.2e} ({self.worst_gradient})",
             f"largest parameter difference after step {self.steps}: {self.max_parameter_difference:.2e} "
@@ -87,6 +94,7 @@ def compare(
     params: dict[str, torch.Tensor],
     reference: tuple,
     rtol: float = 1e-5,
+    bitwise_losses_expected: bool = True,
 ) -> TrainingComparison:
     ref_losses, ref_grads, ref_params = reference
     loss_diff = max(
@@ -105,6 +113,7 @@ def compare(
         max_parameter_difference=param_diffs[worst_param],
         worst_parameter=worst_param,
         rtol=rtol,
+        bitwise_losses_expected=bitwise_losses_expected,
     )
 
 
@@ -124,4 +133,5 @@ def verify_in_process(
         if step == 0:
             grads = {n: g.clone() for n, g in pipeline.named_gradients().items() if g is not None}
     params = {n: p.detach().clone() for n, p in pipeline.named_parameters().items()}
-    return compare(losses, grads, params, eager_run(program, steps, optimizer, lr, seed), rtol)
+    reference = eager_run(program, steps, optimizer, lr, seed)
+    return compare(losses, grads, params, reference, rtol, not program.data.get("fused_losses"))

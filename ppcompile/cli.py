@@ -77,6 +77,12 @@ def main():
     help="Where measured profiles are kept, by graph and device; 'none' to always measure.",
 )
 @click.option("--dims", help="Balance for another micro-batch shape, e.g. b=8,s=512, from the cost formulas.")
+@click.option(
+    "--fuse-loss",
+    is_flag=True,
+    help="Compute the last linear layer and its cross-entropy in blocks of rows, without the logits tensor "
+    "(faster, less memory; losses then match eager to float rounding, not bitwise).",
+)
 @click.option("--check", is_flag=True, help="Run the verifier after every pass.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Program directory to write.")
 @user_errors
@@ -95,6 +101,7 @@ def compile(
     profile_concurrency,
     profile_cache,
     dims,
+    fuse_loss,
     check,
     output,
 ):
@@ -118,6 +125,7 @@ def compile(
         profile_concurrency=profile_concurrency,
         profile_cache=None if profile_cache.lower() == "none" else profile_cache,
         dims=_parse_dims(dims) if dims else None,
+        fuse_loss=fuse_loss,
     )
     result = compile_model(spec, config)
     out = write_program(output, result.program, result.files)

@@ -127,6 +127,9 @@ class _Emitter:
             self.imports.add("operator")
             return f"operator.{target.__name__}"
         name = fx.node._get_qualified_name(target)
+        if name.startswith("ppcompile.runtime."):  # the runtime's own ops, such as the fused loss
+            self.imports.add(name.rsplit(".", 1)[0])
+            return name
         root = name.split(".")[0]
         if root not in ("torch", "math", "builtins", "operator"):
             raise CompileError(

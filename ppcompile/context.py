@@ -34,6 +34,9 @@ class CompileConfig:
     profile_concurrency: int | None = None  # processes busy while profiling; None: K on cpu, 1 on cuda
     profile_cache: str | None = "~/.cache/ppcompile/profiles"  # None: always measure afresh
     dims: dict[str, int] | None = None  # balance for this micro-batch shape instead of the example's
+    # Fuse the last linear layer with its cross-entropy (passes/fuse_loss.py): faster and smaller,
+    # but the loss sums run in another order, so losses match eager to float rounding, not bitwise.
+    fuse_loss: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ class CompileContext:
     profiled_on: str | None = None  # the device costs were measured on, if --profile
     profile_slowdown: float = 1.0  # compute with K ranks busy over alone, as --profile measured it
     profile_key: str | None = None  # the profile's cache key: what calibrations are cached under too
+    fused_losses: list[str] = field(default_factory=list)  # linear layers fused with their loss
     cost_basis: list[dict[str, int]] = field(default_factory=list)  # monomials of the cost formulas
 
     @property

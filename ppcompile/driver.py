@@ -20,6 +20,7 @@ from ppcompile.frontend import load_context, trace
 from ppcompile.memory import OPTIMIZER_STATE_FACTOR
 from ppcompile.passes.estimate_costs import estimate_costs
 from ppcompile.passes.fit_cost_formulas import fit_cost_formulas
+from ppcompile.passes.fuse_loss import fuse_loss
 from ppcompile.passes.order_mutations import order_mutations
 from ppcompile.passes.partition_stages import partition_stages
 from ppcompile.passes.plan_memory import plan_memory
@@ -38,6 +39,8 @@ PASSES = [
     ("order_mutations", order_mutations),
     # Concrete and symbolic shapes ([b, s, 768]) of every value.
     ("propagate_shapes", propagate_shapes),
+    # The LM head and its cross-entropy as one blockwise call, where that saves memory.
+    ("fuse_loss", fuse_loss),
     # FLOPs, bytes, activations saved for backward and roofline time per node.
     ("estimate_costs", estimate_costs),
     # The same costs as polynomials in b, s; with --dims, costs at that micro-batch shape.

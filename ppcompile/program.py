@@ -153,6 +153,9 @@ def build_program(
             for b in ctx.boundaries.values()
         ],
         "tied_parameters": ctx.tied_groups,
+        # Linear layers computed together with their cross-entropy (--fuse-loss): losses then
+        # match eager to float rounding, not bitwise.
+        "fused_losses": list(ctx.fused_losses),
         "schedule": _schedule_json(schedule, ctx.config.virtual_stages),
         "inference_schedule": _schedule_json(inference, ctx.config.virtual_stages),
         "costs": {

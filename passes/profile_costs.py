@@ -103,6 +103,7 @@ def profile_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             )
     ctx.profiled_on = str(device)
     ctx.profile_slowdown = slowdown
+    ctx.profile_shared_machine = cached["contention"] is not None
     ctx.profile_key = key
     return gm
 

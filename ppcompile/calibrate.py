@@ -11,6 +11,14 @@ transport (the ranks take turns, so each action is timed alone, through the same
 ``run.py`` uses), and the median of every stage's F, B, I and W and of every rank's optimizer
 step become the costs the simulator predicts with. Times are scaled by the compute slowdown
 the profile measured for K busy ranks, as node times are.
+
+Where the K ranks will share this machine's cores (a CPU profile with concurrency above one),
+one slowdown for every stage is not enough: a stage that streams memory (an LM head over a
+large vocabulary) slows more beside a busy neighbour than one that multiplies small matrices,
+and a rank that waits frees its core for the other. So the stages are then timed as they will
+run: the program runs for a few steps under torchrun on this machine, ``run.py --trace``
+records every action, and each stage's F, B, I and W are the means of that trace (a step pays
+for every slow action). The optimizer step still comes from the in-process run.
 """
 
 from __future__ import annotations
@@ -18,12 +26,15 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from ppcompile.errors import CompileError
+from ppcompile.launch import torchrun_command
 from ppcompile.program import write_program
 from ppcompile.replay import measured_stage_costs
 from ppcompile.runtime.loader import load_program
@@ -32,6 +43,7 @@ from ppcompile.runtime.train import InProcessPipeline, batches
 
 WARMUP_STEPS = 1
 TIMED_STEPS = 3
+TORCHRUN_TIMEOUT = 600  # seconds for the traced run; a program that slow is the user's to see
 
 
 def calibrate(
@@ -41,6 +53,7 @@ def calibrate(
     device: str = "cpu",
     threads: int = 1,
     slowdown: float = 1.0,
+    shared_machine: bool = False,
 ) -> dict:
     """Per stage the median seconds of F, B, I and W, and per rank the optimizer step, measured
     by running ``program`` in-process; the dict ``program.json`` keeps as ``costs.calibrated``.
@@ -49,6 +62,9 @@ def calibrate(
 
         result = compile_model("models/gpt.py:gpt_mini", CompileConfig(stages=2))
         calibrate(result.program, result.files, "adamw")["stages"][0]["forward_seconds"]
+
+    With ``shared_machine``, the stages' times come from a run of the program under torchrun
+    on this machine instead (see the module's docstring).
     """
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -73,15 +89,21 @@ def calibrate(
                     steps.extend(trace)
             named = pipeline.named_parameters()
             tied_bytes = [named[group["parameters"][0]].nbytes for group in loaded.data["tied_parameters"]]
+            if shared_machine:
+                costs = traced_stage_costs(loaded.root, loaded.num_ranks, optimizer)
+                stage_scale, timed_as = 1.0, f"under torchrun, {loaded.num_ranks} ranks at once"
+            else:
+                costs = measured_stage_costs(measured_trace(steps))
+                stage_scale, timed_as = slowdown, "in this process, scaled by the profile's slowdown"
     finally:
         torch.set_num_threads(previous_threads)
-    costs = measured_stage_costs(measured_trace(steps))
 
     def scaled(seconds: float | None) -> float | None:
-        return None if seconds is None else seconds * slowdown
+        return None if seconds is None else seconds * stage_scale
 
     return {
         "slowdown": slowdown,
+        "stages_timed": timed_as,
         "stages": [
             {
                 "stage": stage,
@@ -96,6 +118,30 @@ def calibrate(
         # Bytes of each tied group's gradient, all-reduced between its ranks before the update.
         "tied_bytes": tied_bytes,
     }
+
+
+def traced_stage_costs(program_dir: Path, ranks: int, optimizer: str) -> dict:
+    """Per stage, the mean F, B, I and W of a short ``run.py --trace`` under torchrun."""
+    trace = Path(program_dir) / "calibration-trace.json"
+    steps = WARMUP_STEPS + TIMED_STEPS
+    command = torchrun_command(
+        Path(program_dir) / "run.py", ranks, "--steps", steps, "--optimizer", optimizer, "--lr", 0.0
+    )
+    command += ["--trace", str(trace), "--trace-steps", str(TIMED_STEPS)]
+    try:
+        run = subprocess.run(command, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise CompileError(
+            f"--profile: timing the stages under torchrun took over {TORCHRUN_TIMEOUT} s; "
+            "use --profile-concurrency 1 to time them in this process"
+        ) from None
+    if run.returncode != 0 or not trace.is_file():
+        lines = [line for line in run.stderr.splitlines() if line.strip()]
+        raise CompileError(
+            f"--profile: timing the stages under torchrun failed ({lines[-1] if lines else run.returncode}); "
+            "use --profile-concurrency 1 to time them in this process"
+        )
+    return measured_stage_costs(json.loads(trace.read_text()), average=statistics.fmean)
 
 
 def cached_calibration(
@@ -136,8 +182,9 @@ def calibration_note(program: dict) -> str:
             "split backward I+W over the node sum's B " + ", ".join(f"{w / b:.2f}" for w, b in split)
         )
     update = ", ".join(f"{u * 1e3:.2f}" for u in calibrated["update_seconds"])
+    timed_as = calibrated.get("stages_timed", "in this process")
     return (
-        "calibrated: stages timed whole in the runtime, F+B per micro-batch: "
+        f"calibrated: stages timed whole in the runtime ({timed_as}), F+B per micro-batch: "
         + "; ".join(parts)
         + f"; optimizer step per rank {update} ms"
     )

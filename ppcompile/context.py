@@ -99,6 +99,7 @@ class CompileContext:
     regions: list[Any] = field(default_factory=list)  # recomputed regions, in stage order
     profiled_on: str | None = None  # the device costs were measured on, if --profile
     profile_slowdown: float = 1.0  # compute with K ranks busy over alone, as --profile measured it
+    profile_shared_machine: bool = False  # --profile measured ranks sharing this machine's cores
     profile_key: str | None = None  # the profile's cache key: what calibrations are cached under too
     fused_losses: list[str] = field(default_factory=list)  # linear layers fused with their loss
     cost_basis: list[dict[str, int]] = field(default_factory=list)  # monomials of the cost formulas

@@ -151,6 +151,7 @@ def _calibrate(gm, ctx, schedule, lowered, program, files):
             device=ctx.profiled_on,
             threads=config.profile_threads,
             slowdown=ctx.profile_slowdown,
+            shared_machine=ctx.profile_shared_machine,
         )
 
     calibrated = timed(program, files)

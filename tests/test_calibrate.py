@@ -97,3 +97,43 @@ def test_a_stage_slower_whole_than_its_nodes_gets_cut_again(tmp_path, monkeypatc
     assert any("node times scaled by their stage's factor and cut again" in n for n in recut.ctx.notes)
     assert recut.ctx.partition.cut_positions[0] > plain.ctx.partition.cut_positions[0]
     assert recut.program["costs"]["calibrated"] is calls[1]
+
+
+def test_ranks_sharing_this_machine_time_their_stages_under_torchrun(tmp_path, monkeypatch):
+    """With the K ranks on this machine's cores (the CPU default), the stages are timed as they
+    will run: the program under torchrun, each stage the mean of a trace of every action."""
+    from ppcompile import calibrate
+
+    launched = []
+    real = calibrate.traced_stage_costs
+
+    def recorded(program_dir, ranks, optimizer):
+        launched.append((ranks, optimizer))
+        return real(program_dir, ranks, optimizer)
+
+    monkeypatch.setattr(calibrate, "traced_stage_costs", recorded)
+    config = CompileConfig(stages=2, microbatches=4, optimizer="sgd", profile=True, profile_cache=None)
+    program = compile_model("models/gpt.py:gpt_mini", config).program
+    calibrated = program["costs"]["calibrated"]
+    assert launched and launched[0] == (2, "sgd")
+    assert calibrated["stages_timed"] == "under torchrun, 2 ranks at once"
+    assert all(s["forward_seconds"] > 0 and s["backward_seconds"] > 0 for s in calibrated["stages"])
+    assert any("(under torchrun, 2 ranks at once)" in n for n in program["costs"]["notes"])
+
+
+def test_a_failed_torchrun_calibration_is_one_clear_error(tmp_path, monkeypatch):
+    import subprocess
+
+    from ppcompile import calibrate
+    from ppcompile.errors import CompileError
+
+    def failing_run(command, **kwargs):
+        return subprocess.CompletedProcess(command, 1, "", "Traceback ...\nRuntimeError: no free port\n")
+
+    monkeypatch.setattr(calibrate.subprocess, "run", failing_run)
+    config = CompileConfig(stages=2, microbatches=4, profile=True, profile_cache=None)
+    with pytest.raises(
+        CompileError,
+        match=r"under torchrun failed \(RuntimeError: no free port\); use --profile-concurrency 1",
+    ):
+        compile_model("models/gpt.py:gpt_mini", config)

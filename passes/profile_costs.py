@@ -139,7 +139,7 @@ def profile_key(gm: fx.GraphModule, ctx: CompileContext, device: torch.device) -
         torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         str(ctx.config.profile_threads),
         str(profile_concurrency(ctx.config, device)),
-        "contention-v5",  # the cache layout
+        "contention-v6",  # the cache layout
         torch.__version__,
     ]
     return hashlib.sha256("\n".join(what).encode()).hexdigest()[:24]

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import torch
 
-# Logit elements per block: 4 Mi (16 MiB in float32) kept one block of a 16k vocabulary at 256
-# rows, the fastest of 32..512 rows on a CPU, where the whole logits tensor was 20% slower.
+# Logit elements per block: 4 Mi (16 MiB in float32) bounds the logits held at once. On a CPU a
+# 16k vocabulary's 256-row blocks ran as fast as any size from 128 to 512 rows, and about 20%
+# faster than F.cross_entropy over the whole logits with its backward.
 BLOCK_ELEMENTS = 4 * 1024 * 1024
 
 

@@ -14,8 +14,8 @@ micro-batch has at least as many tokens as the layer has input features. Matched
 - the linear: an ``nn.Linear`` module, or ``F.linear`` of parameters read with ``get_attr``;
 - used only by the loss, directly when already 2-D or through a ``view``, ``reshape`` or
   ``flatten`` to (rows, V) (with a ``size`` of it that only that flattening reads);
-- ``F.cross_entropy`` with class-index targets, no class weights, no label smoothing and
-  ``reduction="mean"`` (``ignore_index`` is kept).
+- ``F.cross_entropy`` or an ``nn.CrossEntropyLoss`` module, with class-index targets, no class
+  weights, no label smoothing and ``reduction="mean"`` (``ignore_index`` is kept).
 
 Off by default, on with ``--fuse-loss`` (``CompileConfig.fuse_loss``): the loss sums run in
 another order, so losses and gradients match eager's within float rounding, not bitwise.
@@ -100,11 +100,26 @@ def fuse_loss(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     return propagate_shapes(gm, ctx)
 
 
+def _loss_parameters(gm: fx.GraphModule, loss: fx.Node) -> dict | None:
+    """``F.cross_entropy``'s arguments by name, for a call of it or of an ``nn.CrossEntropyLoss``."""
+    if loss.op == "call_function" and loss.target is F.cross_entropy:
+        return dict(zip(_PARAMETERS, loss.args)) | dict(loss.kwargs)
+    if loss.op == "call_module" and type(gm.get_submodule(loss.target)) is nn.CrossEntropyLoss:
+        module = gm.get_submodule(loss.target)
+        params = dict(zip(("input", "target"), loss.args)) | dict(loss.kwargs)
+        weight = None if module.weight is None else "weight"  # any weight at all is unsupported
+        return params | {
+            "weight": weight,
+            "ignore_index": module.ignore_index,
+            "reduction": module.reduction,
+            "label_smoothing": module.label_smoothing,
+        }
+    return None
+
+
 def _match(gm: fx.GraphModule, loss: fx.Node) -> _LossMatch | None:
-    if loss.op != "call_function" or loss.target is not F.cross_entropy:
-        return None
-    params = dict(zip(_PARAMETERS, loss.args)) | dict(loss.kwargs)
-    if any(params.get(name, default) != default for name, default in _DEFAULTS.items()):
+    params = _loss_parameters(gm, loss)
+    if params is None or any(params.get(name, default) != default for name, default in _DEFAULTS.items()):
         return None
     logits, target = params.get("input"), params.get("target")
     ignore_index = params.get("ignore_index", -100)

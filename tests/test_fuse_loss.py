@@ -69,6 +69,7 @@ def test_mismatched_rows_and_targets_is_one_clear_error():
         ("models/gpt.py:gpt_mini", "zb-h1", "lm_head"),  # split backward through the fused call
         ("tests/fixtures/zoo.py:llama", "1f1b", "head"),  # flatten(0, 1)
         ("tests/fixtures/losses.py:tied_bias_lm", "gpipe", "emb.weight"),  # F.linear + bias, ignore_index=0
+        ("tests/fixtures/losses.py:module_loss_lm", "1f1b", "head"),  # nn.CrossEntropyLoss, a biased head
     ],
 )
 def test_fused_programs_train_like_eager(tmp_path, ref, schedule, fused_with):

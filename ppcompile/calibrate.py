@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import statistics
 import subprocess
 import tempfile
@@ -43,6 +44,11 @@ from ppcompile.runtime.train import InProcessPipeline, batches
 
 WARMUP_STEPS = 1
 TIMED_STEPS = 3
+# Under torchrun, trace about this many seconds of steps (at least TIMED_STEPS, at most
+# MAX_TRACED_STEPS): a program of sub-millisecond stages needs many micro-batches for a stable
+# mean, and one of seconds-long stages has them in a few steps.
+TRACE_SECONDS = 2.0
+MAX_TRACED_STEPS = 20
 TORCHRUN_TIMEOUT = 600  # seconds for the traced run; a program that slow is the user's to see
 
 
@@ -73,11 +79,13 @@ def calibrate(
             loaded = load_program(write_program(Path(tmp) / "program", program, files))
             pipeline = InProcessPipeline(loaded, optimizer=optimizer, device=device)
             data = batches(loaded, pipeline.spec, seed=0)
-            steps, updates = [], [[] for _ in pipeline.optimizers]
+            steps, updates, step_seconds = [], [[] for _ in pipeline.optimizers], []
             for step in range(WARMUP_STEPS + TIMED_STEPS):
                 microbatches = [{k: v.to(device) for k, v in mb.items()} for mb in next(data)]
                 trace = [] if step >= WARMUP_STEPS else None
+                start = time.perf_counter()
                 pipeline.step(microbatches, update=False, trace=trace)
+                step_seconds.append(time.perf_counter() - start)
                 for rank, opt in enumerate(pipeline.optimizers):
                     start = time.perf_counter()
                     opt.step()
@@ -90,7 +98,12 @@ def calibrate(
             named = pipeline.named_parameters()
             tied_bytes = [named[group["parameters"][0]].nbytes for group in loaded.data["tied_parameters"]]
             if shared_machine:
-                costs = traced_stage_costs(loaded.root, loaded.num_ranks, optimizer)
+                # The ranks took turns here; under torchrun they overlap, about K at a time.
+                pipelined = statistics.median(step_seconds) / loaded.num_ranks
+                traced = min(
+                    MAX_TRACED_STEPS, max(TIMED_STEPS, math.ceil(TRACE_SECONDS / max(pipelined, 1e-6)))
+                )
+                costs = traced_stage_costs(loaded.root, loaded.num_ranks, optimizer, traced)
                 stage_scale, timed_as = 1.0, f"under torchrun, {loaded.num_ranks} ranks at once"
             else:
                 costs = measured_stage_costs(measured_trace(steps))
@@ -120,14 +133,17 @@ def calibrate(
     }
 
 
-def traced_stage_costs(program_dir: Path, ranks: int, optimizer: str) -> dict:
-    """Per stage, the mean F, B, I and W of a short ``run.py --trace`` under torchrun."""
+def traced_stage_costs(
+    program_dir: Path, ranks: int, optimizer: str, traced_steps: int = TIMED_STEPS
+) -> dict:
+    """Per stage, the mean F, B, I and W of ``traced_steps`` steps of ``run.py --trace`` under
+    torchrun, after a warm-up step."""
     trace = Path(program_dir) / "calibration-trace.json"
-    steps = WARMUP_STEPS + TIMED_STEPS
+    steps = WARMUP_STEPS + traced_steps
     command = torchrun_command(
         Path(program_dir) / "run.py", ranks, "--steps", steps, "--optimizer", optimizer, "--lr", 0.0
     )
-    command += ["--trace", str(trace), "--trace-steps", str(TIMED_STEPS)]
+    command += ["--trace", str(trace), "--trace-steps", str(traced_steps)]
     try:
         run = subprocess.run(command, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT)
     except subprocess.TimeoutExpired:

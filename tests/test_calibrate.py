@@ -107,15 +107,17 @@ def test_ranks_sharing_this_machine_time_their_stages_under_torchrun(tmp_path, m
     launched = []
     real = calibrate.traced_stage_costs
 
-    def recorded(program_dir, ranks, optimizer):
-        launched.append((ranks, optimizer))
-        return real(program_dir, ranks, optimizer)
+    def recorded(program_dir, ranks, optimizer, traced_steps):
+        launched.append((ranks, optimizer, traced_steps))
+        return real(program_dir, ranks, optimizer, traced_steps)
 
     monkeypatch.setattr(calibrate, "traced_stage_costs", recorded)
     config = CompileConfig(stages=2, microbatches=4, optimizer="sgd", profile=True, profile_cache=None)
     program = compile_model("models/gpt.py:gpt_mini", config).program
     calibrated = program["costs"]["calibrated"]
-    assert launched and launched[0] == (2, "sgd")
+    assert launched and launched[0][:2] == (2, "sgd")
+    # gpt_mini's steps take milliseconds: about two seconds of them are traced, up to the cap.
+    assert calibrate.TIMED_STEPS < launched[0][2] <= calibrate.MAX_TRACED_STEPS
     assert calibrated["stages_timed"] == "under torchrun, 2 ranks at once"
     assert all(s["forward_seconds"] > 0 and s["backward_seconds"] > 0 for s in calibrated["stages"])
     assert any("(under torchrun, 2 ranks at once)" in n for n in program["costs"]["notes"])

@@ -289,15 +289,13 @@ def run_ppcompile(out: Path, stages: int, steps: int, lr: float = 0.0) -> dict:
     losses = []
     for file in sorted(record.glob("rank*.pt")):
         losses = losses or torch.load(file)["losses"]
-    from ppcompile.replay import measured_stage_costs, simulate_program
+    from ppcompile.replay import run_stage_costs, simulate_program
     from ppcompile.runtime.trace import read_trace_times
 
     step, busy = read_trace_times(trace)
     # The bound: the schedule replayed with the stage times this run measured (every rank busy).
     program = json.loads((Path(out) / "program.json").read_text())
-    replayed = simulate_program(
-        program, costs=measured_stage_costs(json.loads(trace.read_text()), average=statistics.fmean)
-    )
+    replayed = simulate_program(program, costs=run_stage_costs(json.loads(trace.read_text())))
     return {
         "times": times[:steps],
         "losses": losses[:steps],

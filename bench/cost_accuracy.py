@@ -38,7 +38,7 @@ from ppcompile.driver import compile_model  # noqa: E402
 from ppcompile.launch import torchrun_command  # noqa: E402
 from ppcompile.measure import measure_stages  # noqa: E402
 from ppcompile.program import write_program  # noqa: E402
-from ppcompile.replay import measured_stage_costs  # noqa: E402
+from ppcompile.replay import run_stage_costs  # noqa: E402
 from ppcompile.runtime.actions import Action  # noqa: E402
 from ppcompile.runtime.loader import load_program  # noqa: E402
 
@@ -55,7 +55,7 @@ def traced_stage_seconds(program_dir: Path, K: int, steps: int) -> tuple[list[fl
     if run.returncode != 0:
         raise SystemExit(f"run failed: {' '.join(map(str, command))}\n{run.stderr[-2000:]}")
     document = json.loads(trace.read_text())
-    costs = measured_stage_costs(document, average=statistics.fmean)
+    costs = run_stage_costs(document)
     compute = [costs[s].forward + costs[s].backward for s in sorted(costs)]
     sends: dict[tuple[int, str], list[float]] = {}
     for event in document["traceEvents"]:

@@ -36,7 +36,7 @@ from ppcompile.context import CompileConfig  # noqa: E402
 from ppcompile.driver import compile_model  # noqa: E402
 from ppcompile.launch import torchrun_command  # noqa: E402
 from ppcompile.program import write_program  # noqa: E402
-from ppcompile.replay import measured_stage_costs, simulate_program  # noqa: E402
+from ppcompile.replay import run_stage_costs, simulate_program  # noqa: E402
 from ppcompile.runtime.trace import read_trace_times  # noqa: E402
 
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("zb-h1", 1), ("interleaved-1f1b", 2)]
@@ -77,7 +77,7 @@ def main() -> int:
             measured = statistics.median(times[len(times) // 4 :])  # skip warm-up steps
             step, busy = read_trace_times(trace)
             measured_bubble = 1 - sum(busy) / (len(busy) * step)
-            costs = measured_stage_costs(json.loads(trace.read_text()), average=statistics.fmean)
+            costs = run_stage_costs(json.loads(trace.read_text()))
             replayed = simulate_program(result.program, costs=costs).step_time
             label = name if V == 1 else f"{name} V={V}"
             ratios.append((label, measured / predicted, step / replayed))

@@ -37,7 +37,7 @@ import torch
 from ppcompile.errors import CompileError
 from ppcompile.launch import torchrun_command
 from ppcompile.program import write_program
-from ppcompile.replay import measured_stage_costs
+from ppcompile.replay import measured_stage_costs, run_stage_costs
 from ppcompile.runtime.loader import load_program
 from ppcompile.runtime.trace import measured_trace
 from ppcompile.runtime.train import InProcessPipeline, batches
@@ -157,7 +157,7 @@ def traced_stage_costs(
             f"--profile: timing the stages under torchrun failed ({lines[-1] if lines else run.returncode}); "
             "use --profile-concurrency 1 to time them in this process"
         )
-    return measured_stage_costs(json.loads(trace.read_text()), average=statistics.fmean)
+    return run_stage_costs(json.loads(trace.read_text()))
 
 
 def cached_calibration(

@@ -226,12 +226,11 @@ def simulate(program_dir, png, trace, infer, costs_from):
 def _measured_costs(path: str, program: dict):
     """Per-stage costs from a run.py --trace file; a file that is not one is a user error."""
     import json
-    import statistics
 
-    from ppcompile.replay import measured_stage_costs
+    from ppcompile.replay import run_stage_costs
 
     try:
-        costs = measured_stage_costs(json.loads(Path(path).read_text()), average=statistics.fmean)
+        costs = run_stage_costs(json.loads(Path(path).read_text()))
     except OSError as e:
         raise CompileError(f"--costs-from {path}: {e.strerror}") from None
     except (ValueError, KeyError, TypeError):

@@ -94,6 +94,13 @@ def measured_stage_costs(trace: dict, average=statistics.median) -> dict[int, St
     return costs
 
 
+def run_stage_costs(trace: dict) -> dict[int, StageCosts]:
+    """Per stage, the mean seconds of its F, B, I and W in a run's trace: what a replay of that
+    run's costs uses (``simulate --costs-from``, the benchmarks' bounds, calibration under
+    torchrun). The mean, not the median: a step pays for every slow action."""
+    return measured_stage_costs(trace, average=statistics.fmean)
+
+
 def simulate_program(
     program: dict, key: str = "schedule", costs: dict[int, StageCosts] | None = None
 ) -> SimResult:

@@ -148,8 +148,7 @@ def _train(program, executor: RankExecutor, data, args) -> tuple[dict, list[list
         optimizer.zero_grad(set_to_none=True)
         for _ in executor.run(microbatches, timings=timings):
             pass  # a blocking transport never yields
-        for params, (group, peers) in zip(tied, groups):
-            where = f"summing the tied gradients it shares with the stages on rank{'s' if len(peers) > 1 else ''} {', '.join(map(str, peers))}"
+        for params, (group, where) in zip(tied, groups):
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -253,15 +252,19 @@ def _peer_ranks(program, rank: int) -> set[int]:
 
 
 def _tied_groups(program) -> list:
-    """Per tied group, its process group (None where this rank is not in it) and this rank's peers in
-    it; every rank creates every group, in the same order."""
+    """Per tied group, its process group (None where this rank is not in it) and what summing its
+    gradients is, for error messages; every rank creates every group, in the same order."""
     rank_of = program.rank_of_stage
     groups = []
     for group in program.data["tied_parameters"]:
         ranks = sorted({rank_of[s] for s in group["stages"]})
         pg = dist.new_group(ranks) if len(ranks) > 1 else None
-        mine = dist.get_rank() in ranks
-        groups.append((pg if mine else None, [r for r in ranks if r != dist.get_rank()]))
+        peers = [r for r in ranks if r != dist.get_rank()]
+        where = (
+            f"summing the tied gradients it shares with the stages on rank{'s' if len(peers) > 1 else ''} "
+            + ", ".join(map(str, peers))
+        )
+        groups.append((pg if dist.get_rank() in ranks else None, where))
     return groups
 
 

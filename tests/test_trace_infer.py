@@ -10,8 +10,7 @@ from collections import Counter
 import pytest
 import torch
 
-from ppcompile.cli import _measured_costs
-from ppcompile.replay import simulate_program
+from ppcompile.replay import run_stage_costs, simulate_program
 from ppcompile.runtime.actions import Action, ActionKind, parse_rank_actions
 from ppcompile.runtime.executor import forward_only_schedule
 from ppcompile.runtime.loader import load_program
@@ -180,7 +179,7 @@ def test_simulate_replays_a_measured_runs_stage_times(tmp_path, mini_dir):
                 durations.setdefault((action.stage, action.kind.value), []).append(duration)
                 events.append(trace_event(int(rank), name, action.kind.value, i, i + duration))
     trace = write_trace(tmp_path / "run.json", trace_document(events, ranks=[0, 1]))
-    costs = _measured_costs(str(trace), program)
+    costs = run_stage_costs(json.loads(trace.read_text()))
     # The mean, not the median: a step pays for every slow action.
     mean = {key: statistics.fmean(found) for key, found in durations.items()}
     assert sorted(costs) == [0, 1]

@@ -47,6 +47,7 @@ from ppcompile.passes.estimate_costs import (
     storage_indices,
 )
 from ppcompile.passes.propagate_shapes import ValueRecorder
+from ppcompile.program import write_atomically
 
 MIN_SECONDS = 0.004  # time each node for at least this long
 MAX_REPEATS = 50
@@ -59,9 +60,8 @@ def profile_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     device = check_device(config.profile_device)
     key = profile_key(gm, ctx, device)
     cache_file = Path(config.profile_cache).expanduser() / f"{key}.json" if config.profile_cache else None
-    cached = None
-    if cache_file is not None and cache_file.is_file():
-        cached = json.loads(cache_file.read_text())
+    cached = read_cached_profile(cache_file) if cache_file is not None else None
+    if cached is not None:
         ctx.notes.append(f"profile: reused {cache_file.name} from the cache")
     if cached is None:
         cached = {"nodes": measure(gm, ctx, device), "contention": None}
@@ -70,8 +70,7 @@ def profile_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             cached["contention"] = asdict(measure_contention(ctx.ref, ranks, config.profile_threads))
         ctx.notes.append(f"profile: measured {len(cached['nodes'])} nodes on {device}")
         if cache_file is not None:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            cache_file.write_text(json.dumps(cached, indent=0, sort_keys=True))
+            write_atomically(cache_file, json.dumps(cached, indent=0, sort_keys=True))
     measured = cached["nodes"]
     slowdown = 1.0
     if cached["contention"] is not None:
@@ -106,6 +105,24 @@ def profile_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     ctx.profile_shared_machine = cached["contention"] is not None
     ctx.profile_key = key
     return gm
+
+
+def read_cached_profile(cache_file: Path) -> dict | None:
+    """The cached profile in ``cache_file``, or None where there is none or it cannot be used.
+
+    A file cut short by a killed compile, or written by another version of this pass, is a miss
+    (measured again and overwritten), never an error: the cache only saves time."""
+    if not cache_file.is_file():
+        return None
+    try:
+        cached = json.loads(cache_file.read_text())
+        for forward, backward, saved_inputs, temp in cached["nodes"].values():
+            float(forward), float(backward), list(saved_inputs), int(temp)
+        if cached["contention"] is not None:
+            Contention(**cached["contention"])
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return cached
 
 
 def profile_concurrency(config, device: torch.device) -> int:

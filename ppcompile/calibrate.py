@@ -36,7 +36,7 @@ import torch
 
 from ppcompile.errors import CompileError
 from ppcompile.launch import torchrun_command
-from ppcompile.program import write_program
+from ppcompile.program import write_atomically, write_program
 from ppcompile.replay import measured_stage_costs, run_stage_costs
 from ppcompile.runtime.loader import load_program
 from ppcompile.runtime.trace import measured_trace
@@ -174,11 +174,15 @@ def cached_calibration(
     key = hashlib.sha256("\n".join(what).encode()).hexdigest()[:24]
     cache_file = None if cache_dir is None else Path(cache_dir).expanduser() / f"calibration-{key}.json"
     if cache_file is not None and cache_file.is_file():
-        return json.loads(cache_file.read_text())
+        try:
+            cached = json.loads(cache_file.read_text())
+            if len(cached["stages"]) == len(program["costs"]["stages"]):
+                return cached
+        except (ValueError, TypeError, KeyError):
+            pass  # cut short or from another version: calibrate again and overwrite it
     calibrated = calibrate(program, files, **options)
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        cache_file.write_text(json.dumps(calibrated, indent=0))
+        write_atomically(cache_file, json.dumps(calibrated, indent=0))
     return calibrated
 
 

@@ -229,6 +229,15 @@ def write_program(out_dir: str | Path, program: dict, files: dict[str, str]) -> 
     return out
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the old file or the whole new one, never a
+    half-written one (a compile killed mid-write, two compiles sharing a cache)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
 def is_program_dir(path: Path) -> bool:
     try:
         return "format_version" in json.loads((path / PROGRAM_FILE).read_text())

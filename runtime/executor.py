@@ -31,7 +31,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from ppcompile.runtime.actions import Action, ActionKind, format_rank_actions, parse_rank_actions
 from ppcompile.runtime.loader import Program
 from ppcompile.runtime.trace import ActionTiming
-from ppcompile.runtime.transport import MessageKey
+from ppcompile.runtime.transport import MessageKey, Receive
 
 _DTYPES = {
     str(d).removeprefix("torch."): d
@@ -102,6 +102,43 @@ def inference_schedule(program: Program) -> dict:
 def inference_actions(program: Program, rank: int) -> list[Action]:
     """``rank``'s forward-only action list, for :meth:`RankExecutor.run` under ``torch.no_grad()``."""
     return parse_rank_actions(inference_schedule(program)["ranks"][str(rank)])
+
+
+@dataclass(frozen=True)
+class StageMessages:
+    """The messages one stage exchanges per micro-batch: per peer stage, the boundary tensors each
+    carries, in program.json's boundary order (sender and receiver agree on it)."""
+
+    activations_out: dict[int, tuple[str, ...]]  # consumer stage -> what SEND_F sends it
+    activations_in: dict[int, tuple[str, ...]]  # producer stage -> what RECV_F receives from it
+    gradients_out: dict[int, tuple[str, ...]]  # producer stage -> the gradients SEND_B sends it
+    gradients_in: dict[int, tuple[str, ...]]  # consumer stage -> the gradients RECV_B receives from it
+
+
+def stage_messages(program: Program, stage: int) -> StageMessages:
+    """Group ``stage``'s boundary tensors into one message per peer stage and direction. A stage that
+    receives ``h`` (a float activation) and ``mask`` (a bool) from stage 0 gets one message
+    ``[h, mask]`` from it and sends back one message ``[grad of h]``."""
+    groups: dict[str, dict[int, list[str]]] = {
+        "activations_out": {},
+        "activations_in": {},
+        "gradients_out": {},
+        "gradients_in": {},
+    }
+    for b in program.data["boundaries"]:
+        name = b["name"]
+        if b["producer"] == stage:
+            for consumer in b["consumers"]:
+                groups["activations_out"].setdefault(consumer, []).append(name)
+                if b["requires_grad"]:
+                    groups["gradients_in"].setdefault(consumer, []).append(name)
+        if stage in b["consumers"]:
+            groups["activations_in"].setdefault(b["producer"], []).append(name)
+            if b["requires_grad"]:
+                groups["gradients_out"].setdefault(b["producer"], []).append(name)
+    return StageMessages(
+        **{kind: {peer: tuple(names) for peer, names in sorted(g.items())} for kind, g in groups.items()}
+    )
 
 
 @dataclass
@@ -400,12 +437,12 @@ class RankExecutor:
         self.stages = {s: program.stage_class(s)(model).to(self.device) for s in self.stage_ids}
         self.actions: list[Action] = parse_rank_actions(program.data["schedule"]["ranks"][str(rank)])
         self.boundaries = {b["name"]: b for b in program.data["boundaries"]}
-        self.boundary_index = {b["name"]: i for i, b in enumerate(program.data["boundaries"])}
         self.rank_of_stage = program.rank_of_stage
         self.microbatches = program.data["schedule"]["microbatches"]
         self.track_memory = track_memory
         self.memory = MemoryStats()
         self._keys_cache: dict = {}
+        self.messages = {s: stage_messages(program, s) for s in self.stage_ids}
         self.losses: dict[int, torch.Tensor] = {}
         # The stages' distinct parameters: fixed for the executor's life, asked for at every I.
         self._params = list({id(p): p for m in self.stages.values() for p in m.parameters()}.values())
@@ -455,12 +492,13 @@ class RankExecutor:
         # per micro-batch and direction, which the memory model counts.
         for action in actions:
             if action.kind in (ActionKind.RECV_F, ActionKind.RECV_B):
-                self.transport.post(self._receive_keys(action), str(action))
+                self.transport.post([r for r, _ in self._receive_keys(action)], str(action))
         for action in actions:
             start = time.perf_counter() if timings is not None else 0.0
             if action.kind in (ActionKind.RECV_F, ActionKind.RECV_B):
                 keys = self._receive_keys(action)
-                while (tensors := self.transport.try_receive(keys, str(action))) is None:
+                receives = [r for r, _ in keys]
+                while (tensors := self.transport.try_receive(receives, str(action))) is None:
                     yield str(action)
                 self._store_received(action, keys, tensors)
             else:
@@ -500,11 +538,9 @@ class RankExecutor:
         elif action.kind == ActionKind.SEND_F:
             # Training keeps the outputs for backward; forward-only drops them once sent.
             out = self.outputs[(stage, m)] if torch.is_grad_enabled() else self.outputs.pop((stage, m))
-            for name in info["sends"]:
-                b = self.boundaries[name]
-                for consumer in b["consumers"]:
-                    key = MessageKey(self.boundary_index[name], m, False, stage, consumer)
-                    self.transport.send(key, out[name], self.rank_of_stage[consumer])
+            for consumer, names in self.messages[stage].activations_out.items():
+                key = MessageKey(m, False, stage, consumer)
+                self.transport.send(key, [out[n] for n in names], self.rank_of_stage[consumer])
         elif action.kind == ActionKind.B:
             self._backward(stage, m, info)
         elif action.kind == ActionKind.I:
@@ -512,10 +548,10 @@ class RankExecutor:
         elif action.kind == ActionKind.W:
             self._backward_weight(stage, m)
         elif action.kind == ActionKind.SEND_B:
-            for name, grad in self.input_grads.pop((stage, m), {}).items():
-                producer = self.boundaries[name]["producer"]
-                key = MessageKey(self.boundary_index[name], m, True, stage, producer)
-                self.transport.send(key, grad, self.rank_of_stage[producer])
+            grads = self.input_grads.pop((stage, m), {})
+            for producer, names in self.messages[stage].gradients_out.items():
+                key = MessageKey(m, True, stage, producer)
+                self.transport.send(key, [grads[n] for n in names], self.rank_of_stage[producer])
         else:
             raise NotImplementedError(
                 f"rank {self.rank}: action {action} is not supported by this runtime yet"
@@ -580,43 +616,37 @@ class RankExecutor:
             keys = self._keys_cache[cache_key] = self._make_receive_keys(action)
         return keys
 
-    def _make_receive_keys(self, action: Action):
+    def _make_receive_keys(self, action: Action) -> list[tuple[Receive, tuple[str, ...]]]:
         stage, m = action.stage, action.microbatch
-        info = self.program.stage(stage)
-        keys = []
-        if action.kind == ActionKind.RECV_F:
-            for name in info["receives"]:
-                b = self.boundaries[name]
-                key = MessageKey(self.boundary_index[name], m, False, b["producer"], stage)
-                keys.append((key, self.rank_of_stage[b["producer"]], self._shape(b, m), dtype_of(b["dtype"])))
-        else:
-            for name in info["sends"]:
-                b = self.boundaries[name]
-                if not b["requires_grad"]:
-                    continue
-                for consumer in b["consumers"]:
-                    key = MessageKey(self.boundary_index[name], m, True, consumer, stage)
-                    keys.append((key, self.rank_of_stage[consumer], self._shape(b, m), dtype_of(b["dtype"])))
-        return keys
+        messages = self.messages[stage]
+        gradient = action.kind == ActionKind.RECV_B
+        receives = []
+        for peer, names in (messages.gradients_in if gradient else messages.activations_in).items():
+            shapes = tuple(self._shape(self.boundaries[n], m) for n in names)
+            dtypes = tuple(dtype_of(self.boundaries[n]["dtype"]) for n in names)
+            key = MessageKey(m, gradient, peer, stage)
+            receives.append((Receive(key, self.rank_of_stage[peer], shapes, dtypes), names))
+        return receives
 
     def _store_received(self, action: Action, keys, tensors) -> None:
         stage, m = action.stage, action.microbatch
-        if action.kind == ActionKind.RECV_F:
-            store = self.received.setdefault((stage, m), {})
-            for (key, *_), tensor in zip(keys, tensors):
-                name = self.program.data["boundaries"][key.boundary]["name"]
+        forward = action.kind == ActionKind.RECV_F
+        store = (
+            self.received.setdefault((stage, m), {})
+            if forward
+            else self.output_grads.setdefault((stage, m), {})
+        )
+        for (_, names), message in zip(keys, tensors):
+            for name, tensor in zip(names, message):
                 tensor = tensor.to(self.device)
-                # Under no_grad (inference) nothing backpropagates into the received tensor.
-                if self.boundaries[name]["requires_grad"] and torch.is_grad_enabled():
-                    tensor.requires_grad_(True)
-                store[name] = tensor
-        else:
-            store = self.output_grads.setdefault((stage, m), {})
-            for (key, *_), tensor in zip(keys, tensors):
-                name = self.program.data["boundaries"][key.boundary]["name"]
-                tensor = tensor.to(self.device)
-                # A tensor sent to several consumers gets the sum of their gradients, in consumer order.
-                store[name] = store[name] + tensor if name in store else tensor
+                if forward:
+                    # Under no_grad (inference) nothing backpropagates into the received tensor.
+                    if self.boundaries[name]["requires_grad"] and torch.is_grad_enabled():
+                        tensor.requires_grad_(True)
+                    store[name] = tensor
+                else:
+                    # A tensor sent to several consumers gets the sum of their gradients, in consumer order.
+                    store[name] = store[name] + tensor if name in store else tensor
 
     def _shape(self, boundary: dict, m: int) -> torch.Size:
         return torch.Size(evaluate_dim(d, self.symbols[m]) for d in boundary["shape"])

@@ -99,7 +99,7 @@ def train(program, rank: int, world: int, args) -> int:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=args.timeout))
     # Every rank builds the model from the same factory and seed, then keeps only its stages.
     spec = build_spec(program, args.seed)
-    transport = DistTransport(rank, len(program.data["boundaries"]), args.timeout, device)
+    transport = DistTransport(rank, program.num_stages, args.timeout, device)
 
     peers = sorted(_peer_ranks(program, rank))
 

@@ -1,4 +1,11 @@
-"""Point-to-point transports. A message is one tensor for one (boundary, micro-batch, direction).
+"""Point-to-point transports. A message carries every tensor one stage sends another for one
+micro-batch in one direction: the activations a cut crosses forward, or their gradients back.
+
+A cut inside a transformer block crosses the residual stream and the block's inner value; one
+message instead of two halves what the cut costs in send calls, which on a shared CPU cost
+more than the bytes. Several tensors travel packed end to end in one byte buffer
+(:func:`pack`); the receiver copies them out (:func:`unpack`), so each received tensor owns its
+memory, as a tensor sent alone does. A message of one tensor is sent as it is.
 
 ``DistTransport`` uses ``torch.distributed`` (gloo on CPU, NCCL on GPUs): sends are posted
 at once and completed lazily; a receive waits at most ``timeout`` seconds and then fails
@@ -15,6 +22,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+ALIGNMENT = 16  # bytes: each packed tensor starts here, so its bytes can be viewed as its dtype
+
 
 class PeerError(RuntimeError):
     """A receive that failed or timed out; the message is one line naming rank, action and peer."""
@@ -22,14 +31,88 @@ class PeerError(RuntimeError):
 
 @dataclass(frozen=True)
 class MessageKey:
-    boundary: int  # index of the boundary tensor in program.json
     microbatch: int
-    gradient: bool  # False: activation producer -> consumer; True: gradient consumer -> producer
+    gradient: bool  # False: activations producer -> consumer; True: their gradients consumer -> producer
     src_stage: int
     dst_stage: int
 
-    def tag(self, num_boundaries: int) -> int:
-        return (self.microbatch * num_boundaries + self.boundary) * 2 + int(self.gradient)
+    def tag(self, num_stages: int) -> int:
+        return ((self.microbatch * num_stages + self.src_stage) * num_stages + self.dst_stage) * 2 + int(
+            self.gradient
+        )
+
+
+@dataclass(frozen=True)
+class Receive:
+    """A message a receive action waits for: from which rank, and the tensors it carries, in order."""
+
+    key: MessageKey
+    peer_rank: int
+    shapes: tuple[torch.Size, ...]
+    dtypes: tuple[torch.dtype, ...]
+
+    def wire_buffer(self, device: torch.device) -> torch.Tensor:
+        """An empty buffer for the message as it travels."""
+        if len(self.shapes) == 1:
+            return torch.empty(self.shapes[0], dtype=wire_dtype(self.dtypes[0]), device=device)
+        return torch.empty(packed_size(self.shapes, self.dtypes), dtype=torch.uint8, device=device)
+
+    def tensors(self, buffer: torch.Tensor) -> list[torch.Tensor]:
+        """The tensors the message carries, from its wire buffer."""
+        if len(self.shapes) == 1:
+            return [buffer.bool() if self.dtypes[0] == torch.bool else buffer]
+        return unpack(buffer, self.shapes, self.dtypes)
+
+
+def wire_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.uint8 if dtype == torch.bool else dtype  # gloo has no bool
+
+
+def _offsets(shapes, dtypes) -> tuple[list[int], int]:
+    offsets, end = [], 0
+    for shape, dtype in zip(shapes, dtypes):
+        start = -(-end // ALIGNMENT) * ALIGNMENT
+        offsets.append(start)
+        end = start + shape.numel() * dtype.itemsize
+    return offsets, end
+
+
+def packed_size(shapes, dtypes) -> int:
+    """Bytes of the buffer that :func:`pack` makes for tensors of these shapes and dtypes."""
+    return _offsets(shapes, dtypes)[1]
+
+
+def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors' bytes end to end in one uint8 buffer, each at an ``ALIGNMENT`` boundary.
+
+    >>> a, b = torch.arange(3.0), torch.tensor([True, False])
+    >>> [t.tolist() for t in unpack(pack([a, b]), [a.shape, b.shape], [a.dtype, b.dtype])]
+    [[0.0, 1.0, 2.0], [True, False]]
+    """
+    shapes, dtypes = [t.shape for t in tensors], [t.dtype for t in tensors]
+    offsets, size = _offsets(shapes, dtypes)
+    buffer = torch.empty(size, dtype=torch.uint8, device=tensors[0].device)
+    for tensor, start in zip(tensors, offsets):
+        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        buffer[start : start + flat.numel()].copy_(flat)
+    return buffer
+
+
+def unpack(buffer: torch.Tensor, shapes, dtypes) -> list[torch.Tensor]:
+    """The tensors :func:`pack` put into ``buffer``, each a copy with its own memory."""
+    offsets, _ = _offsets(shapes, dtypes)
+    return [
+        buffer[start : start + shape.numel() * dtype.itemsize].view(dtype).reshape(shape).clone()
+        for shape, dtype, start in zip(shapes, dtypes, offsets)
+    ]
+
+
+def wire_payload(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """What travels for a message of these tensors: the tensor itself when alone, else :func:`pack`."""
+    if len(tensors) == 1:
+        payload = tensors[0].detach().contiguous()
+        return payload.to(torch.uint8) if payload.dtype == torch.bool else payload
+    return pack(tensors)
 
 
 class InProcessTransport:
@@ -39,18 +122,19 @@ class InProcessTransport:
         self.mailbox: dict[MessageKey, torch.Tensor] = {}
         self.sent = 0  # messages posted so far: lets the caller tell a deadlock from a wait
 
-    def post(self, keys, action: str) -> None:
+    def post(self, receives: list[Receive], action: str) -> None:
         pass  # the mailbox needs no receive posted ahead
 
-    def send(self, key: MessageKey, tensor: torch.Tensor, peer_rank: int) -> None:
-        # A copy, as the wire would make: the receiver must not alias the sender's tensor.
-        self.mailbox[key] = tensor.detach().clone()
+    def send(self, key: MessageKey, tensors: list[torch.Tensor], peer_rank: int) -> None:
+        # A copy, as the wire would make: the receiver must not alias the sender's tensors.
+        payload = wire_payload(tensors)
+        self.mailbox[key] = payload.clone() if len(tensors) == 1 else payload
         self.sent += 1
 
-    def try_receive(self, keys: list[tuple[MessageKey, int, torch.Size, torch.dtype]], action: str):
-        if not all(key in self.mailbox for key, *_ in keys):
+    def try_receive(self, receives: list[Receive], action: str) -> list[list[torch.Tensor]] | None:
+        if not all(r.key in self.mailbox for r in receives):
             return None
-        return [self.mailbox.pop(key) for key, *_ in keys]
+        return [r.tensors(self.mailbox.pop(r.key)) for r in receives]
 
     def finish_step(self) -> None:
         pass
@@ -59,9 +143,9 @@ class InProcessTransport:
 class DistTransport:
     """torch.distributed point-to-point; buffers are allocated from the program's shapes."""
 
-    def __init__(self, rank: int, num_boundaries: int, timeout: float, device: torch.device):
+    def __init__(self, rank: int, num_stages: int, timeout: float, device: torch.device):
         self.rank = rank
-        self.num_boundaries = num_boundaries
+        self.num_stages = num_stages
         self.timeout = timeout
         self.device = device
         self.pending: list[tuple[dist.Work, torch.Tensor, int]] = []  # payload kept alive until sent
@@ -77,45 +161,43 @@ class DistTransport:
             ranks = list(range(dist.get_world_size()))
             self.upward, self.downward = dist.new_group(ranks), dist.new_group(ranks)
 
-    def send(self, key: MessageKey, tensor: torch.Tensor, peer_rank: int) -> None:
-        payload = tensor.detach().contiguous()
-        if payload.dtype == torch.bool:
-            payload = payload.to(torch.uint8)  # gloo has no bool
+    def send(self, key: MessageKey, tensors: list[torch.Tensor], peer_rank: int) -> None:
+        payload = wire_payload(tensors)
         where = f"sending to stage {key.dst_stage} on rank {peer_rank}"
         group = self._group(self.rank, peer_rank)
         work = self.peer_call(
-            lambda: dist.isend(payload, peer_rank, group=group, tag=key.tag(self.num_boundaries)), where
+            lambda: dist.isend(payload, peer_rank, group=group, tag=key.tag(self.num_stages)), where
         )
         self.pending.append((work, payload, peer_rank))  # keep the payload alive until the send completes
 
-    def post(self, keys: list[tuple[MessageKey, int, torch.Size, torch.dtype]], action: str) -> None:
+    def post(self, receives: list[Receive], action: str) -> None:
         """Post the receives of a later action now, so its messages land while this rank computes."""
         if action in self.posted:
             return
         buffers, works = [], []
-        for key, peer_rank, shape, dtype in keys:
-            wire_dtype = torch.uint8 if dtype == torch.bool else dtype
-            buffer = torch.empty(shape, dtype=wire_dtype, device=self.device)
+        for receive in receives:
+            key, peer_rank = receive.key, receive.peer_rank
+            buffer = receive.wire_buffer(self.device)
             where = f"{action} posting its receive from stage {key.src_stage} on rank {peer_rank}"
             group = self._group(peer_rank, self.rank)
             work = self.peer_call(
                 lambda b=buffer, k=key, r=peer_rank, g=group: dist.irecv(
-                    b, r, group=g, tag=k.tag(self.num_boundaries)
+                    b, r, group=g, tag=k.tag(self.num_stages)
                 ),
                 where,
             )
-            works.append((work, peer_rank, key))
+            works.append((work, receive))
             buffers.append(buffer)
         self.posted[action] = (buffers, works)
 
-    def try_receive(self, keys: list[tuple[MessageKey, int, torch.Size, torch.dtype]], action: str):
-        self.post(keys, action)
+    def try_receive(self, receives: list[Receive], action: str) -> list[list[torch.Tensor]]:
+        self.post(receives, action)
         buffers, works = self.posted.pop(action)
-        for work, peer_rank, key in works:
-            self.waiting = f"{action} waiting for stage {key.src_stage} on rank {peer_rank}"
+        for work, receive in works:
+            self.waiting = f"{action} waiting for stage {receive.key.src_stage} on rank {receive.peer_rank}"
             self.peer_call(lambda w=work: w.wait(timedelta(seconds=self.timeout)), self.waiting)
         self.waiting = None
-        return [b.bool() if dtype == torch.bool else b for b, (_, _, _, dtype) in zip(buffers, keys)]
+        return [receive.tensors(buffer) for buffer, receive in zip(buffers, receives)]
 
     def finish_step(self) -> None:
         for work, _, peer_rank in self.pending:

@@ -2,15 +2,20 @@
 
 The compute nodes are laid out in the traced (topological) order; a partition is K-1 cut
 positions in that order. A stage's time is its nodes' forward + backward time plus the
-link occupancy (bytes over bandwidth, and the send call) of every tensor that enters it
-(made earlier, used here) or leaves it (made here, used later), activations forward and
-gradients backward. The link's latency is left out: it delays a message without keeping
-either rank busy, and in a pipeline's steady state each pair of neighbouring stages pays it
-once per micro-batch wherever the cut falls, so it cannot favour one balance over another.
-Counting it as stage time starves the middle stages, which pay it on both sides; the
-simulator charges it as the delay it is. That cost depends only on the stage's first and
-last node, so all N*N stage costs form one matrix, built in O(N^2) from 2-D prefix sums,
-and a dynamic program over it finds the optimum exactly:
+link occupancy (bytes over bandwidth) of every tensor that enters it (made earlier, used
+here) or leaves it (made here, used later), activations forward and gradients backward,
+plus one send call per cut it borders: the runtime packs everything a cut carries one way
+into one message, so a stage after a cut makes one SEND_B and one before it one SEND_F per
+micro-batch however many tensors cross (a skip to a stage further on is a message of its
+own, which this leaves out). Cutting inside a transformer block, where the residual and the
+block's inner value both cross, then costs their bytes, not another call. The link's
+latency is left out: it delays a message without keeping either rank busy, and in a
+pipeline's steady state each pair of neighbouring stages pays it once per micro-batch
+wherever the cut falls, so it cannot favour one balance over another. Counting it as stage
+time starves the middle stages, which pay it on both sides; the simulator charges it as the
+delay it is. That cost depends only on the stage's first and last node, so all N*N stage
+costs form one matrix, built in O(N^2) from 2-D prefix sums, and a dynamic program over it
+finds the optimum exactly:
 
     best[k][j] = min over i of max(best[k-1][i-1], cost[i][j])
 
@@ -63,7 +68,7 @@ def partition_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             f"{_stages_text(ctx)} needs {K - 1} cuts but {ctx.ref} has only {legal_cuts} places it can be cut "
             f"({len(order)} compute nodes); use {legal_cuts + 1} stages or fewer in all"
         )
-    cost = segment_costs(times, values, forbidden)
+    cost = segment_costs(times, values, forbidden, ctx.profile.send_overhead)
     fitting = None
     if ctx.config.memory_per_device is not None:
         # The best cuts that fit without recomputation; plan_memory weighs them against the fastest
@@ -156,14 +161,17 @@ def _problem(gm, ctx, order, weight=None):
 
 
 def segment_costs(
-    times: Sequence[float], values: Sequence[CrossingValue], forbidden: set[int]
+    times: Sequence[float], values: Sequence[CrossingValue], forbidden: set[int], send_call: float = 0.0
 ) -> torch.Tensor:
-    """cost[i, j]: the time of a stage running positions i..j; inf where j < i or a cut is illegal."""
+    """cost[i, j]: the time of a stage running positions i..j; inf where j < i or a cut is illegal.
+    ``send_call``: what one message's send costs its sender, paid once per cut the stage borders."""
     n = len(times)
     prefix = torch.cat(
         [torch.zeros(1, dtype=torch.float64), torch.cumsum(torch.tensor(times, dtype=torch.float64), 0)]
     )
     cost = prefix[None, 1:] - prefix[:-1, None]
+    cost[1:, :] += send_call  # a cut before the stage: it sends its gradients back
+    cost[:, : n - 1] += send_call  # a cut after it: it sends its activations on
     # Each crossing value adds its transfer time on rectangles of (i, j); sum them with a 2-D difference array.
     rows, cols, weights = [], [], []
 

@@ -40,11 +40,11 @@ class DeviceProfile:
         return self.link_latency + nbytes / self.link_bandwidth
 
     def transfer_occupancy(self, nbytes: float) -> float:
-        """How long one direction of a message keeps a stage busy, as the partitioner counts it: its
-        bytes over the bandwidth, and half the sender's call (a cut charges each direction to
-        both of its stages, while each of them makes one of the two calls). The latency only
-        delays the receiver, which meanwhile computes other micro-batches."""
-        return nbytes / self.link_bandwidth + self.send_overhead / 2
+        """How long one direction of a tensor keeps a stage busy, as the partitioner counts it: its
+        bytes over the bandwidth. The send call is per message, not per tensor (the partitioner
+        adds ``send_overhead`` per cut), and the latency only delays the receiver, which
+        meanwhile computes other micro-batches."""
+        return nbytes / self.link_bandwidth
 
 
 GiB = 1024**3

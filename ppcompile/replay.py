@@ -151,12 +151,13 @@ class _EdgeMessages:
         return cls(forward, backward)
 
     def transfer_time(self, latency: float, bandwidth: float):
-        """The simulator's TransferTime: each message's latency plus all their bytes over the bandwidth."""
+        """The simulator's TransferTime: one message's latency (the runtime packs an edge's tensors
+        into one) plus all their bytes over the bandwidth."""
 
         def seconds(producer: int, consumer: int, direction: ActionKind) -> float:
             table = self.forward if direction == ActionKind.SEND_F else self.backward
             count, nbytes = table.get((producer, consumer), (0, 0))
-            return count * latency + nbytes / bandwidth
+            return (latency if count else 0.0) + nbytes / bandwidth
 
         return seconds
 

@@ -135,6 +135,13 @@ def test_profile_is_measured_then_cached(tmp_path):
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == cached
     assert first.program["costs"]["calibrated"] == second.program["costs"]["calibrated"]
     assert first.program["costs"]["stages"] == second.program["costs"]["stages"]
+    # A profile cut short (a compile killed while writing it) or from another version is measured again.
+    profile = next(p for p in (tmp_path / "cache").iterdir() if not p.name.startswith("calibration-"))
+    for broken in (profile.read_text()[:100], '{"nodes": {}, "contention": {"ranks": 2, "renamed": 1}}'):
+        profile.write_text(broken)
+        again = compile_model("models/mlp.py:mlp", config)
+        assert any("measured" in n for n in again.ctx.notes)
+        assert json.loads(profile.read_text())["nodes"]
     assert first.program["config"]["costs_measured_on"] == "cpu"
     # Measured times replace the roofline: no node costs the same as in the roofline profile.
     roofline = compile_model("models/mlp.py:mlp", CompileConfig(stages=2, microbatches=4))

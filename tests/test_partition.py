@@ -9,9 +9,10 @@ import pytest
 from ppcompile.passes.partition_stages import CrossingValue, segment_costs, solve_partition, stage_times_for
 
 
-def naive_stage_cost(i, j, times, values):
-    """Stage i..j: its compute plus every value entering or leaving it, written the obvious way."""
-    total = sum(times[i : j + 1])
+def naive_stage_cost(i, j, times, values, send_call=0.0):
+    """Stage i..j: its compute plus every value entering or leaving it, and one send call per cut
+    it borders, written the obvious way."""
+    total = sum(times[i : j + 1]) + send_call * ((i > 0) + (j < len(times) - 1))
     for v in values:
         inside_producer = i <= v.producer <= j
         uses_inside = any(i <= c <= j for c in v.consumers)
@@ -37,18 +38,20 @@ def test_matches_brute_force(seed):
     n = rng.randint(2, 9)
     K = rng.randint(1, min(4, n))
     times, values, forbidden = random_problem(rng, n)
-    cost = segment_costs(times, values, forbidden)
+    send_call = rng.choice([0.0, rng.uniform(0.0, 1.0)])
+    cost = segment_costs(times, values, forbidden, send_call)
     for i in range(n):
         for j in range(i, n):
             legal = (i == 0 or i not in forbidden) and (j == n - 1 or j + 1 not in forbidden)
-            expected = naive_stage_cost(i, j, times, values) if legal else math.inf
+            expected = naive_stage_cost(i, j, times, values, send_call) if legal else math.inf
             assert float(cost[i, j]) == pytest.approx(expected)
     best = math.inf
     for cuts in itertools.combinations(range(1, n), K - 1):
         if any(c in forbidden for c in cuts):
             continue
         bounds = [0, *cuts, n]
-        best = min(best, max(naive_stage_cost(bounds[s], bounds[s + 1] - 1, times, values) for s in range(K)))
+        stages = [naive_stage_cost(bounds[s], bounds[s + 1] - 1, times, values, send_call) for s in range(K)]
+        best = min(best, max(stages))
     found = solve_partition(cost, K)
     if not math.isfinite(best):
         assert found is None

@@ -83,6 +83,12 @@ def profile_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             send_overhead=contention.send_seconds,
             idle_latency=contention.idle_latency,
         )
+        if (
+            config.spare_cores
+            and contention.cores > config.profile_threads
+            and contention.spare_core_speedup > 1
+        ):
+            ctx.spare_cores = (contention.cores, contention.spare_core_speedup)
         ctx.notes.append(
             f"profile: {contention.ranks} ranks busy at once compute {slowdown:.2f}x slower than one alone; "
             f"link measured between busy ranks: {contention.link_latency * 1e6:.0f} us + "
@@ -156,7 +162,7 @@ def profile_key(gm: fx.GraphModule, ctx: CompileContext, device: torch.device) -
         torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         str(ctx.config.profile_threads),
         str(profile_concurrency(ctx.config, device)),
-        "contention-v6",  # the cache layout
+        "contention-v7",  # the cache layout
         torch.__version__,
     ]
     return hashlib.sha256("\n".join(what).encode()).hexdigest()[:24]

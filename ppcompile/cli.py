@@ -83,6 +83,13 @@ def main():
     help="Compute the last linear layer and its cross-entropy in blocks of rows, without the logits tensor "
     "(faster, less memory; losses then match eager to float rounding, not bitwise).",
 )
+@click.option(
+    "--spare-cores/--no-spare-cores",
+    default=True,
+    show_default=True,
+    help="With --profile on a CPU whose cores the ranks share: run the actions that the others wait "
+    "through (the pipeline's bubbles) on every core.",
+)
 @click.option("--check", is_flag=True, help="Run the verifier after every pass.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Program directory to write.")
 @user_errors
@@ -102,6 +109,7 @@ def compile(
     profile_cache,
     dims,
     fuse_loss,
+    spare_cores,
     check,
     output,
 ):
@@ -126,6 +134,7 @@ def compile(
         profile_cache=None if profile_cache.lower() == "none" else profile_cache,
         dims=_parse_dims(dims) if dims else None,
         fuse_loss=fuse_loss,
+        spare_cores=spare_cores,
     )
     result = compile_model(spec, config)
     out = write_program(output, result.program, result.files)

@@ -9,6 +9,8 @@ machine under the run's load, so they are measured under that load:
 * ``slowdown``: the whole model's forward + backward in K processes at once, over the same
   step in one process while the others wait (seconds per step over a quarter second, the
   median over rounds, in the same worker code);
+* ``spare_core_speedup``: that step alone on the rank's own threads over the same step alone
+  on every core of the machine, what an action gains while the other ranks wait;
 * the link's bandwidth: a message of a few KiB and one of a few MiB, sent with ``isend`` by a rank
   that keeps computing to a rank waiting on a posted ``irecv``, under gloo, the runtime's CPU
   backend: the large one's extra bytes over its extra time;
@@ -42,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from ppcompile.errors import CompileError
+from ppcompile.runtime.executor import available_cores
 from ppcompile.runtime.spec import ModelRef
 
 SMALL_MESSAGE = 4 * 1024  # bytes: latency
@@ -62,6 +65,8 @@ class Contention:
     link_bandwidth: float  # bytes/s for large messages
     send_seconds: float = 0.0  # a rank's own time in one isend, while the peer sends to it too
     idle_latency: float = 0.0  # mean seconds for a small message to a rank waiting for it
+    cores: int = 1  # CPU cores this process may run on
+    spare_core_speedup: float = 1.0  # one rank alone on every core over one alone on its own threads
 
 
 def measure_contention(ref: ModelRef, ranks: int, threads: int = 1) -> Contention:
@@ -114,7 +119,16 @@ def measure_contention(ref: ModelRef, ranks: int, threads: int = 1) -> Contentio
     # Both ranks of the exchange sent and received: average the two.
     send = (answer["send_seconds"] + receiver["send_seconds"]) / 2
     latency = (answer["busy_latency_seconds"] + receiver["busy_latency_seconds"]) / 2
-    return Contention(ranks, answer["slowdown"], latency, bandwidth, send, small)
+    return Contention(
+        ranks,
+        answer["slowdown"],
+        latency,
+        bandwidth,
+        send,
+        small,
+        available_cores(),
+        answer["spare_core_speedup"],
+    )
 
 
 # The worker ----------------------------------------------------------------------------------
@@ -134,15 +148,25 @@ def _worker(path: str, factory: str, rank: int, ranks: int, threads: int, store:
         step()  # warm-up
     # Alone: rank 0 computes while the others wait at the barrier (blocked, not spinning). Rounds
     # of alone-then-together, so that a change in the machine's other load hits both alike.
-    ratios = []
+    # Alone on every core, too: what a rank gains from the others' cores while they wait on it
+    # (a pipeline's bubbles; see ppcompile.spare_cores).
+    ratios, speedups = [], []
+    cores = available_cores()
     for _ in range(ROUNDS):
         alone = _mean_seconds(step) if rank == 0 else None
+        if rank == 0 and cores > threads:
+            torch.set_num_threads(cores)
+            speedups.append(alone / _mean_seconds(step))
+            torch.set_num_threads(threads)
         dist.barrier()
         together = _mean_seconds(step)
         dist.barrier()
         if alone:
             ratios.append(together / alone)
-    answer: dict = {"slowdown": statistics.median(ratios) if ratios else None}
+    answer: dict = {
+        "slowdown": statistics.median(ratios) if ratios else None,
+        "spare_core_speedup": statistics.median(speedups) if speedups else 1.0,
+    }
     if ranks > 1:
         answer.update(_link(rank))
     dist.barrier()

@@ -37,6 +37,9 @@ class CompileConfig:
     # Fuse the last linear layer with its cross-entropy (passes/fuse_loss.py): faster and smaller,
     # but the loss sums run in another order, so losses match eager to float rounding, not bitwise.
     fuse_loss: bool = False
+    # Where --profile measured the ranks sharing this machine's cores: the actions the simulator
+    # sees running while every other rank waits get the idle cores too (ppcompile/spare_cores.py).
+    spare_cores: bool = True
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,9 @@ class CompileContext:
     profiled_on: str | None = None  # the device costs were measured on, if --profile
     profile_slowdown: float = 1.0  # compute with K ranks busy over alone, as --profile measured it
     profile_shared_machine: bool = False  # --profile measured ranks sharing this machine's cores
+    # (cores, speedup): the machine's cores, and how much faster a rank alone runs on all of them
+    # than on its own threads, where --profile measured both; None: no spare cores to hand out.
+    spare_cores: tuple[int, float] | None = None
     profile_key: str | None = None  # the profile's cache key: what calibrations are cached under too
     fused_losses: list[str] = field(default_factory=list)  # linear layers fused with their loss
     cost_basis: list[dict[str, int]] = field(default_factory=list)  # monomials of the cost formulas

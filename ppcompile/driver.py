@@ -32,6 +32,7 @@ from ppcompile.replay import recompute_seconds, simulate_program
 from ppcompile.report import render_report
 from ppcompile.schedules import Schedule, ScheduleError, lower_communication, make_schedule
 from ppcompile.simulate import StageCosts, simulate
+from ppcompile.spare_cores import plan_spare_cores, spare_cores_note
 from ppcompile.verify import verify
 
 PASSES = [
@@ -96,6 +97,11 @@ def compile_model(ref: str, config: CompileConfig) -> CompileResult:
         # Node sums miss the runtime's own work, and a node timed alone is noisier than a stage:
         # time the stages whole, and cut again where that changes the balance.
         gm, lowered, program, files = _calibrate(gm, ctx, schedule, lowered, program, files)
+    if ctx.spare_cores is not None:
+        # What runs while the other ranks wait follows from the step as simulated without it.
+        plan_spare_cores(program, simulate_program(program), *ctx.spare_cores)
+        if note := spare_cores_note(program):
+            program["costs"]["notes"].append(note)
     # The prediction is made from program.json alone, as `ppcompile simulate` makes it later.
     add_simulation(program, simulate_program(program))
     files["report.md"] = render_report(program)

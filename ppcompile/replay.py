@@ -80,7 +80,9 @@ def measured_stage_costs(trace: dict, average=statistics.median) -> dict[int, St
         if event.get("ph") != "X":
             continue
         action = Action.parse(event["name"])
-        if action.is_compute:
+        # An action on spare cores is not what the stage costs beside busy ranks; a replay of the
+        # program divides the stage's cost by the plan's speedup for it instead.
+        if action.is_compute and not event.get("args", {}).get("threads"):
             durations.setdefault((action.stage, action.kind), []).append(event["dur"] / 1e6)
     averaged = {key: average(found) for key, found in durations.items()}
     costs = {}
@@ -126,6 +128,7 @@ def simulate_program(
         transfer_time=messages.transfer_time(latency, bandwidth),
         send_cost=link.get("send_seconds", 0.0),
         idle_transfer_time=None if idle_latency is None else messages.transfer_time(idle_latency, bandwidth),
+        speedups=spare_core_speedups(program) if key == "schedule" else None,
     )
     if calibrated is None:
         return result
@@ -160,6 +163,18 @@ class _EdgeMessages:
             return (latency if count else 0.0) + nbytes / bandwidth
 
         return seconds
+
+
+def spare_core_speedups(program: dict) -> dict[Action, float]:
+    """The training actions program.json's ``"spare_cores"`` runs on every core, with their speedup."""
+    plan = program.get("spare_cores")
+    if not plan:
+        return {}
+    return {
+        action: plan["speedup"]
+        for actions in plan["ranks"].values()
+        for action in parse_rank_actions(actions)
+    }
 
 
 def link_of(program: dict) -> tuple[float, float]:

@@ -13,7 +13,7 @@ with no backward anywhere in the schedule (inference) frees its activations when
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from numbers import Rational
@@ -143,9 +143,11 @@ def simulate(
     transfer_time: TransferTime = free_transfer,
     send_cost: float = 0,
     idle_transfer_time: TransferTime | None = None,
+    speedups: Mapping[Action, float] | None = None,
 ) -> SimResult:
     """Replay a lowered schedule. ``costs[s]`` is stage s's cost; ``edges`` and ``grad_edges``
-    (default: all of ``edges``) must be the ones the schedule was lowered with.
+    (default: all of ``edges``) must be the ones the schedule was lowered with. A compute action
+    in ``speedups`` takes its stage's cost divided by its factor (it runs on spare cores).
 
     Raises DeadlockError if the ranks get stuck, DependencyError if an action runs before what it
     needs (B before F, F before its RECV_F, ...).
@@ -162,7 +164,9 @@ def simulate(
     check_edges(schedule.num_stages, edges, grad_edges)
     if len(costs) != schedule.num_stages:
         raise ValueError(f"need costs for {schedule.num_stages} stages, got {len(costs)}")
-    replay = _Replay(schedule, costs, edges, grad_edges, transfer_time, send_cost, idle_transfer_time)
+    replay = _Replay(
+        schedule, costs, edges, grad_edges, transfer_time, send_cost, idle_transfer_time, speedups or {}
+    )
     replay.run()
     return replay.result()
 
@@ -179,12 +183,14 @@ class _Replay:
         transfer_time: TransferTime,
         send_cost: float,
         idle_transfer_time: TransferTime | None,
+        speedups: Mapping[Action, float],
     ) -> None:
         self.schedule = schedule
         self.costs = costs
         self.transfer_time = transfer_time
         self.send_cost = send_cost
         self.idle_transfer_time = idle_transfer_time
+        self.speedups = speedups
         stages = range(schedule.num_stages)
         # Peers each stage sends to / receives from, per direction of travel.
         self.peers = {
@@ -267,11 +273,13 @@ class _Replay:
     def _compute_cost(self, action: Action) -> float:
         costs = self.costs[action.stage]
         if action.kind == ActionKind.F:
-            return costs.forward
-        if action.kind == ActionKind.B:
-            return costs.backward
-        input_grad, weight_grad = costs.split_backward()
-        return input_grad if action.kind == ActionKind.I else weight_grad
+            cost = costs.forward
+        elif action.kind == ActionKind.B:
+            cost = costs.backward
+        else:
+            input_grad, weight_grad = costs.split_backward()
+            cost = input_grad if action.kind == ActionKind.I else weight_grad
+        return cost / self.speedups[action] if action in self.speedups else cost
 
     def _require(self, action: Action, kind: ActionKind, why: str) -> None:
         if (action.stage, kind, action.microbatch) not in self.done:

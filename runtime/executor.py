@@ -18,6 +18,7 @@ see :func:`backward_input`).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
@@ -47,6 +48,14 @@ _DTYPES = {
         torch.int8,
     )
 }
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def dtype_of(name: str) -> torch.dtype:
@@ -443,6 +452,13 @@ class RankExecutor:
         self.memory = MemoryStats()
         self._keys_cache: dict = {}
         self.messages = {s: stage_messages(program, s) for s in self.stage_ids}
+        # The actions that the program's plan runs on every core, while the other ranks wait.
+        self.own_threads = torch.get_num_threads()
+        plan = program.data.get("spare_cores") if self.device.type == "cpu" else None
+        self.spare_core_threads = min(plan["threads"], available_cores()) if plan else 0
+        self.spare_core_actions: set[Action] = set()
+        if plan and self.spare_core_threads > self.own_threads:
+            self.spare_core_actions = set(parse_rank_actions(plan["ranks"].get(str(rank), "")))
         self.losses: dict[int, torch.Tensor] = {}
         # The stages' distinct parameters: fixed for the executor's life, asked for at every I.
         self._params = list({id(p): p for m in self.stages.values() for p in m.parameters()}.values())
@@ -466,6 +482,7 @@ class RankExecutor:
         action is appended, in ``time.perf_counter()`` seconds; a receive's time is the time it
         waited for its message.
         """
+        training = actions is None  # the plan of spare cores is for the training schedule's timing
         actions = self.actions if actions is None else actions
         needed = 1 + max((a.microbatch for a in actions if a.microbatch is not None), default=-1)
         if len(microbatches) != needed:
@@ -502,11 +519,21 @@ class RankExecutor:
                     yield str(action)
                 self._store_received(action, keys, tensors)
             else:
-                self._execute(action)
+                wide = training and action in self.spare_core_actions
+                if wide:
+                    torch.set_num_threads(self.spare_core_threads)
+                try:
+                    self._execute(action)
+                finally:
+                    if wide:
+                        torch.set_num_threads(self.own_threads)
             if timings is not None:
                 if sync:
                     torch.cuda.synchronize(self.device)
-                timings.append(ActionTiming(str(action), action.kind.value, start, time.perf_counter()))
+                threads = self.spare_core_threads if training and action in self.spare_core_actions else 0
+                timings.append(
+                    ActionTiming(str(action), action.kind.value, start, time.perf_counter(), threads)
+                )
         if self._pending_w:
             missing = ", ".join(f"{s}W{m}" for s, m in self._pending_w)
             raise ValueError(f"rank {self.rank}: the schedule runs I but never {missing}")

@@ -33,6 +33,7 @@ class ActionTiming(NamedTuple):
     kind: str  # its kind, "F", "RECV_B", ...
     start: float
     end: float
+    threads: int = 0  # CPU threads it ran on where that was more than the rank's own (spare cores)
 
 
 def shift_timings(timings: Iterable[ActionTiming], origin: float) -> list[ActionTiming]:
@@ -41,7 +42,7 @@ def shift_timings(timings: Iterable[ActionTiming], origin: float) -> list[Action
     Example::
 
         >>> shift_timings([ActionTiming("0F0", "F", 10.5, 10.75)], origin=10.0)
-        [ActionTiming(name='0F0', kind='F', start=0.5, end=0.75)]
+        [ActionTiming(name='0F0', kind='F', start=0.5, end=0.75, threads=0)]
     """
     return [t._replace(start=t.start - origin, end=t.end - origin) for t in timings]
 
@@ -51,8 +52,11 @@ def _microseconds(seconds: float) -> float:
     return round(float(seconds) * MICROSECONDS_PER_SECOND, 3)
 
 
-def trace_event(rank: int, name: str, kind: str, start_seconds: float, end_seconds: float) -> dict:
-    """One action as a complete event on ``rank``'s row.
+def trace_event(
+    rank: int, name: str, kind: str, start_seconds: float, end_seconds: float, threads: int = 0
+) -> dict:
+    """One action as a complete event on ``rank``'s row; ``threads`` (when not 0) goes into its
+    ``args``: the action ran on spare cores.
 
     Example::
 
@@ -64,7 +68,7 @@ def trace_event(rank: int, name: str, kind: str, start_seconds: float, end_secon
             f"trace event {name} on rank {rank} ends at {end_seconds} before it starts at {start_seconds}"
         )
     start = _microseconds(start_seconds)
-    return {
+    event = {
         "name": name,
         "cat": kind,
         "ph": "X",
@@ -73,6 +77,9 @@ def trace_event(rank: int, name: str, kind: str, start_seconds: float, end_secon
         "ts": start,
         "dur": round(_microseconds(end_seconds) - start, 3),
     }
+    if threads:
+        event["args"] = {"threads": threads}
+    return event
 
 
 def rank_metadata(rank: int) -> list[dict]:
@@ -138,7 +145,7 @@ def measured_trace(steps: Sequence[Sequence[Sequence[ActionTiming]]], metadata: 
         length = max((t.end for timings in step for t in timings), default=0.0)
         for rank, timings in enumerate(step):
             for t in timings:
-                events.append(trace_event(rank, t.name, t.kind, offset + t.start, offset + t.end))
+                events.append(trace_event(rank, t.name, t.kind, offset + t.start, offset + t.end, t.threads))
                 if t.kind in COMPUTE_CATEGORIES:
                     busy[rank] += t.end - t.start
         step_seconds.append(length)

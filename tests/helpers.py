@@ -73,3 +73,15 @@ def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> Non
     assert len(lines) == 1, result.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+def compare_record(program_dir: Path, record: Path, ranks: int, steps: int = 3, lr: float = 0.05):
+    """A torchrun run's ``--record`` (sgd at ``lr``) against the eager model's same steps."""
+    from ppcompile.check_training import compare, eager_run
+
+    saved = [torch.load(record / f"rank{r}.pt") for r in range(ranks)]
+    losses = next(r["losses"] for r in saved if r["losses"])
+    grads = {n: g for r in saved for n, g in r["grads"].items()}
+    params = {n: p for r in saved for n, p in r["params"].items()}
+    reference = eager_run(load_program(program_dir), steps, "sgd", lr, 0)
+    return losses, reference, compare(losses, grads, params, reference, rtol=1e-5)

@@ -6,11 +6,8 @@ import subprocess
 import time
 
 import pytest
-import torch
 
-from ppcompile.check_training import compare, eager_run
-from ppcompile.runtime.loader import load_program
-from tests.helpers import compile_to, torchrun_command
+from tests.helpers import compare_record, compile_to, torchrun_command
 
 
 def torchrun(program_dir, nproc, *args):
@@ -34,12 +31,7 @@ def test_torchrun_trains_like_eager(tmp_path, ref, stages, schedule):
         program_dir, stages, "--steps", "3", "--optimizer", "sgd", "--lr", "0.05", "--record", str(record)
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [torch.load(record / f"rank{r}.pt") for r in range(stages)]
-    losses = next(r["losses"] for r in ranks if r["losses"])
-    grads = {n: g for r in ranks for n, g in r["grads"].items()}
-    params = {n: p for r in ranks for n, p in r["params"].items()}
-    reference = eager_run(load_program(program_dir), 3, "sgd", 0.05, 0)
-    comparison = compare(losses, grads, params, reference, rtol=1e-5)
+    losses, reference, comparison = compare_record(program_dir, record, stages)
     assert comparison.ok, "\n".join(comparison.lines())
     assert losses[0] == reference[0][0]  # the first step's per-micro-batch losses, bitwise
 

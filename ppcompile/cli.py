@@ -84,11 +84,10 @@ def main():
     "(faster, less memory; losses then match eager to float rounding, not bitwise).",
 )
 @click.option(
-    "--spare-cores/--no-spare-cores",
-    default=True,
-    show_default=True,
-    help="With --profile on a CPU whose cores the ranks share: run the actions that the others wait "
-    "through (the pipeline's bubbles) on every core.",
+    "--spare-cores",
+    is_flag=True,
+    help="With --profile on a CPU whose cores the ranks share: run the long actions that the other ranks "
+    "wait through (the pipeline's bubbles) on every core.",
 )
 @click.option("--check", is_flag=True, help="Run the verifier after every pass.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Program directory to write.")

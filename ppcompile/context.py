@@ -37,9 +37,10 @@ class CompileConfig:
     # Fuse the last linear layer with its cross-entropy (passes/fuse_loss.py): faster and smaller,
     # but the loss sums run in another order, so losses match eager to float rounding, not bitwise.
     fuse_loss: bool = False
-    # Where --profile measured the ranks sharing this machine's cores: the actions the simulator
-    # sees running while every other rank waits get the idle cores too (ppcompile/spare_cores.py).
-    spare_cores: bool = True
+    # Where --profile measured the ranks sharing this machine's cores: the long actions the
+    # simulator sees running while every other rank waits get the idle cores too
+    # (ppcompile/spare_cores.py). Off by default: on a step-level benchmark its gain is in the noise.
+    spare_cores: bool = False
 
 
 @dataclass(frozen=True)

@@ -162,20 +162,21 @@ def test_profile_on_cpu_measures_busy_ranks_and_their_link(tmp_path):
     # A send costs its rank its own call; the simulator charges it (the roofline profile: nothing).
     assert 0 < link["send_seconds"] < link["latency_seconds"] + 0.01
     assert 0 < link["idle_latency_seconds"] < 0.1  # to a rank blocked on the receive
-    # The machine's cores, and how much faster one rank runs on all of them: spare cores for the
-    # bubbles where that gains (ppcompile/spare_cores.py); --no-spare-cores plans none.
+    # The machine's cores, and how much faster one rank runs on all of them: with --spare-cores, the
+    # long actions in the bubbles get every core (ppcompile/spare_cores.py).
     profile = next(p for p in (tmp_path / "a").iterdir() if not p.name.startswith("calibration-"))
     contention = json.loads(profile.read_text())["contention"]
     assert contention["cores"] >= 1 and contention["spare_core_speedup"] > 0
-    if contention["cores"] > 1 and contention["spare_core_speedup"] > 1:
-        assert shared.ctx.spare_cores == (contention["cores"], contention["spare_core_speedup"])
-    unplanned = compile_model(
+    assert shared.ctx.spare_cores is None and "spare_cores" not in shared.program  # off by default
+    planned = compile_model(
         "models/mlp.py:mlp",
         CompileConfig(
-            stages=2, microbatches=4, profile=True, profile_cache=str(tmp_path / "a"), spare_cores=False
+            stages=2, microbatches=4, profile=True, profile_cache=str(tmp_path / "a"), spare_cores=True
         ),
     )
-    assert unplanned.ctx.spare_cores is None and "spare_cores" not in unplanned.program
+    if contention["cores"] > 1 and contention["spare_core_speedup"] > 1:
+        assert planned.ctx.spare_cores == (contention["cores"], contention["spare_core_speedup"])
+    assert "spare_cores" not in planned.program  # mlp's actions are far too short to hand cores to
     alone = compile_model(
         "models/mlp.py:mlp",
         CompileConfig(

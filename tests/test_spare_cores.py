@@ -7,6 +7,7 @@ from fractions import Fraction
 
 import pytest
 
+from ppcompile import spare_cores
 from ppcompile.replay import measured_stage_costs, simulate_program
 from ppcompile.runtime.actions import Action, format_rank_actions
 from ppcompile.runtime.executor import available_cores
@@ -52,7 +53,22 @@ def test_the_simulator_prices_actions_on_spare_cores_exactly():
     assert faster.busy_time[0] == plain.busy_time[0] - Fraction(1, 2)
 
 
-def test_a_plan_goes_into_program_json_and_its_simulation(tmp_path):
+@pytest.fixture
+def any_length(monkeypatch):
+    """gpt_mini's actions are far below MIN_ACTION_SECONDS: plan them anyway, for the mechanics."""
+    monkeypatch.setattr(spare_cores, "MIN_ACTION_SECONDS", 0.0)
+
+
+def test_short_actions_get_no_spare_cores(tmp_path):
+    program = json.loads((compile_to(tmp_path, "models/gpt.py:gpt_mini", 2) / "program.json").read_text())
+    result = simulate_program(program)
+    longest = max(e.end - e.start for e in result.events if e.action.is_compute)
+    assert alone_actions(result) and longest < spare_cores.MIN_ACTION_SECONDS
+    plan_spare_cores(program, result, cores=2, speedup=1.5)
+    assert "spare_cores" not in program
+
+
+def test_a_plan_goes_into_program_json_and_its_simulation(tmp_path, any_length):
     program_dir = compile_to(tmp_path, "models/gpt.py:gpt_mini", 2, microbatches=8)
     program = json.loads((program_dir / "program.json").read_text())
     before = simulate_program(program)
@@ -85,7 +101,7 @@ def test_compile_without_profile_plans_nothing(tmp_path):
 
 
 @pytest.mark.skipif(available_cores() < 2, reason="needs two cores to hand one out")
-def test_torchrun_runs_the_plan_and_trains_like_eager(tmp_path):
+def test_torchrun_runs_the_plan_and_trains_like_eager(tmp_path, any_length):
     program_dir = compile_to(tmp_path, "models/gpt.py:gpt_mini", 2, microbatches=4)
     path = program_dir / "program.json"
     program = json.loads(path.read_text())

@@ -126,7 +126,7 @@ def measure_contention(ref: ModelRef, ranks: int, threads: int = 1) -> Contentio
         bandwidth,
         send,
         small,
-        available_cores(),
+        answer["cores"],
         answer["spare_core_speedup"],
     )
 
@@ -166,6 +166,7 @@ def _worker(path: str, factory: str, rank: int, ranks: int, threads: int, store:
     answer: dict = {
         "slowdown": statistics.median(ratios) if ratios else None,
         "spare_core_speedup": statistics.median(speedups) if speedups else 1.0,
+        "cores": cores,
     }
     if ranks > 1:
         answer.update(_link(rank))

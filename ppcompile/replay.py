@@ -137,10 +137,11 @@ def simulate_program(
 
 @dataclasses.dataclass(frozen=True)
 class _EdgeMessages:
-    """Per edge (producer, consumer) and direction: the messages of one micro-batch and their bytes."""
+    """Per edge (producer, consumer) and direction: the bytes of its one message per micro-batch
+    (the runtime packs every tensor an edge carries one way into one message)."""
 
-    forward: dict[tuple[int, int], tuple[int, int]]
-    backward: dict[tuple[int, int], tuple[int, int]]
+    forward: dict[tuple[int, int], int]
+    backward: dict[tuple[int, int], int]
 
     @classmethod
     def of(cls, program: dict) -> _EdgeMessages:
@@ -149,18 +150,15 @@ class _EdgeMessages:
             nbytes = boundary_bytes(program, b)
             for table in (forward, backward) if b["requires_grad"] else (forward,):
                 for c in b["consumers"]:
-                    count, total = table.get((b["producer"], c), (0, 0))
-                    table[(b["producer"], c)] = (count + 1, total + nbytes)
+                    table[(b["producer"], c)] = table.get((b["producer"], c), 0) + nbytes
         return cls(forward, backward)
 
     def transfer_time(self, latency: float, bandwidth: float):
-        """The simulator's TransferTime: one message's latency (the runtime packs an edge's tensors
-        into one) plus all their bytes over the bandwidth."""
+        """The simulator's TransferTime: the message's latency plus its bytes over the bandwidth."""
 
         def seconds(producer: int, consumer: int, direction: ActionKind) -> float:
             table = self.forward if direction == ActionKind.SEND_F else self.backward
-            count, nbytes = table.get((producer, consumer), (0, 0))
-            return (latency if count else 0.0) + nbytes / bandwidth
+            return latency + table[(producer, consumer)] / bandwidth
 
         return seconds
 

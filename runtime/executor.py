@@ -509,28 +509,27 @@ class RankExecutor:
         # per micro-batch and direction, which the memory model counts.
         for action in actions:
             if action.kind in (ActionKind.RECV_F, ActionKind.RECV_B):
-                self.transport.post([r for r, _ in self._receive_keys(action)], str(action))
+                self.transport.post(self._receive_keys(action)[0], str(action))
         for action in actions:
             start = time.perf_counter() if timings is not None else 0.0
+            wide = training and action in self.spare_core_actions
             if action.kind in (ActionKind.RECV_F, ActionKind.RECV_B):
-                keys = self._receive_keys(action)
-                receives = [r for r, _ in keys]
+                receives, names = self._receive_keys(action)
                 while (tensors := self.transport.try_receive(receives, str(action))) is None:
                     yield str(action)
-                self._store_received(action, keys, tensors)
-            else:
-                wide = training and action in self.spare_core_actions
-                if wide:
-                    torch.set_num_threads(self.spare_core_threads)
+                self._store_received(action, names, tensors)
+            elif wide:
+                torch.set_num_threads(self.spare_core_threads)
                 try:
                     self._execute(action)
                 finally:
-                    if wide:
-                        torch.set_num_threads(self.own_threads)
+                    torch.set_num_threads(self.own_threads)
+            else:
+                self._execute(action)
             if timings is not None:
                 if sync:
                     torch.cuda.synchronize(self.device)
-                threads = self.spare_core_threads if training and action in self.spare_core_actions else 0
+                threads = self.spare_core_threads if wide else 0
                 timings.append(
                     ActionTiming(str(action), action.kind.value, start, time.perf_counter(), threads)
                 )
@@ -643,19 +642,21 @@ class RankExecutor:
             keys = self._keys_cache[cache_key] = self._make_receive_keys(action)
         return keys
 
-    def _make_receive_keys(self, action: Action) -> list[tuple[Receive, tuple[str, ...]]]:
+    def _make_receive_keys(self, action: Action) -> tuple[list[Receive], list[tuple[str, ...]]]:
+        """The receive action's messages, and per message the boundary tensors it carries."""
         stage, m = action.stage, action.microbatch
         messages = self.messages[stage]
         gradient = action.kind == ActionKind.RECV_B
-        receives = []
+        receives, carried = [], []
         for peer, names in (messages.gradients_in if gradient else messages.activations_in).items():
             shapes = tuple(self._shape(self.boundaries[n], m) for n in names)
             dtypes = tuple(dtype_of(self.boundaries[n]["dtype"]) for n in names)
             key = MessageKey(m, gradient, peer, stage)
-            receives.append((Receive(key, self.rank_of_stage[peer], shapes, dtypes), names))
-        return receives
+            receives.append(Receive(key, self.rank_of_stage[peer], shapes, dtypes))
+            carried.append(names)
+        return receives, carried
 
-    def _store_received(self, action: Action, keys, tensors) -> None:
+    def _store_received(self, action: Action, carried: list[tuple[str, ...]], tensors) -> None:
         stage, m = action.stage, action.microbatch
         forward = action.kind == ActionKind.RECV_F
         store = (
@@ -663,7 +664,7 @@ class RankExecutor:
             if forward
             else self.output_grads.setdefault((stage, m), {})
         )
-        for (_, names), message in zip(keys, tensors):
+        for names, message in zip(carried, tensors):
             for name, tensor in zip(names, message):
                 tensor = tensor.to(self.device)
                 if forward:

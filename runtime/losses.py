@@ -56,17 +56,22 @@ def _block_logits(block: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return torch.addmm(bias, block, weight.t()) if bias is not None else block @ weight.t()
 
 
-def _loss_only(rows, weight, bias, target, ignore_index) -> torch.Tensor:
+def _blocks(rows, weight, bias, target, ignore_index):
+    """Per block of rows: (start, stop, its log-softmax [rows, V] in float32, its targets with the
+    ignored ones set to 0, and minus the sum of the log-probabilities of the targets not ignored)."""
     valid = target != ignore_index
     safe = torch.where(valid, target, 0)
-    total = torch.zeros((), dtype=torch.float32, device=rows.device)
     step = _block_rows(rows.shape[0], weight.shape[0])
     for start in range(0, rows.shape[0], step):
         stop = min(start + step, rows.shape[0])
         log_probs = torch.log_softmax(_block_logits(rows[start:stop], weight, bias).float(), 1)
         picked = log_probs.gather(1, safe[start:stop, None])[:, 0]
-        total = total - torch.where(valid[start:stop], picked, 0).sum()
-    return (total / valid.sum()).to(rows.dtype)
+        yield start, stop, log_probs, safe[start:stop], -torch.where(valid[start:stop], picked, 0).sum()
+
+
+def _loss_only(rows, weight, bias, target, ignore_index) -> torch.Tensor:
+    total = sum(block[-1] for block in _blocks(rows, weight, bias, target, ignore_index))
+    return (total / (target != ignore_index).sum()).to(rows.dtype)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -74,7 +79,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, weight, bias, target, ignore_index):
         rows = x.reshape(-1, x.shape[-1])
         valid = target != ignore_index
-        safe = torch.where(valid, target, 0)
         # d loss / d logits = (softmax - one_hot(target)) / count on the rows not ignored, else 0.
         count = valid.sum()
         row_scale = torch.where(valid, 1.0 / count, 0.0).to(torch.float32)
@@ -82,21 +86,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         grad_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
         total = torch.zeros((), dtype=torch.float32, device=x.device)
-        step = _block_rows(rows.shape[0], weight.shape[0])
-        for start in range(0, rows.shape[0], step):
-            stop = min(start + step, rows.shape[0])
-            block, scale = rows[start:stop], row_scale[start:stop]
-            log_probs = torch.log_softmax(_block_logits(block, weight, bias).float(), 1)  # [rows, V]
-            picked = log_probs.gather(1, safe[start:stop, None])[:, 0]
-            total = total - torch.where(valid[start:stop], picked, 0).sum()
+        for start, stop, log_probs, safe, loss in _blocks(rows, weight, bias, target, ignore_index):
+            total = total + loss
             # The softmax, made from the log-probabilities in their own storage.
             grad_logits = log_probs.exp_()
-            grad_logits[torch.arange(stop - start, device=x.device), safe[start:stop]] -= 1
-            grad_logits = grad_logits.mul_(scale[:, None]).to(weight.dtype)
+            grad_logits[torch.arange(stop - start, device=x.device), safe] -= 1
+            grad_logits = grad_logits.mul_(row_scale[start:stop, None]).to(weight.dtype)
             if grad_rows is not None:
                 torch.mm(grad_logits, weight, out=grad_rows[start:stop])
             if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.t(), block)
+                grad_weight.addmm_(grad_logits.t(), rows[start:stop])
             if grad_bias is not None:
                 grad_bias.add_(grad_logits.sum(0))
         ctx.x_shape = x.shape

@@ -111,7 +111,7 @@ def wire_payload(tensors: list[torch.Tensor]) -> torch.Tensor:
     """What travels for a message of these tensors: the tensor itself when alone, else :func:`pack`."""
     if len(tensors) == 1:
         payload = tensors[0].detach().contiguous()
-        return payload.to(torch.uint8) if payload.dtype == torch.bool else payload
+        return payload.to(wire_dtype(payload.dtype))
     return pack(tensors)
 
 

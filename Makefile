@@ -32,6 +32,7 @@ bench: install
 	$(PYTHON) bench/cost_accuracy.py
 	$(PYTHON) bench/schedules.py
 	$(PYTHON) bench/vs_pippy.py
+	$(PYTHON) bench/vs_pippy.py --layers 10 --d 288 --heads 4 --vocab 24576
 	$(PYTHON) bench/overhead.py
 
 clean:

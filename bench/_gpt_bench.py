@@ -23,7 +23,6 @@ import functools
 import itertools
 import json
 import math
-import re
 import statistics
 import subprocess
 import sys
@@ -45,12 +44,15 @@ from ppcompile import ModelSpec  # noqa: E402
 from ppcompile.launch import torchrun_command  # noqa: E402
 from ppcompile.runtime.spec import ModelRef  # noqa: E402
 
-STEP_LINE = re.compile(r"^step (\d+)/\d+ \| loss [0-9.naif-]+ \| ([0-9.]+) ms")
 
-
-def step_seconds(stdout: str) -> list[float]:
-    """The step times run.py printed, one line per step on the rank that owns the loss."""
-    return [float(m.group(2)) / 1e3 for line in stdout.splitlines() if (m := STEP_LINE.match(line))]
+def recorded_run(record: Path) -> tuple[list[list[float]], list[float]]:
+    """Per step, the losses and the seconds ``run.py --record`` kept on the rank that owns the loss
+    (the step times it prints, unrounded)."""
+    for file in sorted(Path(record).glob("rank*.pt")):
+        kept = torch.load(file)
+        if kept["losses"]:
+            return kept["losses"], kept["step_seconds"]
+    raise RuntimeError(f"no rank in {record} recorded a loss")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,11 +286,8 @@ def run_ppcompile(out: Path, stages: int, steps: int, lr: float = 0.0) -> dict:
     record, trace = Path(out) / "record", Path(out) / "trace.json"
     command = torchrun(stages, Path(out) / "run.py", "--steps", steps + 1, "--optimizer", "sgd")
     command += ["--lr", repr(lr), "--record", str(record), "--trace", str(trace), "--trace-steps", str(steps)]
-    run = check_run(command, "ppcompile run.py")
-    times = step_seconds(run.stdout)
-    losses = []
-    for file in sorted(record.glob("rank*.pt")):
-        losses = losses or torch.load(file)["losses"]
+    check_run(command, "ppcompile run.py")
+    losses, times = recorded_run(record)
     from ppcompile.replay import run_stage_costs, simulate_program
     from ppcompile.runtime.trace import read_trace_times
 

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _gpt_bench import step_seconds  # noqa: E402 - bench/ is on the path when run as a script
+from _gpt_bench import recorded_run  # noqa: E402 - bench/ is on the path when run as a script
 from tabulate import tabulate  # noqa: E402
 
 from ppcompile.context import CompileConfig  # noqa: E402
@@ -66,14 +66,16 @@ def main() -> int:
             predicted = result.program["costs"]["simulated_step_seconds"]
             predicted_bubble = result.program["costs"]["simulated_bubble"]
             trace = Path(tmp) / f"{name}_{V}.json"
+            record = Path(tmp) / f"{name}_{V}_record"
             command = torchrun_command(
                 out / "run.py", args.stages, "--steps", args.steps, "--trace", trace, "--trace-steps", 3
             )
+            command += ["--record", record]
             run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
             if run.returncode != 0:
                 print(run.stderr[-2000:], file=sys.stderr)
                 return 1
-            times = step_seconds(run.stdout)
+            _, times = recorded_run(record)
             measured = statistics.median(times[len(times) // 4 :])  # skip warm-up steps
             step, busy = read_trace_times(trace)
             measured_bubble = 1 - sum(busy) / (len(busy) * step)

@@ -44,7 +44,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a receive may wait for its peer")
     parser.add_argument(
-        "--record", type=Path, help="write per-rank losses, step-0 gradients and final parameters here"
+        "--record",
+        type=Path,
+        help="write per-rank losses, step times, step-0 gradients and final parameters here",
     )
     parser.add_argument(
         "--infer", action="store_true", help="evaluate: forward only, no autograd, no optimizer"
@@ -139,7 +141,7 @@ def _train(program, executor: RankExecutor, data, args) -> tuple[dict, list[list
     groups = _tied_groups(program) if world > 1 else []
     tied = tied_parameters(program, executor)
     optimizer = make_optimizer(args.optimizer, executor.parameters(), args.lr)
-    record = {"losses": [], "grads": {}, "params": {}}
+    record = {"losses": [], "step_seconds": [], "grads": {}, "params": {}}
     traced = []
     for step in range(args.steps):
         microbatches = next(data)
@@ -169,7 +171,7 @@ def _train(program, executor: RankExecutor, data, args) -> tuple[dict, list[list
 def _evaluate(program, executor: RankExecutor, data, args) -> tuple[dict, list[list[ActionTiming]]]:
     """``--steps`` batches through the forward-only schedule, with autograd off and weights unchanged."""
     actions = inference_actions(program, executor.rank)
-    record = {"losses": [], "grads": {}, "params": {}}
+    record = {"losses": [], "step_seconds": [], "grads": {}, "params": {}}
     traced = []
     with torch.no_grad():
         for step in range(args.steps):
@@ -205,6 +207,7 @@ def _report(program, executor: RankExecutor, microbatches, record: dict, label: 
         return
     losses = [float(executor.losses[m]) for m in sorted(executor.losses)]
     record["losses"].append(losses)
+    record["step_seconds"].append(seconds)
     tokens = sum(mb[program.data["inputs"][0]["name"]].numel() for mb in microbatches)
     print(
         f"{label} | loss {sum(losses) / len(losses):.4f} | "

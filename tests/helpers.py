@@ -81,6 +81,9 @@ def compare_record(program_dir: Path, record: Path, ranks: int, steps: int = 3, 
 
     saved = [torch.load(record / f"rank{r}.pt") for r in range(ranks)]
     losses = next(r["losses"] for r in saved if r["losses"])
+    # The rank that prints the losses keeps each step's time beside them, unrounded.
+    times = next(r["step_seconds"] for r in saved if r["losses"])
+    assert len(times) == len(losses) == steps and all(t > 0 for t in times), times
     grads = {n: g for r in saved for n, g in r["grads"].items()}
     params = {n: p for r in saved for n, p in r["params"].items()}
     reference = eager_run(load_program(program_dir), steps, "sgd", lr, 0)

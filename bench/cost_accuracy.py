@@ -4,10 +4,11 @@
    the bytes autograd keeps at run time (saved_tensors_hooks). Goal: within 5% on every stage.
 2. With --profile: each stage's forward + backward time per micro-batch as the compiler predicts it
    (its stages timed whole, under the measured slowdown of K busy ranks; the sum of its nodes is
-   shown beside it) against the mean of its F and B in a real run: ``run.py --trace`` under
-   torchrun, every rank busy, as the pipeline really runs them. Means, not medians: with more
-   ranks than cores the scheduler hands out whole time slices, so most actions run at full
-   speed and a few wait a slice out, and the step pays for those on average. Goal: within 15% on every stage.
+   shown beside it) against its F and B in a real run: ``run.py --trace`` under torchrun, every
+   rank busy, as the pipeline really runs them. Within a step the mean, not the median: with
+   more ranks than cores the scheduler hands out whole time slices, so most actions run at full
+   speed and a few wait a slice out, and the step pays for those on average; over the steps the
+   median, as of step times. Goal: within 15% on every stage.
 3. Balance on measured time: the slowest stage of that run over the mean. Goal: at most 1.05.
    Shown beside it: the same with each stage's send calls added, the rank's own time per
    micro-batch, which is what the partitioner balances (a middle stage sends both ways).
@@ -44,7 +45,8 @@ from ppcompile.runtime.loader import load_program  # noqa: E402
 
 
 def traced_stage_seconds(program_dir: Path, K: int, steps: int) -> tuple[list[float], list[float]]:
-    """Per stage, the mean F + B of one micro-batch over the last ``steps - 1`` steps of a real run,
+    """Per stage, F + B of one micro-batch over the last ``steps - 1`` steps of a real run (per step
+    the mean, over the steps the median),
     and the same with the stage's SEND_F and SEND_B calls added (its rank's own time per micro-batch,
     what the partitioner balances)."""
     trace = program_dir / "trace.json"

@@ -79,7 +79,10 @@ def main() -> int:
             measured = statistics.median(times[len(times) // 4 :])  # skip warm-up steps
             step, busy = read_trace_times(trace)
             measured_bubble = 1 - sum(busy) / (len(busy) * step)
-            costs = run_stage_costs(json.loads(trace.read_text()))
+            document = json.loads(trace.read_text())
+            # The replay takes each stage's median over the traced steps: set it beside their median.
+            step = statistics.median(document["otherData"]["step_seconds"])
+            costs = run_stage_costs(document)
             replayed = simulate_program(result.program, costs=costs).step_time
             label = name if V == 1 else f"{name} V={V}"
             ratios.append((label, measured / predicted, step / replayed))

@@ -17,8 +17,8 @@ one slowdown for every stage is not enough: a stage that streams memory (an LM h
 large vocabulary) slows more beside a busy neighbour than one that multiplies small matrices,
 and a rank that waits frees its core for the other. So the stages are then timed as they will
 run: the program runs for a few steps under torchrun on this machine, ``run.py --trace``
-records every action, and each stage's F, B, I and W are the means of that trace (a step pays
-for every slow action). The optimizer step still comes from the in-process run.
+records every action, and each stage's F, B, I and W come from that trace: per step the mean of
+its actions (a step pays for every slow action), over the steps the median. The optimizer step still comes from the in-process run.
 """
 
 from __future__ import annotations
@@ -136,8 +136,8 @@ def calibrate(
 def traced_stage_costs(
     program_dir: Path, ranks: int, optimizer: str, traced_steps: int = TIMED_STEPS
 ) -> dict:
-    """Per stage, the mean F, B, I and W of ``traced_steps`` steps of ``run.py --trace`` under
-    torchrun, after a warm-up step."""
+    """Per stage, F, B, I and W from ``traced_steps`` steps of ``run.py --trace`` under torchrun,
+    after a warm-up step (:func:`run_stage_costs`)."""
     trace = Path(program_dir) / "calibration-trace.json"
     steps = WARMUP_STEPS + traced_steps
     command = torchrun_command(

@@ -97,10 +97,31 @@ def measured_stage_costs(trace: dict, average=statistics.median) -> dict[int, St
 
 
 def run_stage_costs(trace: dict) -> dict[int, StageCosts]:
-    """Per stage, the mean seconds of its F, B, I and W in a run's trace: what a replay of that
-    run's costs uses (``simulate --costs-from``, the benchmarks' bounds, calibration under
-    torchrun). The mean, not the median: a step pays for every slow action."""
-    return measured_stage_costs(trace, average=statistics.fmean)
+    """Per stage, its F, B, I and W in a run's trace: what a replay of that run's costs uses
+    (``simulate --costs-from``, the benchmarks' bounds, calibration under torchrun).
+
+    Within a step the mean of the stage's actions (a step pays for every slow action), then the
+    median of those over the traced steps, as a run's step time is the median of its steps: a
+    step the machine took time from moves neither. An action's n-th appearance is in step n."""
+    steps: list[list[dict]] = []
+    seen: dict[str, int] = {}
+    for event in sorted((e for e in trace["traceEvents"] if e.get("ph") == "X"), key=lambda e: e["ts"]):
+        step = seen[event["name"]] = seen.get(event["name"], -1) + 1
+        if step == len(steps):
+            steps.append([])
+        steps[step].append(event)
+    per_step = [measured_stage_costs({"traceEvents": events}, average=statistics.fmean) for events in steps]
+
+    def median(values: list[float | None]) -> float | None:
+        return None if None in values else statistics.median(values)
+
+    costs = {}
+    for stage in sorted({stage for costs_of_step in per_step for stage in costs_of_step}):
+        timed = [c[stage] for c in per_step if stage in c]
+        costs[stage] = StageCosts(
+            *(median([getattr(c, field.name) for c in timed]) for field in dataclasses.fields(StageCosts))
+        )
+    return costs
 
 
 def simulate_program(

@@ -167,20 +167,27 @@ def test_torchrun_infer_prints_eval_lines(mini_dir):
 
 
 def test_simulate_replays_a_measured_runs_stage_times(tmp_path, mini_dir):
-    """``simulate --costs-from`` takes each stage's mean F and B from a trace and replays the schedule."""
+    """``simulate --costs-from`` takes each stage's F and B from a trace (per step the mean, over the
+    steps the median) and replays the schedule."""
     program = load_program(mini_dir).data
     seconds = {"F": [0.001, 0.003, 0.001], "B": [0.002, 0.002, 0.009]}
     events, durations = [], {}
-    for rank, text in program["schedule"]["ranks"].items():
-        for i, name in enumerate(text.split()):
-            action = Action.parse(name)
-            if action.is_compute:
-                duration = seconds[action.kind.value][action.microbatch % 3]
-                durations.setdefault((action.stage, action.kind.value), []).append(duration)
-                events.append(trace_event(int(rank), name, action.kind.value, i, i + duration))
+    for step in range(3):
+        for rank, text in program["schedule"]["ranks"].items():
+            for i, name in enumerate(text.split()):
+                action = Action.parse(name)
+                if action.is_compute:
+                    duration = seconds[action.kind.value][action.microbatch % 3]
+                    if step == 0:
+                        durations.setdefault((action.stage, action.kind.value), []).append(duration)
+                    elif step == 1 and name == "0F1":
+                        duration = 0.5  # the machine took this step's time
+                    start = 100 * step + i
+                    events.append(trace_event(int(rank), name, action.kind.value, start, start + duration))
     trace = write_trace(tmp_path / "run.json", trace_document(events, ranks=[0, 1]))
     costs = run_stage_costs(json.loads(trace.read_text()))
-    # The mean, not the median: a step pays for every slow action.
+    # Within a step the mean, not the median: a step pays for every slow action. Over the steps
+    # the median, as of a run's step times: the step with the 0.5 s action moves nothing.
     mean = {key: statistics.fmean(found) for key, found in durations.items()}
     assert sorted(costs) == [0, 1]
     for s, cost in costs.items():

@@ -76,7 +76,9 @@ def main() -> int:
                 print(run.stderr[-2000:], file=sys.stderr)
                 return 1
             _, times = recorded_run(record)
-            measured = statistics.median(times[len(times) // 3 :])  # warm-up: allocator, gloo's first messages
+            measured = statistics.median(
+                times[len(times) // 3 :]
+            )  # warm-up: allocator, gloo's first messages
             step, busy = read_trace_times(trace)
             measured_bubble = 1 - sum(busy) / (len(busy) * step)
             document = json.loads(trace.read_text())

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -99,7 +100,8 @@ def main() -> int:
                     predicted_bytes = costs["memory"][s]["activations_per_microbatch"]
                     bytes_ratio = predicted_bytes / max(saved[s], 1)
                     time_ratio = predicted[s] / measured[s]
-                    worst_bytes = max(worst_bytes, bytes_ratio, 1 / bytes_ratio)
+                    # A stage predicted to save nothing that saved something is infinitely off.
+                    worst_bytes = max(worst_bytes, bytes_ratio, 1 / bytes_ratio if bytes_ratio else math.inf)
                     worst_time = max(worst_time, time_ratio, 1 / time_ratio)
                     rows.append(
                         [

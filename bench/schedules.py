@@ -37,7 +37,6 @@ from ppcompile.driver import compile_model  # noqa: E402
 from ppcompile.launch import torchrun_command  # noqa: E402
 from ppcompile.program import write_program  # noqa: E402
 from ppcompile.replay import run_stage_costs, simulate_program  # noqa: E402
-from ppcompile.runtime.trace import read_trace_times  # noqa: E402
 
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("zb-h1", 1), ("interleaved-1f1b", 2)]
 
@@ -76,14 +75,13 @@ def main() -> int:
                 print(run.stderr[-2000:], file=sys.stderr)
                 return 1
             _, times = recorded_run(record)
-            measured = statistics.median(
-                times[len(times) // 3 :]
-            )  # warm-up: allocator, gloo's first messages
-            step, busy = read_trace_times(trace)
-            measured_bubble = 1 - sum(busy) / (len(busy) * step)
+            # The first third is warm-up: the allocator, gloo's first messages.
+            measured = statistics.median(times[len(times) // 3 :])
             document = json.loads(trace.read_text())
+            traced = document["otherData"]
+            measured_bubble = traced["measured_bubble"]
             # The replay takes each stage's median over the traced steps: set it beside their median.
-            step = statistics.median(document["otherData"]["step_seconds"])
+            step = statistics.median(traced["step_seconds"])
             costs = run_stage_costs(document)
             replayed = simulate_program(result.program, costs=costs).step_time
             label = name if V == 1 else f"{name} V={V}"

@@ -18,7 +18,8 @@ large vocabulary) slows more beside a busy neighbour than one that multiplies sm
 and a rank that waits frees its core for the other. So the stages are then timed as they will
 run: the program runs for a few steps under torchrun on this machine, ``run.py --trace``
 records every action, and each stage's F, B, I and W come from that trace: per step the mean of
-its actions (a step pays for every slow action), over the steps the median. The optimizer step still comes from the in-process run.
+its actions (a step pays for every slow action), over the steps the median. The optimizer step
+still comes from the in-process run.
 """
 
 from __future__ import annotations

@@ -170,8 +170,11 @@ def _calibrate(gm, ctx, schedule, lowered, program, files):
         )
 
     profiled = {n.name: n.meta["ppc.cost"] for n in gm.graph.nodes if "ppc.cost" in n.meta}
-    multiple = dict.fromkeys(profiled, 1.0)
     evidence: dict[str, list[float]] = {name: [] for name in profiled}
+
+    def multiple(name: str) -> float:
+        return statistics.geometric_mean(evidence[name]) if evidence[name] else 1.0
+
     calibrated = timed(program, files)
     timed_programs = {_stage_code_key(files): calibrated}
     rounds = []
@@ -184,17 +187,15 @@ def _calibrate(gm, ctx, schedule, lowered, program, files):
             break
         for node in gm.graph.nodes:
             stage = node.meta.get("ppc.stage")
-            if stage is not None and node.name in evidence:
-                evidence[node.name].append(multiple[node.name] * factors[stage])
-        for node in gm.graph.nodes:
-            if evidence.get(node.name):
-                multiple[node.name] = statistics.geometric_mean(evidence[node.name])
-                cost = profiled[node.name]
-                node.meta["ppc.cost"] = dataclasses.replace(
-                    cost,
-                    forward_time=cost.forward_time * multiple[node.name],
-                    backward_time=cost.backward_time * multiple[node.name],
-                )
+            if stage is None or node.name not in evidence:
+                continue
+            evidence[node.name].append(multiple(node.name) * factors[stage])
+            cost = profiled[node.name]
+            node.meta["ppc.cost"] = dataclasses.replace(
+                cost,
+                forward_time=cost.forward_time * multiple(node.name),
+                backward_time=cost.backward_time * multiple(node.name),
+            )
         gm = _run_passes(gm, ctx, PASSES[REPARTITION_FROM:])
         lowered, program, files = _build(gm, ctx, schedule)
         key = _stage_code_key(files)

@@ -135,13 +135,18 @@ def train(program, rank: int, world: int, args) -> int:
     return 0
 
 
+def _empty_record() -> dict:
+    """What ``--record`` keeps: per step the losses and seconds, step 0's gradients, final parameters."""
+    return {"losses": [], "step_seconds": [], "grads": {}, "params": {}}
+
+
 def _train(program, executor: RankExecutor, data, args) -> tuple[dict, list[list[ActionTiming]]]:
     """``--steps`` optimizer steps; returns what ``--record`` saves and the traced steps' timings."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     groups = _tied_groups(program) if world > 1 else []
     tied = tied_parameters(program, executor)
     optimizer = make_optimizer(args.optimizer, executor.parameters(), args.lr)
-    record = {"losses": [], "step_seconds": [], "grads": {}, "params": {}}
+    record = _empty_record()
     traced = []
     for step in range(args.steps):
         microbatches = next(data)
@@ -171,7 +176,7 @@ def _train(program, executor: RankExecutor, data, args) -> tuple[dict, list[list
 def _evaluate(program, executor: RankExecutor, data, args) -> tuple[dict, list[list[ActionTiming]]]:
     """``--steps`` batches through the forward-only schedule, with autograd off and weights unchanged."""
     actions = inference_actions(program, executor.rank)
-    record = {"losses": [], "step_seconds": [], "grads": {}, "params": {}}
+    record = _empty_record()
     traced = []
     with torch.no_grad():
         for step in range(args.steps):

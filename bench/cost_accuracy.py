@@ -72,6 +72,15 @@ def traced_stage_seconds(program_dir: Path, K: int, steps: int) -> tuple[list[fl
     return compute, occupied
 
 
+def saved_ratio(predicted: float, saved: int) -> float:
+    """Predicted over saved activation bytes. A stage of element-wise adds saves nothing for its
+    backward, and predicting that is exact (1), not undefined; predicting nothing where something
+    was saved is 0, infinitely off."""
+    if saved == 0:
+        return 1.0 if predicted == 0 else math.inf
+    return predicted / saved
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="predicted vs measured costs, per stage")
     parser.add_argument("--models", nargs="+", default=["models/gpt.py:gpt_mini", "models/mlp.py:mlp"])
@@ -98,9 +107,8 @@ def main() -> int:
                 worst_occupied = max(worst_occupied, occupied_balance)
                 for s in range(K):
                     predicted_bytes = costs["memory"][s]["activations_per_microbatch"]
-                    bytes_ratio = predicted_bytes / max(saved[s], 1)
+                    bytes_ratio = saved_ratio(predicted_bytes, saved[s])
                     time_ratio = predicted[s] / measured[s]
-                    # A stage predicted to save nothing that saved something is infinitely off.
                     worst_bytes = max(worst_bytes, bytes_ratio, 1 / bytes_ratio if bytes_ratio else math.inf)
                     worst_time = max(worst_time, time_ratio, 1 / time_ratio)
                     rows.append(

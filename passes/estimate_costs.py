@@ -13,19 +13,23 @@ once: the 96 blocks of GPT-3 cost as much to estimate as one.
 Keys written on each node:
   ppc.cost     NodeCost
   ppc.view_of  the input whose storage this node's output shares (views), else None
+  ppc.device_specific  whether what it saves or views differs on a real device from meta
 """
 
 from __future__ import annotations
 
+import copy
+import operator
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.flop_counter import FlopCounterMode
 
 from ppcompile.context import CompileContext
-from ppcompile.passes.propagate_shapes import run_meta
+from ppcompile.passes.propagate_shapes import run_fake_cpu, run_meta
 
 
 @dataclass(frozen=True)
@@ -49,20 +53,26 @@ ZERO = NodeCost(0.0, 0.0, 0.0, 0.0, (), 0.0, 0.0, 0.0)
 
 def estimate_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     values = run_meta(gm, ctx, ctx.symbol_values)
+    device_values = run_fake_cpu(gm, ctx, ctx.symbol_values)
     cache: dict[tuple, tuple] = {}
+    on_cpu = runs_on_cpu(ctx)
     for node in gm.graph.nodes:
         node.meta["ppc.view_of"] = None
         if node.op not in ("call_function", "call_method", "call_module") or node.meta["ppc.kind"] == "other":
             node.meta["ppc.cost"] = ZERO
             continue
-        key = _signature(gm, node, values)
+        key = (_signature(gm, node, values), _signature(gm, node, device_values))
         if key not in cache:
-            cache[key] = _measure(gm, node, values)
-        fwd_flops, bwd_flops, saved_args, saved_self, temp_bytes, param_bytes, view_of = cache[key]
+            cache[key] = _measure(gm, node, values, device_values, on_cpu)
+        fwd_flops, bwd_flops, saved_args, saved_self, temp_bytes, view_of, param_bytes, on_device = cache[key]
+        node.meta["ppc.device_specific"] = on_device
         input_nodes = _arg_nodes(node)
         is_view = view_of is not None
         # A view shares its input's storage: memory accounting counts the storage once.
         node.meta["ppc.view_of"] = input_nodes[view_of].name if is_view else None
+        if _takes_from_view_tuple(node):
+            # q, k, v = qkv.chunk(3): each item shares the storage of what was chunked.
+            node.meta["ppc.view_of"], is_view = node.args[0].name, True
         saved = [input_nodes[i].name for i in saved_args if input_nodes[i].op != "get_attr"]
         if saved_self:
             saved.append(node.name)
@@ -83,6 +93,19 @@ def estimate_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             backward_time=profile.compute_time(bwd_flops, 2 * moved, dtype) if differentiable else 0.0,
         )
     return gm
+
+
+def _takes_from_view_tuple(node: fx.Node) -> bool:
+    """An item taken out of a tuple of views (chunk, split, unbind), which the tuple's node records."""
+    source = node.args[0] if node.target is operator.getitem and node.args else None
+    return isinstance(source, fx.Node) and source.meta.get("ppc.view_of") is not None
+
+
+def runs_on_cpu(ctx: CompileContext) -> bool:
+    """Whether the program is compiled for CPU ranks: then what a node saves for backward is
+    taken from a real run on CPU where the node is small enough."""
+    config = ctx.config
+    return config.device_profile == "cpu" and (not config.profile or config.profile_device == "cpu")
 
 
 def _arg_nodes(node: fx.Node) -> list[fx.Node]:
@@ -112,15 +135,30 @@ def _signature(gm: fx.GraphModule, node: fx.Node, values: dict) -> tuple:
     return (node.op, target, args, kwargs, inputs)
 
 
-def _measure(gm: fx.GraphModule, node: fx.Node, values: dict) -> tuple:
-    """Run one node alone on meta tensors: (fwd flops, bwd flops, saved input indices, saved self,
-    temporary saved bytes, parameter bytes, index of the input the output is a view of or None)."""
+# Nodes whose inputs, output and weights fit in this many bytes run for real when the program runs
+# on CPU: only a real run shows what a kernel copies internally (CPU flash attention saves
+# contiguous copies of non-contiguous q, k, v).
+REAL_RUN_BYTES = 64 * 2**20
+
+
+def _measure(gm: fx.GraphModule, node: fx.Node, values: dict, device_values: dict, on_cpu: bool) -> tuple:
+    """Run one node alone: (fwd flops, bwd flops, saved input indices, saved self, temporary saved
+    bytes, index of the input the output is a view of or None, parameter bytes, whether the last
+    four differ from a run on meta).
+
+    FLOPs are counted on meta tensors (``values``), where the flop counter knows every kernel.
+    What is saved and what is a view comes from a run on CPU tensors laid out as CPU kernels lay
+    them out (``device_values``): meta tensors pick other kernels than real devices do.
+    scaled_dot_product_attention (and nn.MultiheadAttention, which calls it) falls back to the
+    math path on meta and saves the B x H x T x T attention weights, where CPU and GPU kernels save
+    the output and a log-sum-exp, in a (B, T, H, D) layout that makes the usual
+    ``y.transpose(1, 2).reshape(B, T, C)`` a view. The run is real (zeros as data) when the program
+    runs on CPU and the node is small, else on fake tensors."""
     input_nodes = _arg_nodes(node)
     leaves, fresh = fresh_inputs(input_nodes, values)
     module = gm.get_submodule(node.target) if node.op == "call_module" else None
     params = list(module.parameters()) if module is not None else []
     param_bytes = sum(p.numel() * p.element_size() for p in params)
-    param_storages = {StorageWeakRef(p.untyped_storage()) for p in params}
 
     saved: list[torch.Tensor] = []
 
@@ -143,20 +181,52 @@ def _measure(gm: fx.GraphModule, node: fx.Node, values: dict) -> tuple:
             torch.autograd.grad(outputs, wrt, [torch.ones_like(o) for o in outputs], allow_unused=True)
         backward_flops = counter.get_total_flops()
 
-    input_storages = storage_indices([fresh[n.name] for n in input_nodes])
-    saved_args, saved_self, temp_bytes = classify_saved(saved, input_storages, out, param_storages)
-    outs = [o for o in _flatten(out) if isinstance(o, torch.Tensor)]
-    views = [input_storages.get(StorageWeakRef(o.untyped_storage())) for o in outs]
-    view_of = views[0] if outs and None not in views and len(set(views)) == 1 else None
-    return (
-        forward_flops,
-        backward_flops,
-        tuple(sorted(saved_args)),
-        saved_self,
-        temp_bytes,
-        param_bytes,
-        view_of,
-    )
+    tensors = [values.get(n.name) for n in [*input_nodes, node]]
+    touched = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)) + param_bytes
+    real = on_cpu and touched <= REAL_RUN_BYTES
+    held = {StorageWeakRef(p.untyped_storage()) for p in params}
+    saved_on_meta = classify_saved(saved, [fresh[n.name] for n in input_nodes], out, held)
+    saved_on_device = _saved_on_device(gm, node, module, device_values, real) or saved_on_meta
+    return (forward_flops, backward_flops, *saved_on_device, param_bytes, saved_on_device != saved_on_meta)
+
+
+def _saved_on_device(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, values: dict, real: bool):
+    """``classify_saved`` of the node run on CPU tensors shaped and strided as ``values``: for real
+    with ``real`` (zeros as data), else on fake tensors (nothing is allocated). None where an op
+    cannot run on fake tensors (a data-dependent one)."""
+    input_nodes = _arg_nodes(node)
+    saved: list[torch.Tensor] = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    def make(v: torch.Tensor) -> torch.Tensor:
+        t = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="cpu").zero_()
+        t.requires_grad_(v.requires_grad and v.is_floating_point())
+        return t.clone() if t.requires_grad else t  # a non-leaf, so in-place ops are allowed
+
+    def run():
+        # The model was built on meta: the module runs as a CPU copy with uninitialised weights.
+        on_device = copy.deepcopy(module).to_empty(device="cpu") if module is not None else None
+        held = [*on_device.parameters(), *on_device.buffers()] if on_device is not None else []
+        inputs = [
+            make(v) if isinstance(v, torch.Tensor) else v for v in (values.get(n.name) for n in input_nodes)
+        ]
+        by_name = dict(zip((n.name for n in input_nodes), inputs))
+        args = fx.node.map_arg(node.args, lambda n: by_name[n.name])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: by_name[n.name])
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = _call(gm, node, on_device, args, kwargs)
+        return classify_saved(saved, inputs, out, {StorageWeakRef(t.untyped_storage()) for t in held})
+
+    if real:
+        return run()
+    try:
+        with FakeTensorMode():
+            return run()
+    except Exception:  # noqa: BLE001 - a data-dependent op; the meta run's answer stands
+        return None
 
 
 def fresh_inputs(
@@ -188,16 +258,17 @@ def storage_indices(values: list) -> dict:
     return indices
 
 
-def classify_saved(saved: list[torch.Tensor], input_storages: dict, out, param_storages: set):
+def classify_saved(saved: list[torch.Tensor], inputs: list, out, held_storages: set):
     """What autograd kept for backward, by owner: (indices of inputs kept, output kept, bytes of
-    temporaries that belong to no graph value). Parameters are not activations and are left out."""
-    output_storages = {
-        StorageWeakRef(o.untyped_storage()) for o in _flatten(out) if isinstance(o, torch.Tensor)
-    }
+    temporaries that belong to no graph value, index of the input the output is a view of or
+    None). Parameters and buffers (``held_storages``) are not activations and are left out."""
+    input_storages = storage_indices(inputs)
+    outs = [o for o in _flatten(out) if isinstance(o, torch.Tensor)]
+    output_storages = {StorageWeakRef(o.untyped_storage()) for o in outs}
     saved_args, saved_self, temp = set(), False, {}
     for t in saved:
         ref = StorageWeakRef(t.untyped_storage())
-        if ref in param_storages:
+        if ref in held_storages:
             continue
         if ref in input_storages:
             saved_args.add(input_storages[ref])
@@ -205,7 +276,9 @@ def classify_saved(saved: list[torch.Tensor], input_storages: dict, out, param_s
             saved_self = True
         else:
             temp[ref] = t.untyped_storage().nbytes()
-    return saved_args, saved_self, float(sum(temp.values()))
+    views = [input_storages.get(StorageWeakRef(o.untyped_storage())) for o in outs]
+    view_of = views[0] if outs and None not in views and len(set(views)) == 1 else None
+    return tuple(sorted(saved_args)), saved_self, float(sum(temp.values())), view_of
 
 
 def _call(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, args, kwargs):

@@ -25,8 +25,14 @@ from torch import fx
 
 from ppcompile.context import CompileContext
 from ppcompile.errors import CompileError
-from ppcompile.passes.estimate_costs import _arg_nodes, _measure, _signature
-from ppcompile.passes.propagate_shapes import run_meta
+from ppcompile.passes.estimate_costs import (
+    _arg_nodes,
+    _measure,
+    _signature,
+    _takes_from_view_tuple,
+    runs_on_cpu,
+)
+from ppcompile.passes.propagate_shapes import run_fake_cpu, run_meta
 
 QUANTITIES = ("forward_flops", "backward_flops", "bytes_moved", "saved_temp_bytes")
 
@@ -41,6 +47,8 @@ def fit_cost_formulas(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule
         return _evaluate_at(gm, ctx)
     samples = {node.name: [] for node in gm.graph.nodes}
     cache: dict = {}
+    on_cpu = runs_on_cpu(ctx)
+    device_specific = any(node.meta.get("ppc.device_specific") for node in gm.graph.nodes)
     for point in points:
         if point == ctx.symbol_values:
             for node in gm.graph.nodes:
@@ -48,8 +56,10 @@ def fit_cost_formulas(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule
                 samples[node.name].append([getattr(cost, q) for q in QUANTITIES])
             continue
         values = run_meta(gm, ctx, point)
+        # A run on fake CPU tensors costs twice a meta run: only where some node needs it.
+        device_values = run_fake_cpu(gm, ctx, point) if device_specific else values
         for node in gm.graph.nodes:
-            samples[node.name].append(_quantities_at(gm, node, values, cache))
+            samples[node.name].append(_quantities_at(gm, node, values, device_values, cache, on_cpu))
     inverse = _inverse([[_monomial(m, p) for m in basis] for p in points])
     for node in gm.graph.nodes:
         rows = samples[node.name]
@@ -105,14 +115,16 @@ def _inverse(matrix: list[list[Fraction]]) -> list[list[Fraction]]:
     return [row[n:] for row in a]
 
 
-def _quantities_at(gm, node: fx.Node, values: dict, cache: dict) -> list[float]:
+def _quantities_at(
+    gm, node: fx.Node, values: dict, device_values: dict, cache: dict, on_cpu: bool
+) -> list[float]:
     if node.op not in ("call_function", "call_method", "call_module") or node.meta["ppc.kind"] == "other":
         return [0.0] * len(QUANTITIES)
-    key = _signature(gm, node, values)
+    key = (_signature(gm, node, values), _signature(gm, node, device_values))
     if key not in cache:
-        cache[key] = _measure(gm, node, values)
-    fwd, bwd, _, _, temp, param_bytes, view_of = cache[key]
-    if view_of is not None:
+        cache[key] = _measure(gm, node, values, device_values, on_cpu)
+    fwd, bwd, _, _, temp, view_of, param_bytes, _ = cache[key]
+    if view_of is not None or _takes_from_view_tuple(node):
         moved = 0.0
     else:
         tensors = [values.get(n.name) for n in _arg_nodes(node)] + [values.get(node.name)]

@@ -44,7 +44,6 @@ from ppcompile.passes.estimate_costs import (
     _signature,
     classify_saved,
     fresh_inputs,
-    storage_indices,
 )
 from ppcompile.passes.propagate_shapes import ValueRecorder
 from ppcompile.program import write_atomically
@@ -256,7 +255,8 @@ def _time_node(real: fx.GraphModule, node: fx.Node, values: dict, device: torch.
     inputs = _arg_nodes(node)
     module = real.get_submodule(node.target) if node.op == "call_module" else None
     params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
-    param_storages = {StorageWeakRef(p.untyped_storage()) for p in params}
+    held = [*module.parameters(), *module.buffers()] if module is not None else []
+    held_storages = {StorageWeakRef(t.untyped_storage()) for t in held}
 
     def forward(fresh, hooks=None):
         args = fx.node.map_arg(node.args, lambda n: fresh[n.name])
@@ -275,8 +275,9 @@ def _time_node(real: fx.GraphModule, node: fx.Node, values: dict, device: torch.
     leaves, fresh = fresh_inputs(inputs, values, detach_attributes=False)
     leaves = [leaf for leaf in leaves.values() if leaf.requires_grad]
     out = forward(fresh, (lambda t: saved.append(t) or t, lambda t: t))
-    input_storages = storage_indices([fresh[n.name] for n in inputs])
-    saved_args, saved_self, temp = classify_saved(saved, input_storages, out, param_storages)
+    saved_args, saved_self, temp, _ = classify_saved(
+        saved, [fresh[n.name] for n in inputs], out, held_storages
+    )
     outputs = [o for o in _flatten(out) if isinstance(o, torch.Tensor)]
     differentiable = [o for o in outputs if o.requires_grad]
     wrt = leaves + params

@@ -18,11 +18,13 @@ Keys written on each node:
 
 from __future__ import annotations
 
+import copy
 import math
 
 import sympy
 import torch
 from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ppcompile.context import CompileContext
 
@@ -42,16 +44,36 @@ class ValueRecorder(fx.Interpreter):
 
 def run_meta(gm: fx.GraphModule, ctx: CompileContext, symbol_values: dict[str, int]) -> dict[str, object]:
     """Run the graph on meta tensors whose symbolic dims take ``symbol_values``."""
+    recorder = ValueRecorder(gm)
+    with torch.device("meta"):
+        recorder.run(*_inputs(ctx, symbol_values, "meta"))
+    return recorder.values
+
+
+def run_fake_cpu(gm: fx.GraphModule, ctx: CompileContext, symbol_values: dict[str, int]) -> dict[str, object]:
+    """The graph's values as CPU kernels lay them out (strides), on fake tensors: nothing is
+    allocated. Meta kernels differ: attention's output is (B, H, T, D)-major on meta and
+    (B, T, H, D)-major on CPU. Falls back to ``run_meta`` where an op cannot run on fake tensors."""
+    on_cpu = copy.deepcopy(gm)
+    try:
+        # Non-fake inputs allowed: to_empty turns the model's meta weights into fake CPU ones.
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            on_cpu.to_empty(device="cpu")
+            recorder = ValueRecorder(on_cpu)
+            recorder.run(*_inputs(ctx, symbol_values, "cpu"))
+        return recorder.values
+    except Exception:  # noqa: BLE001 - a data-dependent op
+        return run_meta(gm, ctx, symbol_values)
+
+
+def _inputs(ctx: CompileContext, symbol_values: dict[str, int], device: str) -> list[torch.Tensor]:
     inputs = []
     for name, example in zip(ctx.input_names, ctx.spec.example_inputs):
         shape = list(example.shape)
         for dim, symbol in ctx.input_dims[name].items():
             shape[dim] = symbol_values[symbol]
-        inputs.append(torch.empty(shape, dtype=example.dtype, device="meta"))
-    recorder = ValueRecorder(gm)
-    with torch.device("meta"):
-        recorder.run(*inputs)
-    return recorder.values
+        inputs.append(torch.empty(shape, dtype=example.dtype, device=device))
+    return inputs
 
 
 def _scaled(value: int) -> tuple[int, int] | None:

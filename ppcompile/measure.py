@@ -34,7 +34,9 @@ def measure_stages(
         microbatch = next(batches(program, spec, seed))[0]
         stages = [program.stage_class(s)(spec.module) for s in range(program.num_stages)]
         params = {id(p): p for stage in stages for p in stage.parameters()}
-        param_storages = {StorageWeakRef(p.untyped_storage()) for p in params.values()}
+        # Weights and buffers are held memory, not activations (the memory model counts them apart).
+        held = [*params.values(), *(b for stage in stages for b in stage.buffers())]
+        held_storages = {StorageWeakRef(t.untyped_storage()) for t in held}
         inputs = _stage_inputs(program, stages, microbatch)
         steps, saved = [], []
         for s, stage in enumerate(stages):
@@ -65,7 +67,7 @@ def measure_stages(
 
             def count(t, seen=seen):
                 ref = StorageWeakRef(t.untyped_storage())
-                if ref not in param_storages:
+                if ref not in held_storages:
                     seen[ref] = t.untyped_storage().nbytes()
                 return t
 

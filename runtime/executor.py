@@ -462,7 +462,10 @@ class RankExecutor:
         self.losses: dict[int, torch.Tensor] = {}
         # The stages' distinct parameters: fixed for the executor's life, asked for at every I.
         self._params = list({id(p): p for m in self.stages.values() for p in m.parameters()}.values())
-        self._param_storages = {StorageWeakRef(p.untyped_storage()) for p in self._params}
+        # Weights and buffers (running stats, rotary tables) are held memory, not activations.
+        self._held_storages = {StorageWeakRef(p.untyped_storage()) for p in self._params} | {
+            StorageWeakRef(b.untyped_storage()) for m in self.stages.values() for b in m.buffers()
+        }
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self._params)
@@ -686,7 +689,7 @@ class RankExecutor:
 
         def pack(t: torch.Tensor):
             ref = StorageWeakRef(t.untyped_storage())
-            if ref not in seen and ref not in self._param_storages:  # weights are not activations
+            if ref not in seen and ref not in self._held_storages:
                 seen.add(ref)
                 live[m] += t.untyped_storage().nbytes()
                 self.memory.bytes_per_microbatch[stage] = max(

@@ -192,8 +192,8 @@ def _measure(gm: fx.GraphModule, node: fx.Node, values: dict, device_values: dic
 
 def _saved_on_device(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, values: dict, real: bool):
     """``classify_saved`` of the node run on CPU tensors shaped and strided as ``values``: for real
-    with ``real`` (zeros as data), else on fake tensors (nothing is allocated). None where an op
-    cannot run on fake tensors (a data-dependent one)."""
+    with ``real`` (zeros as data) where the op accepts zeros, else on fake tensors (nothing is
+    allocated). None where an op cannot run on fake tensors (a data-dependent one)."""
     input_nodes = _arg_nodes(node)
     saved: list[torch.Tensor] = []
 
@@ -221,7 +221,10 @@ def _saved_on_device(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None
         return classify_saved(saved, inputs, out, {StorageWeakRef(t.untyped_storage()) for t in held})
 
     if real:
-        return run()
+        try:
+            return run()
+        except Exception:  # noqa: BLE001 - an op that rejects zeros as data; try fake tensors
+            saved.clear()
     try:
         with FakeTensorMode():
             return run()

@@ -30,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ppcompile.context import CompileContext
 from ppcompile.passes.propagate_shapes import run_fake_cpu, run_meta
+from ppcompile.runtime.executor import held_storages
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,7 @@ def _measure(gm: fx.GraphModule, node: fx.Node, values: dict, device_values: dic
     tensors = [values.get(n.name) for n in [*input_nodes, node]]
     touched = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)) + param_bytes
     real = on_cpu and touched <= REAL_RUN_BYTES
-    held = {StorageWeakRef(p.untyped_storage()) for p in params}
+    held = held_storages([module] if module is not None else [])
     saved_on_meta = classify_saved(saved, [fresh[n.name] for n in input_nodes], out, held)
     saved_on_device = _saved_on_device(gm, node, module, device_values, real) or saved_on_meta
     return (forward_flops, backward_flops, *saved_on_device, param_bytes, saved_on_device != saved_on_meta)
@@ -209,7 +210,6 @@ def _saved_on_device(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None
     def run():
         # The model was built on meta: the module runs as a CPU copy with uninitialised weights.
         on_device = copy.deepcopy(module).to_empty(device="cpu") if module is not None else None
-        held = [*on_device.parameters(), *on_device.buffers()] if on_device is not None else []
         inputs = [
             make(v) if isinstance(v, torch.Tensor) else v for v in (values.get(n.name) for n in input_nodes)
         ]
@@ -218,7 +218,7 @@ def _saved_on_device(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None
         kwargs = fx.node.map_arg(node.kwargs, lambda n: by_name[n.name])
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = _call(gm, node, on_device, args, kwargs)
-        return classify_saved(saved, inputs, out, {StorageWeakRef(t.untyped_storage()) for t in held})
+        return classify_saved(saved, inputs, out, held_storages([on_device] if on_device is not None else []))
 
     if real:
         try:

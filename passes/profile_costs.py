@@ -32,7 +32,6 @@ from pathlib import Path
 
 import torch
 from torch import fx
-from torch.multiprocessing.reductions import StorageWeakRef
 
 from ppcompile.contention import Contention, measure_contention
 from ppcompile.context import CompileContext
@@ -47,6 +46,7 @@ from ppcompile.passes.estimate_costs import (
 )
 from ppcompile.passes.propagate_shapes import ValueRecorder
 from ppcompile.program import write_atomically
+from ppcompile.runtime.executor import held_storages
 
 MIN_SECONDS = 0.004  # time each node for at least this long
 MAX_REPEATS = 50
@@ -255,8 +255,6 @@ def _time_node(real: fx.GraphModule, node: fx.Node, values: dict, device: torch.
     inputs = _arg_nodes(node)
     module = real.get_submodule(node.target) if node.op == "call_module" else None
     params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
-    held = [*module.parameters(), *module.buffers()] if module is not None else []
-    held_storages = {StorageWeakRef(t.untyped_storage()) for t in held}
 
     def forward(fresh, hooks=None):
         args = fx.node.map_arg(node.args, lambda n: fresh[n.name])
@@ -276,7 +274,7 @@ def _time_node(real: fx.GraphModule, node: fx.Node, values: dict, device: torch.
     leaves = [leaf for leaf in leaves.values() if leaf.requires_grad]
     out = forward(fresh, (lambda t: saved.append(t) or t, lambda t: t))
     saved_args, saved_self, temp, _ = classify_saved(
-        saved, [fresh[n.name] for n in inputs], out, held_storages
+        saved, [fresh[n.name] for n in inputs], out, held_storages([module] if module is not None else [])
     )
     outputs = [o for o in _flatten(out) if isinstance(o, torch.Tensor)]
     differentiable = [o for o in outputs if o.requires_grad]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from ppcompile.runtime.executor import held_storages
 from ppcompile.runtime.loader import Program
 from ppcompile.runtime.train import batches, build_spec
 
@@ -34,9 +35,7 @@ def measure_stages(
         microbatch = next(batches(program, spec, seed))[0]
         stages = [program.stage_class(s)(spec.module) for s in range(program.num_stages)]
         params = {id(p): p for stage in stages for p in stage.parameters()}
-        # Weights and buffers are held memory, not activations (the memory model counts them apart).
-        held = [*params.values(), *(b for stage in stages for b in stage.buffers())]
-        held_storages = {StorageWeakRef(t.untyped_storage()) for t in held}
+        held = held_storages(stages)
         inputs = _stage_inputs(program, stages, microbatch)
         steps, saved = [], []
         for s, stage in enumerate(stages):
@@ -67,7 +66,7 @@ def measure_stages(
 
             def count(t, seen=seen):
                 ref = StorageWeakRef(t.untyped_storage())
-                if ref not in held_storages:
+                if ref not in held:
                     seen[ref] = t.untyped_storage().nbytes()
                 return t
 

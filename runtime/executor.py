@@ -428,6 +428,12 @@ def backward_weight(pending: PendingWeightGrads) -> None:
     pending.saved = None
 
 
+def held_storages(modules: Iterable[nn.Module]) -> set[StorageWeakRef]:
+    """The storages of the modules' parameters and buffers (running stats, rotary tables): memory
+    they hold whatever runs, which a count of activations saved for backward leaves out."""
+    return {StorageWeakRef(t.untyped_storage()) for m in modules for t in [*m.parameters(), *m.buffers()]}
+
+
 class RankExecutor:
     def __init__(
         self,
@@ -462,10 +468,7 @@ class RankExecutor:
         self.losses: dict[int, torch.Tensor] = {}
         # The stages' distinct parameters: fixed for the executor's life, asked for at every I.
         self._params = list({id(p): p for m in self.stages.values() for p in m.parameters()}.values())
-        # Weights and buffers (running stats, rotary tables) are held memory, not activations.
-        self._held_storages = {StorageWeakRef(p.untyped_storage()) for p in self._params} | {
-            StorageWeakRef(b.untyped_storage()) for m in self.stages.values() for b in m.buffers()
-        }
+        self._held_storages = held_storages(self.stages.values())
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self._params)

@@ -72,33 +72,64 @@ def test_predicted_step_ends_with_the_tied_reduction_and_the_update(zero_bubble)
     )
 
 
+class NodeSumTimings:
+    """Stands in for the whole-stage timing: each stage takes the sum of its nodes as first
+    profiled, so stage and node sums agree except where a test says a timing was slow, and the
+    cuts do not depend on this machine's noise. Records every timing and every partition's cut."""
+
+    def __init__(self, monkeypatch, slow_last_stage_in_first_timing: bool):
+        self.slow = slow_last_stage_in_first_timing
+        self.calls, self.cuts = [], []
+        self._stage_of: dict[str, int] = {}
+        self._first_profiled: dict[str, tuple[float, float]] = {}
+        self._real_calibration, self._real_build = driver.cached_calibration, driver._build
+        monkeypatch.setattr(driver, "cached_calibration", self._timing)
+        monkeypatch.setattr(driver, "_build", self._build)
+
+    def _timing(self, *args, **kwargs):
+        calibrated = self._real_calibration(*args, **kwargs)
+        self.calls.append(calibrated)
+        for stage in calibrated["stages"]:
+            members = [name for name, s in self._stage_of.items() if s == stage["stage"]]
+            stage["forward_seconds"] = sum(self._first_profiled[n][0] for n in members)
+            stage["backward_seconds"] = sum(self._first_profiled[n][1] for n in members)
+            stage["backward_input_seconds"] = stage["backward_weight_seconds"] = None
+        if self.slow and len(self.calls) == 1:
+            for key in ("forward_seconds", "backward_seconds"):
+                calibrated["stages"][-1][key] *= 2
+        return calibrated
+
+    def _build(self, gm, ctx, schedule):
+        self.cuts.append(ctx.partition.cut_positions[0])
+        self._stage_of.clear()
+        for node in gm.graph.nodes:
+            if "ppc.cost" in node.meta and node.meta.get("ppc.stage") is not None:
+                self._stage_of[node.name] = node.meta["ppc.stage"]
+                cost = node.meta["ppc.cost"]
+                self._first_profiled.setdefault(node.name, (cost.forward_time, cost.backward_time))
+        return self._real_build(gm, ctx, schedule)
+
+
 def test_a_stage_slower_whole_than_its_nodes_gets_cut_again(tmp_path, monkeypatch):
     """Where a stage timed whole runs at a larger multiple of its node sum than the others, its node
     times are scaled up and the partition cut again: that stage gives work away."""
     config = CompileConfig(
         stages=2, microbatches=4, profile=True, profile_concurrency=1, profile_cache=str(tmp_path)
     )
-    plain = compile_model("models/gpt.py:gpt_mini", config)
-    real = driver.cached_calibration
-    calls = []
-
-    def last_stage_twice_as_slow(*args, **kwargs):
-        calibrated = real(*args, **kwargs)
-        calls.append(calibrated)
-        if len(calls) == 1:  # the first partition's stages: pretend the last one ran twice as long
-            last = calibrated["stages"][-1]
-            for key in ("forward_seconds", "backward_seconds"):
-                last[key] *= 2
-        return calibrated
-
-    monkeypatch.setattr(driver, "cached_calibration", last_stage_twice_as_slow)
+    with monkeypatch.context() as patch:
+        agreeing = NodeSumTimings(patch, slow_last_stage_in_first_timing=False)
+        plain = compile_model("models/gpt.py:gpt_mini", config)
+    assert len(agreeing.calls) == 1  # whole stages that agree with their nodes: no second cut
+    slow = NodeSumTimings(monkeypatch, slow_last_stage_in_first_timing=True)
     recut = compile_model("models/gpt.py:gpt_mini", config)
     # The new stages were timed too, and then at most one more partition the averaged evidence chose.
-    assert 2 <= len(calls) <= driver.MAX_TIMED_PARTITIONS
-    assert any("cut again" in n and f"{len(calls)} partition(s) timed whole" in n for n in recut.ctx.notes)
+    assert 2 <= len(slow.calls) <= driver.MAX_TIMED_PARTITIONS
+    assert any(
+        "cut again" in n and f"{len(slow.calls)} partition(s) timed whole" in n for n in recut.ctx.notes
+    )
     # The fake slowness is one of the last stage's timings: averaged, it still gives work away.
     assert recut.ctx.partition.cut_positions[0] > plain.ctx.partition.cut_positions[0]
-    assert any(recut.program["costs"]["calibrated"] is c for c in calls[1:])
+    assert any(recut.program["costs"]["calibrated"] is c for c in slow.calls[1:])
 
 
 def test_ranks_sharing_this_machine_time_their_stages_under_torchrun(tmp_path, monkeypatch):
@@ -146,44 +177,13 @@ def test_a_failed_torchrun_calibration_is_one_clear_error(tmp_path, monkeypatch)
 def test_one_slow_timing_is_outvoted_by_the_timings_after_it(tmp_path, monkeypatch):
     """A stage timed once at twice its speed moves the cuts; the next timing of the new stages
     disagrees, the node times are scaled by the geometric mean of both, and the cuts move back
-    part of the way.
-
-    Whole-stage timings here are the sums of the stage's nodes as first profiled, so the one slow
-    timing is the only disagreement and the test does not depend on this machine's noise."""
+    part of the way."""
     config = CompileConfig(
         stages=2, microbatches=4, profile=True, profile_concurrency=1, profile_cache=str(tmp_path)
     )
-    real_calibration, real_build = driver.cached_calibration, driver._build
-    calls, cuts, stage_of = [], [], {}
-    first_profiled: dict[str, tuple[float, float]] = {}
-
-    def node_sum_timing(*args, **kwargs):
-        calibrated = real_calibration(*args, **kwargs)
-        calls.append(calibrated)
-        for stage in calibrated["stages"]:
-            members = [name for name, s in stage_of.items() if s == stage["stage"]]
-            stage["forward_seconds"] = sum(first_profiled[n][0] for n in members)
-            stage["backward_seconds"] = sum(first_profiled[n][1] for n in members)
-            stage["backward_input_seconds"] = stage["backward_weight_seconds"] = None
-        if len(calls) == 1:
-            for key in ("forward_seconds", "backward_seconds"):
-                calibrated["stages"][-1][key] *= 2
-        return calibrated
-
-    def recorded_build(gm, ctx, schedule):
-        cuts.append(ctx.partition.cut_positions[0])
-        stage_of.clear()
-        for node in gm.graph.nodes:
-            if "ppc.cost" in node.meta and node.meta.get("ppc.stage") is not None:
-                stage_of[node.name] = node.meta["ppc.stage"]
-                cost = node.meta["ppc.cost"]
-                first_profiled.setdefault(node.name, (cost.forward_time, cost.backward_time))
-        return real_build(gm, ctx, schedule)
-
-    monkeypatch.setattr(driver, "cached_calibration", node_sum_timing)
-    monkeypatch.setattr(driver, "_build", recorded_build)
+    timings = NodeSumTimings(monkeypatch, slow_last_stage_in_first_timing=True)
     result = compile_model("models/gpt.py:gpt_mini", config)
-    assert len(calls) == driver.MAX_TIMED_PARTITIONS
-    plain, after_the_slow_timing, final = cuts
+    assert len(timings.calls) == driver.MAX_TIMED_PARTITIONS
+    plain, after_the_slow_timing, final = timings.cuts
     assert plain < final < after_the_slow_timing
-    assert result.program["costs"]["calibrated"] is calls[-1]
+    assert result.program["costs"]["calibrated"] is timings.calls[-1]

@@ -6,9 +6,10 @@ predict one step with the simulator, then train under torchrun (gloo) and take t
 time and, from the runtime's --trace, the measured bubble. Goal: measured within 15% of
 predicted.
 
-A second prediction replays the same schedule with the stage times the run itself measured
-(``ppcompile simulate DIR --costs-from trace.json``): measured over that isolates what the
-simulator's schedule and link model miss from what the profiled stage costs miss.
+A second prediction replays the same schedule with the stage times the run itself measured, each
+rank starting its first action as late as it did in the run (``ppcompile simulate DIR
+--costs-from trace.json``): measured over that isolates what the simulator's schedule and link
+model miss from what the profiled stage costs miss.
 
     python bench/schedules.py                         # K=2, M=8, gpt_mini
     python bench/schedules.py --stages 2 --microbatches 4 --steps 9    # quicker
@@ -83,7 +84,9 @@ def main() -> int:
             # The replay takes each stage's median over the traced steps: set it beside their median.
             step = statistics.median(traced["step_seconds"])
             costs = run_stage_costs(document)
-            replayed = simulate_program(result.program, costs=costs).step_time
+            replayed = simulate_program(
+                result.program, costs=costs, start_seconds=traced["start_seconds"]
+            ).step_time
             label = name if V == 1 else f"{name} V={V}"
             ratios.append((label, measured / predicted, step / replayed))
             rows.append(

@@ -18,8 +18,10 @@ large vocabulary) slows more beside a busy neighbour than one that multiplies sm
 and a rank that waits frees its core for the other. So the stages are then timed as they will
 run: the program runs for a few steps under torchrun on this machine, ``run.py --trace``
 records every action, and each stage's F, B, I and W come from that trace: per step the mean of
-its actions (a step pays for every slow action), over the steps the median. The optimizer step
-still comes from the in-process run.
+its actions (a step pays for every slow action), over the steps the median. That trace also
+times what the simulator prices around the pipeline, as the ranks really do it at once: how late
+each rank's first action starts (the runtime posts the step's receives first), the tied
+gradients' all-reduce and every rank's optimizer step.
 """
 
 from __future__ import annotations
@@ -104,11 +106,13 @@ def calibrate(
                 traced = min(
                     MAX_TRACED_STEPS, max(TIMED_STEPS, math.ceil(TRACE_SECONDS / max(pipelined, 1e-6)))
                 )
-                costs = traced_stage_costs(loaded.root, loaded.num_ranks, optimizer, traced)
+                costs, around = traced_stage_costs(loaded.root, loaded.num_ranks, optimizer, traced)
                 stage_scale, timed_as = 1.0, f"under torchrun, {loaded.num_ranks} ranks at once"
+                update_seconds = around["update_seconds"]
             else:
-                costs = measured_stage_costs(measured_trace(steps))
+                costs, around = measured_stage_costs(measured_trace(steps)), {}
                 stage_scale, timed_as = slowdown, "in this process, scaled by the profile's slowdown"
+                update_seconds = [statistics.median(u) * slowdown for u in updates]
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -128,17 +132,23 @@ def calibrate(
             }
             for stage, c in sorted(costs.items())
         ],
-        "update_seconds": [statistics.median(u) * slowdown for u in updates],
+        "update_seconds": update_seconds,
         # Bytes of each tied group's gradient, all-reduced between its ranks before the update.
         "tied_bytes": tied_bytes,
+        # Timed under torchrun only (None in this process, where the ranks take turns): per rank,
+        # how long after the step's start its first action began, and the tied all-reduce.
+        "start_seconds": around.get("start_seconds"),
+        "reduce_seconds": around.get("reduce_seconds"),
     }
 
 
 def traced_stage_costs(
     program_dir: Path, ranks: int, optimizer: str, traced_steps: int = TIMED_STEPS
-) -> dict:
+) -> tuple[dict, dict]:
     """Per stage, F, B, I and W from ``traced_steps`` steps of ``run.py --trace`` under torchrun,
-    after a warm-up step (:func:`run_stage_costs`)."""
+    after a warm-up step (:func:`run_stage_costs`); and what the steps cost around the pipeline,
+    as the trace's ``otherData`` states it: ``start_seconds``, ``reduce_seconds`` and
+    ``update_seconds`` (see :func:`ppcompile.runtime.trace.measured_trace`)."""
     trace = Path(program_dir) / "calibration-trace.json"
     steps = WARMUP_STEPS + traced_steps
     command = torchrun_command(
@@ -158,7 +168,10 @@ def traced_stage_costs(
             f"--profile: timing the stages under torchrun failed ({lines[-1] if lines else run.returncode}); "
             "use --profile-concurrency 1 to time them in this process"
         )
-    return run_stage_costs(json.loads(trace.read_text()))
+    document = json.loads(trace.read_text())
+    other = document["otherData"]
+    around = {key: other[key] for key in ("start_seconds", "reduce_seconds", "update_seconds")}
+    return run_stage_costs(document), around
 
 
 def cached_calibration(
@@ -203,9 +216,13 @@ def calibration_note(program: dict) -> str:
             "split backward I+W over the node sum's B " + ", ".join(f"{w / b:.2f}" for w, b in split)
         )
     update = ", ".join(f"{u * 1e3:.2f}" for u in calibrated["update_seconds"])
+    parts.append(f"optimizer step per rank {update} ms")
+    if calibrated.get("start_seconds"):
+        begun = ", ".join(f"{s * 1e3:.2f}" for s in calibrated["start_seconds"])
+        parts.append(f"first action per rank {begun} ms into the step")
+    if calibrated.get("reduce_seconds") is not None:
+        parts.append(f"tied all-reduce {calibrated['reduce_seconds'] * 1e3:.2f} ms")
     timed_as = calibrated.get("stages_timed", "in this process")
-    return (
-        f"calibrated: stages timed whole in the runtime ({timed_as}), F+B per micro-batch: "
-        + "; ".join(parts)
-        + f"; optimizer step per rank {update} ms"
+    return f"calibrated: stages timed whole in the runtime ({timed_as}), F+B per micro-batch: " + "; ".join(
+        parts
     )

@@ -182,8 +182,8 @@ def simulate(program_dir, png, trace, infer, costs_from):
     """Predict one step of a compiled program: time, bubble, activations in flight, per rank.
 
     With --costs-from, each stage's F/B/I/W take the mean time they took in that measured run
-    (a step pays for every slow action): the step the schedule would give with the costs the
-    run really had (both ranks busy).
+    (a step pays for every slow action) and each rank begins as late as it did there: the step
+    the schedule would give with the costs the run really had (both ranks busy).
     """
     import json
 
@@ -193,10 +193,10 @@ def simulate(program_dir, png, trace, infer, costs_from):
 
     program = _load(program_dir).data
     key = "inference_schedule" if infer else "schedule"
-    costs = None
+    costs = start_seconds = None
     if costs_from:
-        costs = _measured_costs(costs_from, program)
-    result = simulate_program(program, key, costs)
+        costs, start_seconds = _measured_costs(costs_from, program)
+    result = simulate_program(program, key, costs, start_seconds)
     name = program[key]["name"]
     K, M = len(result.busy_time), program[key]["microbatches"]
     click.echo(f"{name}: {len(program['stages'])} stages on {K} ranks, {M} micro-batches")
@@ -232,13 +232,15 @@ def simulate(program_dir, png, trace, infer, costs_from):
 
 
 def _measured_costs(path: str, program: dict):
-    """Per-stage costs from a run.py --trace file; a file that is not one is a user error."""
+    """Per-stage costs from a run.py --trace file, and how late each rank began its first action
+    there; a file that is not one is a user error."""
     import json
 
     from ppcompile.replay import run_stage_costs
 
     try:
-        costs = run_stage_costs(json.loads(Path(path).read_text()))
+        document = json.loads(Path(path).read_text())
+        costs = run_stage_costs(document)
     except OSError as e:
         raise CompileError(f"--costs-from {path}: {e.strerror}") from None
     except (ValueError, KeyError, TypeError):
@@ -252,7 +254,8 @@ def _measured_costs(path: str, program: dict):
             f"--costs-from {path} times stages {sorted(costs)} but this program has stages {sorted(stages)}; "
             "trace a run of this program"
         )
-    return costs
+    # Traces from before the runtime recorded when each rank began its step start every rank at 0.
+    return costs, document.get("otherData", {}).get("start_seconds")
 
 
 @main.command()

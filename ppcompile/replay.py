@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+from collections.abc import Sequence
 
 from ppcompile.devices import get_profile
 from ppcompile.runtime.actions import Action, ActionKind, parse_rank_actions
@@ -125,17 +126,25 @@ def run_stage_costs(trace: dict) -> dict[int, StageCosts]:
 
 
 def simulate_program(
-    program: dict, key: str = "schedule", costs: dict[int, StageCosts] | None = None
+    program: dict,
+    key: str = "schedule",
+    costs: dict[int, StageCosts] | None = None,
+    start_seconds: Sequence[float] | None = None,
 ) -> SimResult:
     """One step of the program's schedule with its predicted stage costs (or ``costs``, such as
     :func:`measured_stage_costs`) and its link's transfer times.
 
     A training step predicted from a ``--profile``d program's own costs ends with the update:
     tied gradients all-reduced between their ranks, then each rank's optimizer step, so its
-    ``step_time`` is what ``run.py`` prints per step. Bubbles stay those of the pipeline (the
-    part a trace records), and a replay of given ``costs`` is the pipeline alone."""
+    ``step_time`` is what ``run.py`` prints per step; where the stages were timed under torchrun,
+    each rank also begins its step as late as it did there (``start_seconds`` of the calibration's
+    trace). Bubbles stay those of the pipeline (the part a trace records), and a replay of given
+    ``costs`` is the pipeline alone, each rank starting at its ``start_seconds`` (such as a
+    measured trace's) or at 0."""
     schedule = program_schedule(program, key)
     calibrated = program["costs"].get("calibrated") if costs is None and key == "schedule" else None
+    if calibrated is not None and start_seconds is None:
+        start_seconds = calibrated.get("start_seconds")
     costs = predicted_stage_costs(program) if costs is None else costs
     latency, bandwidth = link_of(program)
     link = program["costs"].get("link", {})
@@ -150,6 +159,7 @@ def simulate_program(
         send_cost=link.get("send_seconds", 0.0),
         idle_transfer_time=None if idle_latency is None else messages.transfer_time(idle_latency, bandwidth),
         speedups=spare_core_speedups(program) if key == "schedule" else None,
+        start_times=dict(enumerate(start_seconds)) if start_seconds else None,
     )
     if calibrated is None:
         return result
@@ -211,10 +221,21 @@ def _step_with_update(program: dict, result: SimResult, calibrated: dict) -> flo
     for event in result.events:
         done[event.rank] = max(done[event.rank], event.end)
     latency, bandwidth = link_of(program)
-    for group, nbytes in zip(program["tied_parameters"], calibrated["tied_bytes"]):
-        members = sorted({stage % ranks for stage in group["stages"]})
-        if len(members) > 1:
-            synced = max(done[r] for r in members) + latency + nbytes / bandwidth
-            for r in members:
-                done[r] = synced
+    groups = [
+        (members, nbytes)
+        for group, nbytes in zip(program["tied_parameters"], calibrated["tied_bytes"])
+        if len(members := sorted({stage % ranks for stage in group["stages"]})) > 1
+    ]
+    measured = calibrated.get("reduce_seconds")
+    if measured is not None and groups:
+        # Timed under torchrun: every tied all-reduce of the step, as long as the rank that
+        # reached them last spent in them.
+        members = sorted({r for group_members, _ in groups for r in group_members})
+        groups = [(members, None)]
+    for members, nbytes in groups:
+        synced = max(done[r] for r in members) + (
+            measured if nbytes is None else latency + nbytes / bandwidth
+        )
+        for r in members:
+            done[r] = synced
     return max(d + u for d, u in zip(done, calibrated["update_seconds"]))

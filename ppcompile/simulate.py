@@ -144,10 +144,13 @@ def simulate(
     send_cost: float = 0,
     idle_transfer_time: TransferTime | None = None,
     speedups: Mapping[Action, float] | None = None,
+    start_times: Mapping[int, float] | None = None,
 ) -> SimResult:
     """Replay a lowered schedule. ``costs[s]`` is stage s's cost; ``edges`` and ``grad_edges``
     (default: all of ``edges``) must be the ones the schedule was lowered with. A compute action
-    in ``speedups`` takes its stage's cost divided by its factor (it runs on spare cores).
+    in ``speedups`` takes its stage's cost divided by its factor (it runs on spare cores). A rank
+    in ``start_times`` begins its first action that late (the runtime posts the step's receives
+    first); the others at 0.
 
     Raises DeadlockError if the ranks get stuck, DependencyError if an action runs before what it
     needs (B before F, F before its RECV_F, ...).
@@ -167,6 +170,8 @@ def simulate(
     replay = _Replay(
         schedule, costs, edges, grad_edges, transfer_time, send_cost, idle_transfer_time, speedups or {}
     )
+    for rank, start in (start_times or {}).items():
+        replay.clock[rank] = start
     replay.run()
     return replay.result()
 

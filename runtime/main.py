@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ppcompile.runtime.actions import Action, ActionKind
 from ppcompile.runtime.executor import RankExecutor, inference_actions, inference_schedule
 from ppcompile.runtime.loader import ProgramError, load_program
 from ppcompile.runtime.trace import ActionTiming, measured_trace, shift_timings, write_trace
@@ -155,18 +156,31 @@ def _train(program, executor: RankExecutor, data, args) -> tuple[dict, list[list
         optimizer.zero_grad(set_to_none=True)
         for _ in executor.run(microbatches, timings=timings):
             pass  # a blocking transport never yields
+        reduce_start = time.perf_counter()
+        reduced = False
         for params, (group, where) in zip(tied, groups):
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 if group is not None:
+                    reduced = True
                     executor.transport.peer_call(
                         lambda g=p.grad, pg=group: dist.all_reduce(g, group=pg), where
                     )
         if args.record and step == 0:
             record["grads"] = _named(executor, lambda p: p.grad)
+        update_start = time.perf_counter()
         optimizer.step()
+        if executor.device.type == "cuda" and timings is not None:
+            torch.cuda.synchronize(executor.device)
         seconds = time.perf_counter() - start
+        if timings is not None:
+            # The step's end, which the simulator prices apart from the pipeline: the tied
+            # gradients' all-reduce (its wait for the slowest member included) and the update.
+            first_stage = min(executor.stage_ids)
+            if reduced:
+                timings.append(_step_timing(first_stage, ActionKind.REDUCE_GRAD, reduce_start, update_start))
+            timings.append(_step_timing(first_stage, ActionKind.OPT, update_start, start + seconds))
         if timings is not None:
             traced.append(shift_timings(timings, start))
         _report(program, executor, microbatches, record, f"step {step + 1}/{args.steps}", seconds)
@@ -190,6 +204,10 @@ def _evaluate(program, executor: RankExecutor, data, args) -> tuple[dict, list[l
                 traced.append(shift_timings(timings, start))
             _report(program, executor, microbatches, record, f"eval step {step + 1}/{args.steps}", seconds)
     return record, traced
+
+
+def _step_timing(stage: int, kind: ActionKind, start: float, end: float) -> ActionTiming:
+    return ActionTiming(str(Action(stage, kind, None)), kind.value, start, end)
 
 
 def _traced(step: int, args) -> bool:

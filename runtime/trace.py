@@ -17,6 +17,7 @@ the events::
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -24,6 +25,8 @@ from typing import NamedTuple
 MICROSECONDS_PER_SECOND = 1_000_000
 # The categories (action kinds) that are a stage's compute; the rest is communication and waiting.
 COMPUTE_CATEGORIES = frozenset({"F", "B", "I", "W"})
+# What a training step does after its pipeline: the tied gradients' all-reduce and the update.
+STEP_END_CATEGORIES = frozenset({"REDUCE_GRAD", "OPT"})
 
 
 class ActionTiming(NamedTuple):
@@ -121,12 +124,16 @@ def write_trace(path: str | Path, document: dict) -> Path:
 def measured_trace(steps: Sequence[Sequence[Sequence[ActionTiming]]], metadata: dict | None = None) -> dict:
     """The trace document of measured steps: ``steps[j][rank]`` is that rank's timings in step ``j``,
     relative to the step's start (a barrier every rank leaves at the same moment). Steps are laid out
-    one after another, each as long as its slowest rank.
+    one after another, each as long as its slowest rank, the update included.
 
     ``otherData`` gets, besides ``metadata``: ``measured_step_seconds`` (the mean step time: from the
-    step's start to the end of the last action on any rank), ``busy_seconds`` (per rank, the mean time
-    per step in compute actions F/B/I/W), ``step_seconds`` (each traced step's time), ``measured_bubble``
-    (``1 - sum(busy) / (K * step)``) and ``ranks`` (K).
+    step's start to the end of the last pipeline action on any rank, the update left out),
+    ``busy_seconds`` (per rank, the mean time per step in compute actions F/B/I/W), ``step_seconds``
+    (each traced step's time), ``measured_bubble`` (``1 - sum(busy) / (K * step)``) and ``ranks`` (K).
+    It also gets what a step costs around its pipeline, each the median over the steps:
+    ``start_seconds`` (per rank, from the step's start to its first action: the receives posted),
+    ``reduce_seconds`` (the tied gradients' all-reduce on the rank that reached it last, None
+    without one) and ``update_seconds`` (per rank, its optimizer step; None when not training).
 
     Example::
 
@@ -138,18 +145,30 @@ def measured_trace(steps: Sequence[Sequence[Sequence[ActionTiming]]], metadata: 
         raise ValueError("a measured trace needs at least one step")
     ranks = len(steps[0])
     events, step_seconds, busy = [], [], [0.0] * ranks
+    starts: list[list[float]] = [[] for _ in range(ranks)]
+    reduces: list[float] = []
+    updates: list[list[float]] = [[] for _ in range(ranks)]
     offset = 0.0
     for step in steps:
         if len(step) != ranks:
             raise ValueError(f"every traced step needs all {ranks} ranks, one has {len(step)}")
-        length = max((t.end for timings in step for t in timings), default=0.0)
+        pipeline = [[t for t in timings if t.kind not in STEP_END_CATEGORIES] for timings in step]
+        step_seconds.append(max((t.end for timings in pipeline for t in timings), default=0.0))
+        reduced = []
         for rank, timings in enumerate(step):
             for t in timings:
                 events.append(trace_event(rank, t.name, t.kind, offset + t.start, offset + t.end, t.threads))
                 if t.kind in COMPUTE_CATEGORIES:
                     busy[rank] += t.end - t.start
-        step_seconds.append(length)
-        offset += length
+                elif t.kind == "REDUCE_GRAD":
+                    reduced.append(t.end - t.start)
+                elif t.kind == "OPT":
+                    updates[rank].append(t.end - t.start)
+            if pipeline[rank]:
+                starts[rank].append(min(t.start for t in pipeline[rank]))
+        if reduced:
+            reduces.append(min(reduced))
+        offset += max((t.end for timings in step for t in timings), default=0.0)
     step_time = sum(step_seconds) / len(steps)
     busy = [b / len(steps) for b in busy]
     measured = {
@@ -158,6 +177,9 @@ def measured_trace(steps: Sequence[Sequence[Sequence[ActionTiming]]], metadata: 
         "step_seconds": step_seconds,
         "measured_bubble": 1 - sum(busy) / (ranks * step_time) if step_time > 0 else 0.0,
         "ranks": ranks,
+        "start_seconds": [statistics.median(s) if s else 0.0 for s in starts],
+        "reduce_seconds": statistics.median(reduces) if reduces else None,
+        "update_seconds": [statistics.median(u) for u in updates] if all(updates) else None,
     }
     return trace_document(events, ranks=range(ranks), metadata={**(metadata or {}), **measured})
 

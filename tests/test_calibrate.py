@@ -154,6 +154,18 @@ def test_ranks_sharing_this_machine_time_their_stages_under_torchrun(tmp_path, m
     assert calibrated["stages_timed"] == "under torchrun, 2 ranks at once"
     assert all(s["forward_seconds"] > 0 and s["backward_seconds"] > 0 for s in calibrated["stages"])
     assert any("(under torchrun, 2 ranks at once)" in n for n in program["costs"]["notes"])
+    # Around the pipeline, as the ranks ran it: each rank posts its receives before its first
+    # action, gpt_mini's tied embedding is all-reduced between the ranks, each rank updates.
+    assert len(calibrated["start_seconds"]) == 2 and min(calibrated["start_seconds"]) > 0
+    assert calibrated["reduce_seconds"] > 0
+    assert len(calibrated["update_seconds"]) == 2 and min(calibrated["update_seconds"]) > 0
+    # The prediction starts each rank that late and prices the all-reduce as it was timed.
+    predicted = simulate_program(program)
+    assert program["costs"]["simulated_step_seconds"] == pytest.approx(predicted.step_time)
+    from_zero = simulate_program(program, start_seconds=[0.0, 0.0]).events
+    first = {e.rank: e.start for e in predicted.events[::-1]}
+    assert first == pytest.approx(dict(enumerate(calibrated["start_seconds"])))
+    assert min(e.start for e in from_zero) == 0
 
 
 def test_a_failed_torchrun_calibration_is_one_clear_error(tmp_path, monkeypatch):

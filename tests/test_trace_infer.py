@@ -16,6 +16,7 @@ from ppcompile.runtime.executor import forward_only_schedule
 from ppcompile.runtime.loader import load_program
 from ppcompile.runtime.trace import (
     COMPUTE_CATEGORIES,
+    ActionTiming,
     measured_trace,
     read_trace_times,
     trace_document,
@@ -90,6 +91,34 @@ def test_read_trace_times_reads_measured_and_predicted_traces(tmp_path, mini_dir
     assert read_trace_times(predicted) == (2.0, [1.0, 0.5])
 
 
+def test_a_measured_trace_states_the_step_around_its_pipeline():
+    """The all-reduce and the update are on the timeline but not in the pipeline's step time;
+    when each rank began, the all-reduce of the last rank to reach it and each update are stated."""
+
+    def step(first_start, reduce, update):
+        ranks = []
+        for rank, start in enumerate(first_start):
+            end = start + 1.0
+            ranks.append(
+                [
+                    ActionTiming(f"{rank}F0", "F", start, end),
+                    ActionTiming(f"{rank}REDUCE_GRAD", "REDUCE_GRAD", end, end + reduce[rank]),
+                    ActionTiming(f"{rank}OPT", "OPT", end + reduce[rank], end + reduce[rank] + update[rank]),
+                ]
+            )
+        return ranks
+
+    steps = [step([0.1, 0.2], [0.5, 0.25], [0.3, 0.4]), step([0.3, 0.4], [0.25, 0.75], [0.5, 0.6])]
+    other = measured_trace(steps)["otherData"]
+    assert other["step_seconds"] == pytest.approx([1.2, 1.4])  # the last pipeline action's end
+    assert other["start_seconds"] == pytest.approx([0.2, 0.3])
+    assert other["reduce_seconds"] == pytest.approx(0.25)  # median of each step's shortest wait
+    assert other["update_seconds"] == pytest.approx([0.4, 0.5])
+    # The second step is laid out after the first one's update, not over it.
+    second = [e for e in measured_trace(steps)["traceEvents"] if e.get("name") == "0F0"][1]
+    assert second["ts"] == pytest.approx((1.1 + 0.5 + 0.3 + 0.3) * 1e6)  # rank 0 ended the first
+
+
 @pytest.mark.parametrize("ref,stages", [("models/gpt.py:gpt_mini", 2), ("models/mlp.py:mlp_deep", 3)])
 def test_in_process_inference_matches_eager_bitwise(tmp_path, ref, stages):
     program = load_program(compile_to(tmp_path, ref, stages, microbatches=4))
@@ -145,12 +174,23 @@ def test_torchrun_trace_has_both_ranks_and_the_step_times(tmp_path, mini_dir):
     events = action_events(document)
     for rank in range(2):
         names = [e["name"] for e in events if e["pid"] == rank]
-        assert names == load_program(mini_dir).data["schedule"]["ranks"][str(rank)].split()  # last step only
+        schedule = load_program(mini_dir).data["schedule"]["ranks"][str(rank)].split()  # last step only
+        # Then the step's end: gpt_mini's tied embedding all-reduced between the ranks, the update.
+        assert names == schedule + [f"{rank}REDUCE_GRAD", f"{rank}OPT"]
     other = document["otherData"]
     assert other["traced_steps"] == [2] and other["mode"] == "training"
     step, busy = read_trace_times(path)
     assert len(busy) == 2 and 0 < max(busy) <= step
     assert other["measured_bubble"] == pytest.approx(1 - sum(busy) / (2 * step))
+    # The step time is the pipeline's; what surrounds it is stated apart.
+    pipeline_end = max(e["ts"] + e["dur"] for e in events if e["cat"] not in ("REDUCE_GRAD", "OPT"))
+    assert step == pytest.approx(pipeline_end / 1e6)
+    firsts = [min(e["ts"] for e in events if e["pid"] == rank) / 1e6 for rank in range(2)]
+    assert other["start_seconds"] == pytest.approx(firsts)
+    reduces = [e["dur"] / 1e6 for e in events if e["cat"] == "REDUCE_GRAD"]
+    assert other["reduce_seconds"] == pytest.approx(min(reduces))
+    updates = [e["dur"] / 1e6 for e in events if e["cat"] == "OPT"]
+    assert other["update_seconds"] == pytest.approx(updates) and min(updates) > 0
 
 
 def test_torchrun_infer_prints_eval_lines(mini_dir):

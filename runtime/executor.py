@@ -425,6 +425,13 @@ def backward_weight(pending: PendingWeightGrads) -> None:
             for handle in handles:
                 handle.remove()
     pending.groups.clear()
+    if pending.saved is not None:
+        # Every saved tensor's unpack hook holds ``pending.saved``, whose boxes hold tensors whose
+        # grad_fn holds those hooks: a cycle through autograd's C++ nodes that Python's collector
+        # cannot see. Emptying the boxes breaks it, or each step's graphs would live forever.
+        for box in pending.saved.boxes:
+            box.tensor = None
+        pending.saved.boxes.clear()
     pending.saved = None
 
 

@@ -181,7 +181,6 @@ def _train(program, executor: RankExecutor, data, args) -> tuple[dict, list[list
             if reduced:
                 timings.append(_step_timing(first_stage, ActionKind.REDUCE_GRAD, reduce_start, update_start))
             timings.append(_step_timing(first_stage, ActionKind.OPT, update_start, start + seconds))
-        if timings is not None:
             traced.append(shift_timings(timings, start))
         _report(program, executor, microbatches, record, f"step {step + 1}/{args.steps}", seconds)
     return record, traced

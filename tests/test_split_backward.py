@@ -10,6 +10,7 @@ outputs) and count FLOPs to show that I + W does what B does, once.
 from __future__ import annotations
 
 import functools
+import gc
 import re
 
 import pytest
@@ -100,6 +101,28 @@ def test_split_backward_matches_full_backward(compiled, ref, stages, mode):
     assert peaks == pending_microbatches(ranks)
     if mode == "deferred":
         assert peaks == {s: M for s in range(stages)}
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # isinstance() on every object wakes deprecated ones
+def test_split_backward_frees_every_graph_when_its_step_ends(compiled):
+    """Each saved tensor's unpack hook holds its micro-batch's SavedActivations, whose boxes hold
+    tensors whose grad_fn holds the hooks: a cycle through autograd's C++ nodes that Python's
+    collector cannot free. W breaks it, or every step's graphs would stay alive."""
+    program = load_program(compiled("models/gpt.py:gpt_mini", 2))
+    ranks = program.data["schedule"]["ranks"]
+    for rank in ranks:
+        ranks[rank] = split_schedule(ranks[rank], deferred=False)
+    pipeline = InProcessPipeline(program)
+    data = batches(program, pipeline.spec, 0)
+    tensors = []
+    for _ in range(3):
+        pipeline.step(next(data))
+        gc.collect()
+        alive = gc.get_objects()
+        assert not any(isinstance(o, SavedActivations) for o in alive)
+        tensors.append(sum(isinstance(o, torch.Tensor) for o in alive))
+        del alive
+    assert tensors[1] == tensors[2]
 
 
 def test_schedule_with_i_but_no_w_or_w_before_i_is_rejected(compiled):

@@ -1,4 +1,5 @@
-"""The benchmarks against torch.distributed.pipelining still run end to end (toy sizes, --quick).
+"""The benchmarks against torch.distributed.pipelining and the simulator still run end to end
+(toy sizes, --quick).
 
 Only the exit code and the shape of the last line are checked: timings on a shared CPU are noise.
 A non-zero exit also means a system's losses differed from the eager model's.
@@ -13,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("bench", ["vs_pippy.py", "overhead.py"])
+@pytest.mark.parametrize("bench", ["vs_pippy.py", "overhead.py", "schedules.py"])
 def test_bench_runs_quick(bench):
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / bench), "--quick"],

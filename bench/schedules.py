@@ -8,8 +8,8 @@ predicted. This machine's speed drifts by more than that over a minute, so the w
 ``--rounds`` times, each schedule profiled just before its run, and the ratios are the medians.
 
 A second prediction replays the same schedule with the stage times the run itself measured, each
-rank starting its first action as late as it did in the run (``ppcompile simulate DIR
---costs-from trace.json``): measured over that isolates what the simulator's schedule and link
+rank starting its first action as late as it did in the run and the actions scattering as they
+did there (``ppcompile simulate DIR --costs-from trace.json``): measured over that isolates what the simulator's schedule and link
 model miss from what the profiled stage costs miss.
 
     python bench/schedules.py                         # K=2, M=8, gpt_mini, 3 rounds
@@ -39,7 +39,7 @@ from ppcompile.context import CompileConfig  # noqa: E402
 from ppcompile.driver import compile_model  # noqa: E402
 from ppcompile.launch import torchrun_command  # noqa: E402
 from ppcompile.program import write_program  # noqa: E402
-from ppcompile.replay import run_stage_costs, simulate_program  # noqa: E402
+from ppcompile.replay import action_jitter, run_stage_costs, simulate_program  # noqa: E402
 
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("zb-h1", 1), ("interleaved-1f1b", 2)]
 
@@ -148,7 +148,10 @@ def measure(args, name: str, V: int, tmp: Path) -> dict | None:
     document = json.loads(trace.read_text())
     traced = document["otherData"]
     replayed = simulate_program(
-        result.program, costs=run_stage_costs(document), start_seconds=traced["start_seconds"]
+        result.program,
+        costs=run_stage_costs(document),
+        start_seconds=traced["start_seconds"],
+        jitter=action_jitter(document),
     )
     return {
         "predicted": result.program["costs"]["simulated_step_seconds"],

@@ -21,7 +21,8 @@ records every action, and each stage's F, B, I and W come from that trace: per s
 its actions (a step pays for every slow action), over the steps the median. That trace also
 times what the simulator prices around the pipeline, as the ranks really do it at once: how late
 each rank's first action starts (the runtime posts the step's receives first), the tied
-gradients' all-reduce and every rank's optimizer step.
+gradients' all-reduce, every rank's optimizer step, and how the actions' times scatter around
+their means (which the simulator draws from: ranks that wait on each other pay for the slower).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch
 from ppcompile.errors import CompileError
 from ppcompile.launch import torchrun_command
 from ppcompile.program import write_atomically, write_program
-from ppcompile.replay import measured_stage_costs, run_stage_costs
+from ppcompile.replay import action_jitter, measured_stage_costs, run_stage_costs
 from ppcompile.runtime.loader import load_program
 from ppcompile.runtime.trace import measured_trace
 from ppcompile.runtime.train import InProcessPipeline, batches
@@ -139,6 +140,9 @@ def calibrate(
         # how long after the step's start its first action began, and the tied all-reduce.
         "start_seconds": around.get("start_seconds"),
         "reduce_seconds": around.get("reduce_seconds"),
+        # How the actions' times scattered around their means (replay.action_jitter): the
+        # simulator draws from it, as ranks that wait on each other pay for the slower one.
+        "jitter": around.get("jitter"),
     }
 
 
@@ -171,6 +175,7 @@ def traced_stage_costs(
     document = json.loads(trace.read_text())
     other = document["otherData"]
     around = {key: other[key] for key in ("start_seconds", "reduce_seconds", "update_seconds")}
+    around["jitter"] = action_jitter(document)
     return run_stage_costs(document), around
 
 
@@ -222,6 +227,10 @@ def calibration_note(program: dict) -> str:
         parts.append(f"first action per rank {begun} ms into the step")
     if calibrated.get("reduce_seconds") is not None:
         parts.append(f"tied all-reduce {calibrated['reduce_seconds'] * 1e3:.2f} ms")
+    jitter = calibrated.get("jitter")
+    if jitter:
+        tenth, ninetieth = jitter[len(jitter) // 10], jitter[-1 - len(jitter) // 10]
+        parts.append(f"actions took {tenth:.2f}-{ninetieth:.2f}x their mean (10th-90th percentile)")
     timed_as = calibrated.get("stages_timed", "in this process")
     return f"calibrated: stages timed whole in the runtime ({timed_as}), F+B per micro-batch: " + "; ".join(
         parts

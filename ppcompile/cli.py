@@ -182,8 +182,9 @@ def simulate(program_dir, png, trace, infer, costs_from):
     """Predict one step of a compiled program: time, bubble, activations in flight, per rank.
 
     With --costs-from, each stage's F/B/I/W take the mean time they took in that measured run
-    (a step pays for every slow action) and each rank begins as late as it did there: the step
-    the schedule would give with the costs the run really had (both ranks busy).
+    (a step pays for every slow action), each rank begins as late as it did there and the
+    actions scatter as they did there: the step the schedule would give with the costs the run
+    really had (both ranks busy).
     """
     import json
 
@@ -193,10 +194,10 @@ def simulate(program_dir, png, trace, infer, costs_from):
 
     program = _load(program_dir).data
     key = "inference_schedule" if infer else "schedule"
-    costs = start_seconds = None
+    costs = start_seconds = jitter = None
     if costs_from:
-        costs, start_seconds = _measured_costs(costs_from, program)
-    result = simulate_program(program, key, costs, start_seconds)
+        costs, start_seconds, jitter = _measured_costs(costs_from, program)
+    result = simulate_program(program, key, costs, start_seconds, jitter)
     name = program[key]["name"]
     K, M = len(result.busy_time), program[key]["microbatches"]
     click.echo(f"{name}: {len(program['stages'])} stages on {K} ranks, {M} micro-batches")
@@ -232,11 +233,11 @@ def simulate(program_dir, png, trace, infer, costs_from):
 
 
 def _measured_costs(path: str, program: dict):
-    """Per-stage costs from a run.py --trace file, and how late each rank began its first action
-    there; a file that is not one is a user error."""
+    """Per-stage costs from a run.py --trace file, how late each rank began its first action there
+    and how its actions scattered; a file that is not one is a user error."""
     import json
 
-    from ppcompile.replay import run_stage_costs
+    from ppcompile.replay import action_jitter, run_stage_costs
 
     try:
         document = json.loads(Path(path).read_text())
@@ -255,7 +256,7 @@ def _measured_costs(path: str, program: dict):
             "trace a run of this program"
         )
     # Traces from before the runtime recorded when each rank began its step start every rank at 0.
-    return costs, document.get("otherData", {}).get("start_seconds")
+    return costs, document.get("otherData", {}).get("start_seconds"), action_jitter(document)
 
 
 @main.command()

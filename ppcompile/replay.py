@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import statistics
 from collections.abc import Sequence
 
@@ -104,14 +105,10 @@ def run_stage_costs(trace: dict) -> dict[int, StageCosts]:
     Within a step the mean of the stage's actions (a step pays for every slow action), then the
     median of those over the traced steps, as a run's step time is the median of its steps: a
     step the machine took time from moves neither. An action's n-th appearance is in step n."""
-    steps: list[list[dict]] = []
-    seen: dict[str, int] = {}
-    for event in sorted((e for e in trace["traceEvents"] if e.get("ph") == "X"), key=lambda e: e["ts"]):
-        step = seen[event["name"]] = seen.get(event["name"], -1) + 1
-        if step == len(steps):
-            steps.append([])
-        steps[step].append(event)
-    per_step = [measured_stage_costs({"traceEvents": events}, average=statistics.fmean) for events in steps]
+    per_step = [
+        measured_stage_costs({"traceEvents": events}, average=statistics.fmean)
+        for events in _traced_steps(trace)
+    ]
 
     def median(values: list[float | None]) -> float | None:
         return None if None in values else statistics.median(values)
@@ -125,11 +122,72 @@ def run_stage_costs(trace: dict) -> dict[int, StageCosts]:
     return costs
 
 
+def _traced_steps(trace: dict) -> list[list[dict]]:
+    """A trace's action events per step: an action's n-th appearance is in step n."""
+    steps: list[list[dict]] = []
+    seen: dict[str, int] = {}
+    for event in sorted((e for e in trace["traceEvents"] if e.get("ph") == "X"), key=lambda e: e["ts"]):
+        step = seen[event["name"]] = seen.get(event["name"], -1) + 1
+        if step == len(steps):
+            steps.append([])
+        steps[step].append(event)
+    return steps
+
+
+# Points of the jitter distribution program.json keeps, and replays a jittered prediction takes
+# the median of.
+JITTER_QUANTILES = 21
+JITTER_DRAWS = 32
+
+
+def action_jitter(trace: dict) -> list[float] | None:
+    """How a run's compute actions scatter around their cost: every F, B, I and W's duration over
+    the mean of its stage's actions of that kind in the same step, as JITTER_QUANTILES evenly
+    spaced quantiles (the first the fastest). None where no stage ran two actions of a kind.
+
+    On a machine whose ranks share cores, one rank's action now and then takes twice its time.
+    Where the ranks wait on each other every micro-batch (1F1B), each wait lasts as long as the
+    slower of the two, so a step is longer than the replay of mean costs: a simulation that draws
+    durations from this distribution predicts that (:func:`simulate_program`).
+
+    Example::
+
+        >>> from ppcompile.runtime.trace import trace_document, trace_event
+        >>> events = [trace_event(0, f"0F{m}", "F", m, m + d) for m, d in enumerate([1.0, 1.0, 1.0, 3.0])]
+        >>> action_jitter(trace_document(events, [0]))[::10]
+        [0.6666666666666666, 0.6666666666666666, 2.0]
+    """
+    factors = []
+    for events in _traced_steps(trace):
+        durations: dict[tuple[int, int, ActionKind], list[float]] = {}
+        for event in events:
+            action = Action.parse(event["name"])
+            if action.is_compute and not event.get("args", {}).get("threads"):
+                durations.setdefault((event["pid"], action.stage, action.kind), []).append(event["dur"])
+        for found in durations.values():
+            mean = statistics.fmean(found)
+            if len(found) > 1 and mean > 0:
+                factors.extend(d / mean for d in found)
+    if not factors:
+        return None
+    ordered = sorted(factors)
+    return [_quantile(ordered, q / (JITTER_QUANTILES - 1)) for q in range(JITTER_QUANTILES)]
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    """The q-quantile of sorted values, interpolated linearly (q=0 the first, q=1 the last)."""
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
 def simulate_program(
     program: dict,
     key: str = "schedule",
     costs: dict[int, StageCosts] | None = None,
     start_seconds: Sequence[float] | None = None,
+    jitter: Sequence[float] | None = None,
 ) -> SimResult:
     """One step of the program's schedule with its predicted stage costs (or ``costs``, such as
     :func:`measured_stage_costs`) and its link's transfer times.
@@ -138,32 +196,59 @@ def simulate_program(
     tied gradients all-reduced between their ranks, then each rank's optimizer step, so its
     ``step_time`` is what ``run.py`` prints per step; where the stages were timed under torchrun,
     each rank also begins its step as late as it did there (``start_seconds`` of the calibration's
-    trace). Bubbles stay those of the pipeline (the part a trace records), and a replay of given
-    ``costs`` is the pipeline alone, each rank starting at its ``start_seconds`` (such as a
-    measured trace's) or at 0."""
+    trace), and the compute actions scatter as they did there: the step is the median of
+    JITTER_DRAWS replays whose every action's cost is scaled by a draw from ``jitter`` (the
+    calibration's :func:`action_jitter`). Bubbles stay those of the pipeline (the part a trace
+    records). A replay of given ``costs`` is the pipeline alone, each rank starting at its
+    ``start_seconds`` (such as a measured trace's) or at 0, jittered only by a given ``jitter``."""
     schedule = program_schedule(program, key)
     calibrated = program["costs"].get("calibrated") if costs is None and key == "schedule" else None
-    if calibrated is not None and start_seconds is None:
-        start_seconds = calibrated.get("start_seconds")
+    if calibrated is not None:
+        start_seconds = calibrated.get("start_seconds") if start_seconds is None else start_seconds
+        jitter = calibrated.get("jitter") if jitter is None else jitter
     costs = predicted_stage_costs(program) if costs is None else costs
     latency, bandwidth = link_of(program)
     link = program["costs"].get("link", {})
     messages = _EdgeMessages.of(program)
     idle_latency = link.get("idle_latency_seconds")
-    result = simulate(
-        schedule,
-        costs,
-        set(messages.forward),
-        set(messages.backward) if key == "schedule" else set(),
-        transfer_time=messages.transfer_time(latency, bandwidth),
-        send_cost=link.get("send_seconds", 0.0),
-        idle_transfer_time=None if idle_latency is None else messages.transfer_time(idle_latency, bandwidth),
-        speedups=spare_core_speedups(program) if key == "schedule" else None,
-        start_times=dict(enumerate(start_seconds)) if start_seconds else None,
+
+    def replay(duration_factor=None) -> SimResult:
+        return simulate(
+            schedule,
+            costs,
+            set(messages.forward),
+            set(messages.backward) if key == "schedule" else set(),
+            transfer_time=messages.transfer_time(latency, bandwidth),
+            send_cost=link.get("send_seconds", 0.0),
+            idle_transfer_time=None
+            if idle_latency is None
+            else messages.transfer_time(idle_latency, bandwidth),
+            speedups=spare_core_speedups(program) if key == "schedule" else None,
+            start_times=dict(enumerate(start_seconds)) if start_seconds else None,
+            duration_factor=duration_factor,
+        )
+
+    def whole_step(result: SimResult) -> float:
+        return result.step_time if calibrated is None else _step_with_update(program, result, calibrated)
+
+    result = replay()
+    if not jitter:
+        return dataclasses.replace(result, step_time=whole_step(result))
+    draws = [replay(_jitter_draw(jitter, seed)) for seed in range(JITTER_DRAWS)]
+    pipeline = statistics.median(d.step_time for d in draws)
+    busy = result.busy_time
+    return dataclasses.replace(
+        result,
+        step_time=statistics.median(whole_step(d) for d in draws),
+        bubble_fraction=tuple((pipeline - b) / pipeline for b in busy),
+        overall_bubble_fraction=1 - sum(busy) / (len(busy) * pipeline),
     )
-    if calibrated is None:
-        return result
-    return dataclasses.replace(result, step_time=_step_with_update(program, result, calibrated))
+
+
+def _jitter_draw(jitter: Sequence[float], seed: int):
+    """A duration factor per compute action, drawn from the quantiles ``jitter`` (reproducibly)."""
+    rng = random.Random(seed)
+    return lambda action: _quantile(jitter, rng.random())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -145,12 +145,14 @@ def simulate(
     idle_transfer_time: TransferTime | None = None,
     speedups: Mapping[Action, float] | None = None,
     start_times: Mapping[int, float] | None = None,
+    duration_factor: Callable[[Action], float] | None = None,
 ) -> SimResult:
     """Replay a lowered schedule. ``costs[s]`` is stage s's cost; ``edges`` and ``grad_edges``
     (default: all of ``edges``) must be the ones the schedule was lowered with. A compute action
     in ``speedups`` takes its stage's cost divided by its factor (it runs on spare cores). A rank
     in ``start_times`` begins its first action that late (the runtime posts the step's receives
-    first); the others at 0.
+    first); the others at 0. ``duration_factor(action)``, where given, multiplies each compute
+    action's cost (one draw of a machine's jitter, see ``replay.simulate_program``).
 
     Raises DeadlockError if the ranks get stuck, DependencyError if an action runs before what it
     needs (B before F, F before its RECV_F, ...).
@@ -168,7 +170,15 @@ def simulate(
     if len(costs) != schedule.num_stages:
         raise ValueError(f"need costs for {schedule.num_stages} stages, got {len(costs)}")
     replay = _Replay(
-        schedule, costs, edges, grad_edges, transfer_time, send_cost, idle_transfer_time, speedups or {}
+        schedule,
+        costs,
+        edges,
+        grad_edges,
+        transfer_time,
+        send_cost,
+        idle_transfer_time,
+        speedups or {},
+        duration_factor,
     )
     for rank, start in (start_times or {}).items():
         replay.clock[rank] = start
@@ -189,6 +199,7 @@ class _Replay:
         send_cost: float,
         idle_transfer_time: TransferTime | None,
         speedups: Mapping[Action, float],
+        duration_factor: Callable[[Action], float] | None,
     ) -> None:
         self.schedule = schedule
         self.costs = costs
@@ -196,6 +207,7 @@ class _Replay:
         self.send_cost = send_cost
         self.idle_transfer_time = idle_transfer_time
         self.speedups = speedups
+        self.duration_factor = duration_factor
         stages = range(schedule.num_stages)
         # Peers each stage sends to / receives from, per direction of travel.
         self.peers = {
@@ -284,6 +296,8 @@ class _Replay:
         else:
             input_grad, weight_grad = costs.split_backward()
             cost = input_grad if action.kind == ActionKind.I else weight_grad
+        if self.duration_factor is not None:
+            cost = cost * self.duration_factor(action)
         return cost / self.speedups[action] if action in self.speedups else cost
 
     def _require(self, action: Action, kind: ActionKind, why: str) -> None:

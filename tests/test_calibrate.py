@@ -159,6 +159,9 @@ def test_ranks_sharing_this_machine_time_their_stages_under_torchrun(tmp_path, m
     assert len(calibrated["start_seconds"]) == 2 and min(calibrated["start_seconds"]) > 0
     assert calibrated["reduce_seconds"] > 0
     assert len(calibrated["update_seconds"]) == 2 and min(calibrated["update_seconds"]) > 0
+    # How the actions scattered around their means: 21 quantiles, the simulator draws from them.
+    jitter = calibrated["jitter"]
+    assert len(jitter) == 21 and jitter == sorted(jitter) and jitter[0] <= 1 <= jitter[-1]
     # The prediction starts each rank that late and prices the all-reduce as it was timed.
     predicted = simulate_program(program)
     assert program["costs"]["simulated_step_seconds"] == pytest.approx(predicted.step_time)

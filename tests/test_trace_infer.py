@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import torch
 
-from ppcompile.replay import run_stage_costs, simulate_program
+from ppcompile.replay import action_jitter, run_stage_costs, simulate_program
 from ppcompile.runtime.actions import Action, ActionKind, parse_rank_actions
 from ppcompile.runtime.executor import forward_only_schedule
 from ppcompile.runtime.loader import load_program
@@ -233,8 +233,12 @@ def test_simulate_replays_a_measured_runs_stage_times(tmp_path, mini_dir):
     for s, cost in costs.items():
         assert (cost.forward, cost.backward) == pytest.approx((mean[(s, "F")], mean[(s, "B")]))
     assert costs[0].forward > statistics.median(durations[(0, "F")])
-    expected = simulate_program(program, costs=costs).step_time
+    # The replay draws each action's time from how the run's actions scattered around their means.
+    jitter = action_jitter(json.loads(trace.read_text()))
+    assert jitter == sorted(jitter) and jitter[0] < 1 < jitter[-1]
+    expected = simulate_program(program, costs=costs, jitter=jitter).step_time
     assert expected != simulate_program(program).step_time  # not the compiler's costs
+    assert expected > simulate_program(program, costs=costs).step_time  # ranks wait for the slower
     run = subprocess.run(
         [sys.executable, "-m", "ppcompile", "simulate", str(mini_dir), "--costs-from", str(trace)],
         capture_output=True,

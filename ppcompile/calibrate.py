@@ -152,7 +152,8 @@ def traced_stage_costs(
     """Per stage, F, B, I and W from ``traced_steps`` steps of ``run.py --trace`` under torchrun,
     after a warm-up step (:func:`run_stage_costs`); and what the steps cost around the pipeline,
     as the trace's ``otherData`` states it: ``start_seconds``, ``reduce_seconds`` and
-    ``update_seconds`` (see :func:`ppcompile.runtime.trace.measured_trace`)."""
+    ``update_seconds`` (see :func:`ppcompile.runtime.trace.measured_trace`), and the actions'
+    ``jitter`` (:func:`ppcompile.replay.action_jitter`)."""
     trace = Path(program_dir) / "calibration-trace.json"
     steps = WARMUP_STEPS + traced_steps
     command = torchrun_command(

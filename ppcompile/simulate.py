@@ -179,9 +179,8 @@ def simulate(
         idle_transfer_time,
         speedups or {},
         duration_factor,
+        start_times or {},
     )
-    for rank, start in (start_times or {}).items():
-        replay.clock[rank] = start
     replay.run()
     return replay.result()
 
@@ -200,6 +199,7 @@ class _Replay:
         idle_transfer_time: TransferTime | None,
         speedups: Mapping[Action, float],
         duration_factor: Callable[[Action], float] | None,
+        start_times: Mapping[int, float],
     ) -> None:
         self.schedule = schedule
         self.costs = costs
@@ -217,7 +217,7 @@ class _Replay:
             ActionKind.RECV_B: {s: sorted(c for p, c in grad_edges if p == s) for s in stages},
         }
         ranks = range(schedule.num_ranks)
-        self.clock = {rank: 0 for rank in ranks}
+        self.clock = {rank: start_times.get(rank, 0) for rank in ranks}
         self.next_index = {rank: 0 for rank in ranks}
         self.busy = {rank: 0 for rank in ranks}
         self.events: dict[int, list[TimelineEvent]] = {rank: [] for rank in ranks}

@@ -281,10 +281,13 @@ def program_facts(out: Path) -> dict:
     }
 
 
-def run_ppcompile(out: Path, stages: int, steps: int, lr: float = 0.0) -> dict:
-    """``steps`` timed steps plus one traced step (left out of the times: its barrier lines ranks up)."""
+def run_ppcompile(
+    out: Path, stages: int, steps: int, lr: float = 0.0, run_args: tuple[str, ...] = ()
+) -> dict:
+    """``steps`` timed steps plus one traced step (left out of the times: its barrier lines ranks up);
+    ``run_args`` go to run.py as they are."""
     record, trace = Path(out) / "record", Path(out) / "trace.json"
-    command = torchrun(stages, Path(out) / "run.py", "--steps", steps + 1, "--optimizer", "sgd")
+    command = torchrun(stages, Path(out) / "run.py", "--steps", steps + 1, "--optimizer", "sgd", *run_args)
     command += ["--lr", repr(lr), "--record", str(record), "--trace", str(trace), "--trace-steps", str(steps)]
     check_run(command, "ppcompile run.py")
     losses, times = recorded_run(record)

@@ -6,7 +6,9 @@ every step computes the same thing. Systems timed:
 
 - ppcompile, compiled with ``--profile --fuse-loss`` (measured node costs, the LM head and its
   loss computed blockwise; the headline), with ``--profile`` alone (the loss as the model writes
-  it, so the gain of the fusion shows apart), and with ``--fuse-loss`` on roofline costs;
+  it, so the gain of the fusion shows apart), and with ``--fuse-loss`` on roofline costs; the
+  headline program also runs with ``run.py --return-freed-memory`` (glibc's default heap, as the
+  peer and eager run), so what the runtime's kept heap wins shows apart (``ppcompile.runtime.heap``);
 - the peer with an even split (layers dealt out evenly, as users do) and with the best hand split found
   by timing layer boundaries (every one for K=2, a steepest-descent search from the even split for K>2):
   the search's two fastest splits run in every round, and the one with the lower median is its best;
@@ -67,6 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--search-steps", type=int, default=1, help="timed steps per split in the search")
     p.add_argument("--no-roofline", action="store_true", help="skip ppcompile compiled without --profile")
     p.add_argument("--no-unfused", action="store_true", help="skip ppcompile compiled without --fuse-loss")
+    p.add_argument(
+        "--no-default-heap",
+        action="store_true",
+        help="skip the headline program run on glibc's default heap (run.py --return-freed-memory)",
+    )
     p.add_argument("--keep", type=Path, help="keep the programs and records in this directory")
     p.add_argument("--quick", action="store_true", help="toy sizes and few steps (the smoke test)")
     args = p.parse_args(argv)
@@ -162,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_roofline:
             variants["ppcompile roofline"] = (work / "ppc_roofline", False, True)
         programs = {name: out for name, (out, _, _) in variants.items()}
+        # The headline program again, on glibc's default heap: what the runtime's kept heap wins.
+        run_args = {name: () for name in programs}
+        if not args.no_default_heap:
+            programs["ppcompile default heap"] = programs["ppcompile"]
+            run_args["ppcompile default heap"] = ("--return-freed-memory",)
         for name, (out, profile, fuse_loss) in variants.items():
             seconds = gb.compile_program(spec, K, M, out, profile=profile, fuse_loss=fuse_loss)
             log(f"compiled {name} in {seconds:.1f} s -> {out}")
@@ -192,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             for name, out in programs.items():
                 log(f"round {r + 1}/{args.rounds}: {name}")
-                run = gb.run_ppcompile(out, K, args.steps)
+                run = gb.run_ppcompile(out, K, args.steps, run_args=run_args[name])
                 systems[name].add(run["times"], run["losses"], args.warmup)
                 systems[name].busy.append(run["traced_busy"])
                 systems[name].bubbles.append(gb.bubble(run["traced_step"], run["traced_busy"]))
@@ -224,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "ppcompile",
         "ppcompile unfused",
         "ppcompile roofline",
+        "ppcompile default heap",
         "peer-even",
         "peer-best",
         *(f"eager-{n}" for n in threads),
@@ -232,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         "ppcompile": "ppcompile (--profile --fuse-loss)",
         "ppcompile unfused": "ppcompile (--profile, loss as written)",
         "ppcompile roofline": "ppcompile (roofline costs, --fuse-loss)",
+        "ppcompile default heap": "ppcompile (--profile --fuse-loss), run.py --return-freed-memory",
         "peer-even": "peer: even split",
         "peer-best": "peer: best split (searched)",
     }
@@ -325,6 +339,14 @@ def main(argv: list[str] | None = None) -> int:
             f"without --fuse-loss: ppcompile/peer-even {unfused / systems['peer-even'].median:.3f}, "
             f"ppcompile/peer-best {unfused / systems['peer-best'].median:.3f}; "
             f"fused/unfused {headline / unfused:.3f}"
+        )
+    if "ppcompile default heap" in systems:
+        returned = systems["ppcompile default heap"].median
+        print(
+            f"on glibc's default heap (run.py --return-freed-memory): "
+            f"ppcompile/peer-even {returned / systems['peer-even'].median:.3f}, "
+            f"ppcompile/peer-best {returned / systems['peer-best'].median:.3f}; "
+            f"kept heap/default heap {headline / returned:.3f}"
         )
     print(
         "ratios: "

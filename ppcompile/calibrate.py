@@ -42,6 +42,7 @@ from ppcompile.errors import CompileError
 from ppcompile.launch import torchrun_command
 from ppcompile.program import write_atomically, write_program
 from ppcompile.replay import action_jitter, measured_stage_costs, run_stage_costs
+from ppcompile.runtime.heap import keep_freed_memory
 from ppcompile.runtime.loader import load_program
 from ppcompile.runtime.trace import measured_trace
 from ppcompile.runtime.train import InProcessPipeline, batches
@@ -76,6 +77,8 @@ def calibrate(
     With ``shared_machine``, the stages' times come from a run of the program under torchrun
     on this machine instead (see the module's docstring).
     """
+    if torch.device(device).type == "cpu":  # run.py's heap on CPU
+        keep_freed_memory()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -45,6 +45,7 @@ import torch.distributed as dist
 
 from ppcompile.errors import CompileError
 from ppcompile.runtime.executor import available_cores
+from ppcompile.runtime.heap import keep_freed_memory
 from ppcompile.runtime.spec import ModelRef
 
 SMALL_MESSAGE = 4 * 1024  # bytes: latency
@@ -136,6 +137,7 @@ def measure_contention(ref: ModelRef, ranks: int, threads: int = 1) -> Contentio
 
 def _worker(path: str, factory: str, rank: int, ranks: int, threads: int, store: str, out: str) -> None:
     torch.set_num_threads(threads)
+    keep_freed_memory()  # run.py's heap on CPU
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=ranks)
     spec = ModelRef(path, factory).build("cpu", seed=0)
     params = [p for p in spec.module.parameters() if p.requires_grad]

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from ppcompile.runtime.actions import Action, ActionKind
 from ppcompile.runtime.executor import RankExecutor, inference_actions, inference_schedule
+from ppcompile.runtime.heap import keep_freed_memory
 from ppcompile.runtime.loader import ProgramError, load_program
 from ppcompile.runtime.trace import ActionTiming, measured_trace, shift_timings, write_trace
 from ppcompile.runtime.train import batches, build_spec, make_optimizer, tied_parameters
@@ -57,6 +58,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--trace-steps", type=int, default=1, help="how many of the last steps --trace records (default 1)"
+    )
+    parser.add_argument(
+        "--return-freed-memory",
+        action="store_true",
+        help="on CPU, let malloc give freed memory back to the system (smaller resident memory, slower "
+        "steps); by default freed blocks are kept for reuse, see ppcompile.runtime.heap",
     )
     return parser.parse_args(argv)
 
@@ -98,6 +105,8 @@ def train(program, rank: int, world: int, args) -> int:
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
+    elif not args.return_freed_memory:
+        keep_freed_memory()
     if world > 1 or "MASTER_ADDR" in os.environ:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=args.timeout))
     # Every rank builds the model from the same factory and seed, then keeps only its stages.

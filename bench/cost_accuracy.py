@@ -12,7 +12,10 @@
 3. Balance on measured time: the slowest stage of that run over the mean. Goal: at most 1.05
    where no single node outweighs a mean stage (the others are shown, and left out of the goal).
    Shown beside it: the same with each stage's send calls added, the rank's own time per
-   micro-batch, which is what the partitioner balances (a middle stage sends both ways).
+   micro-batch, which is what the partitioner balances (a middle stage sends both ways); and the
+   same in the CPU time of each rank's thread in its F and B (``cpu_us`` in the trace), which
+   leaves out the time slices the other ranks took: with K=4 ranks on 2 cores a stage's wall
+   time is partly its neighbours' work.
 
     python bench/cost_accuracy.py                      # gpt_mini and mlp at K=2 and 4, 3 rounds
     python bench/cost_accuracy.py --models models/mlp.py:mlp --stages 2 --rounds 1
@@ -48,11 +51,14 @@ from ppcompile.runtime.actions import Action  # noqa: E402
 from ppcompile.runtime.loader import load_program  # noqa: E402
 
 
-def traced_stage_seconds(program_dir: Path, K: int, steps: int) -> tuple[list[float], list[float]]:
+def traced_stage_seconds(
+    program_dir: Path, K: int, steps: int
+) -> tuple[list[float], list[float], list[float]]:
     """Per stage, F + B of one micro-batch over the last ``steps - 1`` steps of a real run (per step
-    the mean, over the steps the median),
-    and the same with the stage's SEND_F and SEND_B calls added (its rank's own time per micro-batch,
-    what the partitioner balances)."""
+    the mean, over the steps the median); the same with the stage's SEND_F and SEND_B calls added
+    (its rank's own time per micro-batch, what the partitioner balances); and the CPU time of the
+    rank's thread in its F and B per micro-batch (the mean over the run), which leaves out the
+    time slices other ranks took from it where ranks outnumber cores."""
     trace = program_dir / "trace.json"
     command = torchrun_command(
         program_dir / "run.py", K, "--steps", steps, "--trace", trace, "--trace-steps", steps - 1
@@ -64,15 +70,20 @@ def traced_stage_seconds(program_dir: Path, K: int, steps: int) -> tuple[list[fl
     costs = run_stage_costs(document)
     compute = [costs[s].forward + costs[s].backward for s in sorted(costs)]
     sends: dict[tuple[int, str], list[float]] = {}
+    cpu: dict[tuple[int, str], list[float]] = {}
     for event in document["traceEvents"]:
         if event.get("ph") == "X" and event.get("cat") in ("SEND_F", "SEND_B"):
             action = Action.parse(event["name"])
             sends.setdefault((action.stage, event["cat"]), []).append(event["dur"] / 1e6)
+        if event.get("ph") == "X" and event.get("cat") in ("F", "B"):
+            action = Action.parse(event["name"])
+            cpu.setdefault((action.stage, event["cat"]), []).append(event["args"]["cpu_us"] / 1e6)
     occupied = [
         c + sum(statistics.fmean(sends.get((s, kind), [0.0])) for kind in ("SEND_F", "SEND_B"))
         for s, c in enumerate(compute)
     ]
-    return compute, occupied
+    own = [statistics.fmean(cpu[(s, "F")]) + statistics.fmean(cpu[(s, "B")]) for s in range(len(compute))]
+    return compute, occupied, own
 
 
 def saved_ratio(predicted: float, saved: int) -> float:
@@ -119,6 +130,8 @@ def main() -> int:
         "pred/meas",
         "meas max/mean",
         "with sends max/mean",
+        "meas CPU ms",
+        "CPU max/mean",
     ]
     print(tabulate(rows, headers=headers, tablefmt="github"))
     # Per model and K the median over the rounds of each round's worst, then the worst of those.
@@ -133,6 +146,8 @@ def main() -> int:
             + " ".join(f"{w['balance']:.3f}" for w in found[(ref, K)])
             + " (with sends "
             + " ".join(f"{w['occupied']:.3f}" for w in found[(ref, K)])
+            + "; in CPU time "
+            + " ".join(f"{w['cpu']:.3f}" for w in found[(ref, K)])
             + f"); heaviest node {medians[(ref, K)]['heaviest_node']:.2f}x a mean stage"
         )
 
@@ -149,7 +164,8 @@ def main() -> int:
     print(
         f"ratios: worst activation bytes {worst('bytes', medians):.3f} (goal <= 1.05), worst stage time "
         f"{worst('time', medians):.3f} (goal <= 1.15), worst measured imbalance {worst('balance', balanced):.3f} "
-        f"(goal <= 1.05; {worst('occupied', balanced):.3f} counting each stage's send calls; "
+        f"(goal <= 1.05; {worst('occupied', balanced):.3f} counting each stage's send calls, "
+        f"{worst('cpu', balanced):.3f} in the stages' own CPU time; "
         f"medians of {args.rounds} rounds)"
     )
     return 0
@@ -162,7 +178,7 @@ def measure(ref: str, K: int, tmp: Path, steps: int) -> tuple[list[list], dict[s
     result = compile_model(ref, config)
     out = write_program(tmp / f"{Path(ref).stem}_{K}", result.program, result.files)
     saved = [m.saved_bytes for m in measure_stages(load_program(out), repeats=3)]
-    measured, occupied = traced_stage_seconds(out, K, steps)
+    measured, occupied, own = traced_stage_seconds(out, K, steps)
     costs = result.program["costs"]
     predicted = [s["forward_seconds"] + s["backward_seconds"] for s in costs["calibrated"]["stages"]]
     node_seconds = [n.meta["ppc.cost"].time for n in result.gm.graph.nodes if "ppc.cost" in n.meta]
@@ -171,6 +187,7 @@ def measure(ref: str, K: int, tmp: Path, steps: int) -> tuple[list[list], dict[s
         "time": 1.0,
         "balance": max(measured) / (sum(measured) / K),
         "occupied": max(occupied) / (sum(occupied) / K),
+        "cpu": max(own) / (sum(own) / K),
         # The balance goal holds where no single node outweighs a mean stage: no cut helps otherwise.
         "heaviest_node": max(node_seconds) / (sum(node_seconds) / K),
     }
@@ -195,6 +212,8 @@ def measure(ref: str, K: int, tmp: Path, steps: int) -> tuple[list[list], dict[s
                 f"{time_ratio:.3f}",
                 f"{worst['balance']:.3f}" if s == 0 else "",
                 f"{worst['occupied']:.3f}" if s == 0 else "",
+                f"{own[s] * 1e3:.3f}",
+                f"{worst['cpu']:.3f}" if s == 0 else "",
             ]
         )
     return rows, worst

@@ -525,6 +525,7 @@ class RankExecutor:
                 self.transport.post(self._receive_keys(action)[0], str(action))
         for action in actions:
             start = time.perf_counter() if timings is not None else 0.0
+            cpu_start = time.thread_time() if timings is not None else 0.0
             wide = training and action in self.spare_core_actions
             if action.kind in (ActionKind.RECV_F, ActionKind.RECV_B):
                 receives, names = self._receive_keys(action)
@@ -544,7 +545,14 @@ class RankExecutor:
                     torch.cuda.synchronize(self.device)
                 threads = self.spare_core_threads if wide else 0
                 timings.append(
-                    ActionTiming(str(action), action.kind.value, start, time.perf_counter(), threads)
+                    ActionTiming(
+                        str(action),
+                        action.kind.value,
+                        start,
+                        time.perf_counter(),
+                        threads,
+                        time.thread_time() - cpu_start,
+                    )
                 )
         if self._pending_w:
             missing = ", ".join(f"{s}W{m}" for s, m in self._pending_w)

@@ -4,6 +4,8 @@ The compiler writes predicted timelines and the runtime writes measured ones in 
 both open side by side: one process per rank (``pid`` = rank, named ``rank r``), one complete event
 (``"ph": "X"``) per action, named by its text form (``1F3``) with its kind (``F``, ``SEND_F``, ...)
 as the category. Times go in as seconds and are written in microseconds, as the format wants.
+A measured action also states in ``args.cpu_us`` the CPU time its rank's thread spent in it: on a
+CPU shared by more ranks than cores, wall time minus that is time the other ranks' work took.
 Standard library only: the runtime imports this.
 
 A measured trace (``run.py --trace``, :func:`measured_trace`) also carries the step time and every
@@ -37,6 +39,7 @@ class ActionTiming(NamedTuple):
     start: float
     end: float
     threads: int = 0  # CPU threads it ran on where that was more than the rank's own (spare cores)
+    cpu: float = 0.0  # seconds of CPU time the rank's thread spent in it (0: not measured)
 
 
 def shift_timings(timings: Iterable[ActionTiming], origin: float) -> list[ActionTiming]:
@@ -56,10 +59,17 @@ def _microseconds(seconds: float) -> float:
 
 
 def trace_event(
-    rank: int, name: str, kind: str, start_seconds: float, end_seconds: float, threads: int = 0
+    rank: int,
+    name: str,
+    kind: str,
+    start_seconds: float,
+    end_seconds: float,
+    threads: int = 0,
+    cpu_seconds: float = 0.0,
 ) -> dict:
     """One action as a complete event on ``rank``'s row; ``threads`` (when not 0) goes into its
-    ``args``: the action ran on spare cores.
+    ``args``: the action ran on spare cores; so does ``cpu_seconds`` (when not 0), as ``cpu_us``:
+    the CPU time of the rank's thread in it.
 
     Example::
 
@@ -80,8 +90,13 @@ def trace_event(
         "ts": start,
         "dur": round(_microseconds(end_seconds) - start, 3),
     }
+    args = {}
     if threads:
-        event["args"] = {"threads": threads}
+        args["threads"] = threads
+    if cpu_seconds:
+        args["cpu_us"] = _microseconds(cpu_seconds)
+    if args:
+        event["args"] = args
     return event
 
 
@@ -157,7 +172,9 @@ def measured_trace(steps: Sequence[Sequence[Sequence[ActionTiming]]], metadata: 
         reduced = []
         for rank, timings in enumerate(step):
             for t in timings:
-                events.append(trace_event(rank, t.name, t.kind, offset + t.start, offset + t.end, t.threads))
+                events.append(
+                    trace_event(rank, t.name, t.kind, offset + t.start, offset + t.end, t.threads, t.cpu)
+                )
                 if t.kind in COMPUTE_CATEGORIES:
                     busy[rank] += t.end - t.start
                 elif t.kind == "REDUCE_GRAD":

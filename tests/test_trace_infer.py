@@ -61,6 +61,10 @@ def test_in_process_trace_has_every_action_once_without_overlap(mini_dir):
             assert before["ts"] + before["dur"] <= after["ts"]
     compute = {(e["name"], e["cat"]) for e in events if e["cat"] in COMPUTE_CATEGORIES}
     assert compute == {(f"{s}{k}{m}", k) for s in range(2) for k in "FB" for m in range(4)}
+    # Each compute action also states its thread's CPU time, which cannot exceed its wall time.
+    for e in events:
+        if e["cat"] in COMPUTE_CATEGORIES:
+            assert 0 < e["args"]["cpu_us"] <= e["dur"] + 50, e
 
     other = document["otherData"]
     assert other["ranks"] == 2 and other["schedule"] == "1f1b"

@@ -16,8 +16,10 @@ slowdown with K processes busy at once, and the link latency and bandwidth measu
 busy ranks replace the device profile's, for the partitioner and the simulated step alike.
 ``profile_concurrency=1`` times alone; on CUDA each rank has its own device and nothing is shared.
 
-Profiles are cached by graph, shapes, device, thread count, concurrency and torch version, so
-recompiling the same model reuses them. The roofline FLOPs and bytes stay; only times, saved
+On CPU the nodes are timed on the heap ``run.py`` runs them on (``ppcompile.runtime.heap``: freed
+memory kept for reuse, so a large tensor does not page-fault anew each time; this sets the
+compiling process's ``malloc`` too). Profiles are cached by graph, shapes, device, thread count,
+concurrency, heap and torch version, so recompiling the same model reuses them. The roofline FLOPs and bytes stay; only times, saved
 bytes and (under contention) the link change.
 """
 

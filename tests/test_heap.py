@@ -1,6 +1,6 @@
 """The CPU runtime's heap (ppcompile.runtime.heap): freed blocks are reused, not faulted in anew."""
 
-import ctypes.util
+import platform
 import subprocess
 import sys
 
@@ -30,9 +30,7 @@ def _faults(mode: str) -> int:
     return int(run.stdout)
 
 
-@pytest.mark.skipif(
-    sys.platform != "linux" or "libc" not in (ctypes.util.find_library("c") or ""), reason="glibc only"
-)
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt's settings are glibc's")
 def test_kept_heap_reuses_a_large_freed_tensor_without_page_faults():
     default, kept = _faults("default"), _faults("keep")
     assert default > 3 * 16384, default  # glibc's default: each 64 MiB block is mapped anew

@@ -72,12 +72,13 @@ def traced_stage_seconds(
     sends: dict[tuple[int, str], list[float]] = {}
     cpu: dict[tuple[int, str], list[float]] = {}
     for event in document["traceEvents"]:
-        if event.get("ph") == "X" and event.get("cat") in ("SEND_F", "SEND_B"):
-            action = Action.parse(event["name"])
-            sends.setdefault((action.stage, event["cat"]), []).append(event["dur"] / 1e6)
-        if event.get("ph") == "X" and event.get("cat") in ("F", "B"):
-            action = Action.parse(event["name"])
-            cpu.setdefault((action.stage, event["cat"]), []).append(event["args"]["cpu_us"] / 1e6)
+        if event.get("ph") != "X" or event.get("cat") not in ("SEND_F", "SEND_B", "F", "B"):
+            continue
+        key = (Action.parse(event["name"]).stage, event["cat"])
+        if event["cat"] in ("F", "B"):
+            cpu.setdefault(key, []).append(event["args"]["cpu_us"] / 1e6)
+        else:
+            sends.setdefault(key, []).append(event["dur"] / 1e6)
     occupied = [
         c + sum(statistics.fmean(sends.get((s, kind), [0.0])) for kind in ("SEND_F", "SEND_B"))
         for s, c in enumerate(compute)

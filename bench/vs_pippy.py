@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, (out, profile, fuse_loss) in variants.items():
             seconds = gb.compile_program(spec, K, M, out, profile=profile, fuse_loss=fuse_loss)
             log(f"compiled {name} in {seconds:.1f} s -> {out}")
-        facts = {name: gb.program_facts(out) for name, out in programs.items()}
+        # Per compiled program: the default-heap run replays the headline's directory.
+        facts = {name: gb.program_facts(out) for name, (out, _, _) in variants.items()}
         predicted = facts["ppcompile"]["simulated_step"]
 
         search = args.search if args.search != "auto" else ("all" if K == 2 else "hill")
@@ -333,21 +334,22 @@ def main(argv: list[str] | None = None) -> int:
         "bound": headline / bound,
         "eager": headline / eager.median,
     }
-    if "ppcompile unfused" in systems:
-        unfused = systems["ppcompile unfused"].median
-        print(
-            f"without --fuse-loss: ppcompile/peer-even {unfused / systems['peer-even'].median:.3f}, "
-            f"ppcompile/peer-best {unfused / systems['peer-best'].median:.3f}; "
-            f"fused/unfused {headline / unfused:.3f}"
-        )
-    if "ppcompile default heap" in systems:
-        returned = systems["ppcompile default heap"].median
-        print(
-            f"on glibc's default heap (run.py --return-freed-memory): "
-            f"ppcompile/peer-even {returned / systems['peer-even'].median:.3f}, "
-            f"ppcompile/peer-best {returned / systems['peer-best'].median:.3f}; "
-            f"kept heap/default heap {headline / returned:.3f}"
-        )
+    # The headline beside each of its variants: (what the variant leaves out, headline/variant label).
+    for name, what, against in (
+        ("ppcompile unfused", "without --fuse-loss", "fused/unfused"),
+        (
+            "ppcompile default heap",
+            "on glibc's default heap (run.py --return-freed-memory)",
+            "kept heap/default heap",
+        ),
+    ):
+        if name in systems:
+            variant = systems[name].median
+            print(
+                f"{what}: ppcompile/peer-even {variant / systems['peer-even'].median:.3f}, "
+                f"ppcompile/peer-best {variant / systems['peer-best'].median:.3f}; "
+                f"{against} {headline / variant:.3f}"
+            )
     print(
         "ratios: "
         + ", ".join(

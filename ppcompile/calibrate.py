@@ -23,6 +23,8 @@ times what the simulator prices around the pipeline, as the ranks really do it a
 each rank's first action starts (the runtime posts the step's receives first), the tied
 gradients' all-reduce, every rank's optimizer step, and how the actions' times scatter around
 their means (which the simulator draws from: ranks that wait on each other pay for the slower).
+The trace's CPU time of each stage's F and B is kept beside them, for the report: where ranks
+outnumber cores, a stage's wall time also holds the time slices the other ranks took from its core.
 """
 
 from __future__ import annotations
@@ -50,10 +52,12 @@ from ppcompile.runtime.train import InProcessPipeline, batches
 WARMUP_STEPS = 1
 TIMED_STEPS = 3
 # Under torchrun, trace about this many seconds of steps (at least TIMED_STEPS, at most
-# MAX_TRACED_STEPS): a program of sub-millisecond stages needs many micro-batches for a stable
-# mean, and one of seconds-long stages has them in a few steps.
-TRACE_SECONDS = 2.0
-MAX_TRACED_STEPS = 20
+# MAX_TRACED_STEPS): a program of millisecond stages needs many micro-batches for a stable mean,
+# and one of seconds-long stages has them in a few steps. gpt_mini's 4 ranks on 2 cores: its
+# stages' wall-time balance (slowest over mean) ranged 1.02-1.21 over five runs of one program
+# tracing 11 steps each, and 1.06-1.08 over five tracing 59.
+TRACE_SECONDS = 4.0
+MAX_TRACED_STEPS = 60
 TORCHRUN_TIMEOUT = 600  # seconds for the traced run; a program that slow is the user's to see
 
 
@@ -87,6 +91,7 @@ def calibrate(
             pipeline = InProcessPipeline(loaded, optimizer=optimizer, device=device)
             data = batches(loaded, pipeline.spec, seed=0)
             steps, updates, step_seconds = [], [[] for _ in pipeline.optimizers], []
+            cpu = {}
             for step in range(WARMUP_STEPS + TIMED_STEPS):
                 microbatches = [{k: v.to(device) for k, v in mb.items()} for mb in next(data)]
                 trace = [] if step >= WARMUP_STEPS else None
@@ -113,6 +118,7 @@ def calibrate(
                 costs, around = traced_stage_costs(loaded.root, loaded.num_ranks, optimizer, traced)
                 stage_scale, timed_as = 1.0, f"under torchrun, {loaded.num_ranks} ranks at once"
                 update_seconds = around["update_seconds"]
+                cpu = around["cpu"]
             else:
                 costs, around = measured_stage_costs(measured_trace(steps)), {}
                 stage_scale, timed_as = slowdown, "in this process, scaled by the profile's slowdown"
@@ -133,6 +139,11 @@ def calibrate(
                 "backward_seconds": scaled(c.backward),
                 "backward_input_seconds": scaled(c.backward_input),
                 "backward_weight_seconds": scaled(c.backward_weight),
+                # Under torchrun only: the CPU time of the rank's thread in the stage's F and in
+                # its B (I + W where split), its own work without the time slices other ranks
+                # sharing its core took meanwhile.
+                "forward_cpu_seconds": cpu[stage].forward if cpu else None,
+                "backward_cpu_seconds": cpu[stage].backward if cpu else None,
             }
             for stage, c in sorted(costs.items())
         ],
@@ -155,8 +166,9 @@ def traced_stage_costs(
     """Per stage, F, B, I and W from ``traced_steps`` steps of ``run.py --trace`` under torchrun,
     after a warm-up step (:func:`run_stage_costs`); and what the steps cost around the pipeline,
     as the trace's ``otherData`` states it: ``start_seconds``, ``reduce_seconds`` and
-    ``update_seconds`` (see :func:`ppcompile.runtime.trace.measured_trace`), and the actions'
-    ``jitter`` (:func:`ppcompile.replay.action_jitter`)."""
+    ``update_seconds`` (see :func:`ppcompile.runtime.trace.measured_trace`), the actions'
+    ``jitter`` (:func:`ppcompile.replay.action_jitter`), and as ``cpu`` the stages' F, B, I and W
+    in their ranks' CPU time."""
     trace = Path(program_dir) / "calibration-trace.json"
     steps = WARMUP_STEPS + traced_steps
     command = torchrun_command(
@@ -180,6 +192,7 @@ def traced_stage_costs(
     other = document["otherData"]
     around = {key: other[key] for key in ("start_seconds", "reduce_seconds", "update_seconds")}
     around["jitter"] = action_jitter(document)
+    around["cpu"] = run_stage_costs(document, clock="cpu")
     return run_stage_costs(document), around
 
 
@@ -224,6 +237,12 @@ def calibration_note(program: dict) -> str:
         parts.append(
             "split backward I+W over the node sum's B " + ", ".join(f"{w / b:.2f}" for w, b in split)
         )
+    if calibrated["stages"][0].get("forward_cpu_seconds") is not None:
+        cpu = ", ".join(
+            f"{(s['forward_cpu_seconds'] + s['backward_cpu_seconds']) * 1e3:.2f}"
+            for s in calibrated["stages"]
+        )
+        parts.append(f"the ranks' CPU time in them {cpu} ms")
     update = ", ".join(f"{u * 1e3:.2f}" for u in calibrated["update_seconds"])
     parts.append(f"optimizer step per rank {update} ms")
     if calibrated.get("start_seconds"):

@@ -30,8 +30,9 @@ from ppcompile.passes.profile_costs import profile_costs
 from ppcompile.passes.propagate_shapes import propagate_shapes
 from ppcompile.passes.split_stages import split_stages
 from ppcompile.program import add_simulation, build_program
-from ppcompile.replay import recompute_seconds, simulate_program
+from ppcompile.replay import program_schedule, recompute_seconds, simulate_program
 from ppcompile.report import render_report
+from ppcompile.runtime.actions import ActionKind
 from ppcompile.schedules import Schedule, ScheduleError, lower_communication, make_schedule
 from ppcompile.simulate import StageCosts, simulate
 from ppcompile.spare_cores import plan_spare_cores, spare_cores_note
@@ -140,11 +141,22 @@ def _build(
 
 # Whole stages whose node sums are off by factors further apart than this get cut again, by the
 # passes from the partitioner on.
-REBALANCE_SPREAD = 1.05
+REBALANCE_SPREAD = 1.03
 REPARTITION_FROM = [name for name, _ in PASSES].index("partition_stages")
 # Partitions timed whole at most: the first, then each one the evidence so far moves the cuts to.
 # One timing of a stage on a shared machine can be 20% off; a second and third catch that.
 MAX_TIMED_PARTITIONS = 3
+
+
+@dataclass
+class _TimedPartition:
+    node_costs: dict  # node name -> the ppc.cost it was cut with
+    program: dict
+    calibrated: dict
+
+    @property
+    def imbalance(self) -> float:
+        return timed_imbalance(self.program, self.calibrated)
 
 
 def _calibrate(gm, ctx, schedule, lowered, program, files):
@@ -153,7 +165,7 @@ def _calibrate(gm, ctx, schedule, lowered, program, files):
 
     A node's multiple is the geometric mean of what every timing of the stage it sat in asked
     for, so one slow timing moves the cuts less the more timings disagree with it. The program
-    kept is the last one timed, or the earlier one the evidence led back to."""
+    kept is the partition timed best balanced (:func:`timed_imbalance`), as each timing measured it."""
     config = ctx.config
 
     def timed(program, files):
@@ -169,46 +181,65 @@ def _calibrate(gm, ctx, schedule, lowered, program, files):
             shared_machine=ctx.profile_shared_machine,
         )
 
-    profiled = {n.name: n.meta["ppc.cost"] for n in gm.graph.nodes if "ppc.cost" in n.meta}
+    def node_costs():
+        return {n.name: n.meta["ppc.cost"] for n in gm.graph.nodes if "ppc.cost" in n.meta}
+
+    def cut(costs):
+        for node in gm.graph.nodes:
+            if node.name in costs:
+                node.meta["ppc.cost"] = costs[node.name]
+        cut_gm = _run_passes(gm, ctx, PASSES[REPARTITION_FROM:])
+        return (cut_gm, *_build(cut_gm, ctx, schedule))
+
+    profiled = node_costs()
     evidence: dict[str, list[float]] = {name: [] for name in profiled}
 
     def multiple(name: str) -> float:
         return statistics.geometric_mean(evidence[name]) if evidence[name] else 1.0
 
     calibrated = timed(program, files)
-    timed_programs = {_stage_code_key(files): calibrated}
+    timed_partitions = {_stage_code_key(files): _TimedPartition(profiled, program, calibrated)}
     rounds = []
     while True:
         factors = whole_over_node_sums(program, calibrated)
         rounds.append(factors)
         if len(rounds) == 1 and max(factors) <= REBALANCE_SPREAD * min(factors):
             break
-        if len(timed_programs) == MAX_TIMED_PARTITIONS:
+        if len(timed_partitions) == MAX_TIMED_PARTITIONS:
             break
         for node in gm.graph.nodes:
             stage = node.meta.get("ppc.stage")
-            if stage is None or node.name not in evidence:
-                continue
-            evidence[node.name].append(multiple(node.name) * factors[stage])
-            cost = profiled[node.name]
-            node.meta["ppc.cost"] = dataclasses.replace(
+            if stage is not None and node.name in evidence:
+                evidence[node.name].append(multiple(node.name) * factors[stage])
+        costs = {
+            name: dataclasses.replace(
                 cost,
-                forward_time=cost.forward_time * multiple(node.name),
-                backward_time=cost.backward_time * multiple(node.name),
+                forward_time=cost.forward_time * multiple(name),
+                backward_time=cost.backward_time * multiple(name),
             )
-        gm = _run_passes(gm, ctx, PASSES[REPARTITION_FROM:])
-        lowered, program, files = _build(gm, ctx, schedule)
+            for name, cost in profiled.items()
+        }
+        gm, lowered, program, files = cut(costs)
         key = _stage_code_key(files)
-        if key in timed_programs:
-            calibrated = timed_programs[key]
+        if key in timed_partitions:
+            calibrated = timed_partitions[key].calibrated
             break
-        calibrated = timed_programs[key] = timed(program, files)
+        timed_partitions[key] = _TimedPartition(costs, program, timed(program, files))
+        calibrated = timed_partitions[key].calibrated
+    best_key = min(timed_partitions, key=lambda k: timed_partitions[k].imbalance)
+    if best_key != _stage_code_key(files):
+        # An earlier partition timed better: cut it again from the node costs it was cut with.
+        gm, lowered, program, files = cut(timed_partitions[best_key].node_costs)
+        assert _stage_code_key(files) == best_key, "the same node costs cut differently"
+        calibrated = timed_partitions[best_key].calibrated
     if len(rounds) > 1:
-        ctx.notes.append(
-            f"calibrated: {len(timed_programs)} partition(s) timed whole; their stages ran at "
+        program["costs"]["notes"].append(
+            f"calibrated: {len(timed_partitions)} partition(s) timed whole; their stages ran at "
             + "; ".join(", ".join(f"{f:.2f}" for f in factors) for factors in rounds)
             + "x their node sums; node times scaled by the geometric mean of their stages' factors and cut again"
-            + ("" if len(timed_programs) > 1 else " (the cuts stayed)")
+            + ("" if len(timed_partitions) > 1 else " (the cuts stayed)")
+            + "; kept the partition timed best balanced, slowest over mean stage (send calls included) "
+            + f"{timed_partitions[best_key].imbalance:.3f}"
         )
     program["costs"]["calibrated"] = calibrated
     program["costs"]["notes"].append(calibration_note(program))
@@ -218,6 +249,28 @@ def _calibrate(gm, ctx, schedule, lowered, program, files):
 def _stage_code_key(files: dict[str, str]) -> str:
     """Stage code decides what a timing measured: equal code, equal stages."""
     return json.dumps(sorted((name, text) for name, text in files.items() if name.endswith(".py")))
+
+
+def send_calls(program: dict) -> list[float]:
+    """Per stage, the send calls (SEND_F and SEND_B) its rank makes per micro-batch."""
+    schedule = program_schedule(program)
+    calls = [0] * len(program["stages"])
+    for actions in schedule.actions.values():
+        for action in actions:
+            if action.kind in (ActionKind.SEND_F, ActionKind.SEND_B):
+                calls[action.stage] += 1
+    return [c / schedule.microbatches for c in calls]
+
+
+def timed_imbalance(program: dict, calibrated: dict) -> float:
+    """The slowest stage over the mean stage, each its forward + backward per micro-batch as
+    timed whole plus its send calls at the link's price: what the partitioner balances."""
+    send = program["costs"]["link"]["send_seconds"]
+    seconds = [
+        s["forward_seconds"] + s["backward_seconds"] + calls * send
+        for s, calls in zip(calibrated["stages"], send_calls(program))
+    ]
+    return max(seconds) * len(seconds) / sum(seconds)
 
 
 def whole_over_node_sums(program: dict, calibrated: dict) -> list[float]:

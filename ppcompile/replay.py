@@ -66,9 +66,17 @@ def recompute_seconds(program: dict) -> list[float]:
     return seconds
 
 
-def measured_stage_costs(trace: dict, average=statistics.median) -> dict[int, StageCosts]:
+# What a trace's action costs are read in: its wall-clock duration, or its rank's CPU time in it.
+CLOCKS = ("wall", "cpu")
+
+
+def measured_stage_costs(
+    trace: dict, average=statistics.median, clock: str = "wall"
+) -> dict[int, StageCosts]:
     """Per stage, the median (or ``average``) seconds its F, B, I and W actions took in a measured
     run's trace (``run.py --trace``): the costs the stages really had, with every rank busy at once.
+    ``clock="cpu"`` reads each action's CPU time (``args.cpu_us``) instead of its duration: the
+    stage's own work, without the time slices other ranks sharing its core took meanwhile.
 
     Example::
 
@@ -77,6 +85,8 @@ def measured_stage_costs(trace: dict, average=statistics.median) -> dict[int, St
         >>> measured_stage_costs(doc)
         {0: StageCosts(forward=1.0, backward=2.0, backward_input=None, backward_weight=None)}
     """
+    if clock not in CLOCKS:
+        raise ValueError(f"clock {clock!r}: use one of {', '.join(CLOCKS)}")
     durations: dict[tuple[int, ActionKind], list[float]] = {}
     for event in trace["traceEvents"]:
         if event.get("ph") != "X":
@@ -85,7 +95,9 @@ def measured_stage_costs(trace: dict, average=statistics.median) -> dict[int, St
         # An action on spare cores is not what the stage costs beside busy ranks; a replay of the
         # program divides the stage's cost by the plan's speedup for it instead.
         if action.is_compute and not event.get("args", {}).get("threads"):
-            durations.setdefault((action.stage, action.kind), []).append(event["dur"] / 1e6)
+            # A trace leaves out a CPU time of 0 (an action quicker than the clock's tick).
+            seconds = event["dur"] if clock == "wall" else event.get("args", {}).get("cpu_us", 0.0)
+            durations.setdefault((action.stage, action.kind), []).append(seconds / 1e6)
     averaged = {key: average(found) for key, found in durations.items()}
     costs = {}
     for stage in sorted({stage for stage, _ in durations}):
@@ -98,15 +110,16 @@ def measured_stage_costs(trace: dict, average=statistics.median) -> dict[int, St
     return costs
 
 
-def run_stage_costs(trace: dict) -> dict[int, StageCosts]:
+def run_stage_costs(trace: dict, clock: str = "wall") -> dict[int, StageCosts]:
     """Per stage, its F, B, I and W in a run's trace: what a replay of that run's costs uses
     (``simulate --costs-from``, the benchmarks' bounds, calibration under torchrun).
 
     Within a step the mean of the stage's actions (a step pays for every slow action), then the
     median of those over the traced steps, as a run's step time is the median of its steps: a
-    step the machine took time from moves neither. An action's n-th appearance is in step n."""
+    step the machine took time from moves neither. An action's n-th appearance is in step n.
+    ``clock``: as :func:`measured_stage_costs`'s."""
     per_step = [
-        measured_stage_costs({"traceEvents": events}, average=statistics.fmean)
+        measured_stage_costs({"traceEvents": events}, average=statistics.fmean, clock=clock)
         for events in _traced_steps(trace)
     ]
 

@@ -75,10 +75,12 @@ def test_predicted_step_ends_with_the_tied_reduction_and_the_update(zero_bubble)
 class NodeSumTimings:
     """Stands in for the whole-stage timing: each stage takes the sum of its nodes as first
     profiled, so stage and node sums agree except where a test says a timing was slow, and the
-    cuts do not depend on this machine's noise. Records every timing and every partition's cut."""
+    cuts do not depend on this machine's noise. Records every timing and every partition's cut.
 
-    def __init__(self, monkeypatch, slow_last_stage_in_first_timing: bool):
-        self.slow = slow_last_stage_in_first_timing
+    ``slow``: timing number (from 0) -> (stage, factor) that timing's stage was slow by."""
+
+    def __init__(self, monkeypatch, slow: dict[int, tuple[int, float]]):
+        self.slow = slow
         self.calls, self.cuts = [], []
         self._stage_of: dict[str, int] = {}
         self._first_profiled: dict[str, tuple[float, float]] = {}
@@ -94,9 +96,10 @@ class NodeSumTimings:
             stage["forward_seconds"] = sum(self._first_profiled[n][0] for n in members)
             stage["backward_seconds"] = sum(self._first_profiled[n][1] for n in members)
             stage["backward_input_seconds"] = stage["backward_weight_seconds"] = None
-        if self.slow and len(self.calls) == 1:
+        if len(self.calls) - 1 in self.slow:
+            stage, factor = self.slow[len(self.calls) - 1]
             for key in ("forward_seconds", "backward_seconds"):
-                calibrated["stages"][-1][key] *= 2
+                calibrated["stages"][stage][key] *= factor
         return calibrated
 
     def _build(self, gm, ctx, schedule):
@@ -117,15 +120,16 @@ def test_a_stage_slower_whole_than_its_nodes_gets_cut_again(tmp_path, monkeypatc
         stages=2, microbatches=4, profile=True, profile_concurrency=1, profile_cache=str(tmp_path)
     )
     with monkeypatch.context() as patch:
-        agreeing = NodeSumTimings(patch, slow_last_stage_in_first_timing=False)
+        agreeing = NodeSumTimings(patch, slow={})
         plain = compile_model("models/gpt.py:gpt_mini", config)
     assert len(agreeing.calls) == 1  # whole stages that agree with their nodes: no second cut
-    slow = NodeSumTimings(monkeypatch, slow_last_stage_in_first_timing=True)
+    slow = NodeSumTimings(monkeypatch, slow={0: (-1, 2.0)})
     recut = compile_model("models/gpt.py:gpt_mini", config)
     # The new stages were timed too, and then at most one more partition the averaged evidence chose.
     assert 2 <= len(slow.calls) <= driver.MAX_TIMED_PARTITIONS
     assert any(
-        "cut again" in n and f"{len(slow.calls)} partition(s) timed whole" in n for n in recut.ctx.notes
+        "cut again" in n and f"{len(slow.calls)} partition(s) timed whole" in n
+        for n in recut.program["costs"]["notes"]
     )
     # The fake slowness is one of the last stage's timings: averaged, it still gives work away.
     assert recut.ctx.partition.cut_positions[0] > plain.ctx.partition.cut_positions[0]
@@ -158,6 +162,11 @@ def test_ranks_sharing_this_machine_time_their_stages_under_torchrun(tmp_path, m
     # action, gpt_mini's tied embedding is all-reduced between the ranks, each rank updates.
     assert len(calibrated["start_seconds"]) == 2 and min(calibrated["start_seconds"]) > 0
     assert calibrated["reduce_seconds"] > 0
+    # Beside each stage's wall time, its rank's CPU time in it, which cannot be longer.
+    for stage in calibrated["stages"]:
+        for kind in ("forward", "backward"):
+            assert 0 < stage[f"{kind}_cpu_seconds"] <= stage[f"{kind}_seconds"] * 1.05 + 50e-6
+    assert any("the ranks' CPU time in them" in n for n in program["costs"]["notes"])
     assert len(calibrated["update_seconds"]) == 2 and min(calibrated["update_seconds"]) > 0
     # How the actions scattered around their means: 21 quantiles, the simulator draws from them.
     jitter = calibrated["jitter"]
@@ -196,9 +205,57 @@ def test_one_slow_timing_is_outvoted_by_the_timings_after_it(tmp_path, monkeypat
     config = CompileConfig(
         stages=2, microbatches=4, profile=True, profile_concurrency=1, profile_cache=str(tmp_path)
     )
-    timings = NodeSumTimings(monkeypatch, slow_last_stage_in_first_timing=True)
+    timings = NodeSumTimings(monkeypatch, slow={0: (-1, 2.0)})
     result = compile_model("models/gpt.py:gpt_mini", config)
     assert len(timings.calls) == driver.MAX_TIMED_PARTITIONS
     plain, after_the_slow_timing, final = timings.cuts
     assert plain < final < after_the_slow_timing
     assert result.program["costs"]["calibrated"] is timings.calls[-1]
+
+
+def test_the_partition_timed_best_balanced_is_kept(tmp_path, monkeypatch):
+    """The cuts move while timings disagree, but a later partition can time worse than an earlier
+    one: the program kept is the one whose timing was best balanced, cut again as it was."""
+    config = CompileConfig(
+        stages=2, microbatches=4, profile=True, profile_concurrency=1, profile_cache=str(tmp_path)
+    )
+    # The first partition times a little off (cut again), the later ones far off.
+    timings = NodeSumTimings(monkeypatch, slow={0: (-1, 1.3), 1: (0, 2.0), 2: (-1, 2.0)})
+    result = compile_model("models/gpt.py:gpt_mini", config)
+    program = result.program
+    assert len(timings.calls) >= 2
+    imbalances = [driver.timed_imbalance(program, c) for c in timings.calls]
+    best = imbalances.index(min(imbalances))
+    assert best == 0
+    assert program["costs"]["calibrated"] is timings.calls[best]
+    # The kept program is the first partition's: its cut, rebuilt after the last timing's.
+    assert result.ctx.partition.cut_positions[0] == timings.cuts[best] == timings.cuts[-1]
+    assert len(timings.cuts) == len(timings.calls) + 1
+    assert any(
+        f"kept the partition timed best balanced, slowest over mean stage (send calls included) {min(imbalances):.3f}"
+        in n
+        for n in program["costs"]["notes"]
+    )
+
+
+def test_send_calls_count_each_stage_s_sends_per_microbatch():
+    """A middle stage sends activations on and gradients back: two calls per micro-batch."""
+    program = compile_model("models/gpt.py:gpt_mini", CompileConfig(stages=3, microbatches=4)).program
+    assert driver.send_calls(program) == [1, 2, 1]
+
+
+def test_stage_costs_read_in_cpu_time():
+    """A trace's actions state the CPU time their rank spent in them; costs can be read in it."""
+    from ppcompile.replay import measured_stage_costs, run_stage_costs
+    from ppcompile.runtime.trace import trace_document, trace_event
+
+    events = [
+        trace_event(0, "0F0", "F", 0.0, 1.0, cpu_seconds=0.5),
+        trace_event(0, "0B0", "B", 1.0, 3.0, cpu_seconds=1.5),
+    ]
+    document = trace_document(events, [0])
+    assert measured_stage_costs(document)[0] == StageCosts(1.0, 2.0)
+    assert measured_stage_costs(document, clock="cpu")[0] == StageCosts(0.5, 1.5)
+    assert run_stage_costs(document, clock="cpu")[0] == StageCosts(0.5, 1.5)
+    with pytest.raises(ValueError, match="use one of wall, cpu"):
+        measured_stage_costs(document, clock="cycles")

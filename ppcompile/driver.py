@@ -148,15 +148,11 @@ REPARTITION_FROM = [name for name, _ in PASSES].index("partition_stages")
 MAX_TIMED_PARTITIONS = 3
 
 
-@dataclass
+@dataclass(frozen=True)
 class _TimedPartition:
     node_costs: dict  # node name -> the ppc.cost it was cut with
-    program: dict
     calibrated: dict
-
-    @property
-    def imbalance(self) -> float:
-        return timed_imbalance(self.program, self.calibrated)
+    imbalance: float  # timed_imbalance of its program under that timing
 
 
 def _calibrate(gm, ctx, schedule, lowered, program, files):
@@ -181,9 +177,6 @@ def _calibrate(gm, ctx, schedule, lowered, program, files):
             shared_machine=ctx.profile_shared_machine,
         )
 
-    def node_costs():
-        return {n.name: n.meta["ppc.cost"] for n in gm.graph.nodes if "ppc.cost" in n.meta}
-
     def cut(costs):
         for node in gm.graph.nodes:
             if node.name in costs:
@@ -191,14 +184,16 @@ def _calibrate(gm, ctx, schedule, lowered, program, files):
         cut_gm = _run_passes(gm, ctx, PASSES[REPARTITION_FROM:])
         return (cut_gm, *_build(cut_gm, ctx, schedule))
 
-    profiled = node_costs()
+    profiled = {n.name: n.meta["ppc.cost"] for n in gm.graph.nodes if "ppc.cost" in n.meta}
     evidence: dict[str, list[float]] = {name: [] for name in profiled}
 
     def multiple(name: str) -> float:
         return statistics.geometric_mean(evidence[name]) if evidence[name] else 1.0
 
     calibrated = timed(program, files)
-    timed_partitions = {_stage_code_key(files): _TimedPartition(profiled, program, calibrated)}
+    timed_partitions = {
+        _stage_code_key(files): _TimedPartition(profiled, calibrated, timed_imbalance(program, calibrated))
+    }
     rounds = []
     while True:
         factors = whole_over_node_sums(program, calibrated)
@@ -224,8 +219,8 @@ def _calibrate(gm, ctx, schedule, lowered, program, files):
         if key in timed_partitions:
             calibrated = timed_partitions[key].calibrated
             break
-        timed_partitions[key] = _TimedPartition(costs, program, timed(program, files))
-        calibrated = timed_partitions[key].calibrated
+        calibrated = timed(program, files)
+        timed_partitions[key] = _TimedPartition(costs, calibrated, timed_imbalance(program, calibrated))
     best_key = min(timed_partitions, key=lambda k: timed_partitions[k].imbalance)
     if best_key != _stage_code_key(files):
         # An earlier partition timed better: cut it again from the node costs it was cut with.

@@ -44,7 +44,7 @@ from torch import fx
 
 from ppcompile.context import CompileContext, Partition
 from ppcompile.errors import CompileError
-from ppcompile.memory import OPTIMIZER_STATE_FACTOR, held_tensors, storage_root
+from ppcompile.memory import OPTIMIZER_STATE_FACTOR, OPTIMIZER_STEP_TEMPORARIES, held_tensors, storage_root
 
 
 @dataclass(frozen=True)
@@ -271,20 +271,29 @@ def memory_fits(gm: fx.GraphModule, ctx: CompileContext, order: list[fx.Node], b
 
     Parameters count with their gradients and optimizer state, once per stage that uses them;
     a saved tensor counts once per stage that saves it, times the micro-batches stage k keeps
-    in flight; transfers count once per direction."""
+    in flight; transfers count once per direction; the working tensors are twice the segment's
+    largest tensor, and on a GPU AdamW's step temporaries (a parameter's worth) replace the
+    activations where larger, as ``ppcompile.memory`` counts them."""
     n = len(order)
     by_name = {node.name: node for node in gm.graph.nodes}
-    per_param = 2 + OPTIMIZER_STATE_FACTOR[ctx.config.optimizer]
+    optimizer = ctx.config.optimizer
+    per_param = 2 + OPTIMIZER_STATE_FACTOR[optimizer]
     model = ctx.spec.module
     static: dict[int, tuple[list[int], float]] = {}
+    stepped: dict[int, tuple[list[int], float]] = {}
     saved: dict[str, tuple[set[int], float]] = {}
     temp = torch.zeros(n + 1, dtype=torch.float64)
+    largest = torch.zeros(n, dtype=torch.float64)
     for i, node in enumerate(order):
         for t, is_param in held_tensors(model, node):
-            nbytes = t.numel() * t.element_size() * (per_param if is_param else 1)
-            static.setdefault(id(t), ([], nbytes))[0].append(i)
+            nbytes = t.numel() * t.element_size()
+            static.setdefault(id(t), ([], nbytes * (per_param if is_param else 1)))[0].append(i)
+            if is_param:
+                stepped.setdefault(id(t), ([], nbytes * OPTIMIZER_STEP_TEMPORARIES[optimizer]))[0].append(i)
         cost = node.meta["ppc.cost"]
         temp[i + 1] = cost.saved_temp_bytes
+        if node.meta.get("ppc.kind") == "tensor" and storage_root(by_name, node.name) is node:
+            largest[i] = max(float(node.meta.get("ppc.nbytes", 0)), cost.saved_temp_bytes)
         for name in cost.saved_inputs:
             root = storage_root(by_name, name)
             if root is not None:
@@ -297,9 +306,15 @@ def memory_fits(gm: fx.GraphModule, ctx: CompileContext, order: list[fx.Node], b
     transfers = segment_costs([0.0] * n, values, set())
     fixed = static_bytes + transfers
     del static_bytes, transfers
+    working = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        working[i, i:] = 2 * torch.cummax(largest[i:], 0).values
+    # On a CPU AdamW steps one parameter at a time: its temporaries are small beside the rest.
+    on_gpu = ctx.profile.name != "cpu"
+    update = exists_in_segment(n, [(sorted(set(p)), w) for p, w in stepped.values() if on_gpu])
 
     def fits(k: int) -> torch.Tensor:
-        return fixed + act * ctx.live_microbatches[k] <= budget
+        return fixed + torch.maximum(act * ctx.live_microbatches[k] + working, update) <= budget
 
     return fits
 

@@ -21,7 +21,14 @@ from torch import fx
 
 from ppcompile.context import CompileContext
 from ppcompile.errors import CompileError
-from ppcompile.memory import OPTIMIZER_STATE_FACTOR, StageMemory, format_bytes, held_tensors, storage_root
+from ppcompile.memory import (
+    OPTIMIZER_STATE_FACTOR,
+    OPTIMIZER_STEP_TEMPORARIES,
+    StageMemory,
+    format_bytes,
+    held_tensors,
+    storage_root,
+)
 from ppcompile.passes.partition_stages import assign_stages, layer_of
 
 
@@ -106,7 +113,7 @@ def _does_not_fit(ctx, stage: int, memory: StageMemory, budget: int, recomputing
         f"rank {stage} needs {format_bytes(memory.total)} but --memory-per-device is {format_bytes(budget)}, "
         f"{what}: {format_bytes(short)} short (parameters+gradients+optimizer "
         f"{format_bytes(memory.parameters + memory.gradients + memory.optimizer)}, activations "
-        f"{format_bytes(memory.activations)}); use more --stages, more memory per device, or smaller micro-batches"
+        f"{format_bytes(memory.activations)}, working {format_bytes(memory.working)}); use more --stages, more memory per device, or smaller micro-batches"
     )
 
 
@@ -203,13 +210,28 @@ def stage_memory(
             d for d in node.all_input_nodes if d.name not in own_names and d.meta.get("ppc.stage") is not None
         )
     transfers += sum(d.meta["ppc.nbytes"] * (M + (1 if d.meta["ppc.requires_grad"] else 0)) for d in received)
+    # The largest tensor one operation allocates: a value of the graph, or a leaf module's own
+    # saved temporary (attention weights inside nn.MultiheadAttention).
+    largest = max(
+        (
+            max(float(n.meta.get("ppc.nbytes", 0)), n.meta["ppc.cost"].saved_temp_bytes)
+            for n in own
+            if n.meta.get("ppc.kind") == "tensor" and storage_root(nodes, n.name, own_names) is n
+        ),
+        default=0.0,
+    )
+    optimizer = ctx.config.optimizer
+    # A GPU's foreach step makes its temporaries for every parameter at once, a CPU's per parameter.
+    stepped = param_bytes if ctx.profile.name != "cpu" else max(params.values(), default=0)
     return StageMemory(
         parameters=param_bytes,
         gradients=param_bytes,
-        optimizer=param_bytes * OPTIMIZER_STATE_FACTOR[ctx.config.optimizer],
+        optimizer=param_bytes * OPTIMIZER_STATE_FACTOR[optimizer],
         buffers=float(sum(buffers.values())),
         activations_per_microbatch=activations,
         live_microbatches=live,
         transfers=transfers,
         recompute=recompute,
+        working=2 * largest,
+        update=float(stepped) * OPTIMIZER_STEP_TEMPORARIES[optimizer],
     )

@@ -37,7 +37,7 @@ from torch import fx
 
 from ppcompile.contention import Contention, measure_contention
 from ppcompile.context import CompileContext
-from ppcompile.errors import CompileError
+from ppcompile.devices import check_device
 from ppcompile.passes.estimate_costs import (
     _arg_nodes,
     _call,
@@ -140,22 +140,6 @@ def profile_concurrency(config, device: torch.device) -> int:
     if config.profile_concurrency is not None:
         return config.profile_concurrency
     return config.stages if device.type == "cpu" else 1
-
-
-def check_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CompileError(f"--profile-device {name!r} is not a device name; use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CompileError(
-            f"--profile-device {name}: torch sees no CUDA device on this machine; use --profile-device cpu"
-        )
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise CompileError(f"--profile-device {name}: only {torch.cuda.device_count()} CUDA devices here")
-    if device.type not in ("cpu", "cuda"):
-        raise CompileError(f"--profile-device {name}: only cpu and cuda can be profiled")
-    return device
 
 
 def profile_key(gm: fx.GraphModule, ctx: CompileContext, device: torch.device) -> str:

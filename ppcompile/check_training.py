@@ -70,10 +70,10 @@ def relative_difference(actual: torch.Tensor, expected: torch.Tensor, floor: flo
     return diff / scale if scale > 0 else diff
 
 
-def eager_run(program: Program, steps: int, optimizer: str, lr: float, seed: int):
+def eager_run(program: Program, steps: int, optimizer: str, lr: float, seed: int, device: str = "cpu"):
     """(losses per step, first-step gradients, final parameters) of the single-process eager model."""
     spec = build_spec(program, seed)
-    model = spec.module
+    model = spec.module.to(device)  # built on the CPU, as the pipeline's ranks are: the same weights
     opt = make_optimizer(optimizer, list(model.parameters()), lr)
     names = [i["name"] for i in program.data["inputs"]]
     data = batches(program, spec, seed)
@@ -83,18 +83,18 @@ def eager_run(program: Program, steps: int, optimizer: str, lr: float, seed: int
         opt.zero_grad(set_to_none=True)
         step_losses = []
         for mb in microbatches:
-            loss = model(*(mb[n] for n in names))
+            loss = model(*(mb[n].to(device) for n in names))
             (loss / len(microbatches)).backward()
             step_losses.append(float(loss.detach()))
         if step == 0:
             grads = {
-                n: p.grad.clone()
+                n: p.grad.cpu().clone()
                 for n, p in model.named_parameters(remove_duplicate=False)
                 if p.grad is not None
             }
         opt.step()
         losses.append(step_losses)
-    params = {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
+    params = {n: p.detach().cpu().clone() for n, p in model.named_parameters(remove_duplicate=False)}
     return losses, grads, params
 
 
@@ -138,14 +138,17 @@ def verify_in_process(
     lr: float = 1e-2,
     seed: int = 0,
     rtol: float = 1e-5,
+    device: str = "cpu",
 ) -> TrainingComparison:
-    pipeline = InProcessPipeline(program, seed=seed, optimizer=optimizer, lr=lr)
+    """Train ``program`` for ``steps`` steps on the in-process transport, every rank on ``device``,
+    and compare it with the eager model trained there too (see :func:`compare`)."""
+    pipeline = InProcessPipeline(program, seed=seed, optimizer=optimizer, lr=lr, device=device)
     data = batches(program, pipeline.spec, seed)
     losses, grads = [], {}
     for step in range(steps):
         losses.append(pipeline.step(next(data)))
         if step == 0:
-            grads = {n: g.clone() for n, g in pipeline.named_gradients().items() if g is not None}
-    params = {n: p.detach().clone() for n, p in pipeline.named_parameters().items()}
-    reference = eager_run(program, steps, optimizer, lr, seed)
+            grads = {n: g.cpu().clone() for n, g in pipeline.named_gradients().items() if g is not None}
+    params = {n: p.detach().cpu().clone() for n, p in pipeline.named_parameters().items()}
+    reference = eager_run(program, steps, optimizer, lr, seed, device)
     return compare(losses, grads, params, reference, rtol, not program.data.get("fused_losses"))

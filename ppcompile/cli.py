@@ -268,13 +268,23 @@ def _measured_costs(path: str, program: dict):
 @click.option(
     "--rtol", default=1e-5, show_default=True, help="Relative tolerance for gradients and parameters."
 )
+@click.option(
+    "--device", default="cpu", show_default=True, help="Where both train: cpu, cuda or cuda:N (every rank)."
+)
 @user_errors
-def verify(program_dir, steps, optimizer, lr, seed, rtol):
+def verify(program_dir, steps, optimizer, lr, seed, rtol, device):
     """Train PROGRAM_DIR in one process beside the eager model; exit 0 only if they agree."""
     from ppcompile.check_training import verify_in_process
+    from ppcompile.devices import check_device
 
     result = verify_in_process(
-        _load(program_dir), steps=steps, optimizer=optimizer, lr=lr, seed=seed, rtol=rtol
+        _load(program_dir),
+        steps=steps,
+        optimizer=optimizer,
+        lr=lr,
+        seed=seed,
+        rtol=rtol,
+        device=str(check_device(device, "--device")),
     )
     for line in result.lines():
         click.echo(line)

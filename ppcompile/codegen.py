@@ -199,16 +199,18 @@ def generate_stage(ctx: CompileContext, sg: StageGraph, version: str) -> str:
         var = emitter.names[name]
         # The runtime hands a received tensor to autograd as a leaf, and a leaf cannot change in place.
         body.append(f"{var} = {var}.clone()  # changed in place below")
+    statements = []
     for node in sg.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
         region = node.meta.get("ppc.checkpoint")
         if region is None:
-            body.extend(_node_lines(emitter, node))
+            statements.append((_node_lines(emitter, node), [node], node.all_input_nodes))
         elif node is regions[region][-1]:
-            call, method = _checkpoint_region(ctx, emitter, region, regions[region])
-            body.extend(call)
+            call, method, inputs, outputs = _checkpoint_region(ctx, emitter, region, regions[region])
+            statements.append((call, outputs, inputs))
             methods.append(method)
+    body.extend(_freeing_after_last_use(emitter, statements))
     params = [emitter.names[n] for n in sg.graph_inputs + sg.receives]
     returns = [f'"{n}": {emitter.names[n]}' for n in sg.sends]
     if sg.returns_loss:
@@ -291,6 +293,41 @@ def _node_lines(emitter: _Emitter, node: fx.Node) -> list[str]:
     return [f"{name} = {emitter.expression(node)}{_comment(node)}"]
 
 
+def _freeing_after_last_use(
+    emitter: _Emitter, statements: list[tuple[list[str], list[fx.Node], list[fx.Node]]], kept=()
+) -> list[str]:
+    """The statements' lines, each (lines, the values it defines, the values it reads), with a
+    ``del`` after the last statement that reads a tensor value it defines.
+
+    A local name keeps its tensor alive until the function returns: without the ``del`` every
+    intermediate of the stage (attention scores before softmax, say) would be held through the
+    whole forward. Values in ``kept`` (returned) stay; the inputs and the module's own tensors
+    are held by the caller and the module anyway.
+    """
+    last_read: dict[fx.Node, int] = {}
+    for index, (_, defined, read) in enumerate(statements):
+        for node in defined:
+            last_read[node] = index  # a value never read is dropped at once
+        for node in read:
+            if node in last_read:  # the caller's values (arguments) are the caller's to free
+                last_read[node] = index
+    freed: dict[int, list[str]] = {}
+    for node, index in last_read.items():
+        if node.op == "get_attr" or node in kept:
+            continue
+        if node.meta.get("ppc.kind") not in ("tensor", "tuple"):
+            continue  # sizes, devices and dtypes hold no memory
+        if any(user.op == "output" for user in node.users):
+            continue
+        freed.setdefault(index, []).append(emitter.names[node.name])
+    lines = []
+    for index, (statement, _, _) in enumerate(statements):
+        lines += statement
+        if index in freed:
+            lines.append("del " + ", ".join(freed[index]))
+    return lines
+
+
 def _regions(graph: fx.Graph) -> dict[str, list[fx.Node]]:
     regions: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:
@@ -301,8 +338,9 @@ def _regions(graph: fx.Graph) -> dict[str, list[fx.Node]]:
 
 def _checkpoint_region(
     ctx, emitter: _Emitter, region: str, nodes: list[fx.Node]
-) -> tuple[list[str], list[str]]:
-    """The forward's call of a recomputed region, and the method that computes it."""
+) -> tuple[list[str], list[str], list[fx.Node], list[fx.Node]]:
+    """The forward's call of a recomputed region, the method that computes it, and the values the
+    region reads from the forward and gives back to it."""
     inside = set(nodes)
     inputs = []
     for node in nodes:
@@ -325,13 +363,14 @@ def _checkpoint_region(
     ]
     if len(outputs) == 1 and outputs[0].meta.get("ppc.kind") == "tensor":
         call[-1] += _comment(outputs[0])
+    statements = [(_node_lines(emitter, n), [n], n.all_input_nodes) for n in nodes]
     method = [
         f"    def {method_name}(self, {args}):",
         f'        """{region}: run in forward without saving activations, and again in backward."""',
-        *("        " + line for n in nodes for line in _node_lines(emitter, n)),
+        *("        " + line for line in _freeing_after_last_use(emitter, statements, kept=outputs)),
         f"        return {returned}",
     ]
-    return call, method
+    return call, method, inputs, outputs
 
 
 def _tuple_literal(items: list[str]) -> str:

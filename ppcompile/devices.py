@@ -63,3 +63,22 @@ def get_profile(name: str) -> DeviceProfile:
     if name not in PROFILES:
         raise CompileError(f"unknown device profile {name!r}; known profiles: {', '.join(sorted(PROFILES))}")
     return PROFILES[name]
+
+
+def check_device(name: str, option: str = "--profile-device") -> torch.device:
+    """The torch device ``name`` (cpu, cuda, cuda:N) that ``option`` gave, if this machine has it.
+
+    >>> check_device("cpu")
+    device(type='cpu')
+    """
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CompileError(f"{option} {name!r} is not a device name; use cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise CompileError(f"{option} {name}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CompileError(f"{option} {name}: torch sees no CUDA device on this machine; use {option} cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise CompileError(f"{option} {name}: only {torch.cuda.device_count()} CUDA devices here")
+    return device

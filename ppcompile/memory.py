@@ -3,8 +3,12 @@
 Per rank: parameters, their gradients, optimizer state (AdamW keeps two float32 moments per
 parameter, SGD none), model buffers, activations saved for backward times the micro-batches
 the schedule keeps in flight on that stage, transfer buffers (a receive buffer per micro-batch:
-the runtime posts a step's receives when it starts; one micro-batch of sends), and, when regions are recomputed, the largest region's activations while
-it is being recomputed.
+the runtime posts a step's receives when it starts; one micro-batch of sends), when regions are
+recomputed the largest region's activations while it is being recomputed, and the working
+tensors of the operation running at the peak: twice the stage's largest tensor (in backward its
+gradient arriving and the gradient leaving; in forward an input not saved beside its output).
+The optimizer step's own temporaries replace the activations, which are freed by then, where
+they are larger.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ from torch import fx, nn
 from ppcompile.errors import CompileError
 
 OPTIMIZER_STATE_FACTOR = {"sgd": 0.0, "adamw": 2.0}  # state bytes per parameter byte (float32 params)
+# AdamW's step divides by the square root of the second moment, which it computes into a new tensor:
+# on a GPU for every parameter at once (the foreach kernels), on a CPU one parameter at a time.
+# SGD without momentum adds the scaled gradient in place.
+OPTIMIZER_STEP_TEMPORARIES = {"sgd": 0.0, "adamw": 1.0}  # bytes per parameter byte
 
 _UNITS = {
     "b": 1,
@@ -70,6 +78,8 @@ class StageMemory:
     live_microbatches: int  # micro-batches in flight at once under the schedule
     transfers: float  # receive buffers for every micro-batch, and one micro-batch of sends
     recompute: float  # the largest recomputed region's activations, alive during its backward
+    working: float  # the operation running at the peak: its input and output, or their gradients
+    update: float  # the optimizer step's temporaries, once the step's activations are freed
 
     @property
     def activations(self) -> float:
@@ -77,15 +87,8 @@ class StageMemory:
 
     @property
     def total(self) -> float:
-        return (
-            self.parameters
-            + self.gradients
-            + self.optimizer
-            + self.buffers
-            + self.activations
-            + self.transfers
-            + self.recompute
-        )
+        static = self.parameters + self.gradients + self.optimizer + self.buffers + self.transfers
+        return static + max(self.activations + self.recompute + self.working, self.update)
 
     def as_dict(self) -> dict:
         return {
@@ -97,6 +100,8 @@ class StageMemory:
             "live_microbatches": self.live_microbatches,
             "transfers": self.transfers,
             "recompute": self.recompute,
+            "working": self.working,
+            "update": self.update,
             "total": self.total,
         }
 

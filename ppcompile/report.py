@@ -121,10 +121,19 @@ def _memory_section(program: dict) -> list[str]:
                 f"{format_bytes(m['activations_per_microbatch'])} x {m['live_microbatches']}",
                 format_bytes(m["transfers"]),
                 format_bytes(m["recompute"]),
+                format_bytes(m.get("working", 0)),
                 format_bytes(m["total"]),
             ]
         )
-    headers = ["rank", "params+grads+optimizer", "activations x in flight", "transfers", "recompute", "peak"]
+    headers = [
+        "rank",
+        "params+grads+optimizer",
+        "activations x in flight",
+        "transfers",
+        "recompute",
+        "working",
+        "peak",
+    ]
     limit = f"budget {format_bytes(budget)} per rank" if budget else "no budget given (--memory-per-device)"
     lines = [
         "",
@@ -133,6 +142,15 @@ def _memory_section(program: dict) -> list[str]:
         tabulate(rows, headers=headers, tablefmt="github"),
         "",
     ]
+    if any("working" in m for m in memory):
+        lines.append("- working: the tensors of the operation running at the peak, twice the rank's largest")
+    for stage, m in enumerate(memory):
+        held = m["activations_per_microbatch"] * m["live_microbatches"] + m["recompute"] + m.get("working", 0)
+        if m.get("update", 0) > held:
+            lines.append(
+                f"- rank {stage} peaks in the optimizer step, whose temporaries ({format_bytes(m['update'])}) "
+                "outweigh its activations"
+            )
     recomputed = costs.get("recomputed") or []
     if recomputed:
         by_stage: dict[int, list[str]] = {}

@@ -33,6 +33,8 @@ from ppcompile.runtime.trace import ActionTiming, measured_trace, shift_timings,
 from ppcompile.runtime.train import batches, build_spec, make_optimizer, tied_parameters
 from ppcompile.runtime.transport import DistTransport, PeerError
 
+DEVICES = ("auto", "cpu", "cuda")
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="run.py", description="Train a ppcompile program under torchrun.")
@@ -58,6 +60,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--trace-steps", type=int, default=1, help="how many of the last steps --trace records (default 1)"
+    )
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where each rank computes: cuda takes GPU LOCAL_RANK (NCCL between ranks), cpu the "
+        "processor (gloo); auto (the default) is cuda where torch sees a GPU, else cpu",
     )
     parser.add_argument(
         "--return-freed-memory",
@@ -99,10 +108,26 @@ def _check_args(args, rank: int) -> None:
             raise ProgramError(f"cannot write --trace {args.trace}: {e.strerror}") from None
 
 
+def rank_device(choice: str, rank: int, local_rank: int) -> torch.device:
+    """The device ``--device`` gives this rank: one GPU per local rank, or the CPU."""
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ProgramError("--device cuda: torch sees no GPU on this machine; use --device cpu")
+    gpus = torch.cuda.device_count()
+    if local_rank >= gpus:
+        raise ProgramError(
+            f"rank {rank} needs GPU {local_rank} but torch sees {gpus} GPU{'s' if gpus > 1 else ''} here; "
+            f"run at most {gpus} rank{'s' if gpus > 1 else ''} per machine, or every rank on the CPU "
+            "with --device cpu"
+        )
+    return torch.device(f"cuda:{local_rank}")
+
+
 def train(program, rank: int, world: int, args) -> int:
     """Set up this rank, then train (or with ``--infer`` evaluate) for ``--steps`` steps."""
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
+    device = rank_device(args.device, rank, int(os.environ.get("LOCAL_RANK", "0")))
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
     elif not args.return_freed_memory:
@@ -133,6 +158,8 @@ def train(program, rank: int, world: int, args) -> int:
     data = batches(program, spec, args.seed)
     loop = _evaluate if args.infer else _train
     record, traced = loop(program, executor, data, args)
+    if cuda:
+        print(_peak_memory_line(program, rank, device, args), flush=True)
     if args.trace:
         _write_trace(program, rank, world, traced, args)
     if args.record:
@@ -143,6 +170,16 @@ def train(program, rank: int, world: int, args) -> int:
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def _peak_memory_line(program, rank: int, device: torch.device, args) -> str:
+    """The most GPU memory this rank's tensors held at once, beside the compiler's prediction of it."""
+    line = f"rank {rank}: peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated"
+    predicted = program.data["costs"].get("memory")
+    if predicted and not args.infer:
+        optimizer = program.data["costs"].get("optimizer", "adamw")
+        line += f" (the compiler predicted {predicted[rank]['total'] / 2**30:.2f} GiB with {optimizer} state)"
+    return line
 
 
 def _empty_record() -> dict:

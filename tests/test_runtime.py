@@ -3,9 +3,10 @@
 import json
 
 import pytest
+import torch
 
 from ppcompile.check_training import verify_in_process
-from ppcompile.runtime.loader import load_program
+from ppcompile.runtime.loader import ProgramError, load_program
 from ppcompile.runtime.train import InProcessPipeline
 from tests.helpers import compile_to, tracked_step
 
@@ -156,3 +157,36 @@ def test_gradient_comparison_tolerates_rounding_noise_of_a_zero_gradient_but_not
     wrong = {"w": torch.tensor([0.1, -0.2 + 2e-5]), "cancelled": torch.tensor([4e-9, -7e-9])}
     result = compare([[1.0]], wrong, params, reference)
     assert not result.ok and result.worst_gradient == "w"
+
+
+def test_rank_device_gives_each_local_rank_a_gpu_or_says_why_not(monkeypatch):
+    from ppcompile.runtime.main import rank_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert rank_device("auto", 1, 1) == torch.device("cpu")
+    with pytest.raises(ProgramError, match="torch sees no GPU on this machine; use --device cpu"):
+        rank_device("cuda", 0, 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert rank_device("auto", 0, 0) == torch.device("cuda:0")
+    assert rank_device("cpu", 1, 1) == torch.device("cpu")
+    with pytest.raises(ProgramError, match="rank 1 needs GPU 1 but torch sees 1 GPU here.*--device cpu"):
+        rank_device("auto", 1, 1)
+
+
+def test_gpu_runs_print_their_peak_beside_the_prediction(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from ppcompile.runtime.main import _peak_memory_line
+
+    program = load_program(compile_to(tmp_path, "models/gpt.py:gpt_mini", 2, microbatches=4))
+    predicted = program.data["costs"]["memory"][1]["total"]
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2**30)
+    line = _peak_memory_line(program, 1, torch.device("cuda:1"), SimpleNamespace(infer=False))
+    assert line == (
+        f"rank 1: peak GPU memory 3.00 GiB allocated (the compiler predicted {predicted / 2**30:.2f} GiB "
+        "with adamw state)"
+    )
+    assert "predicted" not in _peak_memory_line(
+        program, 1, torch.device("cuda:1"), SimpleNamespace(infer=True)
+    )

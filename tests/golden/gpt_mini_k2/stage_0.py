@@ -46,87 +46,139 @@ class Stage0(StageModule):
         arange = torch.arange(0, size, dtype=torch.int64, device=getattr_1)  # [s] int64
         transformer_wte = self.transformer.wte(idx)  # [b, s, 64] float32
         transformer_wpe = self.transformer.wpe(arange)  # [s, 64] float32
+        del arange
         add = transformer_wte + transformer_wpe  # [b, s, 64] float32
+        del transformer_wte, transformer_wpe
         transformer_h_0_ln_1 = self.transformer.h[0].ln_1(add)  # [b, s, 64] float32
         size_1 = transformer_h_0_ln_1.size()
         getitem = size_1[0]
         getitem_1 = size_1[1]
         getitem_2 = size_1[2]
         transformer_h_0_attn_c_attn = self.transformer.h[0].attn.c_attn(transformer_h_0_ln_1)  # [b, s, 192] float32
+        del transformer_h_0_ln_1
         split = transformer_h_0_attn_c_attn.split(getitem_2, dim=2)  # tuple of tensors
+        del transformer_h_0_attn_c_attn
         getitem_3 = split[0]  # [b, s, 64] float32
         getitem_4 = split[1]  # [b, s, 64] float32
         getitem_5 = split[2]  # [b, s, 64] float32
+        del split
         floordiv = getitem_2 // 4
         view = getitem_3.view(getitem, getitem_1, 4, floordiv)  # [b, s, 4, 16] float32
+        del getitem_3
         transpose = view.transpose(1, 2)  # [b, 4, s, 16] float32
+        del view
         floordiv_1 = getitem_2 // 4
         view_1 = getitem_4.view(getitem, getitem_1, 4, floordiv_1)  # [b, s, 4, 16] float32
+        del getitem_4
         transpose_1 = view_1.transpose(1, 2)  # [b, 4, s, 16] float32
+        del view_1
         floordiv_2 = getitem_2 // 4
         view_2 = getitem_5.view(getitem, getitem_1, 4, floordiv_2)  # [b, s, 4, 16] float32
+        del getitem_5
         transpose_2 = view_2.transpose(1, 2)  # [b, 4, s, 16] float32
+        del view_2
         transpose_3 = transpose_1.transpose(-2, -1)  # [b, 4, 16, s] float32
         matmul = transpose @ transpose_3  # [b, 4, s, s] float32
+        del transpose, transpose_3
         size_2 = transpose_1.size(-1)
+        del transpose_1
         sqrt = math.sqrt(size_2)
         truediv = 1.0 / sqrt
         mul = matmul * truediv  # [b, 4, s, s] float32
+        del matmul
         transformer_h_0_attn_bias = self.transformer.h[0].attn.bias  # [1, 1, 32, 32] float32
         getitem_6 = transformer_h_0_attn_bias[:, :, :getitem_1, :getitem_1]  # [1, 1, s, s] float32
         eq = getitem_6 == 0  # [1, 1, s, s] bool
+        del getitem_6
         masked_fill = mul.masked_fill(eq, float("-inf"))  # [b, 4, s, s] float32
+        del mul, eq
         softmax = torch.nn.functional.softmax(masked_fill, dim=-1, _stacklevel=3, dtype=None)  # [b, 4, s, s] float32
+        del masked_fill
         matmul_1 = softmax @ transpose_2  # [b, 4, s, 16] float32
+        del transpose_2, softmax
         transpose_4 = matmul_1.transpose(1, 2)  # [b, s, 4, 16] float32
+        del matmul_1
         contiguous = transpose_4.contiguous()  # [b, s, 4, 16] float32
+        del transpose_4
         view_3 = contiguous.view(getitem, getitem_1, getitem_2)  # [b, s, 64] float32
+        del contiguous
         transformer_h_0_attn_c_proj = self.transformer.h[0].attn.c_proj(view_3)  # [b, s, 64] float32
+        del view_3
         add_1 = add + transformer_h_0_attn_c_proj  # [b, s, 64] float32
+        del add, transformer_h_0_attn_c_proj
         transformer_h_0_ln_2 = self.transformer.h[0].ln_2(add_1)  # [b, s, 64] float32
         transformer_h_0_mlp_c_fc = self.transformer.h[0].mlp.c_fc(transformer_h_0_ln_2)  # [b, s, 256] float32
+        del transformer_h_0_ln_2
         transformer_h_0_mlp_gelu = self.transformer.h[0].mlp.gelu(transformer_h_0_mlp_c_fc)  # [b, s, 256] float32
+        del transformer_h_0_mlp_c_fc
         transformer_h_0_mlp_c_proj = self.transformer.h[0].mlp.c_proj(transformer_h_0_mlp_gelu)  # [b, s, 64] float32
+        del transformer_h_0_mlp_gelu
         add_2 = add_1 + transformer_h_0_mlp_c_proj  # [b, s, 64] float32
+        del add_1, transformer_h_0_mlp_c_proj
         transformer_h_1_ln_1 = self.transformer.h[1].ln_1(add_2)  # [b, s, 64] float32
         size_3 = transformer_h_1_ln_1.size()
         getitem_7 = size_3[0]
         getitem_8 = size_3[1]
         getitem_9 = size_3[2]
         transformer_h_1_attn_c_attn = self.transformer.h[1].attn.c_attn(transformer_h_1_ln_1)  # [b, s, 192] float32
+        del transformer_h_1_ln_1
         split_1 = transformer_h_1_attn_c_attn.split(getitem_9, dim=2)  # tuple of tensors
+        del transformer_h_1_attn_c_attn
         getitem_10 = split_1[0]  # [b, s, 64] float32
         getitem_11 = split_1[1]  # [b, s, 64] float32
         getitem_12 = split_1[2]  # [b, s, 64] float32
+        del split_1
         floordiv_3 = getitem_9 // 4
         view_4 = getitem_10.view(getitem_7, getitem_8, 4, floordiv_3)  # [b, s, 4, 16] float32
+        del getitem_10
         transpose_5 = view_4.transpose(1, 2)  # [b, 4, s, 16] float32
+        del view_4
         floordiv_4 = getitem_9 // 4
         view_5 = getitem_11.view(getitem_7, getitem_8, 4, floordiv_4)  # [b, s, 4, 16] float32
+        del getitem_11
         transpose_6 = view_5.transpose(1, 2)  # [b, 4, s, 16] float32
+        del view_5
         floordiv_5 = getitem_9 // 4
         view_6 = getitem_12.view(getitem_7, getitem_8, 4, floordiv_5)  # [b, s, 4, 16] float32
+        del getitem_12
         transpose_7 = view_6.transpose(1, 2)  # [b, 4, s, 16] float32
+        del view_6
         transpose_8 = transpose_6.transpose(-2, -1)  # [b, 4, 16, s] float32
         matmul_2 = transpose_5 @ transpose_8  # [b, 4, s, s] float32
+        del transpose_5, transpose_8
         size_4 = transpose_6.size(-1)
+        del transpose_6
         sqrt_1 = math.sqrt(size_4)
         truediv_1 = 1.0 / sqrt_1
         mul_1 = matmul_2 * truediv_1  # [b, 4, s, s] float32
+        del matmul_2
         transformer_h_1_attn_bias = self.transformer.h[1].attn.bias  # [1, 1, 32, 32] float32
         getitem_13 = transformer_h_1_attn_bias[:, :, :getitem_8, :getitem_8]  # [1, 1, s, s] float32
         eq_1 = getitem_13 == 0  # [1, 1, s, s] bool
+        del getitem_13
         masked_fill_1 = mul_1.masked_fill(eq_1, float("-inf"))  # [b, 4, s, s] float32
+        del mul_1, eq_1
         softmax_1 = torch.nn.functional.softmax(masked_fill_1, dim=-1, _stacklevel=3, dtype=None)  # [b, 4, s, s] float32
+        del masked_fill_1
         matmul_3 = softmax_1 @ transpose_7  # [b, 4, s, 16] float32
+        del transpose_7, softmax_1
         transpose_9 = matmul_3.transpose(1, 2)  # [b, s, 4, 16] float32
+        del matmul_3
         contiguous_1 = transpose_9.contiguous()  # [b, s, 4, 16] float32
+        del transpose_9
         view_7 = contiguous_1.view(getitem_7, getitem_8, getitem_9)  # [b, s, 64] float32
+        del contiguous_1
         transformer_h_1_attn_c_proj = self.transformer.h[1].attn.c_proj(view_7)  # [b, s, 64] float32
+        del view_7
         add_3 = add_2 + transformer_h_1_attn_c_proj  # [b, s, 64] float32
+        del add_2, transformer_h_1_attn_c_proj
         transformer_h_1_ln_2 = self.transformer.h[1].ln_2(add_3)  # [b, s, 64] float32
         transformer_h_1_mlp_c_fc = self.transformer.h[1].mlp.c_fc(transformer_h_1_ln_2)  # [b, s, 256] float32
+        del transformer_h_1_ln_2
         transformer_h_1_mlp_gelu = self.transformer.h[1].mlp.gelu(transformer_h_1_mlp_c_fc)  # [b, s, 256] float32
+        del transformer_h_1_mlp_c_fc
         transformer_h_1_mlp_c_proj = self.transformer.h[1].mlp.c_proj(transformer_h_1_mlp_gelu)  # [b, s, 64] float32
+        del transformer_h_1_mlp_gelu
         add_4 = add_3 + transformer_h_1_mlp_c_proj  # [b, s, 64] float32
+        del add_3, transformer_h_1_mlp_c_proj
         return {"add_4": add_4}

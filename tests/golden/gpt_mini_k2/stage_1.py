@@ -48,86 +48,140 @@ class Stage1(StageModule):
         getitem_15 = size_5[1]
         getitem_16 = size_5[2]
         transformer_h_2_attn_c_attn = self.transformer.h[2].attn.c_attn(transformer_h_2_ln_1)  # [b, s, 192] float32
+        del transformer_h_2_ln_1
         split_2 = transformer_h_2_attn_c_attn.split(getitem_16, dim=2)  # tuple of tensors
+        del transformer_h_2_attn_c_attn
         getitem_17 = split_2[0]  # [b, s, 64] float32
         getitem_18 = split_2[1]  # [b, s, 64] float32
         getitem_19 = split_2[2]  # [b, s, 64] float32
+        del split_2
         floordiv_6 = getitem_16 // 4
         view_8 = getitem_17.view(getitem_14, getitem_15, 4, floordiv_6)  # [b, s, 4, 16] float32
+        del getitem_17
         transpose_10 = view_8.transpose(1, 2)  # [b, 4, s, 16] float32
+        del view_8
         floordiv_7 = getitem_16 // 4
         view_9 = getitem_18.view(getitem_14, getitem_15, 4, floordiv_7)  # [b, s, 4, 16] float32
+        del getitem_18
         transpose_11 = view_9.transpose(1, 2)  # [b, 4, s, 16] float32
+        del view_9
         floordiv_8 = getitem_16 // 4
         view_10 = getitem_19.view(getitem_14, getitem_15, 4, floordiv_8)  # [b, s, 4, 16] float32
+        del getitem_19
         transpose_12 = view_10.transpose(1, 2)  # [b, 4, s, 16] float32
+        del view_10
         transpose_13 = transpose_11.transpose(-2, -1)  # [b, 4, 16, s] float32
         matmul_4 = transpose_10 @ transpose_13  # [b, 4, s, s] float32
+        del transpose_10, transpose_13
         size_6 = transpose_11.size(-1)
+        del transpose_11
         sqrt_2 = math.sqrt(size_6)
         truediv_2 = 1.0 / sqrt_2
         mul_2 = matmul_4 * truediv_2  # [b, 4, s, s] float32
+        del matmul_4
         transformer_h_2_attn_bias = self.transformer.h[2].attn.bias  # [1, 1, 32, 32] float32
         getitem_20 = transformer_h_2_attn_bias[:, :, :getitem_15, :getitem_15]  # [1, 1, s, s] float32
         eq_2 = getitem_20 == 0  # [1, 1, s, s] bool
+        del getitem_20
         masked_fill_2 = mul_2.masked_fill(eq_2, float("-inf"))  # [b, 4, s, s] float32
+        del mul_2, eq_2
         softmax_2 = torch.nn.functional.softmax(masked_fill_2, dim=-1, _stacklevel=3, dtype=None)  # [b, 4, s, s] float32
+        del masked_fill_2
         matmul_5 = softmax_2 @ transpose_12  # [b, 4, s, 16] float32
+        del transpose_12, softmax_2
         transpose_14 = matmul_5.transpose(1, 2)  # [b, s, 4, 16] float32
+        del matmul_5
         contiguous_2 = transpose_14.contiguous()  # [b, s, 4, 16] float32
+        del transpose_14
         view_11 = contiguous_2.view(getitem_14, getitem_15, getitem_16)  # [b, s, 64] float32
+        del contiguous_2
         transformer_h_2_attn_c_proj = self.transformer.h[2].attn.c_proj(view_11)  # [b, s, 64] float32
+        del view_11
         add_5 = add_4 + transformer_h_2_attn_c_proj  # [b, s, 64] float32
+        del transformer_h_2_attn_c_proj
         transformer_h_2_ln_2 = self.transformer.h[2].ln_2(add_5)  # [b, s, 64] float32
         transformer_h_2_mlp_c_fc = self.transformer.h[2].mlp.c_fc(transformer_h_2_ln_2)  # [b, s, 256] float32
+        del transformer_h_2_ln_2
         transformer_h_2_mlp_gelu = self.transformer.h[2].mlp.gelu(transformer_h_2_mlp_c_fc)  # [b, s, 256] float32
+        del transformer_h_2_mlp_c_fc
         transformer_h_2_mlp_c_proj = self.transformer.h[2].mlp.c_proj(transformer_h_2_mlp_gelu)  # [b, s, 64] float32
+        del transformer_h_2_mlp_gelu
         add_6 = add_5 + transformer_h_2_mlp_c_proj  # [b, s, 64] float32
+        del add_5, transformer_h_2_mlp_c_proj
         transformer_h_3_ln_1 = self.transformer.h[3].ln_1(add_6)  # [b, s, 64] float32
         size_7 = transformer_h_3_ln_1.size()
         getitem_21 = size_7[0]
         getitem_22 = size_7[1]
         getitem_23 = size_7[2]
         transformer_h_3_attn_c_attn = self.transformer.h[3].attn.c_attn(transformer_h_3_ln_1)  # [b, s, 192] float32
+        del transformer_h_3_ln_1
         split_3 = transformer_h_3_attn_c_attn.split(getitem_23, dim=2)  # tuple of tensors
+        del transformer_h_3_attn_c_attn
         getitem_24 = split_3[0]  # [b, s, 64] float32
         getitem_25 = split_3[1]  # [b, s, 64] float32
         getitem_26 = split_3[2]  # [b, s, 64] float32
+        del split_3
         floordiv_9 = getitem_23 // 4
         view_12 = getitem_24.view(getitem_21, getitem_22, 4, floordiv_9)  # [b, s, 4, 16] float32
+        del getitem_24
         transpose_15 = view_12.transpose(1, 2)  # [b, 4, s, 16] float32
+        del view_12
         floordiv_10 = getitem_23 // 4
         view_13 = getitem_25.view(getitem_21, getitem_22, 4, floordiv_10)  # [b, s, 4, 16] float32
+        del getitem_25
         transpose_16 = view_13.transpose(1, 2)  # [b, 4, s, 16] float32
+        del view_13
         floordiv_11 = getitem_23 // 4
         view_14 = getitem_26.view(getitem_21, getitem_22, 4, floordiv_11)  # [b, s, 4, 16] float32
+        del getitem_26
         transpose_17 = view_14.transpose(1, 2)  # [b, 4, s, 16] float32
+        del view_14
         transpose_18 = transpose_16.transpose(-2, -1)  # [b, 4, 16, s] float32
         matmul_6 = transpose_15 @ transpose_18  # [b, 4, s, s] float32
+        del transpose_15, transpose_18
         size_8 = transpose_16.size(-1)
+        del transpose_16
         sqrt_3 = math.sqrt(size_8)
         truediv_3 = 1.0 / sqrt_3
         mul_3 = matmul_6 * truediv_3  # [b, 4, s, s] float32
+        del matmul_6
         transformer_h_3_attn_bias = self.transformer.h[3].attn.bias  # [1, 1, 32, 32] float32
         getitem_27 = transformer_h_3_attn_bias[:, :, :getitem_22, :getitem_22]  # [1, 1, s, s] float32
         eq_3 = getitem_27 == 0  # [1, 1, s, s] bool
+        del getitem_27
         masked_fill_3 = mul_3.masked_fill(eq_3, float("-inf"))  # [b, 4, s, s] float32
+        del mul_3, eq_3
         softmax_3 = torch.nn.functional.softmax(masked_fill_3, dim=-1, _stacklevel=3, dtype=None)  # [b, 4, s, s] float32
+        del masked_fill_3
         matmul_7 = softmax_3 @ transpose_17  # [b, 4, s, 16] float32
+        del transpose_17, softmax_3
         transpose_19 = matmul_7.transpose(1, 2)  # [b, s, 4, 16] float32
+        del matmul_7
         contiguous_3 = transpose_19.contiguous()  # [b, s, 4, 16] float32
+        del transpose_19
         view_15 = contiguous_3.view(getitem_21, getitem_22, getitem_23)  # [b, s, 64] float32
+        del contiguous_3
         transformer_h_3_attn_c_proj = self.transformer.h[3].attn.c_proj(view_15)  # [b, s, 64] float32
+        del view_15
         add_7 = add_6 + transformer_h_3_attn_c_proj  # [b, s, 64] float32
+        del add_6, transformer_h_3_attn_c_proj
         transformer_h_3_ln_2 = self.transformer.h[3].ln_2(add_7)  # [b, s, 64] float32
         transformer_h_3_mlp_c_fc = self.transformer.h[3].mlp.c_fc(transformer_h_3_ln_2)  # [b, s, 256] float32
+        del transformer_h_3_ln_2
         transformer_h_3_mlp_gelu = self.transformer.h[3].mlp.gelu(transformer_h_3_mlp_c_fc)  # [b, s, 256] float32
+        del transformer_h_3_mlp_c_fc
         transformer_h_3_mlp_c_proj = self.transformer.h[3].mlp.c_proj(transformer_h_3_mlp_gelu)  # [b, s, 64] float32
+        del transformer_h_3_mlp_gelu
         add_8 = add_7 + transformer_h_3_mlp_c_proj  # [b, s, 64] float32
+        del add_7, transformer_h_3_mlp_c_proj
         transformer_ln_f = self.transformer.ln_f(add_8)  # [b, s, 64] float32
+        del add_8
         lm_head = self.lm_head(transformer_ln_f)  # [b, s, 128] float32
+        del transformer_ln_f
         size_9 = lm_head.size(-1)
         view_16 = lm_head.view(-1, size_9)  # [b*s, 128] float32
+        del lm_head
         view_17 = targets.view(-1)  # [b*s] int64
         cross_entropy = torch.nn.functional.cross_entropy(view_16, view_17, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction='mean', label_smoothing=0.0)  # [] float32
+        del view_16, view_17
         return {"loss": cross_entropy}

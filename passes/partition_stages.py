@@ -44,7 +44,13 @@ from torch import fx
 
 from ppcompile.context import CompileContext, Partition
 from ppcompile.errors import CompileError
-from ppcompile.memory import OPTIMIZER_STATE_FACTOR, OPTIMIZER_STEP_TEMPORARIES, held_tensors, storage_root
+from ppcompile.memory import (
+    OPTIMIZER_STATE_FACTOR,
+    OPTIMIZER_STEP_TEMPORARIES,
+    held_tensors,
+    steps_every_parameter_at_once,
+    storage_root,
+)
 
 
 @dataclass(frozen=True)
@@ -310,8 +316,8 @@ def memory_fits(gm: fx.GraphModule, ctx: CompileContext, order: list[fx.Node], b
     for i in range(n):
         working[i, i:] = 2 * torch.cummax(largest[i:], 0).values
     # On a CPU AdamW steps one parameter at a time: its temporaries are small beside the rest.
-    on_gpu = ctx.profile.name != "cpu"
-    update = exists_in_segment(n, [(sorted(set(p)), w) for p, w in stepped.values() if on_gpu])
+    at_once = steps_every_parameter_at_once(ctx.profile.name, ctx.profiled_on)
+    update = exists_in_segment(n, [(sorted(set(p)), w) for p, w in stepped.values() if at_once])
 
     def fits(k: int) -> torch.Tensor:
         return fixed + torch.maximum(act * ctx.live_microbatches[k] + working, update) <= budget

@@ -27,6 +27,7 @@ from ppcompile.memory import (
     StageMemory,
     format_bytes,
     held_tensors,
+    steps_every_parameter_at_once,
     storage_root,
 )
 from ppcompile.passes.partition_stages import assign_stages, layer_of
@@ -221,8 +222,8 @@ def stage_memory(
         default=0.0,
     )
     optimizer = ctx.config.optimizer
-    # A GPU's foreach step makes its temporaries for every parameter at once, a CPU's per parameter.
-    stepped = param_bytes if ctx.profile.name != "cpu" else max(params.values(), default=0)
+    at_once = steps_every_parameter_at_once(ctx.profile.name, ctx.profiled_on)
+    stepped = param_bytes if at_once else max(params.values(), default=0)
     return StageMemory(
         parameters=param_bytes,
         gradients=param_bytes,

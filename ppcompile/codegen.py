@@ -1,7 +1,8 @@
 """Code generation: one readable Python module per stage.
 
 The emitted ``forward`` is the stage: one line per node, each commented with its
-symbolic shape, its receives and sends listed with peers and shapes at the top. Output is
+symbolic shape, its receives and sends listed with peers and shapes at the top, and a ``del``
+after a tensor's last use, so that it is freed there as in eager PyTorch. Output is
 deterministic: the same graph gives byte-identical text.
 """
 

@@ -27,6 +27,13 @@ OPTIMIZER_STATE_FACTOR = {"sgd": 0.0, "adamw": 2.0}  # state bytes per parameter
 # SGD without momentum adds the scaled gradient in place.
 OPTIMIZER_STEP_TEMPORARIES = {"sgd": 0.0, "adamw": 1.0}  # bytes per parameter byte
 
+
+def steps_every_parameter_at_once(device_profile: str, profiled_on: str | None) -> bool:
+    """Whether the optimizer's step makes its temporaries for all parameters together (PyTorch's
+    foreach kernels, the default on a GPU) rather than one parameter at a time (on a CPU)."""
+    return device_profile != "cpu" or (profiled_on or "").startswith("cuda")
+
+
 _UNITS = {
     "b": 1,
     "kb": 1e3,

@@ -330,3 +330,19 @@ def test_predicted_peak_matches_the_allocations_of_a_step(tmp_path, ref):
     held += sum(b.numel() * b.element_size() for m in executor.stages.values() for b in m.buffers())
     measured = held + _peak_allocated(lambda: pipeline.step(microbatches))
     assert program.data["costs"]["memory"][0]["total"] == pytest.approx(measured, rel=0.05)
+
+
+def test_optimizer_step_temporaries_can_set_the_peak(tmp_path):
+    # mlp's activations are small beside its parameters: on a GPU, AdamW's foreach step computes
+    # the second moment's square root for every parameter at once, and that is the peak.
+    gpu = compile_model("models/mlp.py:mlp", CompileConfig(stages=2, device_profile="h100"))
+    cpu = compile_model("models/mlp.py:mlp", CompileConfig(stages=2))
+    for on_gpu, on_cpu in zip(gpu.ctx.memory, cpu.ctx.memory):
+        assert on_gpu.update == on_gpu.parameters  # every parameter at once
+        assert on_cpu.update < on_cpu.parameters  # one parameter at a time: the largest
+        static = on_gpu.parameters + on_gpu.gradients + on_gpu.optimizer + on_gpu.buffers + on_gpu.transfers
+        assert on_gpu.update > on_gpu.activations + on_gpu.working
+        assert on_gpu.total == pytest.approx(static + on_gpu.update)
+    write_program(tmp_path / "p", gpu.program, gpu.files)
+    report = ppcompile("report", str(tmp_path / "p")).stdout
+    assert "rank 0 peaks in the optimizer step, whose temporaries" in report

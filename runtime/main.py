@@ -178,7 +178,8 @@ def _peak_memory_line(program, rank: int, device: torch.device, args) -> str:
     predicted = program.data["costs"].get("memory")
     if predicted and not args.infer:
         optimizer = program.data["costs"].get("optimizer", "adamw")
-        line += f" (the compiler predicted {predicted[rank]['total'] / 2**30:.2f} GiB with {optimizer} state)"
+        total = sum(predicted[stage]["total"] for stage in program.stages_of_rank(rank))
+        line += f" (the compiler predicted {total / 2**30:.2f} GiB with {optimizer} state)"
     return line
 
 

@@ -179,8 +179,19 @@ def test_gpu_runs_print_their_peak_beside_the_prediction(monkeypatch, tmp_path):
 
     from ppcompile.runtime.main import _peak_memory_line
 
-    program = load_program(compile_to(tmp_path, "models/gpt.py:gpt_mini", 2, microbatches=4))
-    predicted = program.data["costs"]["memory"][1]["total"]
+    # Interleaved: rank 1 holds stages 1 and 5, and its peak is theirs together.
+    program = load_program(
+        compile_to(
+            tmp_path,
+            "models/gpt.py:gpt_mini",
+            4,
+            microbatches=4,
+            schedule="interleaved-1f1b",
+            virtual_stages=2,
+        )
+    )
+    assert program.stages_of_rank(1) == [1, 5]
+    predicted = sum(program.data["costs"]["memory"][s]["total"] for s in (1, 5))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2**30)
     line = _peak_memory_line(program, 1, torch.device("cuda:1"), SimpleNamespace(infer=False))
     assert line == (

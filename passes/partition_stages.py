@@ -47,6 +47,7 @@ from ppcompile.errors import CompileError
 from ppcompile.memory import (
     OPTIMIZER_STATE_FACTOR,
     OPTIMIZER_STEP_TEMPORARIES,
+    allocated_bytes,
     held_tensors,
     steps_every_parameter_at_once,
     storage_root,
@@ -298,8 +299,7 @@ def memory_fits(gm: fx.GraphModule, ctx: CompileContext, order: list[fx.Node], b
                 stepped.setdefault(id(t), ([], nbytes * OPTIMIZER_STEP_TEMPORARIES[optimizer]))[0].append(i)
         cost = node.meta["ppc.cost"]
         temp[i + 1] = cost.saved_temp_bytes
-        if node.meta.get("ppc.kind") == "tensor" and storage_root(by_name, node.name) is node:
-            largest[i] = max(float(node.meta.get("ppc.nbytes", 0)), cost.saved_temp_bytes)
+        largest[i] = allocated_bytes(by_name, node)
         for name in cost.saved_inputs:
             root = storage_root(by_name, name)
             if root is not None:

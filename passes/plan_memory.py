@@ -25,6 +25,7 @@ from ppcompile.memory import (
     OPTIMIZER_STATE_FACTOR,
     OPTIMIZER_STEP_TEMPORARIES,
     StageMemory,
+    allocated_bytes,
     format_bytes,
     held_tensors,
     steps_every_parameter_at_once,
@@ -211,16 +212,7 @@ def stage_memory(
             d for d in node.all_input_nodes if d.name not in own_names and d.meta.get("ppc.stage") is not None
         )
     transfers += sum(d.meta["ppc.nbytes"] * (M + (1 if d.meta["ppc.requires_grad"] else 0)) for d in received)
-    # The largest tensor one operation allocates: a value of the graph, or a leaf module's own
-    # saved temporary (attention weights inside nn.MultiheadAttention).
-    largest = max(
-        (
-            max(float(n.meta.get("ppc.nbytes", 0)), n.meta["ppc.cost"].saved_temp_bytes)
-            for n in own
-            if n.meta.get("ppc.kind") == "tensor" and storage_root(nodes, n.name, own_names) is n
-        ),
-        default=0.0,
-    )
+    largest = max((allocated_bytes(nodes, n) for n in own), default=0.0)
     optimizer = ctx.config.optimizer
     at_once = steps_every_parameter_at_once(ctx.profile.name, ctx.profiled_on)
     stepped = param_bytes if at_once else max(params.values(), default=0)

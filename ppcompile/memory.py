@@ -138,3 +138,12 @@ def storage_root(nodes: dict[str, fx.Node], name: str, own: set[str] | None = No
     while node.meta.get("ppc.view_of") and (own is None or node.name in own):
         node = nodes[node.meta["ppc.view_of"]]
     return None if node.op == "get_attr" else node
+
+
+def allocated_bytes(nodes: dict[str, fx.Node], node: fx.Node) -> float:
+    """The largest tensor ``node``'s operation allocates: its result (nothing for a view or a value
+    that is not a tensor), or a leaf module's own saved temporary (the attention weights inside
+    ``nn.MultiheadAttention``) where larger. Twice the largest of a stage is its working memory."""
+    if node.meta.get("ppc.kind") != "tensor" or storage_root(nodes, node.name) is not node:
+        return 0.0
+    return max(float(node.meta.get("ppc.nbytes", 0)), node.meta["ppc.cost"].saved_temp_bytes)

@@ -34,6 +34,7 @@ bench: install
 	$(PYTHON) bench/vs_pippy.py
 	$(PYTHON) bench/vs_pippy.py --layers 10 --d 288 --heads 4 --vocab 24576
 	$(PYTHON) bench/overhead.py
+	$(PYTHON) bench/sends.py
 
 clean:
 	rm -rf build .installed .pytest_cache .ruff_cache *.egg-info

@@ -97,7 +97,7 @@ def profile_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             f"profile: {contention.ranks} ranks busy at once compute {slowdown:.2f}x slower than one alone; "
             f"link measured between busy ranks: {contention.link_latency * 1e6:.0f} us + "
             f"{contention.link_bandwidth / 1e9:.2f} GB/s (to an idle rank {contention.idle_latency * 1e6:.0f} us); "
-            f"an isend costs its rank {contention.send_seconds * 1e6:.0f} us"
+            f"a send call costs its rank {contention.send_seconds * 1e6:.0f} us"
         )
     for node in gm.graph.nodes:
         if node.name in measured:

@@ -19,7 +19,8 @@ machine under the run's load, so they are measured under that load:
   mid-compute, and each polls its receive between small pieces of work. gloo's threads need a
   core that the computing ranks hold, so a message lands far later than between an idle pair
   (about a millisecond against a tenth on two cores); the mean, since a step pays for the
-  occasional slow message on average. The mean ``isend`` call is the sender's own time.
+  occasional slow message on average. The mean send call (the runtime's transport's) is the
+  sender's own time.
 
 Run as ``python -m ppcompile.contention WORKER-ARGS`` it is one of the K worker processes;
 :func:`measure_contention` starts them and reads their answers.
@@ -47,6 +48,7 @@ from ppcompile.errors import CompileError
 from ppcompile.runtime.executor import available_cores
 from ppcompile.runtime.heap import keep_freed_memory
 from ppcompile.runtime.spec import ModelRef
+from ppcompile.runtime.transport import DistTransport, MessageKey
 
 SMALL_MESSAGE = 4 * 1024  # bytes: latency
 LARGE_MESSAGE = 4 * 1024 * 1024  # bytes: bandwidth
@@ -64,7 +66,7 @@ class Contention:
     slowdown: float  # compute time with all of them busy over compute time alone
     link_latency: float  # mean seconds for a small message between two busy ranks
     link_bandwidth: float  # bytes/s for large messages
-    send_seconds: float = 0.0  # a rank's own time in one isend, while the peer sends to it too
+    send_seconds: float = 0.0  # a rank's own time in one send call, while the peer sends to it too
     idle_latency: float = 0.0  # mean seconds for a small message to a rank waiting for it
     cores: int = 1  # CPU cores this process may run on
     spare_core_speedup: float = 1.0  # one rank alone on every core over one alone on its own threads
@@ -228,41 +230,45 @@ def _one_way(rank: int, burst) -> dict:
 
 
 def _exchange(rank: int, burst) -> dict:
-    """Ranks 0 and 1 both busy, trading messages: the mean latency and isend call."""
+    """Ranks 0 and 1 both busy, trading messages: the mean latency and send call."""
     # The pipeline's steady state: two busy ranks trade messages (activations one way, gradients
     # the other), each with its receive posted early, sending mid-compute. gloo's threads need a
     # core that the computing ranks hold, so a message lands later than between an idle pair:
-    # each rank polls its receive between small pieces of work and notes when it landed.
+    # each rank polls its receive between small pieces of work and notes when it landed. Sends go
+    # through the runtime's own transport (its groups, its sender thread), so the send call timed
+    # is the one a stage's SEND_F and SEND_B make.
     piece = torch.randn(128, 128)
-    # As the runtime does: a group per direction, so the two directions do not share a connection.
-    world = list(range(dist.get_world_size()))
-    to_higher, to_lower = dist.new_group(world), dist.new_group(world)
+    ranks = dist.get_world_size()
+    transport = DistTransport(rank, num_stages=ranks, timeout=PROBE_TIMEOUT, device=torch.device("cpu"))
     peer = 1 - rank
-    inbound, outbound = (to_lower, to_higher) if rank == 0 else (to_higher, to_lower)
     inbox = torch.zeros(SMALL_MESSAGE // 8, dtype=torch.float64)
     outbox = torch.zeros(SMALL_MESSAGE // 8, dtype=torch.float64)
     sends, delays = [], []
-    for _ in range(MESSAGE_REPEATS):
+    for repeat in range(MESSAGE_REPEATS):
         dist.barrier()
         if rank not in (0, 1):
             burst()
             burst()
             continue
-        receive = dist.irecv(inbox, peer, group=inbound)
-        send = landed = None
+        incoming = MessageKey(repeat, rank == 0, peer, rank)
+        receive = dist.irecv(
+            inbox, peer, group=transport.group(peer, rank), tag=incoming.tag(transport.num_stages)
+        )
+        sent = landed = None
         for i in range(EXCHANGE_PIECES):
             piece @ piece
             if i == EXCHANGE_PIECES // 4:
-                outbox[0] = time.perf_counter()
-                send = dist.isend(outbox, peer, group=outbound)
-                sends.append(time.perf_counter() - outbox[0].item())
-            elif send is not None and landed is None and receive.is_completed():
+                sent = time.perf_counter()
+                outbox[0] = sent
+                transport.send(MessageKey(repeat, rank == 1, rank, peer), [outbox], peer)
+                sends.append(time.perf_counter() - sent)
+            elif sent is not None and landed is None and receive.is_completed():
                 landed = time.perf_counter()
         receive.wait()  # once: a gloo receive waited on twice never returns
         if landed is None:
             landed = time.perf_counter()
         delays.append(landed - inbox[0].item())
-        send.wait()
+        transport.finish_step()
     if rank not in (0, 1):
         return {}
     return {"send_seconds": statistics.fmean(sends), "busy_latency_seconds": statistics.fmean(delays)}

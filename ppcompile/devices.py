@@ -25,7 +25,7 @@ class DeviceProfile:
     link_latency: float  # seconds per message
     op_overhead: float  # seconds of fixed cost per operator (dispatch, kernel launch)
     memory_bytes: float  # device memory, for the default memory budget
-    send_overhead: float = 0.0  # seconds of the sender's own time per message (its isend call)
+    send_overhead: float = 0.0  # seconds of the sender's own time per message (its send call)
     idle_latency: float | None = None  # seconds per message to a rank blocked on it, if sooner
 
     def peak_flops(self, dtype: torch.dtype) -> float:

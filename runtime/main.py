@@ -74,6 +74,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="on CPU, let malloc give freed memory back to the system (smaller resident memory, slower "
         "steps); by default freed blocks are kept for reuse, see ppcompile.runtime.heap",
     )
+    parser.add_argument(
+        "--inline-sends",
+        action="store_true",
+        help="on CPU (gloo), make each send call on the computing thread instead of a sender thread "
+        "(slower where ranks share cores; for comparison)",
+    )
     return parser.parse_args(argv)
 
 
@@ -136,7 +142,9 @@ def train(program, rank: int, world: int, args) -> int:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=args.timeout))
     # Every rank builds the model from the same factory and seed, then keeps only its stages.
     spec = build_spec(program, args.seed)
-    transport = DistTransport(rank, program.num_stages, args.timeout, device)
+    transport = DistTransport(
+        rank, program.num_stages, args.timeout, device, send_thread=not args.inline_sends
+    )
 
     peers = sorted(_peer_ranks(program, rank))
 

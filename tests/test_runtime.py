@@ -104,6 +104,40 @@ def test_peer_failures_are_one_line_naming_what_the_rank_was_doing():
     assert transport.peer_call(lambda: 7, where) == 7
 
 
+def test_sender_thread_sends_in_order_and_raises_a_failed_send_on_the_computing_thread():
+    import torch
+
+    from ppcompile.runtime.transport import DistTransport, GlooSender, PeerError
+
+    transport = DistTransport(rank=0, num_stages=2, timeout=5, device=torch.device("cpu"))
+    sender = GlooSender(transport)
+
+    class Group:  # a gloo group as far as the sender sees it: send returns a work to wait on
+        def __init__(self):
+            self.sent = []
+
+        def send(self, tensors, peer, tag):
+            if tag == 99:
+                raise RuntimeError(
+                    "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer"
+                )
+            self.sent.append((tensors[0].item(), peer, tag))
+            return f"work{tag}"
+
+    group = Group()
+    for tag in range(20):
+        sender.put(torch.tensor(float(tag)), 1, group, tag, "sending to stage 1 on rank 1")
+    sender.drain()
+    assert group.sent == [(float(tag), 1, tag) for tag in range(20)]
+    assert [work for work, _, _ in transport.pending] == [f"work{tag}" for tag in range(20)]
+
+    sender.put(torch.tensor(0.0), 1, group, 99, "sending to stage 1 on rank 1")
+    with pytest.raises(PeerError, match="rank 0: lost the connection in sending to stage 1 on rank 1"):
+        sender.drain()
+    with pytest.raises(PeerError):  # and on the next send, too: the step cannot go on
+        sender.put(torch.tensor(0.0), 1, group, 3, "sending to stage 1 on rank 1")
+
+
 def test_pack_round_trips_every_dtype_into_tensors_that_own_their_memory():
     import torch
 

@@ -2,17 +2,30 @@
 
 Runs the program under the in-process transport beside the eager model built from the same
 factory and seed, on the same data, and compares per-micro-batch losses, the first step's
-gradients and the parameters after every optimizer step. The bar (DESIGN.md): first-step
-losses bitwise equal, everything else within ``rtol`` of the eager value (normwise: the
-largest difference over the largest eager magnitude, per tensor). A program compiled with
-``--fuse-loss`` sums its loss in another order, so its losses too are held to ``rtol``.
+gradients, and the parameters and buffers after the last optimizer step. The bar (DESIGN.md):
+first-step losses bitwise equal, everything else within ``rtol`` of the eager value (normwise:
+the largest difference over the largest eager magnitude, per tensor), integer buffers (a
+BatchNorm's step count) equal. A program compiled with ``--fuse-loss`` sums its loss in another
+order, so its losses too are held to ``rtol``.
+
+Random numbers: the ranks draw from the generator in schedule order, the eager model in
+micro-batch order, so a dropout mask on a rank is not the eager model's mask for that micro-batch.
+Both runs therefore take place with dropout switched off (p = 0, the identity), and say so. Any
+other random draw (``torch.rand``, ``bernoulli``) cannot be switched off soundly; verify notices
+it by the generator's state moving during training and names it beside a failure.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ppcompile.runtime.loader import Program
 from ppcompile.runtime.train import InProcessPipeline, batches, build_spec, make_optimizer
@@ -29,6 +42,17 @@ class TrainingComparison:
     worst_parameter: str
     rtol: float
     bitwise_losses_expected: bool = True  # False where the program fuses its loss (--fuse-loss)
+    # After the last step, worst buffer: relative for a float buffer, absolute for an integer one.
+    max_buffer_difference: float = 0.0
+    worst_buffer: str | None = None  # None: no buffers were compared
+    worst_buffer_is_integer: bool = False  # an integer buffer must be equal, not within rtol
+    random_ops_switched_off: tuple[str, ...] = ()  # dropout both runs took with p = 0, by place
+    random_ops_left_on: tuple[str, ...] = ()  # random draws both runs made, each in its own order
+
+    @property
+    def buffers_agree(self) -> bool:
+        allowed = 0.0 if self.worst_buffer_is_integer else self.rtol
+        return self.worst_buffer is None or self.max_buffer_difference <= allowed
 
     @property
     def ok(self) -> bool:
@@ -37,10 +61,22 @@ class TrainingComparison:
             and self.max_loss_difference <= self.rtol
             and self.max_gradient_difference <= self.rtol
             and self.max_parameter_difference <= self.rtol
+            and self.buffers_agree
         )
 
     def lines(self) -> list[str]:
-        return [
+        lines = []
+        if self.random_ops_switched_off:
+            lines.append(
+                f"the model draws random numbers ({'; '.join(self.random_ops_switched_off)}): compared with "
+                "them switched off on both sides, since the ranks draw in another order than eager"
+            )
+        if self.random_ops_left_on:
+            lines.append(
+                f"the model draws random numbers verify cannot switch off ({'; '.join(self.random_ops_left_on)}): "
+                "the ranks draw them in another order than eager"
+            )
+        lines += [
             f"first-step losses bitwise equal: {self.first_step_losses_equal}"
             + (
                 ""
@@ -52,6 +88,25 @@ class TrainingComparison:
             f"largest parameter difference after step {self.steps}: {self.max_parameter_difference:.2e} "
             f"({self.worst_parameter})",
         ]
+        if self.worst_buffer is not None:
+            if self.worst_buffer_is_integer and not self.buffers_agree:
+                difference, note = f"{self.max_buffer_difference:g}", ", an integer buffer: must be equal"
+            else:
+                difference, note = f"{self.max_buffer_difference:.2e}", ""
+            lines.append(
+                f"largest buffer difference after step {self.steps}: {difference} ({self.worst_buffer}{note})"
+            )
+        return lines
+
+    def verdict(self) -> str:
+        if self.ok:
+            return "OK: the compiled program trains as the eager model"
+        if self.random_ops_left_on:
+            return (
+                "FAILED: outside the bar; the difference may come from the random numbers the model draws "
+                f"({'; '.join(self.random_ops_left_on)}), which the ranks draw in another order than eager"
+            )
+        return "FAILED: outside the bar"
 
 
 # A gradient is compared relative to its own largest entry, but never to less than this share of
@@ -70,22 +125,172 @@ def relative_difference(actual: torch.Tensor, expected: torch.Tensor, floor: flo
     return diff / scale if scale > 0 else diff
 
 
-def eager_run(program: Program, steps: int, optimizer: str, lr: float, seed: int, device: str = "cpu"):
-    """(losses per step, first-step gradients, final parameters) of the single-process eager model."""
+def is_integer(t: torch.Tensor) -> bool:
+    return not (t.dtype.is_floating_point or t.dtype.is_complex)
+
+
+def buffer_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """A float buffer's :func:`relative_difference`; an integer or bool buffer's largest absolute
+    difference (a step count off by one is off, however large the count)."""
+    if actual.shape != expected.shape:
+        return float("inf")
+    if not is_integer(expected):
+        return relative_difference(actual, expected) if expected.numel() else 0.0
+    if torch.equal(actual.to(expected.dtype), expected):
+        return 0.0
+    return float((actual.long() - expected.long()).abs().max().item())
+
+
+def rng_states(device: str | torch.device) -> list[torch.Tensor]:
+    """The states of the generators a random op running on ``device`` draws from."""
+    states = [torch.get_rng_state()]
+    if torch.device(device).type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def moved(before: list[torch.Tensor], after: list[torch.Tensor]) -> bool:
+    return any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+# The dropout functions an nn.Dropout* module calls and stage code calls by name (the compiler
+# inlines a functional dropout's p, so setting modules' p to 0 would miss those).
+DROPOUT_FUNCTIONS = (
+    "dropout",
+    "dropout1d",
+    "dropout2d",
+    "dropout3d",
+    "alpha_dropout",
+    "feature_alpha_dropout",
+)
+SWITCHED_OFF_CALLS = frozenset(f"torch.nn.functional.{name}" for name in DROPOUT_FUNCTIONS)
+# Calls (by their last name) that draw from the generator in training; verify cannot make these draw
+# what the eager model draws. A method such as ``x.bernoulli_(p)`` counts too.
+RANDOM_CALLS = frozenset(
+    {
+        *DROPOUT_FUNCTIONS,
+        "feature_dropout",
+        "native_dropout",
+        "bernoulli",
+        "bernoulli_",
+        "rand",
+        "rand_like",
+        "randn",
+        "randn_like",
+        "randint",
+        "randint_like",
+        "randperm",
+        "multinomial",
+        "normal",
+        "normal_",
+        "poisson",
+        "uniform_",
+        "exponential_",
+        "geometric_",
+        "cauchy_",
+        "log_normal_",
+        "random_",
+        "rrelu",
+        "rrelu_",
+        "gumbel_softmax",
+        "fractional_max_pool2d",
+        "fractional_max_pool3d",
+    }
+)
+CALL = re.compile(r"([A-Za-z_][\w.]*)\(")
+
+
+def _with_p_zero(dropout: Callable, dropped: list[str]) -> Callable:
+    """``dropout`` with its probability 0 (it returns its input and draws nothing), noting in
+    ``dropped`` every call that would have dropped."""
+    signature = inspect.signature(dropout)
+
+    def switched_off(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        if bound.arguments["p"] > 0 and bound.arguments["training"]:
+            dropped.append(dropout.__name__)
+        bound.arguments["p"] = 0.0
+        return dropout(*bound.args, **bound.kwargs)
+
+    return switched_off
+
+
+@contextmanager
+def dropout_switched_off() -> Iterator[list[str]]:
+    """Within, every ``torch.nn.functional`` dropout runs with p = 0, for modules and stage code
+    alike; yields the list of calls that would have dropped. Restored on the way out."""
+    originals = {name: getattr(F, name) for name in DROPOUT_FUNCTIONS}
+    dropped: list[str] = []
+    try:
+        for name, dropout in originals.items():
+            setattr(F, name, _with_p_zero(dropout, dropped))
+        yield dropped
+    finally:
+        for name, dropout in originals.items():
+            setattr(F, name, dropout)
+
+
+def _first_few(places: list[str], shown: int = 3) -> str:
+    rest = len(places) - shown
+    return ", ".join(places[:shown]) + (f" and {rest} more" if rest > 0 else "")
+
+
+def random_ops(program: Program, model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the dropout verify switches off, the other random ops), each as "what in where", from the
+    model's modules and the calls in the program's stage files."""
+    switched: dict[str, list[str]] = {}  # module class or call: where
+    left: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0 and module.training:
+            switched.setdefault(type(module).__name__, []).append(name)
+        elif isinstance(module, nn.RReLU) and module.training:
+            left.setdefault(type(module).__name__, []).append(name)
+    stages_calling: dict[str, list[str]] = {}
+    for stage in program.data["stages"]:
+        code = (program.root / stage["file"]).read_text()
+        for call in dict.fromkeys(CALL.findall(code)):
+            # ``self.blocks[0].drop(x)`` calls a module, found above by its class.
+            if not call.startswith("self.") and call.rpartition(".")[2] in RANDOM_CALLS:
+                stages_calling.setdefault(call, []).append(str(stage["id"]))
+    for call, stages in stages_calling.items():
+        where = f"stage{'s' if len(stages) > 1 else ''} {', '.join(stages)}"
+        (switched if call in SWITCHED_OFF_CALLS else left)[call] = [where]
+    return (
+        tuple(f"{what} in {_first_few(where)}" for what, where in switched.items()),
+        tuple(f"{what} in {_first_few(where)}" for what, where in left.items()),
+    )
+
+
+@dataclass(frozen=True)
+class EagerTraining:
+    losses: list[list[float]]  # per step, per micro-batch
+    gradients: dict[str, torch.Tensor]  # first step
+    parameters: dict[str, torch.Tensor]  # after the last step
+    buffers: dict[str, torch.Tensor]  # after the last step
+    drew_random_numbers: bool  # the generator moved during a step
+
+
+def eager_training(
+    program: Program, steps: int, optimizer: str, lr: float, seed: int, device: str = "cpu"
+) -> EagerTraining:
+    """The single-process eager model trained for ``steps`` steps on the program's data."""
     spec = build_spec(program, seed)
     model = spec.module.to(device)  # built on the CPU, as the pipeline's ranks are: the same weights
     opt = make_optimizer(optimizer, list(model.parameters()), lr)
     names = [i["name"] for i in program.data["inputs"]]
     data = batches(program, spec, seed)
-    losses, grads = [], {}
+    losses, grads, drew = [], {}, False
     for step in range(steps):
         microbatches = next(data)
         opt.zero_grad(set_to_none=True)
         step_losses = []
+        before = rng_states(device)
         for mb in microbatches:
             loss = model(*(mb[n].to(device) for n in names))
             (loss / len(microbatches)).backward()
             step_losses.append(float(loss.detach()))
+        drew |= moved(before, rng_states(device))
         if step == 0:
             grads = {
                 n: p.grad.cpu().clone()
@@ -95,7 +300,14 @@ def eager_run(program: Program, steps: int, optimizer: str, lr: float, seed: int
         opt.step()
         losses.append(step_losses)
     params = {n: p.detach().cpu().clone() for n, p in model.named_parameters(remove_duplicate=False)}
-    return losses, grads, params
+    buffers = {n: b.detach().cpu().clone() for n, b in model.named_buffers(remove_duplicate=False)}
+    return EagerTraining(losses, grads, params, buffers, drew)
+
+
+def eager_run(program: Program, steps: int, optimizer: str, lr: float, seed: int, device: str = "cpu"):
+    """(losses per step, first-step gradients, final parameters) of the single-process eager model."""
+    eager = eager_training(program, steps, optimizer, lr, seed, device)
+    return eager.losses, eager.gradients, eager.parameters
 
 
 def compare(
@@ -105,7 +317,11 @@ def compare(
     reference: tuple,
     rtol: float = 1e-5,
     bitwise_losses_expected: bool = True,
+    buffers: dict[str, dict[int, torch.Tensor]] | None = None,
+    reference_buffers: dict[str, torch.Tensor] | None = None,
 ) -> TrainingComparison:
+    """``buffers``: every buffer the ranks hold, by name then rank (a buffer two ranks read has a copy
+    on each, and each must match), against ``reference_buffers``, the eager model's by name."""
     ref_losses, ref_grads, ref_params = reference
     loss_diff = max(
         abs(a - b) / max(abs(b), 1e-30) for got, want in zip(losses, ref_losses) for a, b in zip(got, want)
@@ -118,6 +334,9 @@ def compare(
     param_diffs = {n: relative_difference(p, ref_params[n]) for n, p in params.items()}
     worst_grad = max(grad_diffs, key=grad_diffs.get)
     worst_param = max(param_diffs, key=param_diffs.get)
+    buffer_fields = {}
+    if buffers and reference_buffers is not None:
+        buffer_fields = _worst_buffer(buffers, reference_buffers, rtol)
     return TrainingComparison(
         steps=len(losses),
         first_step_losses_equal=losses[0] == ref_losses[0],
@@ -128,7 +347,25 @@ def compare(
         worst_parameter=worst_param,
         rtol=rtol,
         bitwise_losses_expected=bitwise_losses_expected,
+        **buffer_fields,
     )
+
+
+def _worst_buffer(
+    buffers: dict[str, dict[int, torch.Tensor]], reference: dict[str, torch.Tensor], rtol: float
+) -> dict:
+    """The TrainingComparison fields of the worst buffer copy: one outside the bar before any inside."""
+    worst = None
+    for name, copies in buffers.items():
+        expected = reference[name]
+        for rank, actual in copies.items():
+            difference = buffer_difference(actual, expected)
+            outside = difference > (0.0 if is_integer(expected) else rtol)
+            label = name if len(copies) == 1 else f"{name} on rank {rank}"
+            if worst is None or (outside, difference) > worst[0]:
+                worst = ((outside, difference), label, is_integer(expected))
+    (_, difference), label, integer = worst
+    return {"max_buffer_difference": difference, "worst_buffer": label, "worst_buffer_is_integer": integer}
 
 
 def verify_in_process(
@@ -141,14 +378,42 @@ def verify_in_process(
     device: str = "cpu",
 ) -> TrainingComparison:
     """Train ``program`` for ``steps`` steps on the in-process transport, every rank on ``device``,
-    and compare it with the eager model trained there too (see :func:`compare`)."""
-    pipeline = InProcessPipeline(program, seed=seed, optimizer=optimizer, lr=lr, device=device)
-    data = batches(program, pipeline.spec, seed)
-    losses, grads = [], {}
-    for step in range(steps):
-        losses.append(pipeline.step(next(data)))
-        if step == 0:
-            grads = {n: g.cpu().clone() for n, g in pipeline.named_gradients().items() if g is not None}
-    params = {n: p.detach().cpu().clone() for n, p in pipeline.named_parameters().items()}
-    reference = eager_run(program, steps, optimizer, lr, seed, device)
-    return compare(losses, grads, params, reference, rtol, not program.data.get("fused_losses"))
+    and compare it with the eager model trained there too (see :func:`compare`), both with dropout
+    switched off (see the module's docstring)."""
+    with dropout_switched_off() as dropped:
+        pipeline = InProcessPipeline(program, seed=seed, optimizer=optimizer, lr=lr, device=device)
+        data = batches(program, pipeline.spec, seed)
+        losses, grads, drew = [], {}, False
+        for step in range(steps):
+            microbatches = next(data)
+            before = rng_states(device)
+            losses.append(pipeline.step(microbatches))
+            drew |= moved(before, rng_states(device))
+            if step == 0:
+                grads = {n: g.cpu().clone() for n, g in pipeline.named_gradients().items() if g is not None}
+        params = {n: p.detach().cpu().clone() for n, p in pipeline.named_parameters().items()}
+        buffers = {
+            n: {rank: b.detach().cpu().clone() for rank, b in copies.items()}
+            for n, copies in pipeline.named_buffers().items()
+        }
+        eager = eager_training(program, steps, optimizer, lr, seed, device)
+    result = compare(
+        losses,
+        grads,
+        params,
+        (eager.losses, eager.gradients, eager.parameters),
+        rtol,
+        not program.data.get("fused_losses"),
+        buffers,
+        eager.buffers,
+    )
+    switched_off, left_on = random_ops(program, pipeline.spec.module)
+    return replace(
+        result,
+        random_ops_switched_off=(switched_off or ("dropout called where verify cannot place it",))
+        if dropped
+        else (),
+        random_ops_left_on=(left_on or ("an op verify cannot name",))
+        if drew or eager.drew_random_numbers
+        else (),
+    )

@@ -288,9 +288,7 @@ def verify(program_dir, steps, optimizer, lr, seed, rtol, device):
     )
     for line in result.lines():
         click.echo(line)
-    click.echo(
-        "OK: the compiled program trains as the eager model" if result.ok else "FAILED: outside the bar"
-    )
+    click.echo(result.verdict())
     sys.exit(0 if result.ok else 1)
 
 

@@ -207,3 +207,13 @@ class InProcessPipeline:
 
     def named_parameters(self) -> dict[str, torch.Tensor]:
         return {n: p for e in self.executors for m in e.stages.values() for n, p in m.named_parameters()}
+
+    def named_buffers(self) -> dict[str, dict[int, torch.Tensor]]:
+        """Every buffer the ranks hold, under the model's name, then by rank: a buffer that stages on
+        two ranks read (a causal mask) has a copy on each."""
+        held: dict[str, dict[int, torch.Tensor]] = {}
+        for e in self.executors:
+            for m in e.stages.values():
+                for n, b in m.named_buffers():
+                    held.setdefault(n, {})[e.rank] = b
+        return held

@@ -1,0 +1,138 @@
+"""``ppcompile verify`` compares buffers, and switches dropout off on both sides, saying so."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ppcompile.check_training import dropout_switched_off, eager_training, verify_in_process
+from ppcompile.runtime.loader import load_program
+from ppcompile.runtime.train import InProcessPipeline
+from tests.helpers import build_model, compile_to, ppcompile
+
+BATCHNORM = "tests/fixtures/verify_batchnorm.py:model"
+DROPOUT = "tests/fixtures/verify_dropout.py:model"
+NOISY = "tests/fixtures/verify_dropout.py:noisy"
+STEPS, MICROBATCHES = 2, 4
+
+
+@pytest.fixture(scope="module")
+def batchnorm_program(tmp_path_factory):
+    return compile_to(tmp_path_factory.mktemp("bn"), BATCHNORM, 2, microbatches=MICROBATCHES)
+
+
+def test_every_batchnorm_buffer_is_compared_with_eager(batchnorm_program):
+    program = load_program(batchnorm_program)
+    result = verify_in_process(program, steps=STEPS, lr=0.05)
+    assert result.ok, "\n".join(result.lines())
+    # The same operations in the same order per micro-batch: the running statistics match bitwise.
+    assert result.max_buffer_difference == 0.0 and result.worst_buffer is not None
+    assert f"largest buffer difference after step {STEPS}: 0.00e+00 ({result.worst_buffer})" in result.lines()
+    # The ranks hold every buffer of the eager model between them, each one rank's only.
+    eager = eager_training(program, STEPS, "sgd", 0.05, 0)
+    held = InProcessPipeline(program).named_buffers()
+    assert set(held) == set(eager.buffers) and all(len(copies) == 1 for copies in held.values())
+    assert {r for copies in held.values() for r in copies} == {0, 1}
+    # Each micro-batch's forward counted once: the check is not comparing untouched buffers.
+    assert eager.buffers["blocks.3.bn.num_batches_tracked"].item() == STEPS * MICROBATCHES
+
+
+def _corrupt_after_step(monkeypatch, name: str, change):
+    """Every pipeline step then changes the buffer ``name`` on whichever rank holds it."""
+    step = InProcessPipeline.step
+
+    def corrupted_step(self, *args, **kwargs):
+        losses = step(self, *args, **kwargs)
+        for buffer in self.named_buffers()[name].values():
+            change(buffer)
+        return losses
+
+    monkeypatch.setattr(InProcessPipeline, "step", corrupted_step)
+
+
+@pytest.mark.parametrize(
+    "name,change,line",
+    [
+        # A 1e-4 relative error in a running variance: ten times the bar.
+        (
+            "blocks.2.bn.running_var",
+            lambda b: b.mul_(1 + 1e-4),
+            "(blocks.2.bn.running_var)",
+        ),
+        # One forward counted twice, as a recomputed BatchNorm would.
+        (
+            "blocks.0.bn.num_batches_tracked",
+            lambda b: b.add_(1),
+            ": 2 (blocks.0.bn.num_batches_tracked, an integer buffer: must be equal)",
+        ),
+    ],
+)
+def test_a_buffer_that_drifts_from_eager_fails_verify(batchnorm_program, monkeypatch, name, change, line):
+    _corrupt_after_step(monkeypatch, name, change)
+    result = verify_in_process(load_program(batchnorm_program), steps=STEPS, lr=0.05)
+    assert not result.ok and not result.buffers_agree
+    assert result.worst_buffer == name
+    # Parameters do not read the running statistics in training: only the buffer line shows it.
+    assert result.max_parameter_difference <= result.rtol
+    assert (
+        result.lines()[-1].startswith(f"largest buffer difference after step {STEPS}")
+        and line in result.lines()[-1]
+    )
+    assert result.verdict() == "FAILED: outside the bar"
+
+
+def test_cli_prints_the_buffer_line_and_no_random_note_without_dropout(batchnorm_program):
+    result = ppcompile("verify", batchnorm_program, "--steps", STEPS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("first-step losses bitwise equal: True")  # no note about random numbers
+    assert "random" not in result.stdout
+    assert f"largest buffer difference after step {STEPS}: 0.00e+00" in lines[-2]
+    assert lines[-1] == "OK: the compiled program trains as the eager model"
+
+
+def test_a_model_without_buffers_prints_no_buffer_line(tmp_path):
+    result = verify_in_process(load_program(compile_to(tmp_path, "models/mlp.py:mlp", 2)), steps=STEPS)
+    assert result.ok and result.worst_buffer is None
+    assert not any("buffer" in line for line in result.lines())
+
+
+def test_switched_off_dropout_is_the_identity_and_draws_nothing():
+    """Against eager PyTorch: in training mode, with dropout switched off, the model computes what it
+    computes in eval mode (where nn.Dropout and F.dropout(..., self.training) are the identity)."""
+    model, (x, y) = build_model(DROPOUT)
+    expected = model.eval()(x, y)
+    model.train()
+    original = F.dropout
+    state = torch.get_rng_state()
+    with dropout_switched_off() as dropped:
+        assert torch.equal(model(x, y), expected)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert dropped == ["dropout"] * 5  # four nn.Dropout modules and the functional one
+    assert F.dropout is original  # restored on the way out
+    assert not torch.equal(model(x, y), expected)  # and dropping again
+
+
+def test_dropout_model_verifies_with_dropout_switched_off_on_both_sides(tmp_path):
+    program_dir = compile_to(tmp_path, DROPOUT, 2, microbatches=MICROBATCHES)
+    result = ppcompile("verify", program_dir, "--steps", STEPS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == (
+        "the model draws random numbers (Dropout in blocks.0.drop, blocks.1.drop, blocks.2.drop and 1 more; "
+        "torch.nn.functional.dropout in stage 1): compared with them switched off on both sides, since the "
+        "ranks draw in another order than eager"
+    )
+    assert lines[1] == "first-step losses bitwise equal: True"
+    assert lines[-1] == "OK: the compiled program trains as the eager model"
+
+
+def test_a_random_op_verify_cannot_switch_off_is_named_beside_the_failure(tmp_path):
+    program = load_program(compile_to(tmp_path, NOISY, 2, microbatches=MICROBATCHES))
+    result = verify_in_process(program, steps=STEPS)
+    assert result.random_ops_left_on == ("torch.bernoulli in stages 0, 1",)
+    # The ranks draw the bernoulli masks in schedule order, the eager model in micro-batch order.
+    assert not result.ok and not result.first_step_losses_equal
+    assert result.verdict() == (
+        "FAILED: outside the bar; the difference may come from the random numbers the model draws "
+        "(torch.bernoulli in stages 0, 1), which the ranks draw in another order than eager"
+    )

@@ -150,7 +150,7 @@ def profile_key(gm: fx.GraphModule, ctx: CompileContext, device: torch.device) -
         torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         str(ctx.config.profile_threads),
         str(profile_concurrency(ctx.config, device)),
-        "contention-v7, kept heap",  # the cache layout, and how nodes were timed
+        "contention-v8, kept heap, sender thread",  # the cache layout, and how nodes and sends were timed
         torch.__version__,
     ]
     return hashlib.sha256("\n".join(what).encode()).hexdigest()[:24]

@@ -10,10 +10,17 @@ partitioner can then count a tensor saved by several consumers once per stage.
 Identical nodes (same operator, argument shapes and module configuration) are costed
 once: the 96 blocks of GPT-3 cost as much to estimate as one.
 
+A node that returns a tuple (``nn.LSTM``'s ``(output, (h, c))``) and keeps some of its
+outputs for backward keeps the tensors its ``getitem`` users take out: those are the graph
+values that hold them, so an output kept by the node and read by a later node counts once.
+
 Keys written on each node:
   ppc.cost     NodeCost
   ppc.view_of  the input whose storage this node's output shares (views), else None
   ppc.device_specific  whether what it saves or views differs on a real device from meta
+  ppc.writes_buffers   whether its forward updates a model buffer in place (BatchNorm's running
+                       statistics in training, ``self.steps.add_(1)``): running it twice, as
+                       recomputation in backward does, would update the buffer twice
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ppcompile.context import CompileContext
@@ -57,8 +65,10 @@ def estimate_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     device_values = run_fake_cpu(gm, ctx, ctx.symbol_values)
     cache: dict[tuple, tuple] = {}
     on_cpu = runs_on_cpu(ctx)
+    buffers = {StorageWeakRef(b.untyped_storage()) for b in gm.buffers()}
     for node in gm.graph.nodes:
         node.meta["ppc.view_of"] = None
+        node.meta["ppc.writes_buffers"] = writes_buffers(gm, node, values, buffers)
         if node.op not in ("call_function", "call_method", "call_module") or node.meta["ppc.kind"] == "other":
             node.meta["ppc.cost"] = ZERO
             continue
@@ -75,11 +85,19 @@ def estimate_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             # q, k, v = qkv.chunk(3): each item shares the storage of what was chunked.
             node.meta["ppc.view_of"], is_view = node.args[0].name, True
         saved = [input_nodes[i].name for i in saved_args if input_nodes[i].op != "get_attr"]
-        if saved_self:
+        if saved_self and node.meta["ppc.kind"] == "tuple":
+            held, unheld = _kept_items(node, values.get(node.name), saved_self)
+            saved += held
+            temp_bytes += unheld
+        elif saved_self:
             saved.append(node.name)
-        input_bytes = sum(n.meta.get("ppc.nbytes", 0) for n in input_nodes)
+        # Bytes moved count tensors only, as fit_cost_formulas counts them: a tuple is its items.
+        input_bytes = sum(
+            n.meta.get("ppc.nbytes", 0) for n in input_nodes if n.meta.get("ppc.kind") == "tensor"
+        )
+        output_bytes = node.meta.get("ppc.nbytes", 0) if node.meta["ppc.kind"] == "tensor" else 0
         # A view (transpose, split, reshape of contiguous data) moves no bytes.
-        moved = 0 if is_view else input_bytes + node.meta.get("ppc.nbytes", 0) + param_bytes
+        moved = 0 if is_view else input_bytes + output_bytes + param_bytes
         differentiable = bool(node.meta.get("ppc.requires_grad")) or node.meta["ppc.kind"] == "tuple"
         dtype = node.meta.get("ppc.dtype", torch.float32)
         profile = ctx.profile
@@ -94,6 +112,78 @@ def estimate_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             backward_time=profile.compute_time(bwd_flops, 2 * moved, dtype) if differentiable else 0.0,
         )
     return gm
+
+
+def _kept_items(node: fx.Node, value, paths: tuple) -> tuple[list[str], float]:
+    """The items of tuple ``node`` at ``paths`` (``(0,)``, ``(1, 0)``) that backward keeps: (the
+    getitem nodes that hold them, bytes of those no graph value holds)."""
+    holders = {}
+    stack = [(node, ())]
+    while stack:
+        parent, path = stack.pop()
+        for user in parent.users:
+            if user.target is operator.getitem and user.args[0] is parent and isinstance(user.args[1], int):
+                holders[(*path, user.args[1])] = user
+                stack.append((user, (*path, user.args[1])))
+    names, unheld = [], 0.0
+    for path in paths:
+        if path in holders:
+            names.append(holders[path].name)
+            continue
+        item = value
+        for index in path:
+            item = item[index]
+        unheld += item.numel() * item.element_size()
+    return names, unheld
+
+
+class _BufferWrites(TorchDispatchMode):
+    """The storages the operations run under it write: arguments their schema marks as written
+    (``Tensor(a!)``), and the running statistics batch norm updates in training, which
+    ``native_batch_norm``'s schema does not mark."""
+
+    def __init__(self):
+        super().__init__()
+        self.written: set[StorageWeakRef] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        schema = func._schema.arguments
+        given = {a.name: (args[i] if i < len(args) else kwargs.get(a.name)) for i, a in enumerate(schema)}
+        for a in schema:
+            statistic = a.name in ("running_mean", "running_var") and given.get("training") is True
+            if (a.alias_info is not None and a.alias_info.is_write) or statistic:
+                values = given[a.name] if isinstance(given[a.name], (list, tuple)) else [given[a.name]]
+                self.written.update(
+                    StorageWeakRef(v.untyped_storage()) for v in values if isinstance(v, torch.Tensor)
+                )
+        return func(*args, **kwargs)
+
+
+def writes_buffers(gm: fx.GraphModule, node: fx.Node, values: dict, buffers: set) -> bool:
+    """Whether running ``node`` writes into a model buffer (``buffers``: their storages), found by
+    running it once more on meta tensors. Only a leaf module holding buffers or a node reading one
+    (or a view of one) can."""
+    if node.op not in ("call_function", "call_method", "call_module"):
+        return False
+    module = gm.get_submodule(node.target) if node.op == "call_module" else None
+    reads = {
+        StorageWeakRef(v.untyped_storage())
+        for v in (values.get(n.name) for n in node.all_input_nodes)
+        if isinstance(v, torch.Tensor)
+    }
+    if not (reads & buffers) and not (module is not None and any(True for _ in module.buffers())):
+        return False
+    args = fx.node.map_arg(node.args, lambda n: values.get(n.name))
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: values.get(n.name))
+    recorder = _BufferWrites()
+    try:
+        with torch.device("meta"), torch.no_grad(), recorder:
+            _call(gm, node, module, args, kwargs)
+    except Exception:  # noqa: BLE001 - an op meta cannot run; a module with buffers may write them
+        return module is not None
+    owned = {StorageWeakRef(b.untyped_storage()) for b in module.buffers()} if module is not None else set()
+    return bool(recorder.written & (buffers | owned))
 
 
 def _takes_from_view_tuple(node: fx.Node) -> bool:
@@ -264,11 +354,16 @@ def storage_indices(values: list) -> dict:
 def classify_saved(saved: list[torch.Tensor], inputs: list, out, held_storages: set):
     """What autograd kept for backward, by owner: (indices of inputs kept, output kept, bytes of
     temporaries that belong to no graph value, index of the input the output is a view of or
-    None). Parameters and buffers (``held_storages``) are not activations and are left out."""
+    None). The output kept is given as the index paths of the kept tensors in it (``()`` for a
+    tensor output, ``(1, 0)`` for ``h`` of ``(output, (h, c))``), empty when none is kept.
+    Parameters and buffers (``held_storages``) are not activations and are left out."""
     input_storages = storage_indices(inputs)
-    outs = [o for o in _flatten(out) if isinstance(o, torch.Tensor)]
-    output_storages = {StorageWeakRef(o.untyped_storage()) for o in outs}
-    saved_args, saved_self, temp = set(), False, {}
+    paths = _tensor_paths(out)
+    outs = [o for _, o in paths]
+    output_storages = {}
+    for path, o in paths:
+        output_storages.setdefault(StorageWeakRef(o.untyped_storage()), path)
+    saved_args, saved_self, temp = set(), set(), {}
     for t in saved:
         ref = StorageWeakRef(t.untyped_storage())
         if ref in held_storages:
@@ -276,12 +371,19 @@ def classify_saved(saved: list[torch.Tensor], inputs: list, out, held_storages: 
         if ref in input_storages:
             saved_args.add(input_storages[ref])
         elif ref in output_storages:
-            saved_self = True
+            saved_self.add(output_storages[ref])
         else:
             temp[ref] = t.untyped_storage().nbytes()
     views = [input_storages.get(StorageWeakRef(o.untyped_storage())) for o in outs]
     view_of = views[0] if outs and None not in views and len(set(views)) == 1 else None
-    return tuple(sorted(saved_args)), saved_self, float(sum(temp.values())), view_of
+    return tuple(sorted(saved_args)), tuple(sorted(saved_self)), float(sum(temp.values())), view_of
+
+
+def _tensor_paths(value, path: tuple = ()) -> list[tuple[tuple, torch.Tensor]]:
+    """(index path, tensor) of every tensor in a (nested) tuple; ``()`` for a tensor itself."""
+    if isinstance(value, (tuple, list)):
+        return [p for i, v in enumerate(value) for p in _tensor_paths(v, (*path, i))]
+    return [(path, value)] if isinstance(value, torch.Tensor) else []
 
 
 def _call(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, args, kwargs):

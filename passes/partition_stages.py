@@ -34,6 +34,7 @@ Keys written on each node:
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Sequence
@@ -45,12 +46,14 @@ from torch import fx
 from ppcompile.context import CompileContext, Partition
 from ppcompile.errors import CompileError
 from ppcompile.memory import (
-    OPTIMIZER_STATE_FACTOR,
-    OPTIMIZER_STEP_TEMPORARIES,
-    allocated_bytes,
     held_tensors,
+    optimizer_step_bytes,
+    parameter_bytes_held,
+    receive_buffer_bytes,
+    saved_values,
+    send_buffer_bytes,
     steps_every_parameter_at_once,
-    storage_root,
+    working_bytes,
 )
 
 
@@ -179,32 +182,45 @@ def segment_costs(
     cost = prefix[None, 1:] - prefix[:-1, None]
     cost[1:, :] += send_call  # a cut before the stage: it sends its gradients back
     cost[:, : n - 1] += send_call  # a cut after it: it sends its activations on
-    # Each crossing value adds its transfer time on rectangles of (i, j); sum them with a 2-D difference array.
-    rows, cols, weights = [], [], []
-
-    def add(i0, i1, j0, j1, w):  # inclusive ranges
-        rows.extend((i0, i1 + 1, i0, i1 + 1))
-        cols.extend((j0, j0, j1 + 1, j1 + 1))
-        weights.extend((w, -w, -w, w))
-
-    for v in values:
-        previous = v.producer
-        for c in v.consumers:
-            # Enters stage [i, j] when it starts after the producer and its first use at or after i is c <= j.
-            add(previous + 1, c, c, n - 1, v.transfer_time)
-            previous = c
-        # Leaves stage [i, j] when the stage holds the producer and some use comes after j.
-        add(0, v.producer, v.producer, v.consumers[-1] - 1, v.transfer_time)
-    diff = torch.zeros((n + 1, n + 1), dtype=torch.float64)
-    if rows:
-        index = (torch.tensor(rows), torch.tensor(cols))
-        diff.index_put_(index, torch.tensor(weights, dtype=torch.float64), accumulate=True)
-    cost += torch.cumsum(torch.cumsum(diff, 0), 1)[:n, :n]
+    weights = [v.transfer_time for v in values]
+    cost += crossing_sums(n, values, weights, weights)
     cost[torch.ones(n, n, dtype=torch.bool).tril(-1)] = torch.inf
     for cut in forbidden:
         cost[cut, :] = torch.inf  # no stage may start at a forbidden cut
         cost[:, cut - 1] = torch.inf  # nor end just before it
     return cost
+
+
+def crossing_sums(
+    n: int, values: Sequence[CrossingValue], entering: Sequence[float], leaving: Sequence[float]
+) -> torch.Tensor:
+    """For every segment (i, j): the sum of ``entering[v]`` over the values that enter it (made
+    before it, used in it) and of ``leaving[v]`` over those that leave it (made in it, used after it)."""
+    rectangles = []
+    for v, enter, leave in zip(values, entering, leaving):
+        previous = v.producer
+        for c in v.consumers:
+            # Enters stage [i, j] when it starts after the producer and its first use at or after i is c <= j.
+            rectangles.append((previous + 1, c, c, n - 1, enter))
+            previous = c
+        # Leaves stage [i, j] when the stage holds the producer and some use comes after j.
+        rectangles.append((0, v.producer, v.producer, v.consumers[-1] - 1, leave))
+    return rectangle_sums(n, rectangles)
+
+
+def rectangle_sums(n: int, rectangles) -> torch.Tensor:
+    """The n x n matrix that sums ``w`` over each (i0, i1, j0, j1, w): rows i0..i1, columns j0..j1,
+    inclusive, from a 2-D difference array."""
+    rows, cols, weights = [], [], []
+    for i0, i1, j0, j1, w in rectangles:
+        rows.extend((i0, i1 + 1, i0, i1 + 1))
+        cols.extend((j0, j0, j1 + 1, j1 + 1))
+        weights.extend((w, -w, -w, w))
+    diff = torch.zeros((n + 1, n + 1), dtype=torch.float64)
+    if rows:
+        index = (torch.tensor(rows), torch.tensor(cols))
+        diff.index_put_(index, torch.tensor(weights, dtype=torch.float64), accumulate=True)
+    return torch.cumsum(torch.cumsum(diff, 0), 1)[:n, :n]
 
 
 def solve_partition(cost: torch.Tensor, K: int, fits=None) -> list[int] | None:
@@ -273,56 +289,149 @@ def exists_in_segment(n: int, items) -> torch.Tensor:
     return torch.cumsum(torch.cumsum(diff, 0), 1)[:n, :n]
 
 
+@dataclass
+class SegmentMemory:
+    """A stage's peak memory part by part, as ``ppcompile.memory.StageMemory`` counts it, for every
+    segment (i, j) of the compute order that a stage may hold."""
+
+    fixed: torch.Tensor  # parameters, gradients, optimizer state, buffers, transfer buffers
+    activations: torch.Tensor  # saved for backward, one micro-batch
+    recompute: torch.Tensor | float  # the largest recomputed region's activations
+    working: torch.Tensor
+    update: torch.Tensor  # the optimizer step's temporaries
+
+    def total(self, live_microbatches: int) -> torch.Tensor:
+        held = self.activations * live_microbatches + self.recompute + self.working
+        return self.fixed + torch.maximum(held, self.update)
+
+    def fits(self, budget: float, live_microbatches) -> dict[int, torch.Tensor]:
+        """For each number of live micro-batches, whether ``total`` is within ``budget``: the same
+        comparison, arranged so that each count costs one product and one comparison."""
+        step_fits = self.fixed + self.update <= budget
+        room = budget - self.fixed - self.recompute - self.working
+        return {live: step_fits & (self.activations * live <= room) for live in set(live_microbatches)}
+
+
 def memory_fits(gm: fx.GraphModule, ctx: CompileContext, order: list[fx.Node], budget: int):
-    """fits(k): which segments stage k can hold within ``budget`` without recomputation.
+    """fits(k): which segments stage k can hold within ``budget`` without recomputation."""
+    within = segment_memory(gm, ctx, order).fits(budget, ctx.live_microbatches)
+    return lambda k: within[ctx.live_microbatches[k]]
 
-    Parameters count with their gradients and optimizer state, once per stage that uses them;
-    a saved tensor counts once per stage that saves it, times the micro-batches stage k keeps
-    in flight; transfers count once per direction; the working tensors are twice the segment's
-    largest tensor, and on a GPU AdamW's step temporaries (a parameter's worth) replace the
-    activations where larger, as ``ppcompile.memory`` counts them."""
+
+def segment_memory(gm: fx.GraphModule, ctx: CompileContext, order: list[fx.Node]) -> SegmentMemory:
+    """Every segment's peak memory without recomputation, by ``plan_memory.stage_memory``'s rules.
+
+    Parameters and buffers count once per segment that uses them; a saved tensor's storage once
+    per segment that saves it (through views, as far as the segment holds them: a view received
+    from another stage is a storage of its own there); transfer buffers once per value entering
+    and once per value leaving. One thing a segment alone cannot know: a value sent to two later
+    stages has send buffers for each on its producer's rank, where this counts them once, so
+    plan_memory checks the cuts it is given against its own count."""
     n = len(order)
-    by_name = {node.name: node for node in gm.graph.nodes}
+    nodes = {node.name: node for node in gm.graph.nodes}
+    position = {node.name: i for i, node in enumerate(order)}
     optimizer = ctx.config.optimizer
-    per_param = 2 + OPTIMIZER_STATE_FACTOR[optimizer]
-    model = ctx.spec.module
-    static: dict[int, tuple[list[int], float]] = {}
-    stepped: dict[int, tuple[list[int], float]] = {}
-    saved: dict[str, tuple[set[int], float]] = {}
+    held: dict[int, tuple[list[int], float, float]] = {}  # id -> (users, bytes held, parameter bytes)
+    largest_parameter = torch.zeros(n, dtype=torch.float64)
     temp = torch.zeros(n + 1, dtype=torch.float64)
-    largest = torch.zeros(n, dtype=torch.float64)
+    working = torch.zeros(n, dtype=torch.float64)
+    items = []
     for i, node in enumerate(order):
-        for t, is_param in held_tensors(model, node):
+        for t, is_param in held_tensors(ctx.spec.module, node):
             nbytes = t.numel() * t.element_size()
-            static.setdefault(id(t), ([], nbytes * (per_param if is_param else 1)))[0].append(i)
+            weight = nbytes * parameter_bytes_held(optimizer) if is_param else nbytes
+            held.setdefault(id(t), ([], weight, nbytes if is_param else 0.0))[0].append(i)
             if is_param:
-                stepped.setdefault(id(t), ([], nbytes * OPTIMIZER_STEP_TEMPORARIES[optimizer]))[0].append(i)
-        cost = node.meta["ppc.cost"]
-        temp[i + 1] = cost.saved_temp_bytes
-        largest[i] = allocated_bytes(by_name, node)
-        for name in cost.saved_inputs:
-            root = storage_root(by_name, name)
-            if root is not None:
-                saved.setdefault(root.name, (set(), float(root.meta.get("ppc.nbytes", 0))))[0].add(i)
-    static_bytes = exists_in_segment(n, [(sorted(set(p)), w) for p, w in static.values()])
-    act = exists_in_segment(n, [(sorted(p), w) for p, w in saved.values()])
-    prefix = torch.cumsum(temp, 0)
-    act += prefix[None, 1:] - prefix[:-1, None]
-    _, values, _ = _problem(gm, ctx, order, weight=lambda node: node.meta["ppc.nbytes"])
-    transfers = segment_costs([0.0] * n, values, set())
-    fixed = static_bytes + transfers
-    del static_bytes, transfers
-    working = torch.zeros(n, n, dtype=torch.float64)
-    for i in range(n):
-        working[i, i:] = 2 * torch.cummax(largest[i:], 0).values
-    # On a CPU AdamW steps one parameter at a time: its temporaries are small beside the rest.
+                largest_parameter[i] = max(float(largest_parameter[i]), nbytes)
+        temp[i + 1] = node.meta["ppc.cost"].saved_temp_bytes
+        working[i] = working_bytes(nodes, node)
+        for name in saved_values(nodes, node):
+            items += storage_items(nodes, position, name, i)
+    static = exists_in_segment(n, [(sorted(set(users)), w) for users, w, _ in held.values()])
+    activations = storage_union_bytes(n, nodes, items) + span_sums(temp)
+    # The step's temporaries scale with every parameter (at once) or with the largest (one at a time).
     at_once = steps_every_parameter_at_once(ctx.profile.name, ctx.profiled_on)
-    update = exists_in_segment(n, [(sorted(set(p)), w) for p, w in stepped.values() if at_once])
+    per_byte = optimizer_step_bytes(optimizer, [1.0], at_once)
+    if at_once:
+        update = (
+            exists_in_segment(n, [(sorted(set(users)), p) for users, _, p in held.values() if p]) * per_byte
+        )
+    else:
+        update = range_max(largest_parameter) * per_byte
+    return SegmentMemory(
+        fixed=static + transfer_buffers(gm, ctx, order),
+        activations=activations,
+        recompute=0.0,
+        working=range_max(working),
+        update=update,
+    )
 
-    def fits(k: int) -> torch.Tensor:
-        return fixed + torch.maximum(act * ctx.live_microbatches[k] + working, update) <= budget
 
-    return fits
+def transfer_buffers(gm: fx.GraphModule, ctx: CompileContext, order: list[fx.Node]) -> torch.Tensor:
+    """Every segment's receive and send buffers (``ppcompile.memory``)."""
+    M = ctx.config.microbatches
+    _, values, _ = _problem(gm, ctx, order, weight=lambda node: 0.0)
+    tensors = [order[v.producer] for v in values]
+    entering = [receive_buffer_bytes(t.meta["ppc.nbytes"], t.meta["ppc.requires_grad"], M) for t in tensors]
+    leaving = [send_buffer_bytes(t.meta["ppc.nbytes"], t.meta["ppc.requires_grad"], M) for t in tensors]
+    return crossing_sums(len(order), values, entering, leaving)
+
+
+def storage_items(nodes: dict[str, fx.Node], position: dict[str, int], name: str, at: int) -> list[tuple]:
+    """Where value ``name``, kept at position ``at``, lives for a stage holding ``at``: items
+    (root, lo, hi, at) saying that a stage starting anywhere in lo..hi counts the storage of node
+    ``root`` (``storage_root`` with the stage as ``own``: the walk through views stops at the
+    first node made before the stage starts). Parameters and buffers give none."""
+    items = []
+    node, hi = nodes[name], at
+    while hi >= 0:
+        view_of = node.meta.get("ppc.view_of")
+        # A view made before the stage starts arrives as a storage of its own; the end of the
+        # chain is the storage wherever the stage starts.
+        lo = position.get(node.name, -1) + 1 if view_of else 0
+        if node.op != "get_attr" and lo <= hi:
+            items.append((node.name, lo, hi, at))
+        if not view_of:
+            break
+        hi = min(hi, position.get(node.name, -1))  # stages starting at or before it walk on
+        node = nodes[view_of]
+    return items
+
+
+def storage_union_bytes(n: int, nodes: dict[str, fx.Node], items: list[tuple]) -> torch.Tensor:
+    """For every segment (i, j): the bytes of the distinct storages the ``storage_items`` place in it.
+
+    A root counts once where any of its items has lo <= i <= hi and at <= j: for each band of
+    starts the same items cover, from the earliest ``at`` among them on."""
+    spans: dict[str, list[tuple[int, int, int]]] = {}
+    for root, lo, hi, at in items:
+        spans.setdefault(root, []).append((lo, hi, at))
+    rectangles = []
+    for root, found in spans.items():
+        nbytes = float(nodes[root].meta.get("ppc.nbytes", 0))
+        if not nbytes:
+            continue
+        bounds = sorted({lo for lo, _, _ in found} | {hi + 1 for _, hi, _ in found})
+        for first, after in itertools.pairwise(bounds):
+            covering = [at for lo, hi, at in found if lo <= first <= hi]
+            if covering:
+                rectangles.append((first, after - 1, min(covering), n - 1, nbytes))
+    return rectangle_sums(n, rectangles)
+
+
+def span_sums(values: torch.Tensor) -> torch.Tensor:
+    """For every segment (i, j): values[i + 1] + ... + values[j + 1] (``values`` has n + 1 entries, the first unused)."""
+    prefix = torch.cumsum(values, 0)
+    return prefix[None, 1:] - prefix[:-1, None]
+
+
+def range_max(values: torch.Tensor) -> torch.Tensor:
+    """For every segment (i, j): the largest of values[i..j]."""
+    n = len(values)
+    result = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        result[i, i:] = torch.cummax(values[i:], 0).values
+    return result
 
 
 def stage_times_for(cost: torch.Tensor, cuts: Sequence[int]) -> list[float]:

@@ -5,9 +5,15 @@ times the micro-batches the schedule keeps in flight on it, and transfer buffers
 (``ppcompile.memory``). With ``--memory-per-device``, a stage over the budget gets regions
 recomputed in backward (activation checkpointing, non-reentrant): its layers (``h.3``,
 ``layers.7``), cheapest recompute per byte saved first, until it fits. A recomputed region
-keeps only its inputs for backward and pays its forward time again in backward. When even
-recomputing every region does not fit, the error says which rank is short by how much and what
-would help.
+keeps only its inputs for backward and pays its forward time again in backward. A layer whose
+forward updates a buffer in place (BatchNorm's running statistics in training) is never
+recomputed: its second forward would update the buffer again.
+
+The partitioner hands over two partitions: the fastest, and the fastest that fits without
+recomputation. Each is planned, and the faster (with its recomputation) is kept; on a tie the one
+that recomputes nothing. Where neither fits even recomputing every layer it can, the partition
+is searched again with every such layer recomputed, and only when that fails too does the error
+say which rank is short by how much and what would help.
 
 Keys written on each node:
   ppc.checkpoint   name of the recomputed region the node belongs to, else None
@@ -15,23 +21,41 @@ Keys written on each node:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+import torch
 from torch import fx
 
 from ppcompile.context import CompileContext
 from ppcompile.errors import CompileError
 from ppcompile.memory import (
     OPTIMIZER_STATE_FACTOR,
-    OPTIMIZER_STEP_TEMPORARIES,
     StageMemory,
-    allocated_bytes,
     format_bytes,
     held_tensors,
+    optimizer_step_bytes,
+    receive_buffer_bytes,
+    saved_values,
+    send_buffer_bytes,
     steps_every_parameter_at_once,
     storage_root,
+    working_bytes,
+    writes_buffers,
 )
-from ppcompile.passes.partition_stages import assign_stages, layer_of
+from ppcompile.passes.partition_stages import (
+    SegmentMemory,
+    _problem,
+    assign_stages,
+    layer_of,
+    rectangle_sums,
+    segment_costs,
+    segment_memory,
+    solve_partition,
+    stage_times_for,
+    storage_items,
+    storage_union_bytes,
+)
 
 
 @dataclass(frozen=True)
@@ -41,28 +65,53 @@ class Region:
     name: str  # the layer's FQN, e.g. transformer.h.3
     stage: int
     nodes: tuple[str, ...]
-    saved_bytes: float  # activation bytes per micro-batch that recomputing it frees
+    # Activation bytes per micro-batch that recomputing it frees. A candidate: alone. In the plan:
+    # beside the regions chosen before it, so a stage's regions add up to its activations' drop.
+    saved_bytes: float
     recompute_seconds: float  # its forward time, paid again in backward
+
+
+class StageDoesNotFit(CompileError):
+    """A stage over the budget even with every layer it may recompute recomputed."""
+
+    def __init__(self, stage: int, message: str):
+        super().__init__(message)
+        self.stage = stage
+
+
+# Partitions the search under recomputation tries at most: a segment its estimate lets through
+# but the plan finds over budget is ruled out, and the search runs again.
+RECOMPUTE_SEARCHES = 16
 
 
 def plan_memory(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     partition = ctx.partition
-    try:
-        plan = _plan(gm, ctx, partition.stage_times)
-    except CompileError:
-        if partition.fitting_cuts is None:
-            raise
-        plan = None
-    if partition.fitting_cuts is not None and partition.fitting_cuts != partition.cut_positions:
-        # Cuts that fit without recomputation win when their slowest stage is no slower.
-        recomputed_bottleneck = max(plan[0]) if plan else float("inf")
-        if max(partition.fitting_times) <= recomputed_bottleneck:
-            partition.cut_positions = partition.fitting_cuts
-            partition.stage_times = list(partition.fitting_times)
-            assign_stages(gm, partition.compute_order, partition.cut_positions, ctx.num_stages)
-            plan = _plan(gm, ctx, partition.stage_times)
-    stage_times, ctx.memory, ctx.regions = plan
+    # On a tie of slowest stages the first wins: the cuts that fit without recomputation.
+    proposals = []
+    if partition.fitting_cuts is not None:
+        proposals.append((list(partition.fitting_cuts), list(partition.fitting_times)))
+    if all(cuts != partition.cut_positions for cuts, _ in proposals):
+        proposals.append((list(partition.cut_positions), list(partition.stage_times)))
+    plans, error = [], None
+    for cuts, times in proposals:
+        try:
+            plans.append((cuts, _plan_cuts(gm, ctx, cuts, times)))
+        except CompileError as e:
+            if cuts == partition.cut_positions or error is None:
+                error = e  # the fastest cuts' shortfall is the one to report
+    if not plans and ctx.config.memory_per_device is not None:
+        found = _search_under_recomputation(gm, ctx)
+        if found is not None:
+            plans.append(found)
+    if not plans:
+        raise error
+    cuts, (stage_times, memory, regions, notes) = min(plans, key=lambda p: max(p[1][0]))
+    assign_stages(gm, partition.compute_order, cuts, ctx.num_stages)
+    partition.cut_positions = cuts
     partition.stage_times = stage_times
+    ctx.memory, ctx.regions = memory, regions
+    # This pass runs again when --profile cuts again: only the kept plan's notes stay.
+    ctx.notes = [n for n in ctx.notes if not n.endswith(_BUFFER_NOTE)] + notes
     nodes = {n.name: n for n in gm.graph.nodes}
     for node in nodes.values():
         node.meta["ppc.checkpoint"] = None
@@ -72,8 +121,14 @@ def plan_memory(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     return gm
 
 
+def _plan_cuts(gm: fx.GraphModule, ctx: CompileContext, cuts: list[int], stage_times: list[float]):
+    assign_stages(gm, ctx.partition.compute_order, cuts, ctx.num_stages)
+    return _plan(gm, ctx, stage_times)
+
+
 def _plan(gm: fx.GraphModule, ctx: CompileContext, stage_times: list[float]):
-    """(stage times with recomputation, StageMemory per stage, recomputed regions) for the current stages."""
+    """(stage times with recomputation, StageMemory per stage, recomputed regions, notes for the
+    report) for the current stages; StageDoesNotFit names the first stage over the budget."""
     nodes = {n.name: n for n in gm.graph.nodes}
     K = ctx.num_stages
     compute = set(ctx.partition.compute_order)
@@ -82,25 +137,38 @@ def _plan(gm: fx.GraphModule, ctx: CompileContext, stage_times: list[float]):
         if node.name in compute:
             stage_nodes[node.meta["ppc.stage"]].append(node)
     budget = ctx.config.memory_per_device
-    times, memories, regions = list(stage_times), [], []
+    times, memories, regions, notes = list(stage_times), [], [], []
     for stage in range(K):
         own = stage_nodes[stage]
         live = ctx.live_microbatches[stage]
         chosen: list[Region] = []
         memory = stage_memory(ctx, nodes, own, live, chosen)
         if budget is not None and memory.total > budget:
+            left_out = buffer_writing_layers(own)
+            if left_out:
+                notes.append(f"{_layer_list(left_out)} on stage {stage}: {_BUFFER_NOTE}")
             for region in sorted(candidate_regions(nodes, own, stage), key=_price):
+                before = memory.activations_per_microbatch
                 chosen.append(region)
                 memory = stage_memory(ctx, nodes, own, live, chosen)
+                chosen[-1] = dataclasses.replace(
+                    region, saved_bytes=before - memory.activations_per_microbatch
+                )
                 if memory.total <= budget:
                     break
             if memory.total > budget:
-                raise CompileError(_does_not_fit(ctx, stage, memory, budget, bool(chosen)))
+                raise StageDoesNotFit(stage, _does_not_fit(stage, memory, budget, bool(chosen), left_out))
         times[stage] += sum(r.recompute_seconds for r in chosen)
         memories.append(memory)
         order = ctx.partition.compute_order
         regions.extend(sorted(chosen, key=lambda r: order.index(r.nodes[0])))
-    return times, memories, regions
+    return times, memories, regions, notes
+
+
+_BUFFER_NOTE = (
+    "not recomputed in backward, since their forward updates buffers in place "
+    "(BatchNorm's running statistics) and a second forward would update them twice"
+)
 
 
 def _price(region: Region) -> tuple[float, str]:
@@ -108,20 +176,55 @@ def _price(region: Region) -> tuple[float, str]:
     return (region.recompute_seconds / max(region.saved_bytes, 1.0), region.name)
 
 
-def _does_not_fit(ctx, stage: int, memory: StageMemory, budget: int, recomputing: bool) -> str:
+def _does_not_fit(
+    stage: int, memory: StageMemory, budget: int, recomputing: bool, left_out: list[str]
+) -> str:
     short = memory.total - budget
-    what = "even recomputing every layer in backward" if recomputing else "and it has no layer to recompute"
+    if left_out:
+        # Named, since a BatchNorm network can fit no budget by recomputation and the user should see why.
+        why = f"{_layer_list(left_out)} update buffers in forward, which a second forward would update again"
+        what = (
+            f"even recomputing in backward every layer but {_layer_list(left_out)}, which update buffers in forward"
+            if recomputing
+            else f"and no layer can be recomputed ({why})"
+        )
+    elif recomputing:
+        what = "even recomputing every layer in backward"
+    else:
+        what = "and it has no layer to recompute"
+    # Every part of the total, so that they add up to it.
+    parts = [
+        ("parameters+gradients+optimizer", memory.parameters + memory.gradients + memory.optimizer),
+        ("buffers", memory.buffers),
+        ("transfers", memory.transfers),
+    ]
+    held = memory.activations + memory.recompute + memory.working
+    if memory.update > held:
+        parts.append(("optimizer step", memory.update))
+    else:
+        parts += [
+            (
+                f"activations {format_bytes(memory.activations_per_microbatch)} x {memory.live_microbatches} =",
+                memory.activations,
+            ),
+            ("recompute", memory.recompute),
+            ("working", memory.working),
+        ]
+    listed = ", ".join(f"{name} {format_bytes(value)}" for name, value in parts if value)
     return (
         f"rank {stage} needs {format_bytes(memory.total)} but --memory-per-device is {format_bytes(budget)}, "
-        f"{what}: {format_bytes(short)} short (parameters+gradients+optimizer "
-        f"{format_bytes(memory.parameters + memory.gradients + memory.optimizer)}, activations "
-        f"{format_bytes(memory.activations)}, working {format_bytes(memory.working)}); use more --stages, more memory per device, or smaller micro-batches"
+        f"{what}: {format_bytes(short)} short ({listed}); "
+        "use more --stages, more memory per device, or smaller micro-batches"
     )
 
 
-def candidate_regions(nodes: dict[str, fx.Node], own: list[fx.Node], stage: int) -> list[Region]:
-    """Maximal runs of consecutive nodes of one layer whose recomputation frees memory."""
-    runs: list[tuple[str, list[fx.Node]]] = []
+def _layer_list(names: list[str]) -> str:
+    return ", ".join(names) if len(names) <= 3 else f"{names[0]} .. {names[-1]} ({len(names)} layers)"
+
+
+def layer_runs(own: list[fx.Node]) -> list[tuple[str, list[fx.Node]]]:
+    """Maximal runs of consecutive nodes of one layer (``h.3``), each with the layer's FQN."""
+    runs: list[tuple[str | None, list[fx.Node]]] = []
     for node in own:
         found = layer_of(node)
         key = f"{found[0]}.{found[1]}" if found else None
@@ -129,20 +232,28 @@ def candidate_regions(nodes: dict[str, fx.Node], own: list[fx.Node], stage: int)
             runs[-1][1].append(node)
         else:
             runs.append((key, [node]))
+    return [(key, run) for key, run in runs if key is not None]
+
+
+def buffer_writing_layers(own: list[fx.Node]) -> list[str]:
+    """The layers among ``own`` that may not be recomputed: they update buffers in forward."""
+    return [key for key, run in layer_runs(own) if any(writes_buffers(n) for n in run)]
+
+
+def candidate_regions(nodes: dict[str, fx.Node], own: list[fx.Node], stage: int) -> list[Region]:
+    """The layers of the stage whose recomputation frees memory: what the stage saves with the layer
+    recomputed is less than without (a layer's last output, a ReLU's, is often still kept as the
+    next layer's input). Layers that update buffers in forward are left out."""
+    base, _ = activation_bytes(nodes, own, [])
     regions = []
-    own_names = {n.name for n in own}
-    for key, run in runs:
-        if key is None:
-            continue
-        names = {n.name for n in run}
-        inside, _ = saved_values(nodes, own_names, [n for n in run], set())
-        kept = region_inputs(run, names)
-        freed = _bytes(nodes, own_names, inside) - _bytes(nodes, own_names, kept)
-        freed += sum(n.meta["ppc.cost"].saved_temp_bytes for n in run)
-        if freed <= 0:
+    for key, run in layer_runs(own):
+        if any(writes_buffers(n) for n in run):
             continue
         seconds = sum(n.meta["ppc.cost"].forward_time for n in run)
-        regions.append(Region(key, stage, tuple(n.name for n in run), float(freed), float(seconds)))
+        region = Region(key, stage, tuple(n.name for n in run), 0.0, float(seconds))
+        freed = base - activation_bytes(nodes, own, [region])[0]
+        if freed > 0:
+            regions.append(dataclasses.replace(region, saved_bytes=float(freed)))
     return regions
 
 
@@ -156,15 +267,14 @@ def region_inputs(run: list[fx.Node], names: set[str]) -> set[str]:
     return inputs
 
 
-def saved_values(nodes, own_names, run_nodes, skip: set[str]) -> tuple[set[str], float]:
+def _kept(nodes, run_nodes, skip: set[str]) -> tuple[set[str], float]:
     """Graph values the given nodes keep for backward, and the bytes of their private temporaries."""
     values, temp = set(), 0.0
     for node in run_nodes:
         if node.name in skip:
             continue
-        cost = node.meta["ppc.cost"]
-        values.update(v for v in cost.saved_inputs if nodes[v].op != "get_attr")
-        temp += cost.saved_temp_bytes
+        values.update(saved_values(nodes, node))
+        temp += node.meta["ppc.cost"].saved_temp_bytes
     return values, temp
 
 
@@ -178,12 +288,12 @@ def activation_bytes(nodes, own: list[fx.Node], regions: list[Region]) -> tuple[
     """(bytes saved for backward per micro-batch, largest region's bytes while it is recomputed)."""
     own_names = {n.name for n in own}
     recomputed = {name for r in regions for name in r.nodes}
-    values, temp = saved_values(nodes, own_names, own, recomputed)
+    values, temp = _kept(nodes, own, recomputed)
     peak_region = 0.0
     for region in regions:
         run = [nodes[n] for n in region.nodes]
         values |= region_inputs(run, set(region.nodes))
-        inside, inside_temp = saved_values(nodes, own_names, run, set())
+        inside, inside_temp = _kept(nodes, run, set())
         peak_region = max(peak_region, _bytes(nodes, own_names, inside) + inside_temp)
     return _bytes(nodes, own_names, values) + temp, peak_region
 
@@ -198,24 +308,22 @@ def stage_memory(
             (params if is_param else buffers)[id(t)] = t.numel() * t.element_size()
     param_bytes = float(sum(params.values()))
     activations, recompute = activation_bytes(nodes, own, regions)
-    # Messages: the runtime posts every receive of a step when the step starts, so a stage holds a
-    # receive buffer per micro-batch for each tensor it receives and for the gradient of each tensor
-    # it sends; what it sends is one micro-batch in flight.
+    # Messages (ppcompile.memory): per tensor sent, to each stage it goes to; per tensor received.
     M = ctx.config.microbatches
     transfers, received = 0.0, set()
     for node in own:
         if node.meta.get("ppc.kind") == "tensor":
             crosses = {u.meta.get("ppc.stage") for u in node.users} - {node.meta["ppc.stage"], None}
-            gradient_buffers = M if node.meta["ppc.requires_grad"] else 0
-            transfers += node.meta["ppc.nbytes"] * (1 + gradient_buffers) * len(crosses)
+            sent = send_buffer_bytes(node.meta["ppc.nbytes"], node.meta["ppc.requires_grad"], M)
+            transfers += sent * len(crosses)
         received.update(
             d for d in node.all_input_nodes if d.name not in own_names and d.meta.get("ppc.stage") is not None
         )
-    transfers += sum(d.meta["ppc.nbytes"] * (M + (1 if d.meta["ppc.requires_grad"] else 0)) for d in received)
-    largest = max((allocated_bytes(nodes, n) for n in own), default=0.0)
+    transfers += sum(
+        receive_buffer_bytes(d.meta["ppc.nbytes"], d.meta["ppc.requires_grad"], M) for d in received
+    )
     optimizer = ctx.config.optimizer
     at_once = steps_every_parameter_at_once(ctx.profile.name, ctx.profiled_on)
-    stepped = param_bytes if at_once else max(params.values(), default=0)
     return StageMemory(
         parameters=param_bytes,
         gradients=param_bytes,
@@ -225,6 +333,173 @@ def stage_memory(
         live_microbatches=live,
         transfers=transfers,
         recompute=recompute,
-        working=2 * largest,
-        update=float(stepped) * OPTIMIZER_STEP_TEMPORARIES[optimizer],
+        working=max((working_bytes(nodes, n) for n in own), default=0.0),
+        update=optimizer_step_bytes(optimizer, params.values(), at_once),
     )
+
+
+# The search under recomputation ------------------------------------------------------------------
+
+
+def _search_under_recomputation(gm: fx.GraphModule, ctx: CompileContext):
+    """(cuts, plan) of the fastest partition that fits with every layer it may recompute
+    recomputed (stage times counting all that recomputation), its recomputation then planned as
+    for any cuts; None when no partition fits so."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    order = [nodes[name] for name in ctx.partition.compute_order]
+    n, K = len(order), ctx.num_stages
+    cost = segment_costs(*_problem(gm, ctx, order), ctx.profile.send_overhead)
+    memory, seconds = recomputed_segment_memory(gm, ctx, order)
+    budget = ctx.config.memory_per_device
+    within = memory.fits(budget, ctx.live_microbatches)
+    del memory  # n x n matrices each: a 4,000-node graph's are 128 MB apiece
+    recomputing = cost + seconds
+    ruled_out: dict[int, list[tuple[int, int]]] = {k: [] for k in range(K)}
+
+    def fits(k: int) -> torch.Tensor:
+        allowed = within[ctx.live_microbatches[k]]
+        if ruled_out[k]:
+            allowed = allowed.clone()
+            for start, end in ruled_out[k]:
+                allowed[start, end] = False
+        return allowed
+
+    for _ in range(RECOMPUTE_SEARCHES):
+        cuts = solve_partition(recomputing, K, fits)
+        if cuts is None:
+            return None
+        try:
+            return cuts, _plan_cuts(gm, ctx, cuts, stage_times_for(cost, cuts))
+        except StageDoesNotFit as e:
+            bounds = [0, *cuts, n]
+            ruled_out[e.stage].append((bounds[e.stage], bounds[e.stage + 1] - 1))
+    return None
+
+
+def recomputed_segment_memory(
+    gm: fx.GraphModule, ctx: CompileContext, order: list[fx.Node]
+) -> tuple[SegmentMemory, torch.Tensor]:
+    """Every segment's peak memory with every layer in it recomputed that may be and frees memory,
+    and the seconds that recomputation adds to it.
+
+    A recomputed layer keeps only the values it reads from outside itself, and while it is
+    recomputed its activations are alive again. A layer cut by the segment's start is recomputed
+    from the segment's start, where that frees memory (what it made before arrives as an input);
+    one cut by the segment's end up to it, where the whole layer frees memory. Whether a layer
+    frees memory, and where the storage of what it saves lies (followed through views as far as
+    the layer), are estimates, which the plan of the cuts found then checks."""
+    nodes = {node.name: node for node in gm.graph.nodes}
+    position = {node.name: i for i, node in enumerate(order)}
+    n = len(order)
+    saved_at: dict[str, set[int]] = {}  # storage -> positions of the nodes that save it
+    for i, node in enumerate(order):
+        for name in saved_values(nodes, node):
+            root = storage_root(nodes, name)
+            if root is not None:
+                saved_at.setdefault(root.name, set()).add(i)
+    # Per layer a..b: whether recomputing it from each start s in a..b frees memory (s = a: the
+    # whole layer, which stages starting before it recompute too).
+    runs = {}
+    for _, run in layer_runs(order):
+        a, b = position[run[0].name], position[run[-1].name]
+        frees = [_recomputing_frees(nodes, order, saved_at, first, b) for first in range(a, b + 1)]
+        if any(frees):
+            runs[(a, b)] = frees
+    run_of = {i: (a, b) for a, b in runs for i in range(a, b + 1)}
+    items, rectangles, seconds = [], [], []
+    for i, node in enumerate(order):
+        cost = node.meta["ppc.cost"]
+        if i in run_of:
+            a, _ = run_of[i]
+            frees = runs[run_of[i]]
+            starts = [(0, a, frees[0])] + [(first, first, frees[first - a]) for first in range(a + 1, i + 1)]
+        else:
+            a, starts = -1, [(0, i, False)]
+        for lo, hi, recomputed in starts:  # stages starting in lo..hi
+            if not recomputed:
+                for name in saved_values(nodes, node):
+                    items += _clipped(storage_items(nodes, position, name, i), lo, hi)
+                rectangles.append((lo, hi, i, n - 1, cost.saved_temp_bytes))
+                continue
+            seconds.append((lo, hi, i, n - 1, cost.forward_time))
+            for dep in node.all_input_nodes:
+                if dep.op == "get_attr" or dep.meta.get("ppc.kind") != "tensor":
+                    continue
+                made = position.get(dep.name, -1)
+                if a <= made < i:
+                    # Made inside the layer: an input of what the stage recomputes only when the
+                    # stage starts after it, and then a storage of its own there.
+                    items += _clipped([(dep.name, made + 1, i, i)], lo, hi)
+                else:
+                    items += _clipped(storage_items(nodes, position, dep.name, i), lo, hi)
+    recompute = torch.zeros(n, n, dtype=torch.float64)
+    whole = torch.zeros(n, n, dtype=torch.float64)
+    for (a, b), frees in runs.items():
+        peaks = {
+            first: _region_peaks(nodes, position, order, first, b)
+            for first in range(a, b + 1)
+            if frees[first - a]
+        }
+        for first, found in peaks.items():
+            # Stages starting at ``first``: the layer is recomputed from there.
+            row = torch.tensor(found, dtype=torch.float64)
+            recompute[first, first : b + 1] = torch.maximum(recompute[first, first : b + 1], row)
+            recompute[first, b + 1 :] = torch.clamp(recompute[first, b + 1 :], min=float(row[-1]))
+        if frees[0]:
+            whole[a, b] = max(float(whole[a, b]), peaks[a][-1])
+            if a > 0:
+                # Stages starting before it and ending inside it: recomputed up to their end.
+                prefix = torch.tensor(peaks[a], dtype=torch.float64)
+                recompute[:a, a : b + 1] = torch.maximum(recompute[:a, a : b + 1], prefix[None, :])
+    # Layers wholly inside a segment: the largest whose start is at or after i and end at or before j.
+    whole = whole.flip(0).cummax(0).values.flip(0).cummax(1).values
+    memory = dataclasses.replace(
+        segment_memory(gm, ctx, order),
+        activations=storage_union_bytes(n, nodes, items) + rectangle_sums(n, rectangles),
+        recompute=torch.maximum(recompute, whole),
+    )
+    return memory, rectangle_sums(n, seconds)
+
+
+def _clipped(items: list[tuple], lo: int, hi: int) -> list[tuple]:
+    """``storage_items`` for stages starting in lo..hi only."""
+    return [(root, max(a, lo), min(b, hi), at) for root, a, b, at in items if max(a, lo) <= min(b, hi)]
+
+
+def _region_peaks(nodes, position, order, start: int, end: int) -> list[float]:
+    """Per j in start..end: the bytes a region of nodes start..j saves while it is recomputed,
+    storages followed through views as far as the region's start."""
+    roots, total, peaks = set(), 0.0, []
+    for i in range(start, end + 1):
+        node = order[i]
+        total += node.meta["ppc.cost"].saved_temp_bytes
+        for name in saved_values(nodes, node):
+            root = nodes[name]
+            while root.meta.get("ppc.view_of") and position.get(root.name, -1) >= start:
+                root = nodes[root.meta["ppc.view_of"]]
+            if root.op != "get_attr" and root.name not in roots:
+                roots.add(root.name)
+                total += float(root.meta.get("ppc.nbytes", 0))
+        peaks.append(total)
+    return peaks
+
+
+def _recomputing_frees(nodes, order, saved_at: dict[str, set[int]], a: int, b: int) -> bool:
+    """Whether recomputing layer positions a..b may free memory: it updates no buffer, and it keeps
+    a temporary, or saves a storage that it does not read from outside and that no node outside it
+    saves too (the next layer keeps a ReLU's output, wherever the cuts fall)."""
+    run = order[a : b + 1]
+    if any(writes_buffers(node) for node in run):
+        return False
+    if any(node.meta["ppc.cost"].saved_temp_bytes > 0 for node in run):
+        return True
+    kept = {storage_root(nodes, name) for name in region_inputs(run, {n.name for n in run})} - {None}
+    kept_names = {root.name for root in kept}
+    for node in run:
+        for name in saved_values(nodes, node):
+            root = storage_root(nodes, name)
+            if root is None or root.name in kept_names or not root.meta.get("ppc.nbytes", 0):
+                continue
+            if all(a <= i <= b for i in saved_at.get(root.name, ())):
+                return True
+    return False

@@ -13,7 +13,8 @@ Keys written on each node:
   ppc.concrete       concrete shape at the example micro-batch (tensors)
   ppc.dtype          dtype (tensors)
   ppc.requires_grad  whether autograd tracks it (tensors): a gradient must flow back
-  ppc.nbytes         bytes at the example micro-batch (tensors)
+  ppc.nbytes         bytes at the example micro-batch (tensors; for tuples, the distinct storages of
+                     the tensors inside, which the memory model counts as what the node allocates)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sympy
 import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from ppcompile.context import CompileContext
 
@@ -97,6 +99,9 @@ def propagate_shapes(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     for node in gm.graph.nodes:
         value = base_values.get(node.name)
         node.meta["ppc.kind"] = _kind(value)
+        if node.meta["ppc.kind"] == "tuple":
+            # nn.LSTM's (output, (h, c)): what it allocates, though no single tensor holds it.
+            node.meta["ppc.nbytes"] = tuple_nbytes(value)
         if not isinstance(value, torch.Tensor):
             continue
         shape = []
@@ -135,6 +140,20 @@ def _fit_dim(name, dim, size, base, scaled_runs, ctx) -> sympy.Expr:
         denominator *= base[symbol] ** exponent
     coefficient = sympy.Rational(size, denominator)
     return coefficient * expr
+
+
+def tuple_nbytes(value) -> int:
+    """Bytes of the distinct storages of the tensors inside a (nested) tuple or list."""
+    storages = {}
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (tuple, list)):
+            stack.extend(item)
+        elif isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            storages[StorageWeakRef(storage)] = storage.nbytes()
+    return sum(storages.values())
 
 
 def _kind(value) -> str:

@@ -5,15 +5,18 @@ parameter, SGD none), model buffers, activations saved for backward times the mi
 the schedule keeps in flight on that stage, transfer buffers (a receive buffer per micro-batch:
 the runtime posts a step's receives when it starts; one micro-batch of sends), when regions are
 recomputed the largest region's activations while it is being recomputed, and the working
-tensors of the operation running at the peak: twice the stage's largest tensor (in backward its
-gradient arriving and the gradient leaving; in forward an input not saved beside its output).
-The optimizer step's own temporaries replace the activations, which are freed by then, where
-they are larger.
+tensors of the operation running at the peak (``working_bytes``). The optimizer step's own
+temporaries replace the activations, which are freed by then, where they are larger.
+
+The partitioner's memory check (``passes/partition_stages.py``) counts every segment of the
+graph by the rules here, so a partition it finds fitting fits ``plan_memory``'s count too.
 """
 
 from __future__ import annotations
 
+import operator
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -22,10 +25,38 @@ from torch import fx, nn
 from ppcompile.errors import CompileError
 
 OPTIMIZER_STATE_FACTOR = {"sgd": 0.0, "adamw": 2.0}  # state bytes per parameter byte (float32 params)
-# AdamW's step divides by the square root of the second moment, which it computes into a new tensor:
-# on a GPU for every parameter at once (the foreach kernels), on a CPU one parameter at a time.
-# SGD without momentum adds the scaled gradient in place.
-OPTIMIZER_STEP_TEMPORARIES = {"sgd": 0.0, "adamw": 1.0}  # bytes per parameter byte
+
+
+def parameter_bytes_held(optimizer: str) -> float:
+    """Bytes a rank holds per byte of parameter it owns: the parameter, its gradient, the optimizer's state."""
+    return 2.0 + OPTIMIZER_STATE_FACTOR[optimizer]
+
+
+def optimizer_step_bytes(optimizer: str, parameter_bytes: Iterable[float], at_once: bool) -> float:
+    """The most the optimizer's step allocates at once beside its state, for parameters of these sizes.
+
+    AdamW divides by the square root of the second moment, which it computes into new tensors. On a
+    GPU the foreach kernels take the root of every parameter's moment at once, then work in place:
+    one copy of all parameters. On a CPU it steps one parameter at a time, and
+    ``(exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)`` holds the root and the quotient
+    together: two copies of the largest parameter. SGD without momentum adds in place."""
+    if optimizer != "adamw":
+        return 0.0
+    sizes = [float(b) for b in parameter_bytes]
+    return sum(sizes) if at_once else 2.0 * max(sizes, default=0.0)
+
+
+def send_buffer_bytes(nbytes: float, requires_grad: bool, microbatches: int) -> float:
+    """What a tensor sent to one stage holds on its producer's rank: the micro-batch being sent, and
+    a receive buffer per micro-batch for its gradient (the runtime posts a step's receives when the
+    step starts)."""
+    return nbytes * (1 + (microbatches if requires_grad else 0))
+
+
+def receive_buffer_bytes(nbytes: float, requires_grad: bool, microbatches: int) -> float:
+    """What a tensor received from another stage holds on the receiving rank: a receive buffer per
+    micro-batch, and the micro-batch of its gradient being sent back."""
+    return nbytes * (microbatches + (1 if requires_grad else 0))
 
 
 def steps_every_parameter_at_once(device_profile: str, profiled_on: str | None) -> bool:
@@ -85,7 +116,7 @@ class StageMemory:
     live_microbatches: int  # micro-batches in flight at once under the schedule
     transfers: float  # receive buffers for every micro-batch, and one micro-batch of sends
     recompute: float  # the largest recomputed region's activations, alive during its backward
-    working: float  # the operation running at the peak: its input and output, or their gradients
+    working: float  # the operation running at the peak: the largest working_bytes of the stage's nodes
     update: float  # the optimizer step's temporaries, once the step's activations are freed
 
     @property
@@ -140,10 +171,57 @@ def storage_root(nodes: dict[str, fx.Node], name: str, own: set[str] | None = No
     return None if node.op == "get_attr" else node
 
 
+def saved_values(nodes: dict[str, fx.Node], node: fx.Node) -> list[str]:
+    """The graph values ``node`` keeps for backward, parameters and buffers left out. A tuple kept
+    whole (a ``--profile`` measurement names the node itself) counts as the tensors its getitem
+    users take out of it, the values that hold them."""
+    names = []
+    for name in node.meta["ppc.cost"].saved_inputs:
+        value = nodes[name]
+        if value.op == "get_attr":
+            continue
+        names += tuple_items(value) if value.meta.get("ppc.kind") == "tuple" else [name]
+    return names
+
+
+def tuple_items(node: fx.Node) -> list[str]:
+    """The getitem nodes that take tensors out of tuple ``node``, through nested tuples."""
+    items = []
+    for user in node.users:
+        if user.target is operator.getitem and user.args[0] is node:
+            items += tuple_items(user) if user.meta.get("ppc.kind") == "tuple" else [user.name]
+    return items
+
+
+def _takes_from_tuple(node: fx.Node) -> bool:
+    source = node.args[0] if node.target is operator.getitem and node.args else None
+    return isinstance(source, fx.Node) and source.meta.get("ppc.kind") == "tuple"
+
+
 def allocated_bytes(nodes: dict[str, fx.Node], node: fx.Node) -> float:
-    """The largest tensor ``node``'s operation allocates: its result (nothing for a view or a value
-    that is not a tensor), or a leaf module's own saved temporary (the attention weights inside
-    ``nn.MultiheadAttention``) where larger. Twice the largest of a stage is its working memory."""
-    if node.meta.get("ppc.kind") != "tensor" or storage_root(nodes, node.name) is not node:
+    """The bytes ``node``'s operation allocates for its result: a tensor, or every tensor of a tuple
+    (``nn.LSTM``'s output and states). Nothing for a view, nor for an item taken out of a tuple,
+    which the tuple's node allocated."""
+    if node.meta.get("ppc.kind") not in ("tensor", "tuple") or _takes_from_tuple(node):
         return 0.0
-    return max(float(node.meta.get("ppc.nbytes", 0)), node.meta["ppc.cost"].saved_temp_bytes)
+    if storage_root(nodes, node.name) is not node:
+        return 0.0
+    return float(node.meta.get("ppc.nbytes", 0))
+
+
+def working_bytes(nodes: dict[str, fx.Node], node: fx.Node) -> float:
+    """The tensors alive while ``node`` runs beside what the stage saves for backward: its result
+    and its input (forward), or its result's gradient arriving and its input's gradient leaving
+    (backward), each about the size of its result; where the operation keeps a larger temporary
+    for backward (nn.MultiheadAttention's attention weights, nn.LSTM's workspace), its backward
+    makes scratch of about that size instead of the second. The largest over a stage's nodes is
+    its working memory. Measured on a CPU, nn.LSTM's backward peaks at its workspace plus its
+    gradients, not at two workspaces."""
+    result = allocated_bytes(nodes, node)
+    return result + max(result, float(node.meta["ppc.cost"].saved_temp_bytes))
+
+
+def writes_buffers(node: fx.Node) -> bool:
+    """Whether ``node``'s forward updates a model buffer in place (BatchNorm's running statistics
+    in training): recomputing it in backward would apply the update twice."""
+    return bool(node.meta.get("ppc.writes_buffers"))

@@ -10,6 +10,15 @@ from ppcompile.memory import format_bytes
 MB = 1e6
 
 
+def format_count(n: float) -> str:
+    """A parameter count with a unit that keeps it readable: 950, 12.29K, 67.74M, 1.30B; a nonzero
+    count never prints as zero."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
 def render_report(program: dict) -> str:
     costs = program["costs"]
     stages = costs["stages"]
@@ -21,7 +30,7 @@ def render_report(program: dict) -> str:
             s["rank"],
             f"{s['first']} .. {s['last']}",
             s["nodes"],
-            f"{s['parameters'] / 1e6:.2f}M",
+            format_count(s["parameters"]),
             f"{s['forward_flops'] / 1e9:.2f}",
             f"{s['backward_flops'] / 1e9:.2f}",
             f"{s['seconds'] * 1e3:.2f}",
@@ -143,7 +152,10 @@ def _memory_section(program: dict) -> list[str]:
         "",
     ]
     if any("working" in m for m in memory):
-        lines.append("- working: the tensors of the operation running at the peak, twice the rank's largest")
+        lines.append(
+            "- working: the tensors of the operation running at the peak beside what is saved: its result "
+            "and input, or their gradients, or the scratch of an operation that keeps a temporary"
+        )
     for stage, m in enumerate(memory):
         held = m["activations_per_microbatch"] * m["live_microbatches"] + m["recompute"] + m.get("working", 0)
         if m.get("update", 0) > held:
@@ -158,10 +170,11 @@ def _memory_section(program: dict) -> list[str]:
             by_stage.setdefault(r["stage"], []).append(r["region"])
         for stage, regions in sorted(by_stage.items()):
             extra = sum(r["recompute_seconds"] for r in recomputed if r["stage"] == stage)
+            # Each region's figure is what it freed beside those chosen before it: they add up to the drop.
             freed = sum(r["saved_bytes"] for r in recomputed if r["stage"] == stage)
             lines.append(
                 f"- recomputed in backward on stage {stage}: {', '.join(regions)} "
-                f"(frees {freed / 2**20:.1f} MiB per micro-batch, costs {extra * 1e3:.2f} ms per micro-batch)"
+                f"(frees {format_bytes(freed)} per micro-batch, costs {extra * 1e3:.2f} ms per micro-batch)"
             )
     else:
         lines.append("- nothing is recomputed in backward")

@@ -1,4 +1,5 @@
-"""The partitioner is optimal for its cost model: checked against brute force on small problems."""
+"""The partitioner is optimal for its cost model (checked against brute force on small problems), and
+its memory check counts what the memory plan counts."""
 
 import itertools
 import math
@@ -6,7 +7,20 @@ import random
 
 import pytest
 
-from ppcompile.passes.partition_stages import CrossingValue, segment_costs, solve_partition, stage_times_for
+from ppcompile.context import CompileConfig
+from ppcompile.driver import compile_model
+from ppcompile.passes import partition_stages as partition_module
+from ppcompile.passes.partition_stages import (
+    CrossingValue,
+    assign_stages,
+    compute_order,
+    memory_fits,
+    partition_stages,
+    segment_costs,
+    solve_partition,
+    stage_times_for,
+)
+from ppcompile.passes.plan_memory import candidate_regions, recomputed_segment_memory, stage_memory
 
 
 def naive_stage_cost(i, j, times, values, send_call=0.0):
@@ -66,3 +80,79 @@ def test_ties_prefer_balanced_other_stages():
     cost = segment_costs(times, [], set())
     cuts = solve_partition(cost, 4)
     assert stage_times_for(cost, cuts) == [2.0, 2.0, 2.0, 10.0]
+
+
+def _after_partitioning(monkeypatch, ref: str, config):
+    """The traced graph and context as the partitioner left them (plan_memory may move the cuts later)."""
+    from ppcompile import driver
+
+    seen = {}
+
+    def partition_and_keep(gm, ctx):
+        seen["gm"], seen["ctx"] = partition_stages(gm, ctx), ctx
+        return seen["gm"]
+
+    passes = [(name, partition_and_keep if name == "partition_stages" else p) for name, p in driver.PASSES]
+    monkeypatch.setattr(driver, "PASSES", passes)
+    driver.compile_model(ref, config)
+    return seen["gm"], seen["ctx"]
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "tests/fixtures/unseen_cnn_batchnorm.py:factory",
+        "tests/fixtures/unseen_rnn.py:lstm",
+        "tests/fixtures/zoo.py:encoder",
+        "tests/fixtures/zoo.py:resnet",
+    ],
+)
+def test_fit_check_counts_what_the_memory_plan_counts(monkeypatch, ref):
+    """The partitioner's check of which stages fit the budget counted transfer buffers once where the
+    memory plan counts one per micro-batch, and no AdamW step on a CPU: cuts it called fitting were
+    over budget in plan_memory, which then crashed. Any stage it holds must fit exactly when the
+    plan's count does (two stages, so no value is sent to two stages, which a segment cannot see)."""
+    gm, ctx = _after_partitioning(monkeypatch, ref, CompileConfig(stages=2, microbatches=4))
+    order = compute_order(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    cost = segment_costs(*partition_module._problem(gm, ctx, order))
+    legal = [c for c in range(1, len(order)) if math.isfinite(float(cost[0, c - 1] + cost[c, -1]))]
+    for cut in random.Random(0).sample(legal, min(8, len(legal))):
+        assign_stages(gm, [n.name for n in order], [cut], 2)
+        for stage, (start, end) in enumerate([(0, cut - 1), (cut, len(order) - 1)]):
+            own = [n for n in order if n.meta["ppc.stage"] == stage]
+            total = stage_memory(ctx, nodes, own, ctx.live_microbatches[stage], []).total
+            assert memory_fits(gm, ctx, order, total + 0.5)(stage)[start, end], (cut, stage)
+            assert not memory_fits(gm, ctx, order, total - 0.5)(stage)[start, end], (cut, stage)
+
+
+def test_parameter_counts_print_with_a_unit():
+    # A stage of a few thousand parameters printed as 0.00M.
+    from ppcompile.report import format_count
+
+    counts = (0, 170, 2_336, 67_740_000, 1_300_000_000)
+    assert [format_count(n) for n in counts] == ["0", "170", "2.34K", "67.74M", "1.30B"]
+    result = compile_model("tests/fixtures/unseen_cnn_batchnorm.py:factory", CompileConfig(stages=4))
+    rows = [line.split("|") for line in result.files["report.md"].splitlines() if line.startswith("|       ")]
+    stages = result.program["costs"]["stages"]
+    assert [row[5].strip() for row in rows] == [format_count(s["parameters"]) for s in stages]
+    assert all(s["parameters"] > 0 for s in stages) and "0.00M" not in result.files["report.md"]
+
+
+@pytest.mark.parametrize("ref", ["tests/fixtures/zoo.py:encoder", "models/gpt.py:gpt_mini"])
+def test_search_under_recomputation_counts_what_the_plan_counts(monkeypatch, ref):
+    """Where no cuts fit as they are, plan_memory searches cuts with every layer recomputed that
+    frees memory; its estimate of a stage is the plan's count with those layers recomputed."""
+    gm, ctx = _after_partitioning(monkeypatch, ref, CompileConfig(stages=2, microbatches=4))
+    order = compute_order(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    memory, _ = recomputed_segment_memory(gm, ctx, order)
+    cost = segment_costs(*partition_module._problem(gm, ctx, order))
+    legal = [c for c in range(1, len(order)) if math.isfinite(float(cost[0, c - 1] + cost[c, -1]))]
+    for cut in random.Random(0).sample(legal, min(8, len(legal))):
+        assign_stages(gm, [n.name for n in order], [cut], 2)
+        for stage, (start, end) in enumerate([(0, cut - 1), (cut, len(order) - 1)]):
+            own = [n for n in order if n.meta["ppc.stage"] == stage]
+            live = ctx.live_microbatches[stage]
+            planned = stage_memory(ctx, nodes, own, live, candidate_regions(nodes, own, stage))
+            assert float(memory.total(live)[start, end]) == pytest.approx(planned.total), (cut, stage)

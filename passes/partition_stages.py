@@ -71,7 +71,7 @@ def partition_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     if K < 1:
         raise CompileError(f"--stages must be at least 1, got {K}")
     order = compute_order(gm)
-    times, values, forbidden = _problem(gm, ctx, order)
+    times, values, forbidden = partition_problem(gm, ctx, order)
     legal_cuts = len(order) - 1 - len(forbidden)
     if K - 1 > legal_cuts:
         raise CompileError(
@@ -144,7 +144,7 @@ def compute_order(gm: fx.GraphModule) -> list[fx.Node]:
     return order
 
 
-def _problem(gm, ctx, order, weight=None):
+def partition_problem(gm, ctx, order, weight=None):
     """Per-position compute times, the values that may cross cuts, and the forbidden cut positions.
 
     Each crossing value weighs its link occupancy (activation forward, gradient back), or
@@ -270,23 +270,14 @@ def exists_in_segment(n: int, items) -> torch.Tensor:
     ``items`` is (sorted positions, weight) pairs: a parameter and the nodes that use it, or a
     saved tensor and the nodes that save it; each counts once per segment however often it occurs.
     """
-    rows, cols, weights = [], [], []
+    rectangles = []
     for positions, w in items:
         previous = -1
         for c in positions:
             # The first position at or after i is c: the segment holds it when j >= c.
-            rows.extend((previous + 1, c + 1))
-            cols.extend((c, c))
-            weights.extend((w, -w))
+            rectangles.append((previous + 1, c, c, n - 1, w))
             previous = c
-    diff = torch.zeros((n + 1, n + 1), dtype=torch.float64)
-    if rows:
-        diff.index_put_(
-            (torch.tensor(rows), torch.tensor(cols)),
-            torch.tensor(weights, dtype=torch.float64),
-            accumulate=True,
-        )
-    return torch.cumsum(torch.cumsum(diff, 0), 1)[:n, :n]
+    return rectangle_sums(n, rectangles)
 
 
 @dataclass
@@ -370,7 +361,7 @@ def segment_memory(gm: fx.GraphModule, ctx: CompileContext, order: list[fx.Node]
 def transfer_buffers(gm: fx.GraphModule, ctx: CompileContext, order: list[fx.Node]) -> torch.Tensor:
     """Every segment's receive and send buffers (``ppcompile.memory``)."""
     M = ctx.config.microbatches
-    _, values, _ = _problem(gm, ctx, order, weight=lambda node: 0.0)
+    _, values, _ = partition_problem(gm, ctx, order, weight=lambda node: 0.0)
     tensors = [order[v.producer] for v in values]
     entering = [receive_buffer_bytes(t.meta["ppc.nbytes"], t.meta["ppc.requires_grad"], M) for t in tensors]
     leaving = [send_buffer_bytes(t.meta["ppc.nbytes"], t.meta["ppc.requires_grad"], M) for t in tensors]

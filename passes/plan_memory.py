@@ -45,9 +45,9 @@ from ppcompile.memory import (
 )
 from ppcompile.passes.partition_stages import (
     SegmentMemory,
-    _problem,
     assign_stages,
     layer_of,
+    partition_problem,
     rectangle_sums,
     segment_costs,
     segment_memory,
@@ -348,7 +348,7 @@ def _search_under_recomputation(gm: fx.GraphModule, ctx: CompileContext):
     nodes = {n.name: n for n in gm.graph.nodes}
     order = [nodes[name] for name in ctx.partition.compute_order]
     n, K = len(order), ctx.num_stages
-    cost = segment_costs(*_problem(gm, ctx, order), ctx.profile.send_overhead)
+    cost = segment_costs(*partition_problem(gm, ctx, order), ctx.profile.send_overhead)
     memory, seconds = recomputed_segment_memory(gm, ctx, order)
     budget = ctx.config.memory_per_device
     within = memory.fits(budget, ctx.live_microbatches)

@@ -98,6 +98,17 @@ def _after_partitioning(monkeypatch, ref: str, config):
     return seen["gm"], seen["ctx"]
 
 
+def _sampled_two_stage_cuts(gm, ctx, order):
+    """Eight legal cuts into two stages, drawn with a fixed seed, each assigned in turn: per stage
+    (cut, stage, first position, last position, its nodes)."""
+    cost = segment_costs(*partition_module.partition_problem(gm, ctx, order))
+    legal = [c for c in range(1, len(order)) if math.isfinite(float(cost[0, c - 1] + cost[c, -1]))]
+    for cut in random.Random(0).sample(legal, min(8, len(legal))):
+        assign_stages(gm, [n.name for n in order], [cut], 2)
+        for stage, (start, end) in enumerate([(0, cut - 1), (cut, len(order) - 1)]):
+            yield cut, stage, start, end, [n for n in order if n.meta["ppc.stage"] == stage]
+
+
 @pytest.mark.parametrize(
     "ref",
     [
@@ -115,15 +126,10 @@ def test_fit_check_counts_what_the_memory_plan_counts(monkeypatch, ref):
     gm, ctx = _after_partitioning(monkeypatch, ref, CompileConfig(stages=2, microbatches=4))
     order = compute_order(gm)
     nodes = {n.name: n for n in gm.graph.nodes}
-    cost = segment_costs(*partition_module._problem(gm, ctx, order))
-    legal = [c for c in range(1, len(order)) if math.isfinite(float(cost[0, c - 1] + cost[c, -1]))]
-    for cut in random.Random(0).sample(legal, min(8, len(legal))):
-        assign_stages(gm, [n.name for n in order], [cut], 2)
-        for stage, (start, end) in enumerate([(0, cut - 1), (cut, len(order) - 1)]):
-            own = [n for n in order if n.meta["ppc.stage"] == stage]
-            total = stage_memory(ctx, nodes, own, ctx.live_microbatches[stage], []).total
-            assert memory_fits(gm, ctx, order, total + 0.5)(stage)[start, end], (cut, stage)
-            assert not memory_fits(gm, ctx, order, total - 0.5)(stage)[start, end], (cut, stage)
+    for cut, stage, start, end, own in _sampled_two_stage_cuts(gm, ctx, order):
+        total = stage_memory(ctx, nodes, own, ctx.live_microbatches[stage], []).total
+        assert memory_fits(gm, ctx, order, total + 0.5)(stage)[start, end], (cut, stage)
+        assert not memory_fits(gm, ctx, order, total - 0.5)(stage)[start, end], (cut, stage)
 
 
 def test_parameter_counts_print_with_a_unit():
@@ -147,12 +153,7 @@ def test_search_under_recomputation_counts_what_the_plan_counts(monkeypatch, ref
     order = compute_order(gm)
     nodes = {n.name: n for n in gm.graph.nodes}
     memory, _ = recomputed_segment_memory(gm, ctx, order)
-    cost = segment_costs(*partition_module._problem(gm, ctx, order))
-    legal = [c for c in range(1, len(order)) if math.isfinite(float(cost[0, c - 1] + cost[c, -1]))]
-    for cut in random.Random(0).sample(legal, min(8, len(legal))):
-        assign_stages(gm, [n.name for n in order], [cut], 2)
-        for stage, (start, end) in enumerate([(0, cut - 1), (cut, len(order) - 1)]):
-            own = [n for n in order if n.meta["ppc.stage"] == stage]
-            live = ctx.live_microbatches[stage]
-            planned = stage_memory(ctx, nodes, own, live, candidate_regions(nodes, own, stage))
-            assert float(memory.total(live)[start, end]) == pytest.approx(planned.total), (cut, stage)
+    for cut, stage, start, end, own in _sampled_two_stage_cuts(gm, ctx, order):
+        live = ctx.live_microbatches[stage]
+        planned = stage_memory(ctx, nodes, own, live, candidate_regions(nodes, own, stage))
+        assert float(memory.total(live)[start, end]) == pytest.approx(planned.total), (cut, stage)

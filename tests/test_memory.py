@@ -349,7 +349,10 @@ def test_predicted_peak_matches_the_allocations_of_a_step(tmp_path, ref):
     held = sum(3 * p.numel() * p.element_size() for p in executor.parameters())
     held += sum(b.numel() * b.element_size() for m in executor.stages.values() for b in m.buffers())
     measured = held + _peak_allocated(lambda: pipeline.step(microbatches))
-    assert program.data["costs"]["memory"][0]["total"] == pytest.approx(measured, rel=0.05)
+    # nn.LSTM's CPU kernels do not allocate the same from one process to the next: its step
+    # measured 466.1 KB alone and 443.6 KB after the rest of the suite, against 466.0 predicted.
+    tolerance = 0.08 if "unseen_rnn" in ref else 0.05
+    assert program.data["costs"]["memory"][0]["total"] == pytest.approx(measured, rel=tolerance)
 
 
 def test_optimizer_step_temporaries_can_set_the_peak(tmp_path):

@@ -9,7 +9,9 @@ The report prints each stage's cost as a formula, and ``--dims b=8,s=512`` re-ba
 partition for another micro-batch shape from these formulas, without tracing again.
 
 Keys written on each node:
-  ppc.cost_poly  {quantity: coefficients} over ctx.cost_basis (exact fractions)
+  ppc.cost_poly    {quantity: coefficients} over ctx.cost_basis (exact fractions)
+  ppc.nbytes_poly  coefficients of a tuple output's bytes (nn.LSTM's (output, (h, c))), whose
+                   size no single symbolic shape gives
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ppcompile.passes.estimate_costs import (
     _takes_from_view_tuple,
     runs_on_cpu,
 )
-from ppcompile.passes.propagate_shapes import run_fake_cpu, run_meta
+from ppcompile.passes.propagate_shapes import run_fake_cpu, run_meta, tuple_nbytes
 
 QUANTITIES = ("forward_flops", "backward_flops", "bytes_moved", "saved_temp_bytes")
 
@@ -46,6 +48,8 @@ def fit_cost_formulas(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule
             node.meta["ppc.cost_poly"] = {q: (Fraction(getattr(cost, q)),) for q in QUANTITIES}
         return _evaluate_at(gm, ctx)
     samples = {node.name: [] for node in gm.graph.nodes}
+    tuples = [node for node in gm.graph.nodes if node.meta.get("ppc.kind") == "tuple"]
+    tuple_samples = {node.name: [] for node in tuples}
     cache: dict = {}
     on_cpu = runs_on_cpu(ctx)
     device_specific = any(node.meta.get("ppc.device_specific") for node in gm.graph.nodes)
@@ -54,12 +58,16 @@ def fit_cost_formulas(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule
             for node in gm.graph.nodes:
                 cost = node.meta["ppc.cost"]
                 samples[node.name].append([getattr(cost, q) for q in QUANTITIES])
+            for node in tuples:
+                tuple_samples[node.name].append(node.meta["ppc.nbytes"])
             continue
         values = run_meta(gm, ctx, point)
         # A run on fake CPU tensors costs twice a meta run: only where some node needs it.
         device_values = run_fake_cpu(gm, ctx, point) if device_specific else values
         for node in gm.graph.nodes:
             samples[node.name].append(_quantities_at(gm, node, values, device_values, cache, on_cpu))
+        for node in tuples:
+            tuple_samples[node.name].append(tuple_nbytes(values[node.name]))
     inverse = _inverse([[_monomial(m, p) for m in basis] for p in points])
     for node in gm.graph.nodes:
         rows = samples[node.name]
@@ -70,6 +78,11 @@ def fit_cost_formulas(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule
                 sum(inverse[t][p] * ys[p] for p in range(len(points))) for t in range(len(basis))
             )
         node.meta["ppc.cost_poly"] = poly
+    for node in tuples:
+        ys = [Fraction(n) for n in tuple_samples[node.name]]
+        node.meta["ppc.nbytes_poly"] = tuple(
+            sum(inverse[t][p] * ys[p] for p in range(len(points))) for t in range(len(basis))
+        )
     return _evaluate_at(gm, ctx)
 
 
@@ -169,6 +182,8 @@ def _evaluate_at(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                 math.prod(int(d.subs(subs)) for d in node.meta["ppc.shape"]) * node.meta["ppc.dtype"].itemsize
             )
             node.meta["ppc.nbytes"] = nbytes
+        elif "ppc.nbytes_poly" in node.meta:
+            node.meta["ppc.nbytes"] = round(evaluate(node.meta["ppc.nbytes_poly"], ctx.cost_basis, point))
         cost = node.meta["ppc.cost"]
         if cost.forward_time == 0 and cost.backward_time == 0:
             continue

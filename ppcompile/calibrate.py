@@ -43,7 +43,7 @@ import torch
 from ppcompile.errors import CompileError
 from ppcompile.launch import torchrun_command
 from ppcompile.program import write_atomically, write_program
-from ppcompile.replay import action_jitter, measured_stage_costs, run_stage_costs
+from ppcompile.replay import action_jitter, measured_stage_costs, run_stage_costs, send_call_seconds
 from ppcompile.runtime.heap import keep_freed_memory
 from ppcompile.runtime.loader import load_program
 from ppcompile.runtime.trace import measured_trace
@@ -58,6 +58,7 @@ TIMED_STEPS = 3
 # tracing 11 steps each, and 1.06-1.08 over five tracing 59.
 TRACE_SECONDS = 4.0
 MAX_TRACED_STEPS = 60
+CALIBRATION_VERSION = "calibration-v2, send calls timed"  # in the cache key: older entries lack fields
 TORCHRUN_TIMEOUT = 600  # seconds for the traced run; a program that slow is the user's to see
 
 
@@ -157,6 +158,9 @@ def calibrate(
         # How the actions' times scattered around their means (replay.action_jitter): the
         # simulator draws from it, as ranks that wait on each other pay for the slower one.
         "jitter": around.get("jitter"),
+        # Timed under torchrun only: one send call's seconds on its rank, as the runtime makes it
+        # beside the other ranks' work; it replaces the profile's probe of the link.
+        "send_seconds": around.get("send_seconds"),
     }
 
 
@@ -192,6 +196,7 @@ def traced_stage_costs(
     other = document["otherData"]
     around = {key: other[key] for key in ("start_seconds", "reduce_seconds", "update_seconds")}
     around["jitter"] = action_jitter(document)
+    around["send_seconds"] = send_call_seconds(document)
     around["cpu"] = run_stage_costs(document, clock="cpu")
     return run_stage_costs(document), around
 
@@ -202,6 +207,7 @@ def cached_calibration(
     """:func:`calibrate`, kept in ``cache_dir`` (None: always measure) under the profile's key and
     everything that decides the stages' work: their code, the schedule, the optimizer."""
     what = [
+        CALIBRATION_VERSION,
         profile_key,
         json.dumps(sorted(files.items())),
         json.dumps(program["schedule"]),
@@ -248,6 +254,8 @@ def calibration_note(program: dict) -> str:
     if calibrated.get("start_seconds"):
         begun = ", ".join(f"{s * 1e3:.2f}" for s in calibrated["start_seconds"])
         parts.append(f"first action per rank {begun} ms into the step")
+    if calibrated.get("send_seconds") is not None:
+        parts.append(f"a send call {calibrated['send_seconds'] * 1e6:.0f} us")
     if calibrated.get("reduce_seconds") is not None:
         parts.append(f"tied all-reduce {calibrated['reduce_seconds'] * 1e3:.2f} ms")
     jitter = calibrated.get("jitter")

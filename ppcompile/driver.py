@@ -146,11 +146,15 @@ REPARTITION_FROM = [name for name, _ in PASSES].index("partition_stages")
 # Partitions timed whole at most: the first, then each one the evidence so far moves the cuts to.
 # One timing of a stage on a shared machine can be 20% off; a second and third catch that.
 MAX_TIMED_PARTITIONS = 3
+# A send call's price timed in the runtime further than this from the profile's probe (a fraction
+# of the probe's) gets the program cut again at that price.
+SEND_PRICE_TOLERANCE = 0.15
 
 
 @dataclass(frozen=True)
 class _TimedPartition:
     node_costs: dict  # node name -> the ppc.cost it was cut with
+    send_seconds: float  # the send call's price it was cut with
     calibrated: dict
     imbalance: float  # timed_imbalance of its program under that timing
 
@@ -160,8 +164,10 @@ def _calibrate(gm, ctx, schedule, lowered, program, files):
     scale the node times to match, cut again, and time the new stages; repeat while the cuts move.
 
     A node's multiple is the geometric mean of what every timing of the stage it sat in asked
-    for, so one slow timing moves the cuts less the more timings disagree with it. The program
-    kept is the partition timed best balanced (:func:`timed_imbalance`), as each timing measured it."""
+    for, so one slow timing moves the cuts less the more timings disagree with it. Under torchrun
+    the timings also price a send call as the runtime makes it (the mean over the timings), which
+    replaces the profile's probe of the link. The program kept is the partition timed best
+    balanced (:func:`timed_imbalance`), as each timing measured it."""
     config = ctx.config
 
     def timed(program, files):
@@ -177,7 +183,8 @@ def _calibrate(gm, ctx, schedule, lowered, program, files):
             shared_machine=ctx.profile_shared_machine,
         )
 
-    def cut(costs):
+    def cut(costs, send_seconds):
+        ctx.profile = dataclasses.replace(ctx.profile, send_overhead=send_seconds)
         for node in gm.graph.nodes:
             if node.name in costs:
                 node.meta["ppc.cost"] = costs[node.name]
@@ -186,19 +193,32 @@ def _calibrate(gm, ctx, schedule, lowered, program, files):
 
     profiled = {n.name: n.meta["ppc.cost"] for n in gm.graph.nodes if "ppc.cost" in n.meta}
     evidence: dict[str, list[float]] = {name: [] for name in profiled}
+    probed_send = ctx.profile.send_overhead
+    sends_timed: list[float] = []
 
     def multiple(name: str) -> float:
         return statistics.geometric_mean(evidence[name]) if evidence[name] else 1.0
 
-    calibrated = timed(program, files)
-    timed_partitions = {
-        _stage_code_key(files): _TimedPartition(profiled, calibrated, timed_imbalance(program, calibrated))
-    }
+    def send_price() -> float:
+        return statistics.fmean(sends_timed) if sends_timed else probed_send
+
+    def timed_partition(costs, program, files) -> _TimedPartition:
+        cut_with = ctx.profile.send_overhead
+        calibrated = timed(program, files)
+        if calibrated.get("send_seconds") is not None:
+            sends_timed.append(calibrated["send_seconds"])
+        return _TimedPartition(costs, cut_with, calibrated, timed_imbalance(program, calibrated))
+
+    first = timed_partition(profiled, program, files)
+    calibrated = first.calibrated
+    timed_partitions = {_stage_code_key(files): first}
+    # The first cut priced send calls by the probe; cut again where the runtime's differ from it.
+    send_moved = abs(send_price() - probed_send) > SEND_PRICE_TOLERANCE * max(probed_send, 1e-9)
     rounds = []
     while True:
         factors = whole_over_node_sums(program, calibrated)
         rounds.append(factors)
-        if len(rounds) == 1 and max(factors) <= REBALANCE_SPREAD * min(factors):
+        if len(rounds) == 1 and max(factors) <= REBALANCE_SPREAD * min(factors) and not send_moved:
             break
         if len(timed_partitions) == MAX_TIMED_PARTITIONS:
             break
@@ -214,28 +234,38 @@ def _calibrate(gm, ctx, schedule, lowered, program, files):
             )
             for name, cost in profiled.items()
         }
-        gm, lowered, program, files = cut(costs)
+        gm, lowered, program, files = cut(costs, send_price())
         key = _stage_code_key(files)
         if key in timed_partitions:
             calibrated = timed_partitions[key].calibrated
             break
-        calibrated = timed(program, files)
-        timed_partitions[key] = _TimedPartition(costs, calibrated, timed_imbalance(program, calibrated))
+        timed_partitions[key] = timed_partition(costs, program, files)
+        calibrated = timed_partitions[key].calibrated
     best_key = min(timed_partitions, key=lambda k: timed_partitions[k].imbalance)
+    best = timed_partitions[best_key]
     if best_key != _stage_code_key(files):
         # An earlier partition timed better: cut it again from the node costs it was cut with.
-        gm, lowered, program, files = cut(timed_partitions[best_key].node_costs)
+        gm, lowered, program, files = cut(best.node_costs, best.send_seconds)
         assert _stage_code_key(files) == best_key, "the same node costs cut differently"
-        calibrated = timed_partitions[best_key].calibrated
+        calibrated = best.calibrated
     if len(rounds) > 1:
         program["costs"]["notes"].append(
             f"calibrated: {len(timed_partitions)} partition(s) timed whole; their stages ran at "
             + "; ".join(", ".join(f"{f:.2f}" for f in factors) for factors in rounds)
-            + "x their node sums; node times scaled by the geometric mean of their stages' factors and cut again"
+            + "x their node sums; node times scaled by the geometric mean of their stages' factors"
+            + (
+                f", send calls priced at the {send_price() * 1e6:.0f} us the runtime took"
+                if sends_timed
+                else ""
+            )
+            + " and cut again"
             + ("" if len(timed_partitions) > 1 else " (the cuts stayed)")
             + "; kept the partition timed best balanced, slowest over mean stage (send calls included) "
-            + f"{timed_partitions[best_key].imbalance:.3f}"
+            + f"{best.imbalance:.3f}"
         )
+    # The simulator prices the kept program's send calls as the runtime made them.
+    ctx.profile = dataclasses.replace(ctx.profile, send_overhead=send_price())
+    program["costs"]["link"]["send_seconds"] = send_price()
     program["costs"]["calibrated"] = calibrated
     program["costs"]["notes"].append(calibration_note(program))
     return gm, lowered, program, files
@@ -259,8 +289,11 @@ def send_calls(program: dict) -> list[float]:
 
 def timed_imbalance(program: dict, calibrated: dict) -> float:
     """The slowest stage over the mean stage, each its forward + backward per micro-batch as
-    timed whole plus its send calls at the link's price: what the partitioner balances."""
-    send = program["costs"]["link"]["send_seconds"]
+    timed whole plus its send calls, at their price in that timing where it has one, else the
+    link's: what the partitioner balances."""
+    send = calibrated.get("send_seconds")
+    if send is None:
+        send = program["costs"]["link"]["send_seconds"]
     seconds = [
         s["forward_seconds"] + s["backward_seconds"] + calls * send
         for s, calls in zip(calibrated["stages"], send_calls(program))

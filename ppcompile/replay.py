@@ -135,6 +135,26 @@ def run_stage_costs(trace: dict, clock: str = "wall") -> dict[int, StageCosts]:
     return costs
 
 
+def send_call_seconds(trace: dict) -> float | None:
+    """The seconds a rank spent in one send call (SEND_F or SEND_B) in a run's trace: within a
+    step the mean over every rank's calls, over the steps the median, as :func:`run_stage_costs`
+    times compute. None where nothing was sent (one stage).
+
+    Example::
+
+        >>> from ppcompile.runtime.trace import trace_document, trace_event
+        >>> events = [trace_event(0, "0SEND_F0", "SEND_F", 0, 0.001), trace_event(1, "1SEND_B0", "SEND_B", 0, 0.003)]
+        >>> send_call_seconds(trace_document(events, [0, 1]))
+        0.002
+    """
+    per_step = []
+    for events in _traced_steps(trace):
+        calls = [e["dur"] / 1e6 for e in events if e.get("cat") in ("SEND_F", "SEND_B")]
+        if calls:
+            per_step.append(statistics.fmean(calls))
+    return statistics.median(per_step) if per_step else None
+
+
 def _traced_steps(trace: dict) -> list[list[dict]]:
     """A trace's action events per step: an action's n-th appearance is in step n."""
     steps: list[list[dict]] = []

@@ -1,5 +1,7 @@
 """--profile times the compiled stages whole, through the runtime, and predicts with those times."""
 
+import statistics
+
 import pytest
 
 from ppcompile import driver
@@ -77,10 +79,12 @@ class NodeSumTimings:
     profiled, so stage and node sums agree except where a test says a timing was slow, and the
     cuts do not depend on this machine's noise. Records every timing and every partition's cut.
 
-    ``slow``: timing number (from 0) -> (stage, factor) that timing's stage was slow by."""
+    ``slow``: timing number (from 0) -> (stage, factor) that timing's stage was slow by.
+    ``send_seconds``: the send call's price every timing reports, as one under torchrun does."""
 
-    def __init__(self, monkeypatch, slow: dict[int, tuple[int, float]]):
+    def __init__(self, monkeypatch, slow: dict[int, tuple[int, float]], send_seconds: float | None = None):
         self.slow = slow
+        self.send_seconds = send_seconds
         self.calls, self.cuts = [], []
         self._stage_of: dict[str, int] = {}
         self._first_profiled: dict[str, tuple[float, float]] = {}
@@ -100,6 +104,7 @@ class NodeSumTimings:
             stage, factor = self.slow[len(self.calls) - 1]
             for key in ("forward_seconds", "backward_seconds"):
                 calibrated["stages"][stage][key] *= factor
+        calibrated["send_seconds"] = self.send_seconds
         return calibrated
 
     def _build(self, gm, ctx, schedule):
@@ -259,3 +264,34 @@ def test_stage_costs_read_in_cpu_time():
     assert run_stage_costs(document, clock="cpu")[0] == StageCosts(0.5, 1.5)
     with pytest.raises(ValueError, match="use one of wall, cpu"):
         measured_stage_costs(document, clock="cycles")
+
+
+def test_send_calls_timed_in_the_runtime_reprice_the_cuts(tmp_path, monkeypatch):
+    """A middle stage sends both ways, so the partitioner gives it less to compute by one send
+    call's price. Where the runtime's timing prices the call unlike the profile's probe (here: 0
+    probed in one process, 20% of a stage timed), the program is cut again at the timed price."""
+    config = CompileConfig(
+        stages=3, microbatches=6, profile=True, profile_concurrency=1, profile_cache=str(tmp_path)
+    )
+    with monkeypatch.context() as patch:
+        NodeSumTimings(patch, slow={})
+        plain = compile_model("models/gpt.py:gpt_mini", config)
+    assert plain.program["costs"]["link"]["send_seconds"] == 0
+    mean_stage = plain.program["costs"]["total_compute_seconds"] / 3
+    timings = NodeSumTimings(monkeypatch, slow={}, send_seconds=0.2 * mean_stage)
+    priced = compile_model("models/gpt.py:gpt_mini", config)
+    assert len(timings.calls) >= 2  # the send price moved: cut again, and the new stages timed
+    assert priced.program["costs"]["link"]["send_seconds"] == pytest.approx(0.2 * mean_stage)
+    assert any("send calls priced at" in n for n in priced.program["costs"]["notes"])
+
+    def middle(result) -> float:
+        return result.program["costs"]["stages"][1]["compute_seconds"]
+
+    assert middle(priced) < middle(plain)
+    # Balanced as the partitioner counts it: compute plus each stage's send calls at that price.
+    calls = driver.send_calls(priced.program)
+    occupied = [
+        s["compute_seconds"] + c * 0.2 * mean_stage for s, c in zip(priced.program["costs"]["stages"], calls)
+    ]
+    assert calls == [1, 2, 1]
+    assert max(occupied) / statistics.fmean(occupied) < 1.1

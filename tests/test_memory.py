@@ -276,6 +276,17 @@ def test_cost_formulas_rebalance_for_another_microbatch_shape():
     assert "b*s**2" in formulas["forward_flops"]  # attention is quadratic in the sequence
 
 
+def test_cost_formulas_rescale_tuple_outputs():
+    """nn.LSTM's (output, (h, c)) has no single shape: --dims b=8 rescales its bytes from a
+    fitted formula, and the memory plan matches tracing the model at that shape."""
+    from_formulas = compile_model("tests/fixtures/unseen_rnn.py:lstm", CompileConfig(stages=2, dims={"b": 8}))
+    traced = compile_model("tests/fixtures/unseen_rnn.py:lstm_b8", CompileConfig(stages=2))
+    assert from_formulas.ctx.partition.cut_positions == traced.ctx.partition.cut_positions
+    a, b = from_formulas.program["costs"]["memory"], traced.program["costs"]["memory"]
+    for key in ("activations_per_microbatch", "transfers", "working", "total"):
+        assert [m[key] for m in a] == pytest.approx([m[key] for m in b], rel=1e-9), key
+
+
 def test_dims_must_name_known_symbols(tmp_path):
     assert_user_error(
         ppcompile("compile", "models/mlp.py:mlp", "-k", "2", "--dims", "s=4", "-o", str(tmp_path / "x")),

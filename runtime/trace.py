@@ -48,7 +48,7 @@ def shift_timings(timings: Iterable[ActionTiming], origin: float) -> list[Action
     Example::
 
         >>> shift_timings([ActionTiming("0F0", "F", 10.5, 10.75)], origin=10.0)
-        [ActionTiming(name='0F0', kind='F', start=0.5, end=0.75, threads=0)]
+        [ActionTiming(name='0F0', kind='F', start=0.5, end=0.75, threads=0, cpu=0.0)]
     """
     return [t._replace(start=t.start - origin, end=t.end - origin) for t in timings]
 

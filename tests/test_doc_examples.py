@@ -24,7 +24,9 @@ MODULES = _modules()
 
 
 def test_the_examples_cover_the_three_packages():
-    assert {"ppcompile.replay", "ppcompile.passes.partition_stages", "ppcompile.runtime.trace"} <= set(MODULES)
+    assert {"ppcompile.replay", "ppcompile.passes.partition_stages", "ppcompile.runtime.trace"} <= set(
+        MODULES
+    )
 
 
 @pytest.mark.parametrize("name", MODULES)

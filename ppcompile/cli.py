@@ -74,7 +74,7 @@ def main():
     "--profile-cache",
     default="~/.cache/ppcompile/profiles",
     show_default=True,
-    help="Where measured profiles are kept, by graph and device; 'none' to always measure.",
+    help="Where measured profiles are kept, by graph and device; 'none' (or '') to always measure.",
 )
 @click.option("--dims", help="Balance for another micro-batch shape, e.g. b=8,s=512, from the cost formulas.")
 @click.option(
@@ -130,7 +130,8 @@ def compile(
         profile_device=profile_device,
         profile_threads=profile_threads,
         profile_concurrency=profile_concurrency,
-        profile_cache=None if profile_cache.lower() == "none" else profile_cache,
+        # An empty path would mean this directory; like 'none', it keeps nothing.
+        profile_cache=None if profile_cache.strip().lower() in ("", "none") else profile_cache,
         dims=_parse_dims(dims) if dims else None,
         fuse_loss=fuse_loss,
         spare_cores=spare_cores,

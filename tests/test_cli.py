@@ -57,3 +57,25 @@ def test_unknown_schedule_and_too_few_microbatches(tmp_path):
 
 def test_report_of_a_non_program(tmp_path):
     assert_user_error(ppcompile("report", str(tmp_path)), "not a ppcompile program")
+
+
+@pytest.mark.parametrize("given", ["none", "NONE", ""])
+def test_profile_cache_none_or_empty_keeps_nothing(tmp_path, monkeypatch, given):
+    # An empty path used to mean this directory: profiles landed wherever the user stood.
+    from click.testing import CliRunner
+
+    from ppcompile import cli, driver
+    from ppcompile.errors import CompileError
+
+    seen = []
+
+    def recorded(spec, config):
+        seen.append(config.profile_cache)
+        raise CompileError("stop here")
+
+    monkeypatch.setattr(driver, "compile_model", recorded)
+    monkeypatch.chdir(tmp_path)
+    args = ["compile", "models/mlp.py:mlp", "-k", "2", "--profile", "--profile-cache", given, "-o", "out"]
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 2 and seen == [None]
+    assert list(tmp_path.iterdir()) == []

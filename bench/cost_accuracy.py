@@ -50,8 +50,7 @@ from ppcompile.driver import compile_model  # noqa: E402
 from ppcompile.launch import torchrun_command  # noqa: E402
 from ppcompile.measure import measure_stages  # noqa: E402
 from ppcompile.program import write_program  # noqa: E402
-from ppcompile.replay import CLOCKS, run_stage_costs  # noqa: E402
-from ppcompile.runtime.actions import Action  # noqa: E402
+from ppcompile.replay import CLOCKS, run_stage_costs, send_calls_by_stage  # noqa: E402
 from ppcompile.runtime.loader import load_program  # noqa: E402
 
 
@@ -73,10 +72,7 @@ def traced_stage_seconds(program_dir: Path, K: int, steps: int) -> dict[str, lis
     for clock in CLOCKS:
         costs = run_stage_costs(document, clock=clock)
         seconds[clock] = [costs[s].forward + costs[s].backward for s in sorted(costs)]
-    sends: dict[tuple[int, str], list[float]] = {}
-    for event in document["traceEvents"]:
-        if event.get("ph") == "X" and event.get("cat") in ("SEND_F", "SEND_B"):
-            sends.setdefault((Action.parse(event["name"]).stage, event["cat"]), []).append(event["dur"] / 1e6)
+    sends = send_calls_by_stage(document)
     seconds["occupied"] = [
         c + sum(statistics.fmean(sends.get((s, kind), [0.0])) for kind in ("SEND_F", "SEND_B"))
         for s, c in enumerate(seconds["wall"])

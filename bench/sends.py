@@ -34,8 +34,7 @@ from ppcompile.context import CompileConfig  # noqa: E402
 from ppcompile.driver import compile_model  # noqa: E402
 from ppcompile.launch import torchrun_command  # noqa: E402
 from ppcompile.program import write_program  # noqa: E402
-from ppcompile.replay import run_stage_costs  # noqa: E402
-from ppcompile.runtime.actions import Action  # noqa: E402
+from ppcompile.replay import run_stage_costs, send_calls_by_stage  # noqa: E402
 
 WAYS = {"sender thread": [], "inline": ["--inline-sends"]}
 
@@ -54,9 +53,8 @@ def launch(program_dir: Path, K: int, steps: int, extra: list[str]) -> dict:
     document = json.loads(trace.read_text())
     costs = run_stage_costs(document)
     calls: dict[int, list[float]] = {}
-    for event in document["traceEvents"]:
-        if event.get("ph") == "X" and event.get("cat") in ("SEND_F", "SEND_B"):
-            calls.setdefault(Action.parse(event["name"]).stage, []).append(event["dur"] / 1e3)
+    for (stage, _), seconds in send_calls_by_stage(document).items():
+        calls.setdefault(stage, []).extend(s * 1e3 for s in seconds)
     kept = torch.load(record / f"rank{K - 1}.pt")
     return {
         "step_ms": statistics.median(kept["step_seconds"][steps // 5 :]) * 1e3,

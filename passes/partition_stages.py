@@ -176,10 +176,7 @@ def segment_costs(
     """cost[i, j]: the time of a stage running positions i..j; inf where j < i or a cut is illegal.
     ``send_call``: what one message's send costs its sender, paid once per cut the stage borders."""
     n = len(times)
-    prefix = torch.cat(
-        [torch.zeros(1, dtype=torch.float64), torch.cumsum(torch.tensor(times, dtype=torch.float64), 0)]
-    )
-    cost = prefix[None, 1:] - prefix[:-1, None]
+    cost = span_sums(torch.tensor([0.0, *times], dtype=torch.float64))
     cost[1:, :] += send_call  # a cut before the stage: it sends its gradients back
     cost[:, : n - 1] += send_call  # a cut after it: it sends its activations on
     weights = [v.transfer_time for v in values]

@@ -198,8 +198,7 @@ def _does_not_fit(
         ("buffers", memory.buffers),
         ("transfers", memory.transfers),
     ]
-    held = memory.activations + memory.recompute + memory.working
-    if memory.update > held:
+    if memory.update > memory.held:
         parts.append(("optimizer step", memory.update))
     else:
         parts += [

@@ -124,9 +124,15 @@ class StageMemory:
         return self.activations_per_microbatch * self.live_microbatches
 
     @property
+    def held(self) -> float:
+        """What the step's compute holds beside the static bytes: activations, the recomputed
+        region's and the running operation's tensors."""
+        return self.activations + self.recompute + self.working
+
+    @property
     def total(self) -> float:
         static = self.parameters + self.gradients + self.optimizer + self.buffers + self.transfers
-        return static + max(self.activations + self.recompute + self.working, self.update)
+        return static + max(self.held, self.update)
 
     def as_dict(self) -> dict:
         return {

@@ -135,6 +135,22 @@ def run_stage_costs(trace: dict, clock: str = "wall") -> dict[int, StageCosts]:
     return costs
 
 
+def send_calls_by_stage(trace: dict) -> dict[tuple[int, str], list[float]]:
+    """Every send call's seconds in a run's trace, by (stage, ``SEND_F`` or ``SEND_B``).
+
+    Example::
+
+        >>> from ppcompile.runtime.trace import trace_document, trace_event
+        >>> send_calls_by_stage(trace_document([trace_event(1, "1SEND_B0", "SEND_B", 0, 0.003)], [1]))
+        {(1, 'SEND_B'): [0.003]}
+    """
+    calls: dict[tuple[int, str], list[float]] = {}
+    for event in trace["traceEvents"]:
+        if event.get("ph") == "X" and event.get("cat") in ("SEND_F", "SEND_B"):
+            calls.setdefault((Action.parse(event["name"]).stage, event["cat"]), []).append(event["dur"] / 1e6)
+    return calls
+
+
 def send_call_seconds(trace: dict) -> float | None:
     """The seconds a rank spent in one send call (SEND_F or SEND_B) in a run's trace: within a
     step the mean over every rank's calls, over the steps the median, as :func:`run_stage_costs`

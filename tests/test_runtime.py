@@ -66,7 +66,6 @@ def test_live_activations_match_the_schedule(tmp_path, schedule, stages, microba
 
 def test_other_microbatch_size_trains_too(tmp_path):
     """Shapes are symbolic: the same program runs micro-batches of another size without recompiling."""
-    import torch
 
     program = load_program(compile_to(tmp_path, "models/mlp.py:mlp", 3, microbatches=4))
     pipeline = InProcessPipeline(program)
@@ -78,7 +77,6 @@ def test_other_microbatch_size_trains_too(tmp_path):
 
 
 def test_peer_failures_are_one_line_naming_what_the_rank_was_doing():
-    import torch
 
     from ppcompile.runtime.transport import DistTransport, PeerError
 
@@ -105,7 +103,6 @@ def test_peer_failures_are_one_line_naming_what_the_rank_was_doing():
 
 
 def test_sender_thread_sends_in_order_and_raises_a_failed_send_on_the_computing_thread():
-    import torch
 
     from ppcompile.runtime.transport import DistTransport, GlooSender, PeerError
 
@@ -139,7 +136,6 @@ def test_sender_thread_sends_in_order_and_raises_a_failed_send_on_the_computing_
 
 
 def test_pack_round_trips_every_dtype_into_tensors_that_own_their_memory():
-    import torch
 
     from ppcompile.runtime.transport import ALIGNMENT, pack, packed_size, unpack
 
@@ -180,7 +176,6 @@ def test_gradient_comparison_tolerates_rounding_noise_of_a_zero_gradient_but_not
     """A bias that BatchNorm cancels has a gradient of rounding noise (~1e-9 beside ~0.1): two correct
     runs summing in another order disagree on it completely, and that is not a difference. A
     real error of 1e-4 in an ordinary gradient still is."""
-    import torch
 
     from ppcompile.check_training import compare
 

@@ -8,11 +8,11 @@ the largest difference over the largest eager magnitude, per tensor), integer bu
 BatchNorm's step count) equal. A program compiled with ``--fuse-loss`` sums its loss in another
 order, so its losses too are held to ``rtol``.
 
-Random numbers: the ranks draw from the generator in schedule order, the eager model in
-micro-batch order, so a dropout mask on a rank is not the eager model's mask for that micro-batch.
+Random numbers: each stage draws from a stream of its own (``ppcompile.runtime.randomness``), the
+eager model from one generator, so a stage's dropout mask is not the eager model's mask.
 Both runs therefore take place with dropout switched off (p = 0, the identity), and say so. Any
 other random draw (``torch.rand``, ``bernoulli``) cannot be switched off soundly; verify notices
-it by the generator's state moving during training and names it beside a failure.
+it by a stage's stream moving during training and names it beside a failure.
 """
 
 from __future__ import annotations
@@ -69,12 +69,12 @@ class TrainingComparison:
         if self.random_ops_switched_off:
             lines.append(
                 f"the model draws random numbers ({'; '.join(self.random_ops_switched_off)}): compared with "
-                "them switched off on both sides, since the ranks draw in another order than eager"
+                "them switched off on both sides, since each stage draws from a stream of its own, not eager's"
             )
         if self.random_ops_left_on:
             lines.append(
                 f"the model draws random numbers verify cannot switch off ({'; '.join(self.random_ops_left_on)}): "
-                "the ranks draw them in another order than eager"
+                "each stage draws them from a stream of its own, not eager's"
             )
         lines += [
             f"first-step losses bitwise equal: {self.first_step_losses_equal}"
@@ -104,7 +104,7 @@ class TrainingComparison:
         if self.random_ops_left_on:
             return (
                 "FAILED: outside the bar; the difference may come from the random numbers the model draws "
-                f"({'; '.join(self.random_ops_left_on)}), which the ranks draw in another order than eager"
+                f"({'; '.join(self.random_ops_left_on)}), which each stage draws from a stream of its own, not eager's"
             )
         return "FAILED: outside the bar"
 
@@ -386,9 +386,9 @@ def verify_in_process(
         losses, grads, drew = [], {}, False
         for step in range(steps):
             microbatches = next(data)
-            before = rng_states(device)
+            before = pipeline.random_states()
             losses.append(pipeline.step(microbatches))
-            drew |= moved(before, rng_states(device))
+            drew |= moved(before, pipeline.random_states())
             if step == 0:
                 grads = {n: g.cpu().clone() for n, g in pipeline.named_gradients().items() if g is not None}
         params = {n: p.detach().cpu().clone() for n, p in pipeline.named_parameters().items()}

@@ -31,6 +31,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from ppcompile.runtime.actions import Action, ActionKind, format_rank_actions, parse_rank_actions
 from ppcompile.runtime.loader import Program
+from ppcompile.runtime.randomness import RandomStream, stage_seed
 from ppcompile.runtime.trace import ActionTiming
 from ppcompile.runtime.transport import MessageKey, Receive
 
@@ -450,6 +451,7 @@ class RankExecutor:
         transport,
         device: torch.device | str = "cpu",
         track_memory: bool = False,
+        seed: int = 0,
     ):
         self.program = program
         self.rank = rank
@@ -465,6 +467,8 @@ class RankExecutor:
         self.memory = MemoryStats()
         self._keys_cache: dict = {}
         self.messages = {s: stage_messages(program, s) for s in self.stage_ids}
+        # Each stage draws its dropout masks from a stream of its own (``randomness``).
+        self.random = {s: RandomStream(stage_seed(seed, s), self.device) for s in self.stage_ids}
         # The actions that the program's plan runs on every core, while the other ranks wait.
         self.own_threads = torch.get_num_threads()
         plan = program.data.get("spare_cores") if self.device.type == "cpu" else None
@@ -576,7 +580,7 @@ class RankExecutor:
                 hooks = saved_tensors_hooks(*self._memory_hooks(stage, m))
             else:
                 hooks = nullcontext()
-            with hooks:
+            with hooks, self.random[stage].drawing():
                 out = self.stages[stage](*args)
             if grad or info["sends"]:
                 self.outputs[(stage, m)] = out

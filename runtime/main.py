@@ -161,7 +161,7 @@ def train(program, rank: int, world: int, args) -> int:
         os._exit(2)
 
     signal.signal(signal.SIGTERM, stopped_by_launcher)
-    executor = RankExecutor(program, rank, spec.module, transport, device)
+    executor = RankExecutor(program, rank, spec.module, transport, device, seed=args.seed)
     spec = dataclasses.replace(spec, module=None)  # keep only this rank's stages alive
     data = batches(program, spec, args.seed)
     loop = _evaluate if args.infer else _train

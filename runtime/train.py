@@ -18,6 +18,7 @@ from torch import nn
 from ppcompile.runtime.actions import Action
 from ppcompile.runtime.executor import MemoryStats, RankExecutor, inference_actions
 from ppcompile.runtime.loader import Program, ProgramError
+from ppcompile.runtime.randomness import drawn_apart
 from ppcompile.runtime.spec import ModelRef, ModelSpec
 from ppcompile.runtime.trace import ActionTiming, shift_timings
 from ppcompile.runtime.transport import InProcessTransport
@@ -51,7 +52,8 @@ def batches(program: Program, spec: ModelSpec, seed: int) -> Iterator[list[dict[
     names = [i["name"] for i in program.data["inputs"]]
     micro = program.data["symbols"].get("b", 1)
     if spec.data is not None:
-        source = spec.data(M * micro, seed)
+        # Drawn apart from the stages' dropout, so every rank gets the same batches (``randomness``).
+        source = drawn_apart(lambda: spec.data(M * micro, seed), seed)
     else:
         source = itertools.repeat(tuple(torch.cat([t] * M) for t in spec.example_inputs))
     for batch in source:
@@ -116,7 +118,7 @@ class InProcessPipeline:
         for rank in range(program.num_ranks):
             spec = build_spec(program, seed)
             self.executors.append(
-                RankExecutor(program, rank, spec.module, self.transport, device, track_memory)
+                RankExecutor(program, rank, spec.module, self.transport, device, track_memory, seed)
             )
         self.spec = spec
         self.optimizers = [make_optimizer(optimizer, e.parameters(), lr) for e in self.executors]
@@ -192,6 +194,10 @@ class InProcessPipeline:
                 total += grad
             for p in params:
                 p.grad = total.clone()
+
+    def random_states(self) -> list[torch.Tensor]:
+        """Every stage's random stream as it stands, to tell whether a step drew from any."""
+        return [t for e in self.executors for stream in e.random.values() for t in stream.states()]
 
     def memory(self) -> MemoryStats:
         """Every stage's activation counts (with ``track_memory``), gathered from all ranks."""

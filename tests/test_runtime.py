@@ -7,7 +7,7 @@ import torch
 
 from ppcompile.check_training import verify_in_process
 from ppcompile.runtime.loader import ProgramError, load_program
-from ppcompile.runtime.train import InProcessPipeline
+from ppcompile.runtime.train import InProcessPipeline, batches
 from tests.helpers import compile_to, tracked_step
 
 MODELS = [
@@ -74,6 +74,59 @@ def test_other_microbatch_size_trains_too(tmp_path):
     model = pipeline.spec.module
     with torch.no_grad():
         assert losses == [float(model(mb["x"], mb["y"])) for mb in microbatches]
+
+
+DROPOUT_WITH_DATA = "tests/fixtures/verify_dropout.py:with_data"
+
+
+def dropout_losses(program_dir, steps: int = 3) -> list[list[float]]:
+    """Losses of ``steps`` sgd steps in process, dropout on, on the program's own data."""
+    program = load_program(program_dir)
+    pipeline = InProcessPipeline(program, seed=0, optimizer="sgd", lr=0.05)
+    data = batches(program, pipeline.spec, 0)
+    return [pipeline.step(next(data)) for _ in range(steps)]
+
+
+def test_dropout_draws_the_same_masks_under_every_schedule(tmp_path):
+    # Each stage draws from its own stream, in micro-batch order: the schedule, which interleaves
+    # the stages' forwards differently, changes nothing. With one generator for all it would.
+    def losses(schedule: str, ranks: int, virtual_stages: int = 1) -> list[list[float]]:
+        where = tmp_path / f"{schedule}-{ranks}"
+        return dropout_losses(
+            compile_to(
+                where,
+                DROPOUT_WITH_DATA,
+                ranks,
+                microbatches=4,
+                schedule=schedule,
+                virtual_stages=virtual_stages,
+            )
+        )
+
+    two = losses("gpipe", 2)
+    assert losses("1f1b", 2) == two
+    assert losses("zb-h1", 2) == two
+    assert losses("interleaved-1f1b", 2, virtual_stages=2) == losses("1f1b", 4)  # four stages
+    assert len({loss for step in two for loss in step}) == 12  # the batches do differ
+
+
+def test_stages_draw_unlike_masks_and_the_data_does_not_see_them(tmp_path):
+    program = load_program(compile_to(tmp_path, DROPOUT_WITH_DATA, 2, microbatches=4))
+    pipeline = InProcessPipeline(program, seed=0)
+    # Two stages' first masks of one shape: the same under one seed per rank, unlike here.
+    first_draws = []
+    for executor in pipeline.executors:
+        (stream,) = executor.random.values()
+        with stream.drawing():
+            first_draws.append(torch.rand(64))
+    assert not torch.equal(*first_draws)
+    # A data function on the global generator gives every rank the same batches, whatever the
+    # rank drew in between: here one reader draws a mask's worth between batches, one does not.
+    quiet, busy = batches(program, pipeline.spec, 0), batches(program, pipeline.spec, 0)
+    for _ in range(3):
+        torch.rand(1000)
+        a, b = next(quiet), next(busy)
+        assert all(torch.equal(x[n], y[n]) for x, y in zip(a, b) for n in x)
 
 
 def test_peer_failures_are_one_line_naming_what_the_rank_was_doing():

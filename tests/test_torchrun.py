@@ -6,6 +6,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 
 from tests.helpers import compare_record, compile_to, torchrun_command
 
@@ -34,6 +35,21 @@ def test_torchrun_trains_like_eager(tmp_path, ref, stages, schedule):
     losses, reference, comparison = compare_record(program_dir, record, stages)
     assert comparison.ok, "\n".join(comparison.lines())
     assert losses[0] == reference[0][0]  # the first step's per-micro-batch losses, bitwise
+
+
+def test_torchrun_draws_dropout_and_data_as_in_process(tmp_path):
+    # Dropout on, and a data function drawing from the global generator batch by batch: each
+    # stage's stream and the data's are the same in separate processes as in one.
+    from tests.test_runtime import DROPOUT_WITH_DATA, dropout_losses
+
+    program_dir = compile_to(tmp_path, DROPOUT_WITH_DATA, 2, microbatches=4)
+    record = tmp_path / "record"
+    result = run(
+        program_dir, 2, "--steps", "3", "--optimizer", "sgd", "--lr", "0.05", "--record", str(record)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = next(r["losses"] for r in map(torch.load, sorted(record.glob("rank*.pt"))) if r["losses"])
+    assert losses == dropout_losses(program_dir)
 
 
 @pytest.fixture(scope="module")

@@ -119,8 +119,8 @@ def test_dropout_model_verifies_with_dropout_switched_off_on_both_sides(tmp_path
     lines = result.stdout.splitlines()
     assert lines[0] == (
         "the model draws random numbers (Dropout in blocks.0.drop, blocks.1.drop, blocks.2.drop and 1 more; "
-        "torch.nn.functional.dropout in stage 1): compared with them switched off on both sides, since the "
-        "ranks draw in another order than eager"
+        "torch.nn.functional.dropout in stage 1): compared with them switched off on both sides, since each "
+        "stage draws from a stream of its own, not eager's"
     )
     assert lines[1] == "first-step losses bitwise equal: True"
     assert lines[-1] == "OK: the compiled program trains as the eager model"
@@ -130,9 +130,9 @@ def test_a_random_op_verify_cannot_switch_off_is_named_beside_the_failure(tmp_pa
     program = load_program(compile_to(tmp_path, NOISY, 2, microbatches=MICROBATCHES))
     result = verify_in_process(program, steps=STEPS)
     assert result.random_ops_left_on == ("torch.bernoulli in stages 0, 1",)
-    # The ranks draw the bernoulli masks in schedule order, the eager model in micro-batch order.
+    # Each stage draws the bernoulli masks from its own stream, the eager model from one generator.
     assert not result.ok and not result.first_step_losses_equal
     assert result.verdict() == (
         "FAILED: outside the bar; the difference may come from the random numbers the model draws "
-        "(torch.bernoulli in stages 0, 1), which the ranks draw in another order than eager"
+        "(torch.bernoulli in stages 0, 1), which each stage draws from a stream of its own, not eager's"
     )

@@ -172,6 +172,9 @@ def train(program, rank: int, world: int, args) -> int:
         _write_trace(program, rank, world, traced, args)
     if args.record:
         record["params"] = _named(executor, lambda p: p.detach())
+        record["buffers"] = {
+            n: b.detach().cpu().clone() for m in executor.stages.values() for n, b in m.named_buffers()
+        }
         args.record.mkdir(parents=True, exist_ok=True)
         torch.save(record, args.record / f"rank{rank}.pt")
     if dist.is_initialized():
@@ -192,8 +195,9 @@ def _peak_memory_line(program, rank: int, device: torch.device, args) -> str:
 
 
 def _empty_record() -> dict:
-    """What ``--record`` keeps: per step the losses and seconds, step 0's gradients, final parameters."""
-    return {"losses": [], "step_seconds": [], "grads": {}, "params": {}}
+    """What ``--record`` keeps: per step the losses and seconds, step 0's gradients, final parameters
+    and buffers (a BatchNorm's running statistics)."""
+    return {"losses": [], "step_seconds": [], "grads": {}, "params": {}, "buffers": {}}
 
 
 def _train(program, executor: RankExecutor, data, args) -> tuple[dict, list[list[ActionTiming]]]:

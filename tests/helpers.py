@@ -76,8 +76,9 @@ def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> Non
 
 
 def compare_record(program_dir: Path, record: Path, ranks: int, steps: int = 3, lr: float = 0.05):
-    """A torchrun run's ``--record`` (sgd at ``lr``) against the eager model's same steps."""
-    from ppcompile.check_training import compare, eager_run
+    """A torchrun run's ``--record`` (sgd at ``lr``) against the eager model's same steps, buffers
+    (a BatchNorm's running statistics) included."""
+    from ppcompile.check_training import compare, eager_training
 
     saved = [torch.load(record / f"rank{r}.pt") for r in range(ranks)]
     losses = next(r["losses"] for r in saved if r["losses"])
@@ -86,5 +87,20 @@ def compare_record(program_dir: Path, record: Path, ranks: int, steps: int = 3, 
     assert len(times) == len(losses) == steps and all(t > 0 for t in times), times
     grads = {n: g for r in saved for n, g in r["grads"].items()}
     params = {n: p for r in saved for n, p in r["params"].items()}
-    reference = eager_run(load_program(program_dir), steps, "sgd", lr, 0)
-    return losses, reference, compare(losses, grads, params, reference, rtol=1e-5)
+    buffers: dict[str, dict[int, torch.Tensor]] = {}
+    for rank, r in enumerate(saved):
+        for name, buffer in r["buffers"].items():
+            buffers.setdefault(name, {})[rank] = buffer
+    # One thread, as torchrun gives each rank: a gradient BatchNorm cancels (a conv bias before it)
+    # is rounding noise whose value depends on the summation order, and the thread count sets it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        eager = eager_training(load_program(program_dir), steps, "sgd", lr, 0)
+    finally:
+        torch.set_num_threads(threads)
+    reference = (eager.losses, eager.gradients, eager.parameters)
+    comparison = compare(
+        losses, grads, params, reference, rtol=1e-5, buffers=buffers, reference_buffers=eager.buffers
+    )
+    return losses, reference, comparison

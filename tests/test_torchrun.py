@@ -37,6 +37,20 @@ def test_torchrun_trains_like_eager(tmp_path, ref, stages, schedule):
     assert losses[0] == reference[0][0]  # the first step's per-micro-batch losses, bitwise
 
 
+def test_torchrun_updates_buffers_like_eager(tmp_path):
+    # BatchNorm in every block and a skip over four of them: the ranks' running statistics, as
+    # --record saves them, against the eager model's after the same three steps.
+    program_dir = compile_to(tmp_path, "tests/fixtures/unseen_cnn_batchnorm.py:factory", 2, microbatches=4)
+    record = tmp_path / "record"
+    result = run(
+        program_dir, 2, "--steps", "3", "--optimizer", "sgd", "--lr", "0.05", "--record", str(record)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, _, comparison = compare_record(program_dir, record, 2)
+    assert comparison.ok, "\n".join(comparison.lines())
+    assert "running_mean" in comparison.worst_buffer or "running_var" in comparison.worst_buffer
+
+
 def test_torchrun_draws_dropout_and_data_as_in_process(tmp_path):
     # Dropout on, and a data function drawing from the global generator batch by batch: each
     # stage's stream and the data's are the same in separate processes as in one.

@@ -34,19 +34,53 @@ from ppcompile.passes.estimate_costs import (
     _takes_from_view_tuple,
     runs_on_cpu,
 )
-from ppcompile.passes.propagate_shapes import run_fake_cpu, run_meta, tuple_nbytes
+from ppcompile.passes.propagate_shapes import run_fake_cpu, run_meta, sample_values, tuple_nbytes
 
 QUANTITIES = ("forward_flops", "backward_flops", "bytes_moved", "saved_temp_bytes")
 
 
 def fit_cost_formulas(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
-    basis, points = _design(ctx)
+    basis, grids = _designs(ctx)
     ctx.cost_basis = basis
-    if len(points) == 1:
+    if len(grids[0]) == 1:
         for node in gm.graph.nodes:
             cost = node.meta["ppc.cost"]
             node.meta["ppc.cost_poly"] = {q: (Fraction(getattr(cost, q)),) for q in QUANTITIES}
         return _evaluate_at(gm, ctx)
+    failures = []
+    for points in grids:
+        try:
+            samples, tuple_samples = _sample(gm, ctx, points)
+            break
+        except Exception as e:  # a size the model refuses (a mask capped at block_size): next grid
+            failures.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    else:
+        sizes = {name: sorted({p[name] for grid in grids for p in grid}) for name in ctx.symbol_values}
+        raise CompileError(
+            f"{ctx.ref}: costing the model at other micro-batch shapes failed at every size tried "
+            f"({'; '.join(f'{n} in {v}' for n, v in sizes.items())}); last: {failures[-1]}"
+        )
+    tuples = [node for node in gm.graph.nodes if node.meta.get("ppc.kind") == "tuple"]
+    inverse = _inverse([[_monomial(m, p) for m in basis] for p in points])
+    for node in gm.graph.nodes:
+        rows = samples[node.name]
+        poly = {}
+        for q in range(len(QUANTITIES)):
+            ys = [Fraction(round(r[q])) for r in rows]
+            poly[QUANTITIES[q]] = tuple(
+                sum(inverse[t][p] * ys[p] for p in range(len(points))) for t in range(len(basis))
+            )
+        node.meta["ppc.cost_poly"] = poly
+    for node in tuples:
+        ys = [Fraction(n) for n in tuple_samples[node.name]]
+        node.meta["ppc.nbytes_poly"] = tuple(
+            sum(inverse[t][p] * ys[p] for p in range(len(points))) for t in range(len(basis))
+        )
+    return _evaluate_at(gm, ctx)
+
+
+def _sample(gm: fx.GraphModule, ctx: CompileContext, points: list[dict[str, int]]):
+    """Every node's quantities, and every tuple output's bytes, at each of ``points``."""
     samples = {node.name: [] for node in gm.graph.nodes}
     tuples = [node for node in gm.graph.nodes if node.meta.get("ppc.kind") == "tuple"]
     tuple_samples = {node.name: [] for node in tuples}
@@ -68,44 +102,26 @@ def fit_cost_formulas(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule
             samples[node.name].append(_quantities_at(gm, node, values, device_values, cache, on_cpu))
         for node in tuples:
             tuple_samples[node.name].append(tuple_nbytes(values[node.name]))
-    inverse = _inverse([[_monomial(m, p) for m in basis] for p in points])
-    for node in gm.graph.nodes:
-        rows = samples[node.name]
-        poly = {}
-        for q in range(len(QUANTITIES)):
-            ys = [Fraction(round(r[q])) for r in rows]
-            poly[QUANTITIES[q]] = tuple(
-                sum(inverse[t][p] * ys[p] for p in range(len(points))) for t in range(len(basis))
-            )
-        node.meta["ppc.cost_poly"] = poly
-    for node in tuples:
-        ys = [Fraction(n) for n in tuple_samples[node.name]]
-        node.meta["ppc.nbytes_poly"] = tuple(
-            sum(inverse[t][p] * ys[p] for p in range(len(points))) for t in range(len(basis))
-        )
-    return _evaluate_at(gm, ctx)
+    return samples, tuple_samples
 
 
-def _design(ctx: CompileContext):
-    """Monomials (exponent dicts) and the grid points that determine them exactly."""
+def _designs(ctx: CompileContext):
+    """Monomials (exponent dicts), and grids of points that determine them exactly, best first:
+    each symbol's sizes from ``sample_values``, the k-th grid taking every symbol's k-th list."""
     others = [s for s in sorted(ctx.symbol_values) if s != "b"]
     degree = 2 if len(others) == 1 else 1
-    axes, exps = [], []
-    for name in sorted(ctx.symbol_values):
-        base = ctx.symbol_values[name]
-        top = 1 if name == "b" else degree
-        if name == "b":
-            values = [base, 2 * base]
-        elif base % (2**top) == 0 and base >= 2**top:
-            values = [base // 2**k for k in range(top + 1)]  # shrink: a model may cap the sequence length
-        else:
-            values = [base * (k + 1) for k in range(top + 1)]
-        axes.append((name, values))
-        exps.append(range(top + 1))
-    basis = [dict(zip(sorted(ctx.symbol_values), e)) for e in itertools.product(*exps)]
-    points = [dict(zip([a[0] for a in axes], combo)) for combo in itertools.product(*[a[1] for a in axes])]
-    points.sort(key=lambda p: p != ctx.symbol_values)  # the example first
-    return basis, points
+    names = sorted(ctx.symbol_values)
+    tops = [1 if name == "b" else degree for name in names]
+    basis = [dict(zip(names, e)) for e in itertools.product(*(range(top + 1) for top in tops))]
+    options = [sample_values(name, ctx.symbol_values[name], top + 1) for name, top in zip(names, tops)]
+    grids = []
+    for k in range(max(map(len, options), default=1)):
+        axes = [o[min(k, len(o) - 1)] for o in options]
+        points = [dict(zip(names, combo)) for combo in itertools.product(*axes)]
+        points.sort(key=lambda p: p != ctx.symbol_values)  # the example first
+        if points not in grids:
+            grids.append(points)
+    return basis, grids
 
 
 def _monomial(exponents: dict[str, int], point: dict[str, int]) -> Fraction:

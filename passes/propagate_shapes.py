@@ -29,6 +29,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from ppcompile.context import CompileContext
+from ppcompile.errors import CompileError
 
 
 class ValueRecorder(fx.Interpreter):
@@ -78,11 +79,37 @@ def _inputs(ctx: CompileContext, symbol_values: dict[str, int], device: str) -> 
     return inputs
 
 
-def _scaled(value: int) -> tuple[int, int] | None:
-    """A second value for a symbol and the factor between them: halve when possible, else double."""
-    if value % 2 == 0 and value >= 4:
-        return value // 2, 2
-    return value * 2, 2
+def sample_values(name: str, value: int, count: int) -> list[list[int]]:
+    """Lists of ``count`` distinct values for a symbol, the example's first, best first.
+
+    The batch dim is safe to grow. Another dim (a sequence) may be capped by the model (a causal
+    mask of ``block_size`` rows) or need a divisor (a patch size): shrink by halves, then by a
+    fraction of itself, then by one, and grow only last. Each list is tried until the model runs.
+
+    >>> sample_values("s", 64, 3)[0], sample_values("s", 6, 3)[0], sample_values("b", 4, 2)
+    ([64, 32, 16], [6, 4, 2], [[4, 8], [4, 3]])
+    """
+    top = count - 1
+    if name == "b":
+        options = [[value * (k + 1) for k in range(count)], [value - k for k in range(count)]]
+    else:
+        options = [
+            [value // 2**k for k in range(count)] if value % 2**top == 0 and value >= 2**top else None,
+            [value * (count - k) // count for k in range(count)] if value % count == 0 else None,
+            [value - k for k in range(count)],
+            [value * (k + 1) for k in range(count)],
+        ]
+    return [o for o in options if o is not None and min(o) >= 1 and len(set(o)) == count]
+
+
+def run_meta_somewhere(gm: fx.GraphModule, ctx: CompileContext, points: list[dict[str, int]]):
+    """``run_meta`` at the first of ``points`` where the model runs: (point, values), else None."""
+    for point in points:
+        try:
+            return point, run_meta(gm, ctx, point)
+        except Exception:
+            continue
+    return None
 
 
 def propagate_shapes(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
@@ -90,11 +117,20 @@ def propagate_shapes(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     base_values = run_meta(gm, ctx, base)
     scaled_runs = {}
     for name, value in base.items():
-        # The batch dim is safe to double; other dims (sequence) may be capped by the model, so halve.
-        new_value = value * 2 if name == "b" else _scaled(value)[0]
-        scaled_runs[name] = (new_value, run_meta(gm, ctx, {**base, name: new_value}))
+        # A second size for each symbol, one the model accepts, tells which dims scale with it.
+        tries = [{**base, name: values[1]} for values in sample_values(name, value, 2)]
+        found = run_meta_somewhere(gm, ctx, tries)
+        if found is None:
+            raise CompileError(
+                f"{ctx.ref} runs only at its example's {name}={value}: tried {name} = "
+                f"{', '.join(str(t[name]) for t in tries)}; give an example whose dims can change"
+            )
+        scaled_runs[name] = (found[0][name], found[1])
+    # Every symbol at its second size at once: a fit that held for one symbol alone but not
+    # with the others moved is no fit. (None: the model refuses that mix; each fit stands alone.)
     check_point = {name: scaled_runs[name][0] for name in base}
-    check_values = run_meta(gm, ctx, check_point) if base else base_values
+    check = run_meta_somewhere(gm, ctx, [check_point]) if base else (base, base_values)
+    check_values = check[1] if check else None
 
     for node in gm.graph.nodes:
         value = base_values.get(node.name)
@@ -107,9 +143,10 @@ def propagate_shapes(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         shape = []
         for dim, size in enumerate(value.shape):
             expr = _fit_dim(node.name, dim, int(size), base, scaled_runs, ctx)
-            observed = check_values[node.name].shape[dim]
-            if expr.subs({ctx.symbols[s]: v for s, v in check_point.items()}) != observed:
-                expr = sympy.Integer(int(size))
+            if check_values is not None:
+                observed = check_values[node.name].shape[dim]
+                if expr.subs({ctx.symbols[s]: v for s, v in check_point.items()}) != observed:
+                    expr = sympy.Integer(int(size))
             shape.append(expr)
         node.meta["ppc.shape"] = tuple(shape)
         node.meta["ppc.concrete"] = tuple(int(s) for s in value.shape)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import inspect
 import linecache
+import operator
 import traceback
+from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import sympy
+import torch
 from torch import fx, nn
 
 from ppcompile.context import CompileConfig, CompileContext
@@ -15,11 +19,125 @@ from ppcompile.devices import get_profile
 from ppcompile.errors import CompileError
 from ppcompile.runtime.spec import ModelRef, SpecError
 
+# nn.Module's own call and attribute lookup: while fx traces it swaps in versions that record
+# calls and parameter reads as graph nodes, which running a submodule for a value must not do.
+_MODULE_CALL = nn.Module.__call__
+_MODULE_GETATTR = nn.Module.__getattr__
+_LIBRARY_DIRS = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
+
 
 class PipelineTracer(fx.Tracer):
-    """fx's tracer, with buffers proxied so ``self.mask[:, :T]`` traces like a parameter would."""
+    """fx's tracer, with buffers proxied so ``self.mask[:, :T]`` traces like a parameter would, and
+    control flow on shapes decided by the example inputs.
+
+    ``assert t <= self.block_size`` or ``if x.dim() == 4`` stops plain fx. Here the condition is
+    computed on meta tensors of the example inputs' shapes, and the branch it takes is traced;
+    ``decided`` lists each such condition as (``file:line: `code```, value), for the report. A
+    condition on a tensor's values (``if x.sum() > 0``) still cannot be traced: meta tensors
+    have shapes, not values.
+    """
 
     proxy_buffer_attributes = True
+
+    def __init__(self, example_inputs: dict[str, object] | None = None, model_path: str | None = None):
+        super().__init__()
+        self.example_inputs = {
+            name: t.to("meta") if isinstance(t, torch.Tensor) else t
+            for name, t in (example_inputs or {}).items()
+        }
+        self.model_path = model_path
+        self.decided: list[tuple[str, bool]] = []
+        self._values: dict[fx.Node, object] = {}
+        self._asked: set[fx.Node] = set()  # what conditions were computed from
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        try:
+            with _untraced():
+                value = bool(self._value(obj.node))
+        except Exception as e:
+            raise fx.proxy.TraceError(
+                "this condition depends on a tensor's values, not only on shapes (computing it for "
+                f"the example's shapes failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            ) from None
+        self.decided.append((self._caller(), value))
+        return value
+
+    def _value(self, target: fx.Node) -> object:
+        """``target``'s value for the example inputs, on meta tensors, computing what it needs."""
+        needed, stack = [], [target]
+        while stack:
+            node = stack.pop()
+            if node in self._values or node in needed:
+                continue
+            needed.append(node)
+            stack.extend(node.all_input_nodes)
+        self._asked.update(needed)
+        for node in self.graph.nodes:  # in the graph's order, so every input comes first
+            if node in needed and node not in self._values:
+                self._values[node] = self._run(node)
+        return self._values[target]
+
+    def _run(self, node: fx.Node) -> object:
+        args = fx.node.map_arg(node.args, self._values.__getitem__)
+        kwargs = fx.node.map_arg(node.kwargs, self._values.__getitem__)
+        if node.op == "placeholder":
+            if node.target in self.example_inputs:
+                return self.example_inputs[node.target]
+            if args:  # an input left at its default
+                return args[0]
+            raise ValueError(f"no example input for {node.target!r}")
+        if node.op == "get_attr":
+            return operator.attrgetter(node.target)(self.root)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "call_module":
+            return self.root.get_submodule(node.target)(*args, **kwargs)
+        raise ValueError(f"cannot evaluate a {node.op} node")
+
+    def drop_conditions(self, graph: fx.Graph) -> None:
+        """Erase the shape queries and comparisons only the decided conditions read: ``t <= 32``
+        has no use left in the traced graph once its branch is taken."""
+        for node in reversed(list(graph.nodes)):
+            if node in self._asked and not node.users and _is_shape_arithmetic(node):
+                graph.erase_node(node)
+
+    def _caller(self) -> str:
+        """``file:line: `code``` of the model's code that asked, the innermost frame outside torch."""
+        for frame in reversed(traceback.extract_stack()):
+            if not frame.filename.startswith(_LIBRARY_DIRS):
+                path = Path(frame.filename)
+                shown = (
+                    self.model_path
+                    if self.model_path and path.resolve() == Path(self.model_path).resolve()
+                    else path.name
+                )
+                return f"{shown}:{frame.lineno}: `{(frame.line or '').strip()}`"
+        return "the model"
+
+
+SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement"})
+
+
+def _is_shape_arithmetic(node: fx.Node) -> bool:
+    """A node that reads a shape or does arithmetic or comparison on Python values: pure."""
+    if node.op == "call_method":
+        return node.target in SHAPE_METHODS
+    if node.op == "call_function":
+        return getattr(node.target, "__module__", None) in ("_operator", "operator") or node.target is getattr
+    return False
+
+
+@contextmanager
+def _untraced():
+    """nn.Module's own ``__call__`` and ``__getattr__`` for the duration, fx's patches put back after."""
+    patched = nn.Module.__call__, nn.Module.__getattr__
+    nn.Module.__call__, nn.Module.__getattr__ = _MODULE_CALL, _MODULE_GETATTR
+    try:
+        yield
+    finally:
+        nn.Module.__call__, nn.Module.__getattr__ = patched
 
 
 def load_context(ref_text: str, config: CompileConfig) -> CompileContext:
@@ -71,16 +189,64 @@ def load_context(ref_text: str, config: CompileConfig) -> CompileContext:
 def trace(ctx: CompileContext) -> fx.GraphModule:
     """Symbolically trace the meta model; an untraceable model is one line naming its code."""
     module: nn.Module = ctx.spec.module
+    tracer, graph = _trace_at(ctx, ctx.spec.example_inputs)
+    if tracer.decided:
+        ctx.notes.append(
+            f"control flow on shapes, decided for the example's ({_point(ctx.symbol_values)}): "
+            + "; ".join(
+                f"{where} -> {value}" + (f" ({count} times)" if count > 1 else "")
+                for (where, value), count in Counter(tracer.decided).items()
+            )
+        )
+    if tracer.decided and ctx.config.dims:
+        # --dims runs the program at another shape, on the graph traced at the example's: every
+        # condition must come out as it did there.
+        point = {**ctx.symbol_values, **ctx.config.dims}
+        again, _ = _trace_at(ctx, _inputs_at(ctx, point), f"--dims {_point(ctx.config.dims)}")
+        for (where, value), (_, other) in zip(tracer.decided, again.decided):
+            if value != other:
+                raise CompileError(
+                    f"{where} is {value} for the example's {_point(ctx.symbol_values)} but {other} for "
+                    f"--dims {_point(ctx.config.dims)}: the traced branch would be wrong there; give an "
+                    "example input of that shape instead"
+                )
+    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    return gm
+
+
+def _trace_at(ctx: CompileContext, example_inputs, dims: str = "") -> tuple[PipelineTracer, fx.Graph]:
+    """The tracer (with the conditions it decided) and graph for these example inputs; ``dims``
+    names the --dims they stand for, where they are not the factory's."""
+    tracer = PipelineTracer(dict(zip(ctx.input_names, example_inputs)), ctx.ref.path)
     try:
-        graph = PipelineTracer().trace(module)
+        graph = tracer.trace(ctx.spec.module)
+        tracer.drop_conditions(graph)
     except Exception as e:
         where = _model_frame(e, ctx.ref.path)
+        if dims:
+            raise CompileError(
+                f"{dims}: the model fails at that shape: {where}: {type(e).__name__}: {e}"
+            ) from None
         raise CompileError(
             f"{where}: torch.fx cannot trace this model ({type(e).__name__}: {e}); make control flow "
             "independent of tensor values, or move that code into a submodule fx keeps as a leaf"
         ) from None
-    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
-    return gm
+    return tracer, graph
+
+
+def _inputs_at(ctx: CompileContext, point: dict[str, int]) -> list:
+    """The example inputs as meta tensors, their symbolic dims at ``point``."""
+    inputs = []
+    for name, example in zip(ctx.input_names, ctx.spec.example_inputs):
+        shape = list(example.shape)
+        for dim, symbol in ctx.input_dims[name].items():
+            shape[dim] = point[symbol]
+        inputs.append(torch.empty(shape, dtype=example.dtype, device="meta"))
+    return inputs
+
+
+def _point(values: dict[str, int]) -> str:
+    return ", ".join(f"{name}={value}" for name, value in values.items())
 
 
 def _model_frame(error: BaseException, model_path: str) -> str:

@@ -14,6 +14,16 @@ from tests.helpers import assert_user_error, ppcompile
         ("tests/fixtures/untraceable.py:model", "2", ["untraceable.py:12", "if h.sum() > 0", "cannot trace"]),
         ("models/mlp.py:mlp", "500 --schedule gpipe", ["--stages 500", "places it can be cut"]),
         ("models/mlp.py:mlp", "0", ["--stages must be at least 1"]),
+        (
+            "tests/fixtures/shape_control_flow.py:model",
+            "2 --dims s=3",
+            ["shape_control_flow.py:41", "is True for the example's b=4, s=6 but False for --dims s=3"],
+        ),
+        (
+            "tests/fixtures/shape_control_flow.py:model",
+            "2 --dims s=16",
+            ["--dims s=16: the model fails at that shape", "shape_control_flow.py:37", "AssertionError"],
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, spec, stages, needles):

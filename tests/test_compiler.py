@@ -98,3 +98,23 @@ def test_link_latency_does_not_starve_middle_stages(tmp_path, monkeypatch):
 def test_verifier_runs_after_every_pass(tmp_path):
     # compile_to sets check=True; a stage count that forces cuts inside blocks must still verify.
     compile_to(tmp_path, "models/gpt.py:gpt_mini", 4, microbatches=4)
+
+
+def test_control_flow_on_shapes_is_decided_for_the_example(tmp_path):
+    # nanoGPT's `assert t <= block_size`, `if x.dim() == 3` in every block, a branch on t: fx
+    # alone refuses them all. Sampling other sizes for the cost formulas must stay under the
+    # block size too (growing s from 6 to 12 overflows the causal mask of 8).
+    from ppcompile.check_training import verify_in_process
+    from ppcompile.runtime.loader import load_program
+
+    program_dir = compile_to(tmp_path, "tests/fixtures/shape_control_flow.py:model", 2, microbatches=4)
+    notes = json.loads((program_dir / "program.json").read_text())["costs"]["notes"]
+    (decided,) = [n for n in notes if n.startswith("control flow on shapes")]
+    assert decided.startswith("control flow on shapes, decided for the example's (b=4, s=6): ")
+    assert "shape_control_flow.py:37: `assert t <= self.block_size" in decided
+    assert "shape_control_flow.py:22: `if x.dim() == 3:  # batched` -> True (4 times)" in decided
+    assert "shape_control_flow.py:41: `scale = 2.0 if t > 4 else 3.0` -> True" in decided
+    code = "".join(p.read_text() for p in program_dir.glob("stage_*.py"))
+    assert ".dim()" not in code and " <= " not in code and " > 4" not in code  # nothing left of them
+    result = verify_in_process(load_program(program_dir), steps=2)
+    assert result.ok, "\n".join(result.lines())

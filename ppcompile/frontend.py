@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import inspect
 import linecache
 import operator
@@ -28,13 +29,14 @@ _LIBRARY_DIRS = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
 
 class PipelineTracer(fx.Tracer):
     """fx's tracer, with buffers proxied so ``self.mask[:, :T]`` traces like a parameter would, and
-    control flow on shapes decided by the example inputs.
+    Python values computed from shapes decided by the example inputs.
 
-    ``assert t <= self.block_size`` or ``if x.dim() == 4`` stops plain fx. Here the condition is
-    computed on meta tensors of the example inputs' shapes, and the branch it takes is traced;
-    ``decided`` lists each such condition as (``file:line: `code```, value), for the report. A
-    condition on a tensor's values (``if x.sum() > 0``) still cannot be traced: meta tensors
-    have shapes, not values.
+    ``assert t <= self.block_size``, ``if x.dim() == 4``, ``for i in range(x.size(1))`` or
+    ``len(x)`` stop plain fx (``len`` becomes a node of the graph). Here the value is computed on meta tensors of the example inputs'
+    shapes and the code that follows is traced with it (a loop over ``range(t)`` unrolled);
+    ``decided`` lists each as (``file:line: `code```, value), for the report. A condition on a
+    tensor's values (``if x.sum() > 0``) still cannot be traced: meta tensors have shapes, not
+    values.
     """
 
     proxy_buffer_attributes = True
@@ -46,17 +48,51 @@ class PipelineTracer(fx.Tracer):
             for name, t in (example_inputs or {}).items()
         }
         self.model_path = model_path
-        self.decided: list[tuple[str, bool]] = []
+        self.decided: list[tuple[str, bool | int]] = []
         self._values: dict[fx.Node, object] = {}
-        self._asked: set[fx.Node] = set()  # what conditions were computed from
+        self._asked: set[fx.Node] = set()  # what decided values were computed from
+
+    def trace(self, root, concrete_args=None) -> fx.Graph:
+        # Where the model's own code (not torch's) calls range(), len() or int() on a proxy: len
+        # is a node of the graph (x.new_zeros(len(x), d) stays symbolic in the batch), range and
+        # int decide the value as a condition is decided. Only the model's own modules see them,
+        # and everything is put back after, whatever happens.
+        patched = []
+        for namespace in _model_namespaces(root):
+            for name, replacement in _TRACED_BUILTINS.items():
+                if name not in namespace:
+                    namespace[name] = replacement
+                    patched.append((namespace, name))
+        saved_int = fx.Proxy.__dict__.get("__int__")
+        fx.Proxy.__int__ = lambda proxy: proxy.tracer.decide(proxy, int)
+        # torch.zeros(b, d) with a proxy first is refused by torch's argument parser, where
+        # torch.zeros((b, d)) traces: the same call, its sizes packed into one tuple.
+        factories = {name: getattr(torch, name) for name in SIZED_FACTORIES}
+        for name, factory in factories.items():
+            setattr(torch, name, _sizes_packed(factory))
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            for name, factory in factories.items():
+                setattr(torch, name, factory)
+            for namespace, name in patched:
+                namespace.pop(name, None)
+            if saved_int is None:
+                del fx.Proxy.__int__
+            else:
+                fx.Proxy.__int__ = saved_int
 
     def to_bool(self, obj: fx.Proxy) -> bool:
+        return self.decide(obj, bool)
+
+    def decide(self, proxy: fx.Proxy, convert) -> bool | int:
+        """``convert`` (bool or int) of the proxy's value for the example inputs, recorded."""
         try:
             with _untraced():
-                value = bool(self._value(obj.node))
+                value = convert(self._value(proxy.node))
         except Exception as e:
             raise fx.proxy.TraceError(
-                "this condition depends on a tensor's values, not only on shapes (computing it for "
+                "this value depends on a tensor's values, not only on shapes (computing it for "
                 f"the example's shapes failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             ) from None
         self.decided.append((self._caller(), value))
@@ -64,12 +100,12 @@ class PipelineTracer(fx.Tracer):
 
     def _value(self, target: fx.Node) -> object:
         """``target``'s value for the example inputs, on meta tensors, computing what it needs."""
-        needed, stack = [], [target]
+        needed, stack = set(), [target]
         while stack:
             node = stack.pop()
             if node in self._values or node in needed:
                 continue
-            needed.append(node)
+            needed.add(node)
             stack.extend(node.all_input_nodes)
         self._asked.update(needed)
         for node in self.graph.nodes:  # in the graph's order, so every input comes first
@@ -115,6 +151,43 @@ class PipelineTracer(fx.Tracer):
                 )
                 return f"{shown}:{frame.lineno}: `{(frame.line or '').strip()}`"
         return "the model"
+
+
+_BUILTIN_LEN, _BUILTIN_RANGE = builtins.len, builtins.range
+
+
+def _traced_len(obj) -> int | fx.Proxy:
+    if isinstance(obj, fx.Proxy):
+        return obj.tracer.create_proxy("call_function", _BUILTIN_LEN, (obj,), {})
+    return _BUILTIN_LEN(obj)
+
+
+def _traced_range(*bounds) -> range:
+    return _BUILTIN_RANGE(*(b.tracer.decide(b, int) if isinstance(b, fx.Proxy) else b for b in bounds))
+
+
+_TRACED_BUILTINS = {"len": _traced_len, "range": _traced_range}
+SIZED_FACTORIES = ("zeros", "ones", "empty", "rand", "randn")
+
+
+def _sizes_packed(factory):
+    def call(*args, **kwargs):
+        if any(isinstance(a, fx.Proxy) for a in args) and all(isinstance(a, (int, fx.Proxy)) for a in args):
+            return factory(tuple(args), **kwargs)
+        return factory(*args, **kwargs)
+
+    return call
+
+
+def _model_namespaces(root: nn.Module) -> list[dict]:
+    """The global namespaces of the model's own code: where its modules' forwards are defined,
+    torch's left out."""
+    found = {}
+    for module in root.modules():
+        namespace = getattr(type(module).forward, "__globals__", None)
+        if namespace is not None and not namespace.get("__name__", "").startswith("torch"):
+            found[id(namespace)] = namespace
+    return list(found.values())
 
 
 SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement"})

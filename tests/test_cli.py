@@ -17,12 +17,12 @@ from tests.helpers import assert_user_error, ppcompile
         (
             "tests/fixtures/shape_control_flow.py:model",
             "2 --dims s=3",
-            ["shape_control_flow.py:41", "is True for the example's b=4, s=6 but False for --dims s=3"],
+            ["shape_control_flow.py:43", "is True for the example's b=4, s=6 but False for --dims s=3"],
         ),
         (
             "tests/fixtures/shape_control_flow.py:model",
             "2 --dims s=16",
-            ["--dims s=16: the model fails at that shape", "shape_control_flow.py:37", "AssertionError"],
+            ["--dims s=16: the model fails at that shape", "shape_control_flow.py:39", "AssertionError"],
         ),
     ],
 )

@@ -111,10 +111,25 @@ def test_control_flow_on_shapes_is_decided_for_the_example(tmp_path):
     notes = json.loads((program_dir / "program.json").read_text())["costs"]["notes"]
     (decided,) = [n for n in notes if n.startswith("control flow on shapes")]
     assert decided.startswith("control flow on shapes, decided for the example's (b=4, s=6): ")
-    assert "shape_control_flow.py:37: `assert t <= self.block_size" in decided
-    assert "shape_control_flow.py:22: `if x.dim() == 3:  # batched` -> True (4 times)" in decided
-    assert "shape_control_flow.py:41: `scale = 2.0 if t > 4 else 3.0` -> True" in decided
+    assert "shape_control_flow.py:39: `assert t <= self.block_size" in decided
+    assert "shape_control_flow.py:24: `if x.dim() == 3:  # batched` -> True (4 times)" in decided
+    assert "shape_control_flow.py:43: `scale = 2.0 if t > 4 else 3.0` -> True" in decided
     code = "".join(p.read_text() for p in program_dir.glob("stage_*.py"))
     assert ".dim()" not in code and " <= " not in code and " > 4" not in code  # nothing left of them
+    result = verify_in_process(load_program(program_dir), steps=2)
+    assert result.ok, "\n".join(result.lines())
+
+
+def test_loops_over_a_dim_unroll_and_the_batch_stays_symbolic(tmp_path):
+    from ppcompile.check_training import verify_in_process
+    from ppcompile.runtime.loader import load_program
+
+    program_dir = compile_to(tmp_path, "tests/fixtures/shape_control_flow.py:stepped", 2, microbatches=4)
+    program = json.loads((program_dir / "program.json").read_text())
+    (decided,) = [n for n in program["costs"]["notes"] if n.startswith("control flow on shapes")]
+    assert "`for t in range(x.size(1)):` -> 5" in decided
+    assert "`if t == int(x.size(1) / 2):` -> 2 (5 times)" in decided  # int(): the comparison is Python's
+    # len(x) and torch.zeros(x.size(0), d) are nodes of the graph: the batch dim stays b.
+    assert all(b["shape"][0] == "b" for b in program["boundaries"]), program["boundaries"]
     result = verify_in_process(load_program(program_dir), steps=2)
     assert result.ok, "\n".join(result.lines())

@@ -37,6 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ppcompile.context import CompileContext
+from ppcompile.frontend import switches_grad_mode
 from ppcompile.passes.propagate_shapes import run_fake_cpu, run_meta
 from ppcompile.runtime.executor import held_storages
 
@@ -69,7 +70,11 @@ def estimate_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     for node in gm.graph.nodes:
         node.meta["ppc.view_of"] = None
         node.meta["ppc.writes_buffers"] = writes_buffers(gm, node, values, buffers)
-        if node.op not in ("call_function", "call_method", "call_module") or node.meta["ppc.kind"] == "other":
+        if (
+            node.op not in ("call_function", "call_method", "call_module")
+            or node.meta["ppc.kind"] == "other"
+            or switches_grad_mode(node)
+        ):
             node.meta["ppc.cost"] = ZERO
             continue
         key = (_signature(gm, node, values), _signature(gm, node, device_values))

@@ -27,6 +27,7 @@ from torch import fx
 
 from ppcompile.context import CompileContext
 from ppcompile.errors import CompileError
+from ppcompile.frontend import switches_grad_mode
 from ppcompile.passes.estimate_costs import (
     _arg_nodes,
     _measure,
@@ -147,7 +148,11 @@ def _inverse(matrix: list[list[Fraction]]) -> list[list[Fraction]]:
 def _quantities_at(
     gm, node: fx.Node, values: dict, device_values: dict, cache: dict, on_cpu: bool
 ) -> list[float]:
-    if node.op not in ("call_function", "call_method", "call_module") or node.meta["ppc.kind"] == "other":
+    if (
+        node.op not in ("call_function", "call_method", "call_module")
+        or node.meta["ppc.kind"] == "other"
+        or switches_grad_mode(node)
+    ):
         return [0.0] * len(QUANTITIES)
     key = (_signature(gm, node, values), _signature(gm, node, device_values))
     if key not in cache:

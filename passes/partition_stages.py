@@ -45,6 +45,7 @@ from torch import fx
 
 from ppcompile.context import CompileContext, Partition
 from ppcompile.errors import CompileError
+from ppcompile.frontend import switches_grad_mode
 from ppcompile.memory import (
     held_tensors,
     optimizer_step_bytes,
@@ -124,9 +125,12 @@ def assign_stages(gm: fx.GraphModule, compute_order: list[str], cuts: list[int],
 
 
 def is_free(node: fx.Node, free: set[str]) -> bool:
-    """Placeholders, get_attr, and non-tensor values computed only from those."""
+    """Placeholders, get_attr, and non-tensor values computed only from those; not a switch of
+    grad mode (``torch.no_grad()`` in the model), which runs where the model runs it."""
     if node.op in ("placeholder", "get_attr"):
         return True
+    if switches_grad_mode(node):
+        return False
     if node.op == "output" or node.meta.get("ppc.kind") not in ("other", "none"):
         return False
     return all(n.name in free for n in node.all_input_nodes)

@@ -164,14 +164,15 @@ def measure(gm: fx.GraphModule, ctx: CompileContext, device: torch.device) -> di
         spec = ctx.ref.build(device, seed=0)
         real = fx.GraphModule(spec.module, gm.graph)
         recorder = ValueRecorder(real)
-        recorder.run(*spec.example_inputs)
+        with torch.enable_grad():  # a model's torch.no_grad() switches it inside the run
+            recorder.run(*spec.example_inputs)
         values = recorder.values
         result, by_signature = {}, {}
         for node in gm.graph.nodes:
             if node.op not in ("call_function", "call_method", "call_module") or node.meta["ppc.kind"] in (
                 "other",
                 "none",
-            ):
+            ):  # a switch of grad mode (kind "none") among them: never timed alone
                 continue
             key = _signature(real, node, values)
             if key not in by_signature:

@@ -48,7 +48,9 @@ class ValueRecorder(fx.Interpreter):
 def run_meta(gm: fx.GraphModule, ctx: CompileContext, symbol_values: dict[str, int]) -> dict[str, object]:
     """Run the graph on meta tensors whose symbolic dims take ``symbol_values``."""
     recorder = ValueRecorder(gm)
-    with torch.device("meta"):
+    # enable_grad: a model's torch.no_grad() switches grad mode inside the run; however the run
+    # ends, the compiler goes on with it on.
+    with torch.device("meta"), torch.enable_grad():
         recorder.run(*_inputs(ctx, symbol_values, "meta"))
     return recorder.values
 
@@ -60,7 +62,7 @@ def run_fake_cpu(gm: fx.GraphModule, ctx: CompileContext, symbol_values: dict[st
     on_cpu = copy.deepcopy(gm)
     try:
         # Non-fake inputs allowed: to_empty turns the model's meta weights into fake CPU ones.
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.enable_grad():
             on_cpu.to_empty(device="cpu")
             recorder = ValueRecorder(on_cpu)
             recorder.run(*_inputs(ctx, symbol_values, "cpu"))

@@ -330,7 +330,14 @@ def compare(
         (g.abs().max().item() for g in ref_grads.values() if g is not None and g.numel()), default=0.0
     )
     floor = GRADIENT_SCALE_FLOOR * largest
-    grad_diffs = {n: relative_difference(g, ref_grads[n], floor) for n, g in grads.items() if g is not None}
+    # A gradient the eager model has none for (a parameter it uses under no_grad) counts against zero.
+    grad_diffs = {
+        n: relative_difference(
+            g, ref_grads[n] if ref_grads.get(n) is not None else torch.zeros_like(g), floor
+        )
+        for n, g in grads.items()
+        if g is not None
+    }
     param_diffs = {n: relative_difference(p, ref_params[n]) for n, p in params.items()}
     worst_grad = max(grad_diffs, key=grad_diffs.get)
     worst_param = max(param_diffs, key=param_diffs.get)

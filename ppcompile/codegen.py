@@ -291,6 +291,14 @@ def _node_lines(emitter: _Emitter, node: fx.Node) -> list[str]:
             f"{emitter.value(a)} {_INPLACE[node.target]} {emitter.value(b)}",
             f"{name} = {emitter.value(a)}{_comment(node)}",
         ]
+    if node.op == "call_function" and node.target is torch._C._set_grad_enabled:
+        # torch.no_grad() (or enable_grad) in the model: switched on entry, set back on exit.
+        (mode,) = node.args
+        if isinstance(mode, bool):
+            what = f"the model's torch.{'enable_grad' if mode else 'no_grad'}() begins"
+        else:
+            what = "and ends: grad mode as it was"
+        return [f"torch._C._set_grad_enabled({emitter.value(mode)})  # {what}"]
     return [f"{name} = {emitter.expression(node)}{_comment(node)}"]
 
 

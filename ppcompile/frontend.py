@@ -70,9 +70,16 @@ class PipelineTracer(fx.Tracer):
         factories = {name: getattr(torch, name) for name in SIZED_FACTORIES}
         for name, factory in factories.items():
             setattr(torch, name, _sizes_packed(factory))
+        # torch.no_grad() and its kin switch grad mode through one function; recorded, the
+        # stage code switches it where the model does.
+        self._grad_modes: list[tuple[bool, fx.Proxy]] = []
+        grad_before = torch.is_grad_enabled()
+        torch._C._set_grad_enabled = self._record_grad_mode
         try:
             return super().trace(root, concrete_args)
         finally:
+            torch._C._set_grad_enabled = _SET_GRAD_ENABLED
+            _SET_GRAD_ENABLED(grad_before)
             for name, factory in factories.items():
                 setattr(torch, name, factory)
             for namespace, name in patched:
@@ -81,6 +88,25 @@ class PipelineTracer(fx.Tracer):
                 del fx.Proxy.__int__
             else:
                 fx.Proxy.__int__ = saved_int
+
+    def _record_grad_mode(self, mode: bool) -> None:
+        """``torch._C._set_grad_enabled(mode)`` while tracing: switch it, and record the switch.
+
+        Entering a region records the mode the stage runs in at that point (``torch.no_grad()``
+        under inference stays off at the exit, not on); leaving it sets that mode back."""
+        current = torch.is_grad_enabled()
+        if mode == current:
+            return  # set_grad_enabled(False) switches in __init__ and again in __enter__
+        if self._grad_modes and self._grad_modes[-1][0] == mode:
+            _, before = self._grad_modes.pop()
+            self.create_proxy("call_function", _SET_GRAD_ENABLED, (before,), {})
+        else:
+            before = self.create_proxy(
+                "call_function", torch.is_grad_enabled, (), {}, name="grad_mode_before"
+            )
+            self.create_proxy("call_function", _SET_GRAD_ENABLED, (mode,), {})
+            self._grad_modes.append((current, before))
+        _SET_GRAD_ENABLED(mode)
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         return self.decide(obj, bool)
@@ -154,6 +180,15 @@ class PipelineTracer(fx.Tracer):
 
 
 _BUILTIN_LEN, _BUILTIN_RANGE = builtins.len, builtins.range
+_SET_GRAD_ENABLED = torch._C._set_grad_enabled
+# What the model's torch.no_grad() and its kin trace to: the mode before, and each switch.
+GRAD_MODE_FUNCTIONS = (torch.is_grad_enabled, _SET_GRAD_ENABLED)
+
+
+def switches_grad_mode(node: fx.Node) -> bool:
+    """A node of a grad-mode region: it runs where the model runs it, costs nothing, and is never
+    run alone (it would switch the compiler's own grad mode)."""
+    return node.op == "call_function" and node.target in GRAD_MODE_FUNCTIONS
 
 
 def _traced_len(obj) -> int | fx.Proxy:

@@ -283,3 +283,43 @@ def test_gpu_runs_print_their_peak_beside_the_prediction(monkeypatch, tmp_path):
     assert "predicted" not in _peak_memory_line(
         program, 1, torch.device("cuda:1"), SimpleNamespace(infer=True)
     )
+
+
+NO_GRAD = "tests/fixtures/no_grad_regions.py"
+
+
+@pytest.mark.parametrize("stages", [2, 4])
+def test_no_grad_regions_train_like_eager(tmp_path, stages):
+    program_dir = compile_to(tmp_path, f"{NO_GRAD}:model", stages, microbatches=4)
+    code = "".join(p.read_text() for p in sorted(program_dir.glob("stage_*.py")))
+    assert code.count("torch._C._set_grad_enabled(False)  # the model's torch.no_grad() begins") == 7
+    program = load_program(program_dir)
+    result = verify_in_process(program, steps=3)
+    assert result.ok, "\n".join(result.lines())
+    assert result.worst_buffer is not None  # the running means were compared
+    # The teacher is frozen by no_grad: no rank gives it a gradient.
+    pipeline = InProcessPipeline(program)
+    pipeline.step(next(batches(program, pipeline.spec, 0)))
+    assert pipeline.named_gradients()["teacher.weight"] is None
+    # Inference leaves grad mode off through the regions; training finds it on afterwards.
+    with torch.no_grad():
+        pipeline.evaluate(next(batches(program, pipeline.spec, 0)))
+        assert not torch.is_grad_enabled()
+    assert torch.is_grad_enabled()
+
+
+def test_no_grad_region_inside_a_recomputed_layer(tmp_path):
+    plain = compile_to(tmp_path / "plain", f"{NO_GRAD}:untracked", 4, microbatches=4)
+    peaks = [m["total"] for m in json.loads((plain / "program.json").read_text())["costs"]["memory"]]
+    budget = int(0.8 * max(peaks))  # bytes
+    program_dir = compile_to(
+        tmp_path / "tight", f"{NO_GRAD}:untracked", 4, microbatches=4, memory_per_device=budget
+    )
+    recomputed = [
+        p.read_text() for p in program_dir.glob("stage_*.py") if "checkpoint.checkpoint(" in p.read_text()
+    ]
+    assert any(
+        "torch._C._set_grad_enabled(False)" in code.split("def _recompute_", 1)[-1] for code in recomputed
+    )
+    result = verify_in_process(load_program(program_dir), steps=2)
+    assert result.ok, "\n".join(result.lines())

@@ -31,10 +31,11 @@ class PipelineTracer(fx.Tracer):
     """fx's tracer, with buffers proxied so ``self.mask[:, :T]`` traces like a parameter would, and
     Python values computed from shapes decided by the example inputs.
 
-    ``assert t <= self.block_size``, ``if x.dim() == 4``, ``for i in range(x.size(1))`` or
-    ``len(x)`` stop plain fx (``len`` becomes a node of the graph). Here the value is computed on meta tensors of the example inputs'
-    shapes and the code that follows is traced with it (a loop over ``range(t)`` unrolled);
-    ``decided`` lists each as (``file:line: `code```, value), for the report. A condition on a
+    ``assert t <= self.block_size``, ``if x.dim() == 4`` or ``for i in range(x.size(1))`` stop
+    plain fx. Here the value is computed on meta tensors of the example inputs' shapes and the
+    code that follows is traced with it (a loop over ``range(t)`` unrolled); ``decided`` lists
+    each as (``file:line: `code```, value), for the report. ``len(x)`` becomes a node of the
+    graph, and ``torch.no_grad()`` in forward a pair of grad-mode switches. A condition on a
     tensor's values (``if x.sum() > 0``) still cannot be traced: meta tensors have shapes, not
     values.
     """

@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ppcompile.context import CompileContext
-from ppcompile.frontend import switches_grad_mode
+from ppcompile.frontend import is_effect, rebind_buffer
 from ppcompile.passes.propagate_shapes import run_fake_cpu, run_meta
 from ppcompile.runtime.executor import held_storages
 
@@ -73,7 +73,7 @@ def estimate_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         if (
             node.op not in ("call_function", "call_method", "call_module")
             or node.meta["ppc.kind"] == "other"
-            or switches_grad_mode(node)
+            or is_effect(node)
         ):
             node.meta["ppc.cost"] = ZERO
             continue
@@ -171,6 +171,8 @@ def writes_buffers(gm: fx.GraphModule, node: fx.Node, values: dict, buffers: set
     (or a view of one) can."""
     if node.op not in ("call_function", "call_method", "call_module"):
         return False
+    if node.op == "call_function" and node.target is rebind_buffer:  # self.ema = ... in forward
+        return True
     module = gm.get_submodule(node.target) if node.op == "call_module" else None
     reads = {
         StorageWeakRef(v.untyped_storage())

@@ -27,7 +27,7 @@ from torch import fx
 
 from ppcompile.context import CompileContext
 from ppcompile.errors import CompileError
-from ppcompile.frontend import switches_grad_mode
+from ppcompile.frontend import is_effect
 from ppcompile.passes.estimate_costs import (
     _arg_nodes,
     _measure,
@@ -151,7 +151,7 @@ def _quantities_at(
     if (
         node.op not in ("call_function", "call_method", "call_module")
         or node.meta["ppc.kind"] == "other"
-        or switches_grad_mode(node)
+        or is_effect(node)
     ):
         return [0.0] * len(QUANTITIES)
     key = (_signature(gm, node, values), _signature(gm, node, device_values))

@@ -45,7 +45,7 @@ from torch import fx
 
 from ppcompile.context import CompileContext, Partition
 from ppcompile.errors import CompileError
-from ppcompile.frontend import switches_grad_mode
+from ppcompile.frontend import is_effect, rebind_buffer
 from ppcompile.memory import (
     held_tensors,
     optimizer_step_bytes,
@@ -129,7 +129,7 @@ def is_free(node: fx.Node, free: set[str]) -> bool:
     grad mode (``torch.no_grad()`` in the model), which runs where the model runs it."""
     if node.op in ("placeholder", "get_attr"):
         return True
-    if switches_grad_mode(node):
+    if is_effect(node):
         return False
     if node.op == "output" or node.meta.get("ppc.kind") not in ("other", "none"):
         return False
@@ -171,6 +171,18 @@ def partition_problem(gm, ctx, order, weight=None):
         if node.meta["ppc.requires_grad"]:
             t *= 2
         values.append(CrossingValue(p, tuple(users), t))
+    # A buffer the model rebinds (self.ema = ...) is read and rebound on one stage: the stage
+    # holding it sees its own rebinding at the next micro-batch, as the model would.
+    for node in order:
+        if node.op == "call_function" and node.target is rebind_buffer:
+            readers = [
+                position[u.name]
+                for n in gm.graph.nodes
+                if n.op == "get_attr" and n.target == node.args[0]
+                for u in n.users
+                if u.name in position
+            ]
+            forbidden.update(range(min(readers, default=position[node.name]) + 1, position[node.name] + 1))
     return times, values, forbidden
 
 

@@ -16,6 +16,7 @@ from torch import fx, nn
 
 from ppcompile.context import BoundaryTensor, CompileContext, StageGraph
 from ppcompile.errors import CompileError
+from ppcompile.frontend import rebind_buffer
 
 
 def split_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
@@ -98,6 +99,8 @@ def _stage_graph(gm, ctx, stage: int, nodes: list[fx.Node], loss: fx.Node) -> St
             modules.append(node.target)
         elif node.op == "get_attr":
             tensors.append(node.target)
+        elif node.op == "call_function" and node.target is rebind_buffer:
+            tensors.append(node.args[0])  # the stage file assigns it: it must hold it
         if node.name in own_names:
             node_names.append(node.name)
     sends = [n.name for n in own if n.name in ctx.boundaries]

@@ -20,6 +20,7 @@ from torch import fx
 
 from ppcompile.context import CompileContext, StageGraph
 from ppcompile.errors import CompileError
+from ppcompile.frontend import rebind_buffer
 from ppcompile.passes.order_mutations import is_in_place
 
 _INFIX = {
@@ -291,6 +292,9 @@ def _node_lines(emitter: _Emitter, node: fx.Node) -> list[str]:
             f"{emitter.value(a)} {_INPLACE[node.target]} {emitter.value(b)}",
             f"{name} = {emitter.value(a)}{_comment(node)}",
         ]
+    if node.op == "call_function" and node.target is rebind_buffer:
+        fqn, value = node.args
+        return [f"self.{attribute_path(fqn)} = {emitter.value(value)}  # the model rebinds its buffer"]
     if node.op == "call_function" and node.target is torch._C._set_grad_enabled:
         # torch.no_grad() (or enable_grad) in the model: switched on entry, set back on exit.
         (mode,) = node.args

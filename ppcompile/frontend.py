@@ -24,6 +24,8 @@ from ppcompile.runtime.spec import ModelRef, SpecError
 # calls and parameter reads as graph nodes, which running a submodule for a value must not do.
 _MODULE_CALL = nn.Module.__call__
 _MODULE_GETATTR = nn.Module.__getattr__
+_MODULE_SETATTR = nn.Module.__setattr__
+_ABSENT = object()  # an attribute the module did not have
 _LIBRARY_DIRS = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
 
 
@@ -76,9 +78,19 @@ class PipelineTracer(fx.Tracer):
         self._grad_modes: list[tuple[bool, fx.Proxy]] = []
         grad_before = torch.is_grad_enabled()
         torch._C._set_grad_enabled = self._record_grad_mode
+        # self.steps += 1 or self.ema = 0.9 * self.ema + ...: a buffer given a new value.
+        self._assigned: list[tuple[nn.Module, str, object]] = []
+        self._rebound: dict[int, fx.Proxy] = {}  # id of a buffer's tensor -> its new value
+        nn.Module.__setattr__ = lambda module, name, value: self._record_setattr(module, name, value)
         try:
             return super().trace(root, concrete_args)
         finally:
+            nn.Module.__setattr__ = _MODULE_SETATTR
+            for module, name, old in reversed(self._assigned):
+                if old is _ABSENT:
+                    module.__dict__.pop(name, None)
+                else:
+                    object.__setattr__(module, name, old)
             torch._C._set_grad_enabled = _SET_GRAD_ENABLED
             _SET_GRAD_ENABLED(grad_before)
             for name, factory in factories.items():
@@ -108,6 +120,28 @@ class PipelineTracer(fx.Tracer):
             self.create_proxy("call_function", _SET_GRAD_ENABLED, (mode,), {})
             self._grad_modes.append((current, before))
         _SET_GRAD_ENABLED(mode)
+
+    def _record_setattr(self, module: nn.Module, name: str, value) -> None:
+        """``module.name = value`` while tracing. A traced value given to a buffer rebinds it
+        (:func:`rebind_buffer`, a node of the graph); the rest of this forward reads the new value,
+        and the module keeps its tensor. (Not an in-place copy: a tensor saved for backward by an
+        earlier micro-batch still in flight must keep its value.) A traced value given to a plain
+        attribute (``self.last_attn = a``) is seen by the rest of this forward only, and the
+        attribute is put back after tracing."""
+        if not isinstance(value, fx.Proxy):
+            _MODULE_SETATTR(module, name, value)
+        elif name in module._buffers:
+            path = self.path_of_module(module)
+            self.create_proxy("call_function", rebind_buffer, (f"{path}.{name}" if path else name, value), {})
+            self._rebound[id(module._buffers[name])] = value
+        else:
+            self._assigned.append((module, name, module.__dict__.get(name, _ABSENT)))
+            object.__setattr__(module, name, value)
+
+    def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
+        if id(attr_val) in self._rebound:  # read after this forward rebound it
+            return self._rebound[id(attr_val)]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         return self.decide(obj, bool)
@@ -182,14 +216,23 @@ class PipelineTracer(fx.Tracer):
 
 _BUILTIN_LEN, _BUILTIN_RANGE = builtins.len, builtins.range
 _SET_GRAD_ENABLED = torch._C._set_grad_enabled
-# What the model's torch.no_grad() and its kin trace to: the mode before, and each switch.
-GRAD_MODE_FUNCTIONS = (torch.is_grad_enabled, _SET_GRAD_ENABLED)
 
 
-def switches_grad_mode(node: fx.Node) -> bool:
-    """A node of a grad-mode region: it runs where the model runs it, costs nothing, and is never
-    run alone (it would switch the compiler's own grad mode)."""
-    return node.op == "call_function" and node.target in GRAD_MODE_FUNCTIONS
+def rebind_buffer(fqn: str, value: torch.Tensor) -> None:
+    """What ``self.ema = 0.9 * self.ema + ...`` in a model's forward traces to: the buffer ``fqn``
+    is the tensor ``value`` from then on. The stage file writes the assignment itself
+    (``self.layers[0].ema = add_1``); compiling, the graph's value is what later reads see."""
+
+
+# What the model's torch.no_grad() and its kin trace to: the mode before, and each switch; and
+# what a buffer's assignment traces to.
+EFFECT_FUNCTIONS = (torch.is_grad_enabled, _SET_GRAD_ENABLED, rebind_buffer)
+
+
+def is_effect(node: fx.Node) -> bool:
+    """A node run for its effect on state (grad mode, a buffer): it runs where the model runs it,
+    costs nothing, and is never run alone (it would switch the compiler's own grad mode)."""
+    return node.op == "call_function" and node.target in EFFECT_FUNCTIONS
 
 
 def _traced_len(obj) -> int | fx.Proxy:
@@ -240,13 +283,18 @@ def _is_shape_arithmetic(node: fx.Node) -> bool:
 
 @contextmanager
 def _untraced():
-    """nn.Module's own ``__call__`` and ``__getattr__`` for the duration, fx's patches put back after."""
-    patched = nn.Module.__call__, nn.Module.__getattr__
-    nn.Module.__call__, nn.Module.__getattr__ = _MODULE_CALL, _MODULE_GETATTR
+    """nn.Module's own ``__call__``, ``__getattr__`` and ``__setattr__`` for the duration, the
+    tracer's patches put back after."""
+    patched = nn.Module.__call__, nn.Module.__getattr__, nn.Module.__setattr__
+    nn.Module.__call__, nn.Module.__getattr__, nn.Module.__setattr__ = (
+        _MODULE_CALL,
+        _MODULE_GETATTR,
+        _MODULE_SETATTR,
+    )
     try:
         yield
     finally:
-        nn.Module.__call__, nn.Module.__getattr__ = patched
+        nn.Module.__call__, nn.Module.__getattr__, nn.Module.__setattr__ = patched
 
 
 def load_context(ref_text: str, config: CompileConfig) -> CompileContext:

@@ -323,3 +323,13 @@ def test_no_grad_region_inside_a_recomputed_layer(tmp_path):
     )
     result = verify_in_process(load_program(program_dir), steps=2)
     assert result.ok, "\n".join(result.lines())
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_buffers_assigned_in_forward_train_like_eager(tmp_path, stages):
+    program_dir = compile_to(tmp_path, "tests/fixtures/buffer_assign.py:model", stages, microbatches=4)
+    code = "".join(p.read_text() for p in sorted(program_dir.glob("stage_*.py")))
+    assert code.count("  # the model rebinds its buffer") == 7  # the step counter, six moving averages
+    result = verify_in_process(load_program(program_dir), steps=3)
+    assert result.ok, "\n".join(result.lines())
+    assert result.worst_buffer is not None and result.max_buffer_difference <= 1e-5

@@ -68,6 +68,9 @@ class PipelineTracer(fx.Tracer):
                     patched.append((namespace, name))
         saved_int = fx.Proxy.__dict__.get("__int__")
         fx.Proxy.__int__ = lambda proxy: proxy.tracer.decide(proxy, int)
+        # x.dtype is the example's, as every buffer the program sends is sized for it: a value,
+        # not a node, so torch.finfo(x.dtype).min (BERT's attention mask) traces.
+        fx.Proxy.__getattr__ = _static_dtype
         # torch.zeros(b, d) with a proxy first is refused by torch's argument parser, where
         # torch.zeros((b, d)) traces: the same call, its sizes packed into one tuple.
         factories = {name: getattr(torch, name) for name in SIZED_FACTORIES}
@@ -97,6 +100,7 @@ class PipelineTracer(fx.Tracer):
                 setattr(torch, name, factory)
             for namespace, name in patched:
                 namespace.pop(name, None)
+            fx.Proxy.__getattr__ = _PROXY_GETATTR
             if saved_int is None:
                 del fx.Proxy.__int__
             else:
@@ -233,6 +237,19 @@ def is_effect(node: fx.Node) -> bool:
     """A node run for its effect on state (grad mode, a buffer): it runs where the model runs it,
     costs nothing, and is never run alone (it would switch the compiler's own grad mode)."""
     return node.op == "call_function" and node.target in EFFECT_FUNCTIONS
+
+
+_PROXY_GETATTR = fx.Proxy.__getattr__
+
+
+def _static_dtype(proxy: fx.Proxy, name: str):
+    if name == "dtype" and isinstance(proxy.tracer, PipelineTracer):
+        try:
+            with _untraced():
+                return proxy.tracer._value(proxy.node).dtype
+        except Exception:  # noqa: BLE001 - not computable on meta tensors: a node, as fx makes it
+            pass
+    return _PROXY_GETATTR(proxy, name)
 
 
 def _traced_len(obj) -> int | fx.Proxy:

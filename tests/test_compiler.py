@@ -133,3 +133,14 @@ def test_loops_over_a_dim_unroll_and_the_batch_stays_symbolic(tmp_path):
     assert all(b["shape"][0] == "b" for b in program["boundaries"]), program["boundaries"]
     result = verify_in_process(load_program(program_dir), steps=2)
     assert result.ok, "\n".join(result.lines())
+
+
+def test_hugging_face_style_bert_trains_like_eager(tmp_path):
+    from ppcompile.check_training import verify_in_process
+    from ppcompile.runtime.loader import load_program
+
+    program_dir = compile_to(tmp_path, "tests/fixtures/hf_bert.py:factory", 2, microbatches=4)
+    code = (program_dir / "stage_0.py").read_text()
+    assert "-3.4028234663852886e+38" in code  # torch.finfo(float32).min, a constant of the stage
+    result = verify_in_process(load_program(program_dir), steps=2)
+    assert result.ok, "\n".join(result.lines())

@@ -30,6 +30,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from ppcompile.context import CompileContext
 from ppcompile.errors import CompileError
+from ppcompile.frontend import source_line
 
 
 class ValueRecorder(fx.Interpreter):
@@ -40,9 +41,20 @@ class ValueRecorder(fx.Interpreter):
         self.values: dict[str, object] = {}
 
     def run_node(self, node: fx.Node):
-        result = super().run_node(node)
+        try:
+            result = super().run_node(node)
+        except Exception as e:
+            raise NodeFailed(node.name, e) from e
         self.values[node.name] = result
         return result
+
+
+class NodeFailed(RuntimeError):
+    """Running a graph stopped at node ``name`` with ``error``."""
+
+    def __init__(self, name: str, error: Exception):
+        super().__init__(f"{name}: {type(error).__name__}: {error}")
+        self.name, self.error = name, error
 
 
 def run_meta(gm: fx.GraphModule, ctx: CompileContext, symbol_values: dict[str, int]) -> dict[str, object]:
@@ -118,7 +130,16 @@ def run_meta_somewhere(gm: fx.GraphModule, ctx: CompileContext, points: list[dic
 
 def propagate_shapes(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     base = dict(ctx.symbol_values)
-    base_values = run_meta(gm, ctx, base)
+    try:
+        base_values = run_meta(gm, ctx, base)
+    except NodeFailed as e:
+        first_line = str(e.error).splitlines()[0] if str(e.error) else ""
+        raise CompileError(
+            f"{source_line(ctx, e.name)}: the shape of {e.name} cannot be computed from the input shapes "
+            f"({type(e.error).__name__}: {first_line[:200]}); ppcompile sizes every value from them: "
+            "use shapes the inputs fix (a mask instead of boolean indexing or torch.where with one "
+            "argument, dense instead of sparse routing), or move it into a submodule fx keeps as a leaf"
+        ) from None
     scaled_runs = {}
     for name, value in base.items():
         # A second size for each symbol, one the model accepts, tells which dims scale with it.

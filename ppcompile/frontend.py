@@ -408,6 +408,30 @@ def _trace_at(ctx: CompileContext, example_inputs, dims: str = "") -> tuple[Pipe
     return tracer, graph
 
 
+def source_line(ctx: CompileContext, node_name: str) -> str:
+    """``file:line: `code``` of the model code that made node ``node_name``, found by tracing again
+    with fx's stack traces on (too slow to keep on for every compile); the model file alone where
+    none is found."""
+    tracer = PipelineTracer(dict(zip(ctx.input_names, ctx.spec.example_inputs)), ctx.ref.path)
+    tracer.record_stack_traces = True
+    try:
+        graph = tracer.trace(ctx.spec.module)
+    except Exception:  # noqa: BLE001 - it traced once; this is for a message only
+        return str(ctx.ref.path)
+    node = next((n for n in graph.nodes if n.name == node_name), None)
+    lines = (node.meta.get("stack_trace") or "").splitlines() if node is not None else []
+    found = str(ctx.ref.path)
+    for header, code in zip(lines, lines[1:]):
+        header = header.strip()
+        if header.startswith('File "'):
+            filename, _, rest = header[len('File "') :].partition('", line ')
+            if not filename.startswith(_LIBRARY_DIRS):
+                path = Path(filename)
+                shown = ctx.ref.path if path.resolve() == Path(ctx.ref.path).resolve() else path.name
+                found = f"{shown}:{rest.split(',')[0]}: `{code.strip()}`"
+    return found
+
+
 def _inputs_at(ctx: CompileContext, point: dict[str, int]) -> list:
     """The example inputs as meta tensors, their symbolic dims at ``point``."""
     inputs = []

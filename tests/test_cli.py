@@ -12,6 +12,11 @@ from tests.helpers import assert_user_error, ppcompile
         ("models/gpt.py:gpt_huge", "2", ["gpt_huge", "gpt_mini"]),
         ("models/gpt.py", "2", ["PATH.py:FACTORY"]),
         ("tests/fixtures/untraceable.py:model", "2", ["untraceable.py:12", "if h.sum() > 0", "cannot trace"]),
+        (
+            "tests/fixtures/untraceable.py:boolean_indexed",
+            "2",
+            ["untraceable.py:28: `kept = h[h > 0]", "cannot be computed from the input shapes"],
+        ),
         ("models/mlp.py:mlp", "500 --schedule gpipe", ["--stages 500", "places it can be cut"]),
         ("models/mlp.py:mlp", "0", ["--stages must be at least 1"]),
         (

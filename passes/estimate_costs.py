@@ -37,9 +37,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ppcompile.context import CompileContext
-from ppcompile.frontend import is_effect, rebind_buffer
 from ppcompile.passes.propagate_shapes import run_fake_cpu, run_meta
 from ppcompile.runtime.executor import held_storages
+from ppcompile.tracer import is_effect, rebind_buffer
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ from torch import fx
 
 from ppcompile.context import CompileContext
 from ppcompile.errors import CompileError
-from ppcompile.frontend import is_effect
 from ppcompile.passes.estimate_costs import (
     _arg_nodes,
     _measure,
@@ -36,6 +35,7 @@ from ppcompile.passes.estimate_costs import (
     runs_on_cpu,
 )
 from ppcompile.passes.propagate_shapes import run_fake_cpu, run_meta, sample_values, tuple_nbytes
+from ppcompile.tracer import is_effect
 
 QUANTITIES = ("forward_flops", "backward_flops", "bytes_moved", "saved_temp_bytes")
 

@@ -45,7 +45,6 @@ from torch import fx
 
 from ppcompile.context import CompileContext, Partition
 from ppcompile.errors import CompileError
-from ppcompile.frontend import is_effect, rebind_buffer
 from ppcompile.memory import (
     held_tensors,
     optimizer_step_bytes,
@@ -56,6 +55,7 @@ from ppcompile.memory import (
     steps_every_parameter_at_once,
     working_bytes,
 )
+from ppcompile.tracer import is_effect, rebind_buffer
 
 
 @dataclass(frozen=True)

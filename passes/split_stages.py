@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from ppcompile.context import BoundaryTensor, CompileContext, StageGraph
 from ppcompile.errors import CompileError
-from ppcompile.frontend import rebind_buffer
+from ppcompile.tracer import rebind_buffer
 
 
 def split_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:

@@ -20,8 +20,8 @@ from torch import fx
 
 from ppcompile.context import CompileContext, StageGraph
 from ppcompile.errors import CompileError
-from ppcompile.frontend import rebind_buffer
 from ppcompile.passes.order_mutations import is_in_place
+from ppcompile.tracer import rebind_buffer
 
 _INFIX = {
     operator.add: "+",

@@ -1,0 +1,317 @@
+"""The tracer: torch.fx's, extended to trace models as users write them.
+
+Plain fx refuses or silently mistraces several things a model's forward often does; here each is
+traced into the graph, or decided for the example inputs and listed for the report:
+
+- control flow and ``range``/``int`` on shapes (``assert t <= block_size``, ``if x.dim() == 3``,
+  ``for t in range(x.size(1))``): decided on meta tensors of the example's shapes;
+- ``len(x)`` and ``torch.zeros(b, d)`` with a traced size: nodes of the graph, symbolic in ``b``;
+- ``x.dtype``: the example's dtype (``torch.finfo(x.dtype).min``);
+- ``torch.no_grad()`` and its kin: grad-mode switches where the model makes them;
+- a buffer given a new value (``self.steps += 1``): :func:`rebind_buffer`.
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+
+# nn.Module's own call and attribute lookup: while fx traces it swaps in versions that record
+# calls and parameter reads as graph nodes, which running a submodule for a value must not do.
+_MODULE_CALL = nn.Module.__call__
+_MODULE_GETATTR = nn.Module.__getattr__
+_MODULE_SETATTR = nn.Module.__setattr__
+_ABSENT = object()  # an attribute the module did not have
+# Frames in these are not the model's code (ppcompile's own: this package).
+LIBRARY_DIRS = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
+
+
+class PipelineTracer(fx.Tracer):
+    """fx's tracer, with buffers proxied so ``self.mask[:, :T]`` traces like a parameter would, and
+    Python values computed from shapes decided by the example inputs.
+
+    ``assert t <= self.block_size``, ``if x.dim() == 4`` or ``for i in range(x.size(1))`` stop
+    plain fx. Here the value is computed on meta tensors of the example inputs' shapes and the
+    code that follows is traced with it (a loop over ``range(t)`` unrolled); ``decided`` lists
+    each as (``file:line: `code```, value), for the report. ``len(x)`` becomes a node of the
+    graph, and ``torch.no_grad()`` in forward a pair of grad-mode switches. A condition on a
+    tensor's values (``if x.sum() > 0``) still cannot be traced: meta tensors have shapes, not
+    values.
+    """
+
+    proxy_buffer_attributes = True
+
+    def __init__(self, example_inputs: dict[str, object] | None = None, model_path: str | None = None):
+        super().__init__()
+        self.example_inputs = {
+            name: t.to("meta") if isinstance(t, torch.Tensor) else t
+            for name, t in (example_inputs or {}).items()
+        }
+        self.model_path = model_path
+        self.decided: list[tuple[str, bool | int]] = []
+        self._values: dict[fx.Node, object] = {}
+        self._asked: set[fx.Node] = set()  # what decided values were computed from
+
+    def trace(self, root, concrete_args=None) -> fx.Graph:
+        # Where the model's own code (not torch's) calls range(), len() or int() on a proxy: len
+        # is a node of the graph (x.new_zeros(len(x), d) stays symbolic in the batch), range and
+        # int decide the value as a condition is decided. Only the model's own modules see them,
+        # and everything is put back after, whatever happens.
+        patched = []
+        for namespace in _model_namespaces(root):
+            for name, replacement in _TRACED_BUILTINS.items():
+                if name not in namespace:
+                    namespace[name] = replacement
+                    patched.append((namespace, name))
+        saved_int = fx.Proxy.__dict__.get("__int__")
+        fx.Proxy.__int__ = lambda proxy: proxy.tracer.decide(proxy, int)
+        # x.dtype is the example's, as every buffer the program sends is sized for it: a value,
+        # not a node, so torch.finfo(x.dtype).min (BERT's attention mask) traces.
+        fx.Proxy.__getattr__ = _static_dtype
+        # torch.zeros(b, d) with a proxy first is refused by torch's argument parser, where
+        # torch.zeros((b, d)) traces: the same call, its sizes packed into one tuple.
+        factories = {name: getattr(torch, name) for name in SIZED_FACTORIES}
+        for name, factory in factories.items():
+            setattr(torch, name, _sizes_packed(factory))
+        # torch.no_grad() and its kin switch grad mode through one function; recorded, the
+        # stage code switches it where the model does.
+        self._grad_modes: list[tuple[bool, fx.Proxy]] = []
+        grad_before = torch.is_grad_enabled()
+        torch._C._set_grad_enabled = self._record_grad_mode
+        # self.steps += 1 or self.ema = 0.9 * self.ema + ...: a buffer given a new value.
+        self._assigned: list[tuple[nn.Module, str, object]] = []
+        self._rebound: dict[int, fx.Proxy] = {}  # id of a buffer's tensor -> its new value
+        nn.Module.__setattr__ = lambda module, name, value: self._record_setattr(module, name, value)
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            nn.Module.__setattr__ = _MODULE_SETATTR
+            for module, name, old in reversed(self._assigned):
+                if old is _ABSENT:
+                    module.__dict__.pop(name, None)
+                else:
+                    object.__setattr__(module, name, old)
+            torch._C._set_grad_enabled = _SET_GRAD_ENABLED
+            _SET_GRAD_ENABLED(grad_before)
+            for name, factory in factories.items():
+                setattr(torch, name, factory)
+            for namespace, name in patched:
+                namespace.pop(name, None)
+            fx.Proxy.__getattr__ = _PROXY_GETATTR
+            if saved_int is None:
+                del fx.Proxy.__int__
+            else:
+                fx.Proxy.__int__ = saved_int
+
+    def _record_grad_mode(self, mode: bool) -> None:
+        """``torch._C._set_grad_enabled(mode)`` while tracing: switch it, and record the switch.
+
+        Entering a region records the mode the stage runs in at that point (``torch.no_grad()``
+        under inference stays off at the exit, not on); leaving it sets that mode back."""
+        current = torch.is_grad_enabled()
+        if mode == current:
+            return  # set_grad_enabled(False) switches in __init__ and again in __enter__
+        if self._grad_modes and self._grad_modes[-1][0] == mode:
+            _, before = self._grad_modes.pop()
+            self.create_proxy("call_function", _SET_GRAD_ENABLED, (before,), {})
+        else:
+            before = self.create_proxy(
+                "call_function", torch.is_grad_enabled, (), {}, name="grad_mode_before"
+            )
+            self.create_proxy("call_function", _SET_GRAD_ENABLED, (mode,), {})
+            self._grad_modes.append((current, before))
+        _SET_GRAD_ENABLED(mode)
+
+    def _record_setattr(self, module: nn.Module, name: str, value) -> None:
+        """``module.name = value`` while tracing. A traced value given to a buffer rebinds it
+        (:func:`rebind_buffer`, a node of the graph); the rest of this forward reads the new value,
+        and the module keeps its tensor. (Not an in-place copy: a tensor saved for backward by an
+        earlier micro-batch still in flight must keep its value.) A traced value given to a plain
+        attribute (``self.last_attn = a``) is seen by the rest of this forward only, and the
+        attribute is put back after tracing."""
+        if not isinstance(value, fx.Proxy):
+            _MODULE_SETATTR(module, name, value)
+        elif name in module._buffers:
+            path = self.path_of_module(module)
+            self.create_proxy("call_function", rebind_buffer, (f"{path}.{name}" if path else name, value), {})
+            self._rebound[id(module._buffers[name])] = value
+        else:
+            self._assigned.append((module, name, module.__dict__.get(name, _ABSENT)))
+            object.__setattr__(module, name, value)
+
+    def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
+        if id(attr_val) in self._rebound:  # read after this forward rebound it
+            return self._rebound[id(attr_val)]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return self.decide(obj, bool)
+
+    def decide(self, proxy: fx.Proxy, convert) -> bool | int:
+        """``convert`` (bool or int) of the proxy's value for the example inputs, recorded."""
+        try:
+            with _untraced():
+                value = convert(self._value(proxy.node))
+        except Exception as e:
+            raise fx.proxy.TraceError(
+                "this value depends on a tensor's values, not only on shapes (computing it for "
+                f"the example's shapes failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            ) from None
+        self.decided.append((self._caller(), value))
+        return value
+
+    def _value(self, target: fx.Node) -> object:
+        """``target``'s value for the example inputs, on meta tensors, computing what it needs."""
+        needed, stack = set(), [target]
+        while stack:
+            node = stack.pop()
+            if node in self._values or node in needed:
+                continue
+            needed.add(node)
+            stack.extend(node.all_input_nodes)
+        self._asked.update(needed)
+        for node in self.graph.nodes:  # in the graph's order, so every input comes first
+            if node in needed and node not in self._values:
+                self._values[node] = self._run(node)
+        return self._values[target]
+
+    def _run(self, node: fx.Node) -> object:
+        args = fx.node.map_arg(node.args, self._values.__getitem__)
+        kwargs = fx.node.map_arg(node.kwargs, self._values.__getitem__)
+        if node.op == "placeholder":
+            if node.target in self.example_inputs:
+                return self.example_inputs[node.target]
+            if args:  # an input left at its default
+                return args[0]
+            raise ValueError(f"no example input for {node.target!r}")
+        if node.op == "get_attr":
+            return operator.attrgetter(node.target)(self.root)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "call_module":
+            return self.root.get_submodule(node.target)(*args, **kwargs)
+        raise ValueError(f"cannot evaluate a {node.op} node")
+
+    def drop_conditions(self, graph: fx.Graph) -> None:
+        """Erase the shape queries and comparisons only the decided conditions read: ``t <= 32``
+        has no use left in the traced graph once its branch is taken."""
+        for node in reversed(list(graph.nodes)):
+            if node in self._asked and not node.users and _is_shape_arithmetic(node):
+                graph.erase_node(node)
+
+    def _caller(self) -> str:
+        """``file:line: `code``` of the model's code that asked, the innermost frame outside torch."""
+        for frame in reversed(traceback.extract_stack()):
+            if not frame.filename.startswith(LIBRARY_DIRS):
+                path = Path(frame.filename)
+                shown = (
+                    self.model_path
+                    if self.model_path and path.resolve() == Path(self.model_path).resolve()
+                    else path.name
+                )
+                return f"{shown}:{frame.lineno}: `{(frame.line or '').strip()}`"
+        return "the model"
+
+
+_BUILTIN_LEN, _BUILTIN_RANGE = builtins.len, builtins.range
+_SET_GRAD_ENABLED = torch._C._set_grad_enabled
+
+
+def rebind_buffer(fqn: str, value: torch.Tensor) -> None:
+    """What ``self.ema = 0.9 * self.ema + ...`` in a model's forward traces to: the buffer ``fqn``
+    is the tensor ``value`` from then on. The stage file writes the assignment itself
+    (``self.layers[0].ema = add_1``); compiling, the graph's value is what later reads see."""
+
+
+# What the model's torch.no_grad() and its kin trace to: the mode before, and each switch; and
+# what a buffer's assignment traces to.
+EFFECT_FUNCTIONS = (torch.is_grad_enabled, _SET_GRAD_ENABLED, rebind_buffer)
+
+
+def is_effect(node: fx.Node) -> bool:
+    """A node run for its effect on state (grad mode, a buffer): it runs where the model runs it,
+    costs nothing, and is never run alone (it would switch the compiler's own grad mode)."""
+    return node.op == "call_function" and node.target in EFFECT_FUNCTIONS
+
+
+_PROXY_GETATTR = fx.Proxy.__getattr__
+
+
+def _static_dtype(proxy: fx.Proxy, name: str):
+    if name == "dtype" and isinstance(proxy.tracer, PipelineTracer):
+        try:
+            with _untraced():
+                return proxy.tracer._value(proxy.node).dtype
+        except Exception:  # noqa: BLE001 - not computable on meta tensors: a node, as fx makes it
+            pass
+    return _PROXY_GETATTR(proxy, name)
+
+
+def _traced_len(obj) -> int | fx.Proxy:
+    if isinstance(obj, fx.Proxy):
+        return obj.tracer.create_proxy("call_function", _BUILTIN_LEN, (obj,), {})
+    return _BUILTIN_LEN(obj)
+
+
+def _traced_range(*bounds) -> range:
+    return _BUILTIN_RANGE(*(b.tracer.decide(b, int) if isinstance(b, fx.Proxy) else b for b in bounds))
+
+
+_TRACED_BUILTINS = {"len": _traced_len, "range": _traced_range}
+SIZED_FACTORIES = ("zeros", "ones", "empty", "rand", "randn")
+
+
+def _sizes_packed(factory):
+    def call(*args, **kwargs):
+        if any(isinstance(a, fx.Proxy) for a in args) and all(isinstance(a, (int, fx.Proxy)) for a in args):
+            return factory(tuple(args), **kwargs)
+        return factory(*args, **kwargs)
+
+    return call
+
+
+def _model_namespaces(root: nn.Module) -> list[dict]:
+    """The global namespaces of the model's own code: where its modules' forwards are defined,
+    torch's left out."""
+    found = {}
+    for module in root.modules():
+        namespace = getattr(type(module).forward, "__globals__", None)
+        if namespace is not None and not namespace.get("__name__", "").startswith("torch"):
+            found[id(namespace)] = namespace
+    return list(found.values())
+
+
+SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement"})
+
+
+def _is_shape_arithmetic(node: fx.Node) -> bool:
+    """A node that reads a shape or does arithmetic or comparison on Python values: pure."""
+    if node.op == "call_method":
+        return node.target in SHAPE_METHODS
+    if node.op == "call_function":
+        return getattr(node.target, "__module__", None) in ("_operator", "operator") or node.target is getattr
+    return False
+
+
+@contextmanager
+def _untraced():
+    """nn.Module's own ``__call__``, ``__getattr__`` and ``__setattr__`` for the duration, the
+    tracer's patches put back after."""
+    patched = nn.Module.__call__, nn.Module.__getattr__, nn.Module.__setattr__
+    nn.Module.__call__, nn.Module.__getattr__, nn.Module.__setattr__ = (
+        _MODULE_CALL,
+        _MODULE_GETATTR,
+        _MODULE_SETATTR,
+    )
+    try:
+        yield
+    finally:
+        nn.Module.__call__, nn.Module.__getattr__, nn.Module.__setattr__ = patched

@@ -70,11 +70,7 @@ def estimate_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     for node in gm.graph.nodes:
         node.meta["ppc.view_of"] = None
         node.meta["ppc.writes_buffers"] = writes_buffers(gm, node, values, buffers)
-        if (
-            node.op not in ("call_function", "call_method", "call_module")
-            or node.meta["ppc.kind"] == "other"
-            or is_effect(node)
-        ):
+        if costs_nothing(node):
             node.meta["ppc.cost"] = ZERO
             continue
         key = (_signature(gm, node, values), _signature(gm, node, device_values))
@@ -117,6 +113,16 @@ def estimate_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             backward_time=profile.compute_time(bwd_flops, 2 * moved, dtype) if differentiable else 0.0,
         )
     return gm
+
+
+def costs_nothing(node: fx.Node) -> bool:
+    """Inputs, attributes, Python values (sizes, dtypes) and effects (a grad-mode switch, a
+    buffer's rebinding): nothing to time or count, and an effect must not run alone."""
+    return (
+        node.op not in ("call_function", "call_method", "call_module")
+        or node.meta["ppc.kind"] == "other"
+        or is_effect(node)
+    )
 
 
 def _kept_items(node: fx.Node, value, paths: tuple) -> tuple[list[str], float]:

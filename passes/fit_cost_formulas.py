@@ -32,10 +32,10 @@ from ppcompile.passes.estimate_costs import (
     _measure,
     _signature,
     _takes_from_view_tuple,
+    costs_nothing,
     runs_on_cpu,
 )
 from ppcompile.passes.propagate_shapes import run_fake_cpu, run_meta, sample_values, tuple_nbytes
-from ppcompile.tracer import is_effect
 
 QUANTITIES = ("forward_flops", "backward_flops", "bytes_moved", "saved_temp_bytes")
 
@@ -148,11 +148,7 @@ def _inverse(matrix: list[list[Fraction]]) -> list[list[Fraction]]:
 def _quantities_at(
     gm, node: fx.Node, values: dict, device_values: dict, cache: dict, on_cpu: bool
 ) -> list[float]:
-    if (
-        node.op not in ("call_function", "call_method", "call_module")
-        or node.meta["ppc.kind"] == "other"
-        or is_effect(node)
-    ):
+    if costs_nothing(node):
         return [0.0] * len(QUANTITIES)
     key = (_signature(gm, node, values), _signature(gm, node, device_values))
     if key not in cache:

@@ -125,8 +125,9 @@ def assign_stages(gm: fx.GraphModule, compute_order: list[str], cuts: list[int],
 
 
 def is_free(node: fx.Node, free: set[str]) -> bool:
-    """Placeholders, get_attr, and non-tensor values computed only from those; not a switch of
-    grad mode (``torch.no_grad()`` in the model), which runs where the model runs it."""
+    """Placeholders, get_attr, and non-tensor values computed only from those; not an effect (a
+    switch of grad mode, a buffer's rebinding: ``tracer.is_effect``), which runs where the model
+    runs it."""
     if node.op in ("placeholder", "get_attr"):
         return True
     if is_effect(node):
@@ -173,16 +174,16 @@ def partition_problem(gm, ctx, order, weight=None):
         values.append(CrossingValue(p, tuple(users), t))
     # A buffer the model rebinds (self.ema = ...) is read and rebound on one stage: the stage
     # holding it sees its own rebinding at the next micro-batch, as the model would.
+    first_read: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            for user in node.users:
+                if user.name in position:
+                    first_read[node.target] = min(first_read.get(node.target, last), position[user.name])
     for node in order:
         if node.op == "call_function" and node.target is rebind_buffer:
-            readers = [
-                position[u.name]
-                for n in gm.graph.nodes
-                if n.op == "get_attr" and n.target == node.args[0]
-                for u in n.users
-                if u.name in position
-            ]
-            forbidden.update(range(min(readers, default=position[node.name]) + 1, position[node.name] + 1))
+            p = position[node.name]
+            forbidden.update(range(min(first_read.get(node.args[0], p), p) + 1, p + 1))
     return times, values, forbidden
 
 

@@ -40,8 +40,8 @@ from ppcompile.memory import (
     send_buffer_bytes,
     steps_every_parameter_at_once,
     storage_root,
+    updates_buffers,
     working_bytes,
-    writes_buffers,
 )
 from ppcompile.passes.partition_stages import (
     SegmentMemory,
@@ -236,7 +236,7 @@ def layer_runs(own: list[fx.Node]) -> list[tuple[str, list[fx.Node]]]:
 
 def buffer_writing_layers(own: list[fx.Node]) -> list[str]:
     """The layers among ``own`` that may not be recomputed: they update buffers in forward."""
-    return [key for key, run in layer_runs(own) if any(writes_buffers(n) for n in run)]
+    return [key for key, run in layer_runs(own) if any(updates_buffers(n) for n in run)]
 
 
 def candidate_regions(nodes: dict[str, fx.Node], own: list[fx.Node], stage: int) -> list[Region]:
@@ -246,7 +246,7 @@ def candidate_regions(nodes: dict[str, fx.Node], own: list[fx.Node], stage: int)
     base, _ = activation_bytes(nodes, own, [])
     regions = []
     for key, run in layer_runs(own):
-        if any(writes_buffers(n) for n in run):
+        if any(updates_buffers(n) for n in run):
             continue
         seconds = sum(n.meta["ppc.cost"].forward_time for n in run)
         region = Region(key, stage, tuple(n.name for n in run), 0.0, float(seconds))
@@ -488,7 +488,7 @@ def _recomputing_frees(nodes, order, saved_at: dict[str, set[int]], a: int, b: i
     a temporary, or saves a storage that it does not read from outside and that no node outside it
     saves too (the next layer keeps a ReLU's output, wherever the cuts fall)."""
     run = order[a : b + 1]
-    if any(writes_buffers(node) for node in run):
+    if any(updates_buffers(node) for node in run):
         return False
     if any(node.meta["ppc.cost"].saved_temp_bytes > 0 for node in run):
         return True

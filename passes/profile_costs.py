@@ -44,6 +44,7 @@ from ppcompile.passes.estimate_costs import (
     _flatten,
     _signature,
     classify_saved,
+    costs_nothing,
     fresh_inputs,
 )
 from ppcompile.passes.propagate_shapes import ValueRecorder
@@ -169,10 +170,7 @@ def measure(gm: fx.GraphModule, ctx: CompileContext, device: torch.device) -> di
         values = recorder.values
         result, by_signature = {}, {}
         for node in gm.graph.nodes:
-            if node.op not in ("call_function", "call_method", "call_module") or node.meta["ppc.kind"] in (
-                "other",
-                "none",
-            ):  # a switch of grad mode (kind "none") among them: never timed alone
+            if costs_nothing(node) or node.meta["ppc.kind"] == "none":
                 continue
             key = _signature(real, node, values)
             if key not in by_signature:

@@ -227,7 +227,7 @@ def working_bytes(nodes: dict[str, fx.Node], node: fx.Node) -> float:
     return result + max(result, float(node.meta["ppc.cost"].saved_temp_bytes))
 
 
-def writes_buffers(node: fx.Node) -> bool:
+def updates_buffers(node: fx.Node) -> bool:
     """Whether ``node``'s forward updates a model buffer in place (BatchNorm's running statistics
     in training): recomputing it in backward would apply the update twice."""
-    return bool(node.meta.get("ppc.writes_buffers"))
+    return bool(node.meta.get("ppc.writes_buffers"))  # set by estimate_costs.writes_buffers

@@ -16,7 +16,7 @@ from __future__ import annotations
 import builtins
 import operator
 import traceback
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -59,55 +59,41 @@ class PipelineTracer(fx.Tracer):
         self._asked: set[fx.Node] = set()  # what decided values were computed from
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
-        # Where the model's own code (not torch's) calls range(), len() or int() on a proxy: len
-        # is a node of the graph (x.new_zeros(len(x), d) stays symbolic in the batch), range and
-        # int decide the value as a condition is decided. Only the model's own modules see them,
-        # and everything is put back after, whatever happens.
-        patched = []
-        for namespace in _model_namespaces(root):
-            for name, replacement in _TRACED_BUILTINS.items():
-                if name not in namespace:
-                    namespace[name] = replacement
-                    patched.append((namespace, name))
-        saved_int = fx.Proxy.__dict__.get("__int__")
-        fx.Proxy.__int__ = lambda proxy: proxy.tracer.decide(proxy, int)
-        # x.dtype is the example's, as every buffer the program sends is sized for it: a value,
-        # not a node, so torch.finfo(x.dtype).min (BERT's attention mask) traces.
-        fx.Proxy.__getattr__ = _static_dtype
-        # torch.zeros(b, d) with a proxy first is refused by torch's argument parser, where
-        # torch.zeros((b, d)) traces: the same call, its sizes packed into one tuple.
-        factories = {name: getattr(torch, name) for name in SIZED_FACTORIES}
-        for name, factory in factories.items():
-            setattr(torch, name, _sizes_packed(factory))
-        # torch.no_grad() and its kin switch grad mode through one function; recorded, the
-        # stage code switches it where the model does.
-        self._grad_modes: list[tuple[bool, fx.Proxy]] = []
-        grad_before = torch.is_grad_enabled()
-        torch._C._set_grad_enabled = self._record_grad_mode
-        # self.steps += 1 or self.ema = 0.9 * self.ema + ...: a buffer given a new value.
-        self._assigned: list[tuple[nn.Module, str, object]] = []
+        self._grad_modes: list[tuple[bool, fx.Proxy]] = []  # open grad-mode regions
+        self._assigned: list[tuple[nn.Module, str, object]] = []  # plain attributes set, old values
         self._rebound: dict[int, fx.Proxy] = {}  # id of a buffer's tensor -> its new value
-        nn.Module.__setattr__ = lambda module, name, value: self._record_setattr(module, name, value)
-        try:
+        # Everything below is put back when tracing ends, however it ends.
+        with ExitStack() as patches:
+            # range(), len() on a proxy in the model's own code (not torch's): len is a node of the
+            # graph (x.new_zeros(len(x), d) stays symbolic in the batch), range decides its bounds.
+            for namespace in _model_namespaces(root):
+                for name, replacement in _TRACED_BUILTINS.items():
+                    if name not in namespace:
+                        patches.enter_context(_replaced(namespace, name, replacement))
+            patches.enter_context(
+                _replaced(fx.Proxy, "__int__", lambda proxy: proxy.tracer.decide(proxy, int))
+            )
+            # x.dtype is the example's, as every buffer the program sends is sized for it: a value,
+            # not a node, so torch.finfo(x.dtype).min (BERT's attention mask) traces.
+            patches.enter_context(_replaced(fx.Proxy, "__getattr__", _static_dtype))
+            # torch.zeros(b, d) with a proxy first is refused by torch's argument parser, where
+            # torch.zeros((b, d)) traces: the same call, its sizes packed into one tuple.
+            for name in SIZED_FACTORIES:
+                patches.enter_context(_replaced(torch, name, _sizes_packed(getattr(torch, name))))
+            # torch.no_grad() and its kin switch grad mode through one function; recorded, the
+            # stage code switches it where the model does.
+            patches.callback(_SET_GRAD_ENABLED, torch.is_grad_enabled())
+            patches.enter_context(_replaced(torch._C, "_set_grad_enabled", self._record_grad_mode))
+            # self.steps += 1 or self.ema = 0.9 * self.ema + ...: a buffer given a new value.
+            patches.callback(self._put_back_attributes)
+            patches.enter_context(
+                _replaced(
+                    nn.Module,
+                    "__setattr__",
+                    lambda module, name, value: self._record_setattr(module, name, value),
+                )
+            )
             return super().trace(root, concrete_args)
-        finally:
-            nn.Module.__setattr__ = _MODULE_SETATTR
-            for module, name, old in reversed(self._assigned):
-                if old is _ABSENT:
-                    module.__dict__.pop(name, None)
-                else:
-                    object.__setattr__(module, name, old)
-            torch._C._set_grad_enabled = _SET_GRAD_ENABLED
-            _SET_GRAD_ENABLED(grad_before)
-            for name, factory in factories.items():
-                setattr(torch, name, factory)
-            for namespace, name in patched:
-                namespace.pop(name, None)
-            fx.Proxy.__getattr__ = _PROXY_GETATTR
-            if saved_int is None:
-                del fx.Proxy.__int__
-            else:
-                fx.Proxy.__int__ = saved_int
 
     def _record_grad_mode(self, mode: bool) -> None:
         """``torch._C._set_grad_enabled(mode)`` while tracing: switch it, and record the switch.
@@ -144,6 +130,13 @@ class PipelineTracer(fx.Tracer):
         else:
             self._assigned.append((module, name, module.__dict__.get(name, _ABSENT)))
             object.__setattr__(module, name, value)
+
+    def _put_back_attributes(self) -> None:
+        for module, name, old in reversed(self._assigned):
+            if old is _ABSENT:
+                module.__dict__.pop(name, None)
+            else:
+                object.__setattr__(module, name, old)
 
     def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
         if id(attr_val) in self._rebound:  # read after this forward rebound it
@@ -302,16 +295,43 @@ def _is_shape_arithmetic(node: fx.Node) -> bool:
 
 
 @contextmanager
-def _untraced():
-    """nn.Module's own ``__call__``, ``__getattr__`` and ``__setattr__`` for the duration, the
-    tracer's patches put back after."""
-    patched = nn.Module.__call__, nn.Module.__getattr__, nn.Module.__setattr__
-    nn.Module.__call__, nn.Module.__getattr__, nn.Module.__setattr__ = (
-        _MODULE_CALL,
-        _MODULE_GETATTR,
-        _MODULE_SETATTR,
-    )
+def _replaced(owner, name: str, value):
+    """``owner.name`` (``owner[name]`` where ``owner`` is a dict) is ``value`` for the duration; then
+    what it was, or nothing where it was not there."""
+    is_dict = isinstance(owner, dict)
+    old = (owner if is_dict else vars(owner)).get(name, _ABSENT)
+    _put(owner, name, value, is_dict)
     try:
         yield
     finally:
-        nn.Module.__call__, nn.Module.__getattr__, nn.Module.__setattr__ = patched
+        _put(owner, name, old, is_dict)
+
+
+def _put(owner, name: str, value, is_dict: bool) -> None:
+    if value is _ABSENT and is_dict:
+        owner.pop(name, None)
+    elif value is _ABSENT:
+        delattr(owner, name)
+    elif is_dict:
+        owner[name] = value
+    else:
+        setattr(owner, name, value)
+
+
+# What fx (nn.Module's call and attribute access) and this tracer (grad mode) replace while tracing.
+_ORIGINALS = (
+    (nn.Module, "__call__", _MODULE_CALL),
+    (nn.Module, "__getattr__", _MODULE_GETATTR),
+    (nn.Module, "__setattr__", _MODULE_SETATTR),
+    (torch._C, "_set_grad_enabled", _SET_GRAD_ENABLED),
+)
+
+
+@contextmanager
+def _untraced():
+    """The originals of what tracing replaces, for the duration: computing a value on meta tensors
+    records nothing in the graph."""
+    with ExitStack() as originals:
+        for owner, name, original in _ORIGINALS:
+            originals.enter_context(_replaced(owner, name, original))
+        yield

@@ -3,15 +3,19 @@
 On CPU (gloo) a send call writes the message into the socket in the calling thread; where ranks
 share cores it often loses its core on the way, and a middle stage makes two per micro-batch.
 ``run.py`` hands them to a thread of the rank's own (``ppcompile.runtime.transport.GlooSender``);
-``--inline-sends`` makes them on the computing thread, as before. One program, launched
-alternately both ways over ``--rounds``: per way the median step time, each stage's mean send
-call and F+B per micro-batch (from ``--trace``), and the losses, which must be equal bit for bit.
+``--inline-sends`` makes them on the computing thread, as before; ``--sender-preempts`` keeps the
+thread but under the normal scheduling policy, so that queuing a message may hand it the
+computing thread's core (by default it runs under ``SCHED_BATCH``, which waits for a free core).
+One program, launched alternately all three ways over ``--rounds``: per way the median step
+time, each stage's mean send call and F+B per micro-batch (from ``--trace``), the stages' F+B
+balance (slowest over mean), and the losses, which must be equal bit for bit.
 
     python bench/sends.py                     # gpt_mini, K=4, M=8, 3 rounds
     python bench/sends.py --stages 2 --rounds 1 --steps 12   # quicker
     python bench/sends.py --quick             # the test suite's smoke run
 
-The last line prints sender thread / inline for the step time and the send call.
+The last line prints sender thread / inline for the step time and the send call, and the sender
+thread against the preempting one for those and the balance.
 """
 
 from __future__ import annotations
@@ -36,7 +40,11 @@ from ppcompile.launch import torchrun_command  # noqa: E402
 from ppcompile.program import write_program  # noqa: E402
 from ppcompile.replay import run_stage_costs, send_calls_by_stage  # noqa: E402
 
-WAYS = {"sender thread": [], "inline": ["--inline-sends"]}
+WAYS = {
+    "sender thread": [],
+    "sender, preempting": ["--sender-preempts"],
+    "inline": ["--inline-sends"],
+}
 
 
 def launch(program_dir: Path, K: int, steps: int, extra: list[str]) -> dict:
@@ -62,6 +70,11 @@ def launch(program_dir: Path, K: int, steps: int, extra: list[str]) -> dict:
         "compute_ms": [(costs[s].forward + costs[s].backward) * 1e3 for s in range(K)],
         "losses": kept["losses"],
     }
+
+
+def imbalance(got: dict) -> float:
+    """The slowest stage's F+B per micro-batch over the mean stage's, in one launch."""
+    return max(got["compute_ms"]) / statistics.fmean(got["compute_ms"])
 
 
 def main() -> int:
@@ -92,10 +105,23 @@ def main() -> int:
                         f"{got['step_ms']:.2f}",
                         " ".join(f"{s:.3f}" for s in got["send_ms"]),
                         " ".join(f"{c:.3f}" for c in got["compute_ms"]),
+                        f"{imbalance(got):.3f}",
                     ]
                 )
     print(f"{args.model}, K={args.stages}, M={args.microbatches}, {args.steps} steps per launch")
-    print(tabulate(rows, headers=["round", "sends", "step ms", "send call ms per stage", "F+B ms per stage"]))
+    print(
+        tabulate(
+            rows,
+            headers=[
+                "round",
+                "sends",
+                "step ms",
+                "send call ms per stage",
+                "F+B ms per stage",
+                "F+B max/mean",
+            ],
+        )
+    )
     reference = found["inline"][0]["losses"]
     same = all(got["losses"] == reference for runs in found.values() for got in runs)
     if not same:
@@ -103,13 +129,21 @@ def main() -> int:
         return 1
 
     def median(way: str, key: str) -> float:
+        if key == "balance":
+            return statistics.median(imbalance(got) for got in found[way])
         values = [got[key] if key == "step_ms" else statistics.fmean(got[key]) for got in found[way]]
         return statistics.median(values)
 
+    def ratio(way: str, other: str, key: str) -> float:
+        return median(way, key) / median(other, key)
+
     print("losses bitwise equal in every launch: True")
     print(
-        f"ratios: sender thread/inline step time {median('sender thread', 'step_ms') / median('inline', 'step_ms'):.3f}, "
-        f"send call {median('sender thread', 'send_ms') / median('inline', 'send_ms'):.3f} "
+        f"ratios: sender thread/inline step time {ratio('sender thread', 'inline', 'step_ms'):.3f}, "
+        f"send call {ratio('sender thread', 'inline', 'send_ms'):.3f}; sender thread/preempting sender "
+        f"step time {ratio('sender thread', 'sender, preempting', 'step_ms'):.3f}, send call "
+        f"{ratio('sender thread', 'sender, preempting', 'send_ms'):.3f}, F+B max/mean "
+        f"{median('sender thread', 'balance'):.3f} against {median('sender, preempting', 'balance'):.3f} "
         f"(medians of {args.rounds} rounds)"
     )
     return 0

@@ -80,6 +80,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="on CPU (gloo), make each send call on the computing thread instead of a sender thread "
         "(slower where ranks share cores; for comparison)",
     )
+    parser.add_argument(
+        "--sender-preempts",
+        action="store_true",
+        help="on Linux, run the sender thread under the normal scheduling policy, so that queuing a "
+        "message may hand it the computing thread's core (for comparison)",
+    )
     return parser.parse_args(argv)
 
 
@@ -143,7 +149,12 @@ def train(program, rank: int, world: int, args) -> int:
     # Every rank builds the model from the same factory and seed, then keeps only its stages.
     spec = build_spec(program, args.seed)
     transport = DistTransport(
-        rank, program.num_stages, args.timeout, device, send_thread=not args.inline_sends
+        rank,
+        program.num_stages,
+        args.timeout,
+        device,
+        send_thread=not args.inline_sends,
+        sender_preempts=args.sender_preempts,
     )
 
     peers = sorted(_peer_ranks(program, rank))

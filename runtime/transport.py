@@ -17,6 +17,7 @@ whose message has not been sent yet tells the caller to let another rank run.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from dataclasses import dataclass
@@ -147,7 +148,13 @@ class DistTransport:
     """torch.distributed point-to-point; buffers are allocated from the program's shapes."""
 
     def __init__(
-        self, rank: int, num_stages: int, timeout: float, device: torch.device, send_thread: bool = True
+        self,
+        rank: int,
+        num_stages: int,
+        timeout: float,
+        device: torch.device,
+        send_thread: bool = True,
+        sender_preempts: bool = False,
     ):
         self.rank = rank
         self.num_stages = num_stages
@@ -165,7 +172,9 @@ class DistTransport:
         if dist.is_initialized() and dist.get_backend() == "gloo" and dist.get_world_size() > 1:
             ranks = list(range(dist.get_world_size()))
             self.upward, self.downward = dist.new_group(ranks), dist.new_group(ranks)
-        self.sender = GlooSender(self) if send_thread and self.upward is not None else None
+        self.sender = (
+            GlooSender(self, preempts=sender_preempts) if send_thread and self.upward is not None else None
+        )
 
     def send(self, key: MessageKey, tensors: list[torch.Tensor], peer_rank: int) -> None:
         payload = wire_payload(tensors)
@@ -246,10 +255,18 @@ class GlooSender:
     micro-batch (gpt_mini, 4 ranks on 2 cores: 0.3-1 ms a call against about 0.2 ms for the queue
     put). The thread calls the process group's own ``send``, not ``dist.isend``, whose Python
     checks would hold the GIL the computing thread wants back. Messages leave in the order queued.
+
+    On Linux the thread runs under the ``SCHED_BATCH`` policy (unless ``preempts``): a thread woken
+    under it does not take a core from the thread running there, so queuing a message no longer
+    hands the computing thread's core to its own sender; the sender runs when a core is free
+    (the rank waits on a receive) or at the next scheduler tick. gpt_mini, 4 ranks on 2 cores, one
+    program launched alternately (``python bench/sends.py``): the mean send call takes about half
+    as long, the step no longer, and each stage's F+B is less often cut short by its sender.
     """
 
-    def __init__(self, transport: DistTransport):
+    def __init__(self, transport: DistTransport, preempts: bool = False):
         self.transport = transport
+        self.preempts = preempts
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.unsent = 0  # queued, not yet handed to gloo
         self.changed = threading.Condition()
@@ -277,6 +294,8 @@ class GlooSender:
             raise self.failure
 
     def _run(self) -> None:
+        if not self.preempts:
+            _wake_without_preempting()
         while True:
             item = self.queue.get()
             try:
@@ -291,3 +310,12 @@ class GlooSender:
         # Every group holds every rank in order, so a peer's rank in the group is its rank.
         work = self.transport.peer_call(lambda: group.send([payload], peer_rank, tag), where)
         self.transport.pending.append((work, payload, peer_rank))
+
+
+def _wake_without_preempting() -> None:
+    """Put the calling thread under Linux's ``SCHED_BATCH`` policy, which any user may choose;
+    elsewhere, or where the system refuses, leave it as it is."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))  # 0: the calling thread
+    except (AttributeError, OSError):
+        pass

@@ -13,8 +13,10 @@ from ppcompile.passes import partition_stages as partition_module
 from ppcompile.passes.partition_stages import (
     CrossingValue,
     assign_stages,
+    best_compute_balance,
     compute_order,
     memory_fits,
+    partition_problem,
     partition_stages,
     segment_costs,
     solve_partition,
@@ -80,6 +82,25 @@ def test_ties_prefer_balanced_other_stages():
     cost = segment_costs(times, [], set())
     cuts = solve_partition(cost, 4)
     assert stage_times_for(cost, cuts) == [2.0, 2.0, 2.0, 10.0]
+
+
+def test_compute_balance_floor_is_the_best_legal_cut_by_compute_alone():
+    result = compile_model("models/gpt.py:gpt_mini", CompileConfig(stages=3, microbatches=6))
+    order = compute_order(result.gm)
+    times, _, forbidden = partition_problem(result.gm, None, order, weight=lambda node: 0.0)
+    best = math.inf
+    for cuts in itertools.combinations(range(1, len(order)), 2):
+        if forbidden.intersection(cuts):
+            continue
+        bounds = [0, *cuts, len(order)]
+        stages = [sum(times[a:b]) for a, b in itertools.pairwise(bounds)]
+        best = min(best, max(stages) * 3 / sum(stages))
+    floor = best_compute_balance(result.gm, 3)
+    assert floor == pytest.approx(best, rel=1e-9)
+    # The partition weighs communication too, so its compute can only be as even or less.
+    compute = [s["compute_seconds"] for s in result.program["costs"]["stages"]]
+    assert 1.0 <= floor <= max(compute) * 3 / sum(compute) + 1e-9
+    assert best_compute_balance(result.gm, 1) == pytest.approx(1.0)
 
 
 def _after_partitioning(monkeypatch, ref: str, config):

@@ -1,6 +1,7 @@
 """The correctness bar through the in-process transport: every model, K = 1..4, both schedules."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -186,6 +187,27 @@ def test_sender_thread_sends_in_order_and_raises_a_failed_send_on_the_computing_
         sender.drain()
     with pytest.raises(PeerError):  # and on the next send, too: the step cannot go on
         sender.put(torch.tensor(0.0), 1, group, 3, "sending to stage 1 on rank 1")
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+@pytest.mark.parametrize("preempts", [False, True])
+def test_sender_thread_waits_for_a_free_core_unless_told_to_preempt(preempts):
+
+    from ppcompile.runtime.transport import DistTransport, GlooSender
+
+    transport = DistTransport(rank=0, num_stages=2, timeout=5, device=torch.device("cpu"))
+    sender = GlooSender(transport, preempts=preempts)
+
+    class Group:  # records the policy of the thread that makes the send call
+        def send(self, tensors, peer, tag):
+            self.policy = os.sched_getscheduler(0)
+            return None
+
+    group = Group()
+    sender.put(torch.zeros(1), 1, group, 0, "sending to stage 1 on rank 1")
+    sender.drain()
+    assert group.policy == (os.SCHED_OTHER if preempts else os.SCHED_BATCH)
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the computing thread keeps its policy
 
 
 def test_pack_round_trips_every_dtype_into_tensors_that_own_their_memory():

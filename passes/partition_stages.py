@@ -92,6 +92,7 @@ def partition_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         cut_positions=list(cuts),
         stage_times=stage_times_for(cost, cuts),
         compute_order=[n.name for n in order],
+        compute_floor_times=compute_floor(times, forbidden, K),
     )
     if fitting is not None:
         ctx.partition.fitting_cuts = list(fitting)
@@ -448,13 +449,21 @@ def best_compute_balance(gm: fx.GraphModule, K: int) -> float:
     stage: no single node comes near a stage, yet no cut of its nodes gets below about 1.05.
     """
     order = compute_order(gm)
-    times, values, forbidden = partition_problem(gm, None, order, weight=lambda node: 0.0)
-    cost = segment_costs(times, values, forbidden)
+    times, _, forbidden = partition_problem(gm, None, order, weight=lambda node: 0.0)
+    floor = compute_floor(times, forbidden, K)
+    return math.inf if floor is None else max(floor) * K / sum(floor)
+
+
+def compute_floor(times: Sequence[float], forbidden: set[int], K: int) -> list[float] | None:
+    """Per stage, the forward + backward time of the cut into K stages whose slowest stage
+    computes least, communication left out: no partition's slowest stage computes less.
+
+    >>> compute_floor([1.0, 1.0, 2.0, 1.0, 1.0], set(), 3)
+    [2.0, 2.0, 2.0]
+    """
+    cost = segment_costs(times, [], forbidden)
     cuts = solve_partition(cost, K)
-    if cuts is None:
-        return math.inf
-    stage_times = stage_times_for(cost, cuts)
-    return max(stage_times) * K / sum(stage_times)
+    return None if cuts is None else stage_times_for(cost, cuts)
 
 
 def stage_times_for(cost: torch.Tensor, cuts: Sequence[int]) -> list[float]:

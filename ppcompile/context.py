@@ -81,6 +81,9 @@ class Partition:
     even_split_layers: int = 0  # repeated layers found for that split
     fitting_cuts: list[int] | None = None  # the best cuts that fit the memory budget without recomputation
     fitting_times: list[float] | None = None
+    # The best cut by forward + backward alone, communication left out: no partition's slowest
+    # stage computes less than the slowest of these (partition_stages.compute_floor).
+    compute_floor_times: list[float] | None = None
 
 
 @dataclass

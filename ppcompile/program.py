@@ -162,6 +162,7 @@ def build_program(
             "stages": [{k: v for k, v in s.items() if k != "parameter_names"} for s in stats],
             "even_split_seconds": partition.even_split_times,
             "even_split_layers": partition.even_split_layers,
+            "compute_floor_seconds": partition.compute_floor_times,
             "total_compute_seconds": float(sum(n.meta["ppc.cost"].time for n in gm.graph.nodes)),
             "memory": [m.as_dict() for m in ctx.memory],
             "memory_per_device": ctx.config.memory_per_device,

@@ -23,6 +23,7 @@ from ppcompile.passes.partition_stages import (
     stage_times_for,
 )
 from ppcompile.passes.plan_memory import candidate_regions, recomputed_segment_memory, stage_memory
+from ppcompile.report import render_report
 
 
 def naive_stage_cost(i, j, times, values, send_call=0.0):
@@ -101,6 +102,13 @@ def test_compute_balance_floor_is_the_best_legal_cut_by_compute_alone():
     compute = [s["compute_seconds"] for s in result.program["costs"]["stages"]]
     assert 1.0 <= floor <= max(compute) * 3 / sum(compute) + 1e-9
     assert best_compute_balance(result.gm, 1) == pytest.approx(1.0)
+    # program.json keeps the floor's stages, and the report states the bound they give.
+    floor_seconds = result.program["costs"]["compute_floor_seconds"]
+    assert max(floor_seconds) * 3 / sum(floor_seconds) == pytest.approx(floor)
+    assert max(floor_seconds) <= max(compute) + 1e-12
+    text = render_report(result.program)
+    assert f"computes less than {max(floor_seconds) * 1e3:.2f} ms" in text
+    assert f"communication left out: imbalance {floor:.3f})" in text
 
 
 def _after_partitioning(monkeypatch, ref: str, config):

@@ -25,7 +25,13 @@ def split_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     output = next(n for n in nodes if n.op == "output")
     loss = output.args[0]
     if not isinstance(loss, fx.Node) or loss.meta.get("ppc.kind") != "tensor" or loss.meta["ppc.shape"] != ():
-        raise CompileError(f"{ctx.ref}: forward must return the scalar loss (one 0-d tensor) for training")
+        shape = loss.meta.get("ppc.concrete") if isinstance(loss, fx.Node) else None
+        raise CompileError(
+            f"{ctx.ref}: forward must return the scalar loss for training (a 0-d tensor, (loss, ...) or "
+            f"{{'loss': loss, ...}}); its loss is "
+            + (f"a tensor of shape {list(shape)}" if shape is not None else "not a tensor")
+            + "; reduce it with .mean() or .sum()"
+        )
     if loss.meta["ppc.stage"] != K - 1:
         raise CompileError(f"{ctx.ref}: the loss {loss.name} must be computed by the last stage")
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ppcompile.runtime.loader import Program
+from ppcompile.runtime.spec import loss_of
 from ppcompile.runtime.train import InProcessPipeline, batches, build_spec, make_optimizer
 
 
@@ -287,7 +288,7 @@ def eager_training(
         step_losses = []
         before = rng_states(device)
         for mb in microbatches:
-            loss = model(*(mb[n].to(device) for n in names))
+            loss = loss_of(model(*(mb[n].to(device) for n in names)))
             (loss / len(microbatches)).backward()
             step_losses.append(float(loss.detach()))
         drew |= moved(before, rng_states(device))

@@ -15,7 +15,7 @@ from torch import fx, nn
 from ppcompile.context import CompileConfig, CompileContext
 from ppcompile.devices import get_profile
 from ppcompile.errors import CompileError
-from ppcompile.runtime.spec import ModelRef, SpecError
+from ppcompile.runtime.spec import ModelRef, SpecError, loss_of
 from ppcompile.tracer import LIBRARY_DIRS, PipelineTracer
 
 
@@ -89,8 +89,38 @@ def trace(ctx: CompileContext) -> fx.GraphModule:
                     f"--dims {_point(ctx.config.dims)}: the traced branch would be wrong there; give an "
                     "example input of that shape instead"
                 )
+    _return_only_the_loss(ctx, graph)
     gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
     return gm
+
+
+def _return_only_the_loss(ctx: CompileContext, graph: fx.Graph) -> None:
+    """Make the graph return the loss alone, picked out of what forward returns by the rule the
+    eager reference uses (``runtime.spec.loss_of``): ``(loss, logits)``, ``{"loss": loss, ...}``.
+    The other values are still computed where forward computes them; nothing receives them."""
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    returned = output.args[0]
+    if isinstance(returned, fx.Node):
+        return
+    try:
+        loss = loss_of(returned)
+    except SpecError as e:
+        raise CompileError(f"{ctx.ref}: {e}") from None
+    if not isinstance(loss, fx.Node):
+        raise CompileError(
+            f"{ctx.ref}: forward returns {loss!r} where the loss should be; return the loss the model "
+            "computes, or (loss, ...), or {'loss': loss, ...}"
+        )
+    if isinstance(returned, dict):
+        shape, held, rest = "a dict", "its 'loss'", "the other entries"
+    else:
+        kind = "tuple" if isinstance(returned, tuple) else "list"
+        shape, held, rest = f"a {kind} of {len(returned)}", "its first element", "the others"
+    ctx.notes.append(
+        f"forward returns {shape}: the program trains on {held}, the loss; {rest} are computed as forward "
+        "computes them, and dropped"
+    )
+    output.args = (loss,)
 
 
 def _trace_at(ctx: CompileContext, example_inputs, dims: str = "") -> tuple[PipelineTracer, fx.Graph]:

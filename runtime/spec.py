@@ -1,7 +1,8 @@
 """What a model file hands to ppcompile: the module, one micro-batch of inputs, and its symbolic dims.
 
 A model file exposes factories. A factory returns either ``(module, example_inputs)`` or a
-:class:`ModelSpec` when it needs to say more. ``module(*example_inputs)`` returns the scalar loss.
+:class:`ModelSpec` when it needs to say more. ``module(*example_inputs)`` returns the scalar loss,
+or holds it as users' models do (:func:`loss_of`): ``(loss, logits)``, ``{"loss": loss, ...}``.
 
 This module lives in the runtime because both halves need it: the compiler traces the
 module, and each rank rebuilds the same module from the same factory to get its weights.
@@ -12,12 +13,37 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+
+def loss_of(returned):
+    """The loss in what a model's forward returned: the value itself, unless it is a mapping
+    (a dict, a Hugging Face ``ModelOutput``), then its ``"loss"``, or a tuple or list, then its
+    first element. The compiler picks the loss out of the traced graph's output by this rule and
+    the eager reference out of the model's, so both train on the same value.
+
+    >>> loss_of((torch.tensor(2.0), torch.zeros(3)))
+    tensor(2.)
+    >>> loss_of({"logits": torch.zeros(3), "loss": torch.tensor(1.5)})
+    tensor(1.5000)
+    """
+    if isinstance(returned, Mapping):
+        if "loss" not in returned:
+            raise SpecError(
+                f"forward returned a mapping with keys {', '.join(map(repr, returned))} and no 'loss'; "
+                "return the loss, or put it under 'loss'"
+            )
+        return returned["loss"]
+    if isinstance(returned, (tuple, list)):
+        if not returned:
+            raise SpecError("forward returned an empty tuple; return the loss, or (loss, ...)")
+        return returned[0]
+    return returned
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,16 @@ from tests.helpers import assert_user_error, ppcompile
         ("models/mlp.py:mlp", "500 --schedule gpipe", ["--stages 500", "places it can be cut"]),
         ("models/mlp.py:mlp", "0", ["--stages must be at least 1"]),
         (
+            "tests/fixtures/returns_more.py:returns_dict_without_loss",
+            "2",
+            ["returns_dict_without_loss", "keys 'logits', 'ce' and no 'loss'", "put it under 'loss'"],
+        ),
+        (
+            "tests/fixtures/returns_more.py:returns_logits_first",
+            "2",
+            ["forward must return the scalar loss", "a tensor of shape [8, 5]", ".mean()"],
+        ),
+        (
             "tests/fixtures/shape_control_flow.py:model",
             "2 --dims s=3",
             ["shape_control_flow.py:43", "is True for the example's b=4, s=6 but False for --dims s=3"],

@@ -136,3 +136,20 @@ def test_a_random_op_verify_cannot_switch_off_is_named_beside_the_failure(tmp_pa
         "FAILED: outside the bar; the difference may come from the random numbers the model draws "
         "(torch.bernoulli in stages 0, 1), which each stage draws from a stream of its own, not eager's"
     )
+
+
+@pytest.mark.parametrize(
+    "factory,note",
+    [
+        ("returns_tuple", "forward returns a tuple of 3: the program trains on its first element, the loss"),
+        ("returns_dict", "forward returns a dict: the program trains on its 'loss', the loss"),
+    ],
+)
+def test_a_model_returning_its_loss_beside_other_values_trains_on_that_loss(tmp_path, factory, note):
+    ref = f"tests/fixtures/returns_more.py:{factory}"
+    program = load_program(compile_to(tmp_path, ref, 2, microbatches=MICROBATCHES))
+    assert note in " ".join(program.data["costs"]["notes"])
+    result = verify_in_process(program, steps=STEPS, lr=0.05)
+    # verify holds the first step's losses bitwise equal to eager's, which picks its loss out of
+    # forward's output by the same rule.
+    assert result.ok, "\n".join(result.lines())

@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ppcompile.context import CompileContext
-from ppcompile.passes.propagate_shapes import run_fake_cpu, run_meta
+from ppcompile.passes.propagate_shapes import masks_without_values, run_fake_cpu, run_meta
 from ppcompile.runtime.executor import held_storages
 from ppcompile.tracer import is_effect, rebind_buffer
 
@@ -400,12 +400,13 @@ def _tensor_paths(value, path: tuple = ()) -> list[tuple[tuple, torch.Tensor]]:
 
 
 def _call(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, args, kwargs):
-    if node.op == "call_module":
-        return module(*args, **kwargs)
-    if node.op == "call_method":
-        self_obj, *rest = args
-        return getattr(self_obj, node.target)(*rest, **kwargs)
-    return node.target(*args, **kwargs)
+    with masks_without_values():
+        if node.op == "call_module":
+            return module(*args, **kwargs)
+        if node.op == "call_method":
+            self_obj, *rest = args
+            return getattr(self_obj, node.target)(*rest, **kwargs)
+        return node.target(*args, **kwargs)
 
 
 def _flatten(value) -> list:

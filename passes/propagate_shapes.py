@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import sympy
 import torch
 from torch import fx
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from ppcompile.context import CompileContext
@@ -57,12 +59,39 @@ class NodeFailed(RuntimeError):
         self.name, self.error = name, error
 
 
+@contextmanager
+def masks_without_values() -> Iterator[None]:
+    """While this holds, torch.nn's transformer containers take a mask on meta or fake tensors
+    as not causal unless told ``is_causal=True``, instead of comparing its values with a causal
+    mask, which such tensors do not have (``nn.TransformerDecoder(..., tgt_mask=mask)``: "Tensor.item()
+    cannot be called on meta tensors"). The answer picks an attention kernel, not a shape; the
+    stages run the module itself on real tensors, where torch compares the values as in eager.
+    """
+    from torch.nn.modules import transformer
+
+    compare = getattr(transformer, "_detect_is_causal_mask", None)
+    if compare is None:
+        yield
+        return
+
+    def without_values(mask, is_causal=None, size=None):
+        if is_causal is None and mask is not None and (mask.is_meta or isinstance(mask, FakeTensor)):
+            return False
+        return compare(mask, is_causal, size)
+
+    transformer._detect_is_causal_mask = without_values
+    try:
+        yield
+    finally:
+        transformer._detect_is_causal_mask = compare
+
+
 def run_meta(gm: fx.GraphModule, ctx: CompileContext, symbol_values: dict[str, int]) -> dict[str, object]:
     """Run the graph on meta tensors whose symbolic dims take ``symbol_values``."""
     recorder = ValueRecorder(gm)
     # enable_grad: a model's torch.no_grad() switches grad mode inside the run; however the run
     # ends, the compiler goes on with it on.
-    with torch.device("meta"), torch.enable_grad():
+    with torch.device("meta"), torch.enable_grad(), masks_without_values():
         recorder.run(*_inputs(ctx, symbol_values, "meta"))
     return recorder.values
 
@@ -74,7 +103,7 @@ def run_fake_cpu(gm: fx.GraphModule, ctx: CompileContext, symbol_values: dict[st
     on_cpu = copy.deepcopy(gm)
     try:
         # Non-fake inputs allowed: to_empty turns the model's meta weights into fake CPU ones.
-        with FakeTensorMode(allow_non_fake_inputs=True), torch.enable_grad():
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.enable_grad(), masks_without_values():
             on_cpu.to_empty(device="cpu")
             recorder = ValueRecorder(on_cpu)
             recorder.run(*_inputs(ctx, symbol_values, "cpu"))

@@ -153,3 +153,11 @@ def test_a_model_returning_its_loss_beside_other_values_trains_on_that_loss(tmp_
     # verify holds the first step's losses bitwise equal to eager's, which picks its loss out of
     # forward's output by the same rule.
     assert result.ok, "\n".join(result.lines())
+
+
+def test_torch_transformer_decoder_with_a_causal_mask_compiles_and_trains_as_eager(tmp_path):
+    # nn.TransformerDecoder compares tgt_mask's values with a causal mask: meta tensors have none.
+    ref = "tests/fixtures/torch_transformer.py:model"
+    program = load_program(compile_to(tmp_path, ref, 2, microbatches=MICROBATCHES))
+    result = verify_in_process(program, steps=STEPS, lr=0.05)
+    assert result.ok, "\n".join(result.lines())

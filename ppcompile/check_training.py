@@ -49,6 +49,7 @@ class TrainingComparison:
     worst_buffer_is_integer: bool = False  # an integer buffer must be equal, not within rtol
     random_ops_switched_off: tuple[str, ...] = ()  # dropout both runs took with p = 0, by place
     random_ops_left_on: tuple[str, ...] = ()  # random draws both runs made, each in its own order
+    precision: torch.dtype | None = None  # a low-precision dtype of the model's that set rtol, if one did
 
     @property
     def buffers_agree(self) -> bool:
@@ -76,6 +77,11 @@ class TrainingComparison:
             lines.append(
                 f"the model draws random numbers verify cannot switch off ({'; '.join(self.random_ops_left_on)}): "
                 "each stage draws them from a stream of its own, not eager's"
+            )
+        if self.precision is not None:
+            lines.append(
+                f"rtol {self.rtol:.2e}: two epsilons of {str(self.precision).removeprefix('torch.')}, the model's "
+                "lowest precision (float32's bar, 1e-05, holds float32 models)"
             )
         lines += [
             f"first-step losses bitwise equal: {self.first_step_losses_equal}"
@@ -376,20 +382,44 @@ def _worst_buffer(
     return {"max_buffer_difference": difference, "worst_buffer": label, "worst_buffer_is_integer": integer}
 
 
+FLOAT32_RTOL = 1e-5
+
+
+def precision_rtol(dtypes) -> tuple[float, torch.dtype | None]:
+    """The bar's rtol for a model whose floating values have these dtypes, and the dtype that set
+    it (None: float32's). A model held in bfloat16 or float16 rounds every sum to its own
+    precision, so two correct runs that add in another order (a tied parameter's gradient summed
+    per stage, then across stages) differ by about its epsilon: the bar is two of them there.
+
+    >>> precision_rtol([torch.float32, torch.bfloat16])
+    (0.015625, torch.bfloat16)
+    >>> precision_rtol([torch.float32, torch.int64])
+    (1e-05, None)
+    """
+    floating = [d for d in dtypes if d.is_floating_point]
+    coarsest = max(floating, key=lambda d: torch.finfo(d).eps, default=torch.float32)
+    rtol = 2 * torch.finfo(coarsest).eps
+    return (rtol, coarsest) if rtol > FLOAT32_RTOL else (FLOAT32_RTOL, None)
+
+
 def verify_in_process(
     program: Program,
     steps: int = 3,
     optimizer: str = "sgd",
     lr: float = 1e-2,
     seed: int = 0,
-    rtol: float = 1e-5,
+    rtol: float | None = None,
     device: str = "cpu",
 ) -> TrainingComparison:
     """Train ``program`` for ``steps`` steps on the in-process transport, every rank on ``device``,
     and compare it with the eager model trained there too (see :func:`compare`), both with dropout
-    switched off (see the module's docstring)."""
+    switched off (see the module's docstring). ``rtol`` None: 1e-5, or for a model with
+    parameters in lower precision, :func:`precision_rtol`'s."""
     with dropout_switched_off() as dropped:
         pipeline = InProcessPipeline(program, seed=seed, optimizer=optimizer, lr=lr, device=device)
+        precision = None
+        if rtol is None:
+            rtol, precision = precision_rtol({p.dtype for p in pipeline.named_parameters().values()})
         data = batches(program, pipeline.spec, seed)
         losses, grads, drew = [], {}, False
         for step in range(steps):
@@ -418,6 +448,7 @@ def verify_in_process(
     switched_off, left_on = random_ops(program, pipeline.spec.module)
     return replace(
         result,
+        precision=precision,
         random_ops_switched_off=(switched_off or ("dropout called where verify cannot place it",))
         if dropped
         else (),

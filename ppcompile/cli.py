@@ -267,7 +267,11 @@ def _measured_costs(path: str, program: dict):
 @click.option("--lr", default=1e-2, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option(
-    "--rtol", default=1e-5, show_default=True, help="Relative tolerance for gradients and parameters."
+    "--rtol",
+    type=float,
+    default=None,
+    help="Relative tolerance for gradients and parameters [default: 1e-5; two epsilons of a model's "
+    "lower precision, bfloat16 or float16, where its parameters have one].",
 )
 @click.option(
     "--device", default="cpu", show_default=True, help="Where both train: cpu, cuda or cuda:N (every rank)."

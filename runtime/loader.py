@@ -53,7 +53,9 @@ class Program:
     def stage_class(self, stage_id: int):
         info = self.stage(stage_id)
         path = self.root / info["file"]
-        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+        # Keyed by the file's text as well as its place: a program compiled again into the same
+        # directory within one process must not get the classes of the one it replaced.
+        digest = hashlib.sha256(str(path.resolve()).encode() + path.read_bytes()).hexdigest()[:12]
         module_name = f"ppc_stage_{digest}"
         module = sys.modules.get(module_name)
         if module is None:

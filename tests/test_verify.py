@@ -161,3 +161,19 @@ def test_torch_transformer_decoder_with_a_causal_mask_compiles_and_trains_as_eag
     program = load_program(compile_to(tmp_path, ref, 2, microbatches=MICROBATCHES))
     result = verify_in_process(program, steps=STEPS, lr=0.05)
     assert result.ok, "\n".join(result.lines())
+
+
+def test_a_bfloat16_model_is_held_to_its_own_precision(tmp_path):
+    program = load_program(compile_to(tmp_path, "tests/fixtures/low_precision.py:model", 2, microbatches=4))
+    result = verify_in_process(program, steps=STEPS, lr=0.05)
+    assert result.ok, "\n".join(result.lines())
+    assert result.precision == torch.bfloat16 and result.rtol == 2 * torch.finfo(torch.bfloat16).eps
+    assert result.first_step_losses_equal  # the forward is the same operations in the same order
+    assert "rtol 1.56e-02: two epsilons of bfloat16" in result.lines()[0]
+    # An explicit rtol is the bar as given.
+    strict = verify_in_process(program, steps=STEPS, lr=0.05, rtol=1e-5)
+    assert strict.precision is None and strict.rtol == 1e-5
+    # A float32 model keeps float32's bar.
+    # Compiled into the same directory, in the same process: the new program's stages are loaded.
+    mlp = verify_in_process(load_program(compile_to(tmp_path, "models/mlp.py:mlp", 2)), steps=1)
+    assert mlp.precision is None and mlp.rtol == 1e-5

@@ -61,29 +61,34 @@ class NodeFailed(RuntimeError):
 
 @contextmanager
 def masks_without_values() -> Iterator[None]:
-    """While this holds, torch.nn's transformer containers take a mask on meta or fake tensors
-    as not causal unless told ``is_causal=True``, instead of comparing its values with a causal
-    mask, which such tensors do not have (``nn.TransformerDecoder(..., tgt_mask=mask)``: "Tensor.item()
-    cannot be called on meta tensors"). The answer picks an attention kernel, not a shape; the
-    stages run the module itself on real tensors, where torch compares the values as in eager.
+    """While this holds, torch.nn's attention modules and transformer containers make no decision
+    that reads a mask's values, which meta and fake tensors do not have:
+
+    - a mask given without ``is_causal`` is taken as not causal, instead of compared with a causal
+      mask (``nn.TransformerDecoder(..., tgt_mask=mask)``: "Tensor.item() cannot be called on meta
+      tensors");
+    - the fast path is off, so an encoder in eval mode given a padding mask does not test that the
+      padding is at the end (``_nested_tensor_from_mask_left_aligned`` has no meta kernel).
+
+    Both pick kernels, not shapes; the stages run on real tensors, where torch decides as in eager.
     """
     from torch.nn.modules import transformer
 
-    compare = getattr(transformer, "_detect_is_causal_mask", None)
-    if compare is None:
-        yield
-        return
+    compare = transformer._detect_is_causal_mask
 
     def without_values(mask, is_causal=None, size=None):
         if is_causal is None and mask is not None and (mask.is_meta or isinstance(mask, FakeTensor)):
             return False
         return compare(mask, is_causal, size)
 
+    fast_path = torch.backends.mha.get_fastpath_enabled()
     transformer._detect_is_causal_mask = without_values
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         yield
     finally:
         transformer._detect_is_causal_mask = compare
+        torch.backends.mha.set_fastpath_enabled(fast_path)
 
 
 def run_meta(gm: fx.GraphModule, ctx: CompileContext, symbol_values: dict[str, int]) -> dict[str, object]:

@@ -8,19 +8,25 @@ traced into the graph, or decided for the example inputs and listed for the repo
 - ``len(x)`` and ``torch.zeros(b, d)`` with a traced size: nodes of the graph, symbolic in ``b``;
 - ``x.dtype``: the example's dtype (``torch.finfo(x.dtype).min``);
 - ``torch.no_grad()`` and its kin: grad-mode switches where the model makes them;
-- a buffer given a new value (``self.steps += 1``): :func:`rebind_buffer`.
+- a buffer given a new value (``self.steps += 1``): :func:`rebind_buffer`;
+- ``nn.TransformerEncoder``, ``nn.TransformerDecoder`` and ``nn.Transformer``: the loop over their
+  layers that their forward is, each layer one node, so a cut may fall between two layers.
 """
 
 from __future__ import annotations
 
 import builtins
+import functools
 import operator
 import traceback
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
+
+from ppcompile.runtime.masks import is_causal_mask
 
 # nn.Module's own call and attribute lookup: while fx traces it swaps in versions that record
 # calls and parameter reads as graph nodes, which running a submodule for a value must not do.
@@ -138,6 +144,15 @@ class PipelineTracer(fx.Tracer):
             else:
                 object.__setattr__(module, name, old)
 
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return _unrolled_forward(m) is None and super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        unrolled = _unrolled_forward(m)
+        if unrolled is not None:
+            forward = functools.partial(unrolled, self, m)
+        return super().call_module(m, forward, args, kwargs)
+
     def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
         if id(attr_val) in self._rebound:  # read after this forward rebound it
             return self._rebound[id(attr_val)]
@@ -212,6 +227,133 @@ class PipelineTracer(fx.Tracer):
                 )
                 return f"{shown}:{frame.lineno}: `{(frame.line or '').strip()}`"
         return "the model"
+
+
+def _unrolled_forward(module: nn.Module):
+    """The traceable stand-in for torch.nn's transformer container ``module``, or None.
+
+    fx keeps every ``torch.nn`` module whole, which makes a stack of encoder layers one node no
+    cut can fall inside. Their forwards cannot be traced as written (they test mask values and
+    take a nested-tensor path on runtime conditions), but what they compute is a loop over the
+    layers; the stand-ins trace that loop. A subclass with its own forward stays whole, and so
+    does an encoder in eval mode that may take the nested-tensor path (which zeroes padded
+    positions), where eager's output would depend on conditions known only when it runs.
+    """
+    forward = type(module).forward
+    if forward is nn.TransformerEncoder.forward:
+        if getattr(module, "use_nested_tensor", False) and not module.layers[0].training:
+            return None
+        return _traced_encoder
+    if forward is nn.TransformerDecoder.forward:
+        return _traced_decoder
+    if forward is nn.Transformer.forward:
+        return _traced_transformer
+    return None
+
+
+def _is_causal(tracer: PipelineTracer, layer: nn.Module, mask, is_causal, x, batch_first: bool):
+    """The ``is_causal`` torch's container passes ``layer``: a hint given is taken; given a mask and
+    no hint, a node that tests the mask (:func:`is_causal_mask`), made just before the layer and
+    counted as the layer's, so a split by layers keeps the two together."""
+    if isinstance(is_causal, fx.Proxy):
+        return is_causal
+    if is_causal is not None or mask is None:
+        return is_causal is True
+    test = tracer.create_proxy("call_function", is_causal_mask, (mask, x, batch_first), {})
+    path = tracer.path_of_module(layer)
+    test.node.meta["nn_module_stack"] = {
+        **test.node.meta.get("nn_module_stack", {}),
+        path: (path, type(layer)),
+    }
+    return test
+
+
+def _canonical_mask(tracer: PipelineTracer, mask, name: str, other, like):
+    """``F._canonical_mask`` as a node: a boolean mask made an additive one of ``like``'s dtype."""
+    if mask is None:
+        return None
+    kwargs = dict(mask=mask, mask_name=name, other_type=None, other_name="", target_type=like.dtype)
+    if name == "mask":
+        kwargs["check_other"] = False
+    else:
+        kwargs.update(other_type=None if other is None else other.dtype, other_name="mask")
+    return tracer.create_proxy("call_function", F._canonical_mask, (), kwargs)
+
+
+def _traced_encoder(tracer, encoder, src, mask=None, src_key_padding_mask=None, is_causal=None):
+    """``nn.TransformerEncoder.forward`` off its nested-tensor path, with masks made additive once."""
+    src_key_padding_mask = _canonical_mask(tracer, src_key_padding_mask, "src_key_padding_mask", mask, src)
+    mask = _canonical_mask(tracer, mask, "mask", None, src)
+    batch_first = encoder.layers[0].self_attn.batch_first
+    output = src
+    for layer in encoder.layers:
+        output = layer(
+            output,
+            src_mask=mask,
+            is_causal=_is_causal(tracer, layer, mask, is_causal, output, batch_first),
+            src_key_padding_mask=src_key_padding_mask,
+        )
+    return encoder.norm(output) if encoder.norm is not None else output
+
+
+def _traced_decoder(
+    tracer,
+    decoder,
+    tgt,
+    memory,
+    tgt_mask=None,
+    memory_mask=None,
+    tgt_key_padding_mask=None,
+    memory_key_padding_mask=None,
+    tgt_is_causal=None,
+    memory_is_causal=False,
+):
+    """``nn.TransformerDecoder.forward``."""
+    batch_first = decoder.layers[0].self_attn.batch_first
+    output = tgt
+    for layer in decoder.layers:
+        output = layer(
+            output,
+            memory,
+            tgt_mask=tgt_mask,
+            memory_mask=memory_mask,
+            tgt_key_padding_mask=tgt_key_padding_mask,
+            memory_key_padding_mask=memory_key_padding_mask,
+            tgt_is_causal=_is_causal(tracer, layer, tgt_mask, tgt_is_causal, output, batch_first),
+            memory_is_causal=memory_is_causal,
+        )
+    return decoder.norm(output) if decoder.norm is not None else output
+
+
+def _traced_transformer(
+    tracer,
+    model,
+    src,
+    tgt,
+    src_mask=None,
+    tgt_mask=None,
+    memory_mask=None,
+    src_key_padding_mask=None,
+    tgt_key_padding_mask=None,
+    memory_key_padding_mask=None,
+    src_is_causal=None,
+    tgt_is_causal=None,
+    memory_is_causal=False,
+):
+    """``nn.Transformer.forward`` without its shape checks, which eager made on the example."""
+    memory = model.encoder(
+        src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal
+    )
+    return model.decoder(
+        tgt,
+        memory,
+        tgt_mask=tgt_mask,
+        memory_mask=memory_mask,
+        tgt_key_padding_mask=tgt_key_padding_mask,
+        memory_key_padding_mask=memory_key_padding_mask,
+        tgt_is_causal=tgt_is_causal,
+        memory_is_causal=memory_is_causal,
+    )
 
 
 _BUILTIN_LEN, _BUILTIN_RANGE = builtins.len, builtins.range

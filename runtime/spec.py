@@ -56,7 +56,7 @@ class ModelSpec:
     """
 
     module: nn.Module
-    # One micro-batch; dim 0 of every input is the batch dim.
+    # One micro-batch; the batch dim of an input is the one ``dims`` names "b" (dim 0 by default).
     example_inputs: tuple[torch.Tensor, ...]
     # input name -> {dim index -> symbol}; inputs not named here get {0: "b"}.
     dims: dict[str, dict[int, str]] = field(default_factory=dict)

@@ -8,6 +8,7 @@ debugging on one device); ``run.py`` (``ppcompile.runtime.main``) runs one rank 
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,20 +47,43 @@ def build_spec(program: Program, seed: int, device: str = "cpu") -> ModelSpec:
     return model_ref(program).build(device, seed=seed)
 
 
+def batch_dims(program: Program) -> list[int | None]:
+    """Per input, the dim micro-batches split: the first whose size the program writes in terms of
+    ``b`` (dim 1 of a sequence-first ``[s, b]`` input); None for an input every micro-batch shares.
+
+    >>> batch_dims(Program(Path("."), {"inputs": [{"shape": ["7", "b"]}, {"shape": ["b*s"]}, {"shape": ["s", "s"]}]}))
+    [1, 0, None]
+    """
+    dims = []
+    for spec in program.data["inputs"]:
+        found = [d for d, expr in enumerate(spec["shape"]) if re.search(r"\bb\b", str(expr))]
+        dims.append(found[0] if found else None)
+    return dims
+
+
 def batches(program: Program, spec: ModelSpec, seed: int) -> Iterator[list[dict[str, torch.Tensor]]]:
     """Steps of M micro-batches, each a dict of inputs by name. Every rank makes the same ones."""
     M = program.data["schedule"]["microbatches"]
     names = [i["name"] for i in program.data["inputs"]]
+    dims = batch_dims(program)
     micro = program.data["symbols"].get("b", 1)
     if spec.data is not None:
         # Drawn apart from the stages' dropout, so every rank gets the same batches (``randomness``).
         source = drawn_apart(lambda: spec.data(M * micro, seed), seed)
     else:
-        source = itertools.repeat(tuple(torch.cat([t] * M) for t in spec.example_inputs))
+        example = tuple(t if d is None else torch.cat([t] * M, d) for t, d in zip(spec.example_inputs, dims))
+        source = itertools.repeat(example)
     for batch in source:
-        if batch[0].shape[0] % M:
-            raise ProgramError(f"a batch of {batch[0].shape[0]} rows does not split into {M} micro-batches")
-        chunks = [t.chunk(M) for t in batch]
+        chunks = []
+        for name, t, d in zip(names, batch, dims):
+            if d is None:
+                chunks.append([t] * M)
+                continue
+            if t.shape[d] % M:
+                raise ProgramError(
+                    f"input {name}: a batch of {t.shape[d]} (dim {d}) does not split into {M} micro-batches"
+                )
+            chunks.append(t.chunk(M, d))
         # A copy per micro-batch: a chunk is a view that would keep the whole batch alive while saved.
         yield [dict(zip(names, (c[m].clone() for c in chunks))) for m in range(M)]
 

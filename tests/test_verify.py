@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from ppcompile.check_training import dropout_switched_off, eager_training, verify_in_process
 from ppcompile.runtime.loader import load_program
-from ppcompile.runtime.train import InProcessPipeline
+from ppcompile.runtime.train import InProcessPipeline, batches
+from tests.fixtures.torch_encoder import sequence_pairs
 from tests.helpers import build_model, compile_to, ppcompile
 
 BATCHNORM = "tests/fixtures/verify_batchnorm.py:model"
@@ -177,3 +178,47 @@ def test_a_bfloat16_model_is_held_to_its_own_precision(tmp_path):
     # Compiled into the same directory, in the same process: the new program's stages are loaded.
     mlp = verify_in_process(load_program(compile_to(tmp_path, "models/mlp.py:mlp", 2)), steps=1)
     assert mlp.precision is None and mlp.rtol == 1e-5
+
+
+def _stage_modules(program) -> list[tuple[str, ...]]:
+    return [program.stage_class(s).MODULES for s in range(program.num_stages)]
+
+
+def test_torch_transformer_encoder_is_cut_between_its_layers_and_trains_as_eager(tmp_path):
+    program = load_program(compile_to(tmp_path, "tests/fixtures/torch_encoder.py:gpt", 4, microbatches=4))
+    modules = _stage_modules(program)
+    # Each stage holds layers of the one container; none holds the container whole.
+    assert not any("encoder" in held for held in modules)
+    owners = {s for s, held in enumerate(modules) for name in held if name.startswith("encoder.layers.")}
+    assert len(owners) >= 3
+    # torch tests the mask's values once per container call; the stages test it before each layer.
+    code = "".join((program.root / f"stage_{s}.py").read_text() for s in range(program.num_stages))
+    assert code.count("ppcompile.runtime.masks.is_causal_mask(") == 4
+    result = verify_in_process(program, steps=STEPS, lr=0.05)
+    assert result.ok and result.first_step_losses_equal, "\n".join(result.lines())
+    assert result.max_gradient_difference == 0.0  # the same operations in the same order
+
+
+def test_a_sequence_first_model_is_split_into_microbatches_along_its_batch_dim(tmp_path):
+    program = load_program(
+        compile_to(tmp_path, "tests/fixtures/torch_encoder.py:sequence_first", 2, microbatches=4)
+    )
+    assert [i["shape"] for i in program.data["inputs"]] == [["7", "b"], ["5", "b"]]
+    microbatches = next(batches(program, InProcessPipeline(program).spec, 0))
+    # Micro-batch m is sequences 4m..4m+3 of the batch, whole (b = 4), not a slice of positions.
+    src, tgt = next(sequence_pairs(16, 0))
+    for m, microbatch in enumerate(microbatches):
+        assert torch.equal(microbatch["src"], src[:, 4 * m : 4 * m + 4])
+        assert torch.equal(microbatch["tgt"], tgt[:, 4 * m : 4 * m + 4])
+    modules = _stage_modules(program)
+    assert "transformer.encoder.layers.0" in modules[0] and "transformer.decoder.layers.1" in modules[-1]
+    result = verify_in_process(program, steps=STEPS, lr=0.05)
+    assert result.ok and result.first_step_losses_equal, "\n".join(result.lines())
+
+
+def test_an_encoder_in_eval_mode_given_a_padding_mask_stays_whole(tmp_path):
+    ref = "tests/fixtures/torch_encoder.py:padded_in_eval_mode"
+    program = load_program(compile_to(tmp_path, ref, 2, microbatches=MICROBATCHES))
+    assert any("encoder" in held for held in _stage_modules(program))
+    result = verify_in_process(program, steps=STEPS, lr=0.05)
+    assert result.ok, "\n".join(result.lines())

@@ -269,14 +269,18 @@ def _is_causal(tracer: PipelineTracer, layer: nn.Module, mask, is_causal, x, bat
 
 
 def _canonical_mask(tracer: PipelineTracer, mask, name: str, other, like):
-    """``F._canonical_mask`` as a node: a boolean mask made an additive one of ``like``'s dtype."""
+    """``F._canonical_mask`` as a node: a boolean mask made an additive one of ``like``'s dtype.
+    ``other``, the encoder's attention mask beside its padding mask, only sets torch's warning
+    about two masks of different kinds."""
     if mask is None:
         return None
-    kwargs = dict(mask=mask, mask_name=name, other_type=None, other_name="", target_type=like.dtype)
-    if name == "mask":
-        kwargs["check_other"] = False
-    else:
-        kwargs.update(other_type=None if other is None else other.dtype, other_name="mask")
+    kwargs = dict(
+        mask=mask,
+        mask_name=name,
+        other_type=None if other is None else other.dtype,
+        other_name="" if other is None else "mask",
+        target_type=like.dtype,
+    )
     return tracer.create_proxy("call_function", F._canonical_mask, (), kwargs)
 
 

@@ -22,7 +22,9 @@ finds the optimum exactly:
 Among the partitions that reach the optimum, a second pass picks the one with the
 smallest sum of squared stage times, so the stages that do not bound the step are
 balanced too. Cuts may fall anywhere, inside a transformer block included, except where
-a value that cannot be sent (an int from ``x.size()``, a tuple) is live across the cut.
+a value that cannot be sent is live across the cut: a tuple holding tensors, a device. An int
+from ``x.size()`` (or a torch.Size, or a float constant) can cross: the stage that uses it
+computes it from the micro-batch's sizes (``ppc.value``), so it costs no transfer.
 
 Placeholders, parameters and non-tensor values computed only from them are not placed:
 every stage that uses one loads or recomputes it.
@@ -166,7 +168,10 @@ def partition_problem(gm, ctx, order, weight=None):
         if not users:
             continue
         if node.meta["ppc.kind"] != "tensor":
-            forbidden.update(range(p + 1, users[-1] + 1))
+            # An int from a shape is computed again where it is used (ppc.value); a value the sizes
+            # do not fix (a device, a tuple holding tensors) cannot cross.
+            if "ppc.value" not in node.meta:
+                forbidden.update(range(p + 1, users[-1] + 1))
             continue
         nbytes = node.meta["ppc.nbytes"]
         t = weight(node) if weight else ctx.profile.transfer_occupancy(nbytes)

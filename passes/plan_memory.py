@@ -316,7 +316,11 @@ def stage_memory(
             sent = send_buffer_bytes(node.meta["ppc.nbytes"], node.meta["ppc.requires_grad"], M)
             transfers += sent * len(crosses)
         received.update(
-            d for d in node.all_input_nodes if d.name not in own_names and d.meta.get("ppc.stage") is not None
+            d
+            for d in node.all_input_nodes
+            if d.name not in own_names
+            and d.meta.get("ppc.stage") is not None
+            and d.meta["ppc.kind"] == "tensor"
         )
     transfers += sum(
         receive_buffer_bytes(d.meta["ppc.nbytes"], d.meta["ppc.requires_grad"], M) for d in received

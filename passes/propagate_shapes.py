@@ -15,12 +15,17 @@ Keys written on each node:
   ppc.requires_grad  whether autograd tracks it (tensors): a gradient must flow back
   ppc.nbytes         bytes at the example micro-batch (tensors; for tuples, the distinct storages of
                      the tensors inside, which the memory model counts as what the node allocates)
+  ppc.value          what a non-tensor value is at any micro-batch shape, where that is known: an int
+                     or torch.Size from shapes (``T - 1`` after ``T = x.size(1)``: ``s - 1``), or a
+                     float, bool or None computed from constants alone. A stage computes it from the
+                     micro-batch's sizes instead of receiving it (``runtime.executor.size_value``)
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import operator
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -30,9 +35,10 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from ppcompile.context import CompileContext
+from ppcompile.context import CompileContext, KnownValue
 from ppcompile.errors import CompileError
 from ppcompile.frontend import source_line
+from ppcompile.tracer import is_effect
 
 
 class ValueRecorder(fx.Interpreter):
@@ -190,10 +196,18 @@ def propagate_shapes(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     check_point = {name: scaled_runs[name][0] for name in base}
     check = run_meta_somewhere(gm, ctx, [check_point]) if base else (base, base_values)
     check_values = check[1] if check else None
+    # Where the model ran, and what it computed there: a non-tensor value must match at each.
+    runs = [(base, base_values)]
+    runs += [({**base, name: new_value}, values) for name, (new_value, values) in scaled_runs.items()]
+    runs += [] if check_values is None else [(check_point, check_values)]
 
     for node in gm.graph.nodes:
         value = base_values.get(node.name)
         node.meta["ppc.kind"] = _kind(value)
+        if node.meta["ppc.kind"] in ("other", "none"):
+            known = _known_value(node, runs, ctx)
+            if known is not None:
+                node.meta["ppc.value"] = known
         if node.meta["ppc.kind"] == "tuple":
             # nn.LSTM's (output, (h, c)): what it allocates, though no single tensor holds it.
             node.meta["ppc.nbytes"] = tuple_nbytes(value)
@@ -236,6 +250,121 @@ def _fit_dim(name, dim, size, base, scaled_runs, ctx) -> sympy.Expr:
         denominator *= base[symbol] ** exponent
     coefficient = sympy.Rational(size, denominator)
     return coefficient * expr
+
+
+_MISSING = object()
+
+# Arithmetic on ints from shapes, as sympy computes it; the runtime evaluates floor and Mod too.
+_INT_OPS = {
+    operator.add: operator.add,
+    operator.sub: operator.sub,
+    operator.mul: operator.mul,
+    operator.floordiv: lambda a, b: sympy.floor(a / b),
+    operator.mod: sympy.Mod,
+    operator.neg: operator.neg,
+}
+
+
+def _known_value(node: fx.Node, runs: list, ctx) -> KnownValue | None:
+    """What a non-tensor value is at any size, or None where that is not known (a device, grad
+    mode, a value made by an operation this does not follow). An int is derived from
+    the shapes and ints it is computed from (``x.size(1) - 1`` is ``s - 1``); a float, bool or
+    None is a constant when computed from constants alone (``1.0 / math.sqrt(64)``). Either is
+    kept only if it gives what every run in ``runs`` ((symbol values, node values) at several
+    sizes) saw."""
+    value = runs[0][1].get(node.name)
+    if value is None or isinstance(value, (bool, float)):
+        inputs = [n.meta.get("ppc.value") for n in node.all_input_nodes]
+        from_constants = all(k is not None and not any(e.free_symbols for e in k.exprs) for k in inputs)
+        seen = [values.get(node.name, _MISSING) for _, values in runs]
+        if (
+            from_constants
+            and not is_effect(node)
+            and all(type(v) is type(value) and v == value for v in seen)
+        ):
+            return KnownValue("constant", constant=value)
+        return None
+    candidate = _derived_value(node)
+    if candidate is None:
+        return None
+    if all(_holds(candidate, point, values.get(node.name, _MISSING), ctx) for point, values in runs):
+        return candidate
+    return None
+
+
+def _holds(candidate: KnownValue, point: dict[str, int], observed, ctx) -> bool:
+    """Whether ``candidate`` at the symbol values ``point`` is the value a run there saw."""
+    if _int_kind(observed) != candidate.kind:
+        return False
+    items = [observed] if candidate.kind == "int" else list(observed)
+    at = {ctx.symbols[s]: v for s, v in point.items()}
+    return len(items) == len(candidate.exprs) and all(e.subs(at) == i for e, i in zip(candidate.exprs, items))
+
+
+def _derived_value(node: fx.Node) -> KnownValue | None:
+    """The value of a size, a shape, an item of one or arithmetic on them, from the symbolic shapes
+    and values of what it reads; None for any other operation."""
+
+    def shape_of(arg):
+        is_tensor = isinstance(arg, fx.Node) and arg.meta.get("ppc.kind") == "tensor"
+        return tuple(arg.meta["ppc.shape"]) if is_tensor else None
+
+    def known(arg) -> KnownValue | None:
+        if type(arg) is int:
+            return KnownValue("int", (sympy.Integer(arg),))
+        return arg.meta.get("ppc.value") if isinstance(arg, fx.Node) else None
+
+    args = node.args
+    if node.op == "call_method" and node.target in ("size", "numel", "dim") and shape_of(args[0]) is not None:
+        shape = shape_of(args[0])
+        if node.target == "numel":
+            return KnownValue("int", (sympy.Mul(*shape),))
+        if node.target == "dim":
+            return KnownValue("int", (sympy.Integer(len(shape)),))
+        dim = args[1] if len(args) > 1 else node.kwargs.get("dim")
+        if dim is None:
+            return KnownValue("torch.Size", shape)
+        return KnownValue("int", (shape[dim],)) if type(dim) is int else None
+    if node.op != "call_function":
+        return None
+    if node.target is getattr and args[1] in ("shape", "ndim") and shape_of(args[0]) is not None:
+        shape = shape_of(args[0])
+        return (
+            KnownValue("torch.Size", shape)
+            if args[1] == "shape"
+            else KnownValue("int", (sympy.Integer(len(shape)),))
+        )
+    if node.target is len:
+        shape, container = shape_of(args[0]), known(args[0])
+        if shape is not None and shape:
+            return KnownValue("int", (shape[0],))
+        if container is not None and container.kind == "torch.Size":
+            return KnownValue("int", (sympy.Integer(len(container.exprs)),))
+        return None
+    if node.target is operator.getitem:
+        container, index = known(args[0]), args[1]
+        if container is None or container.kind != "torch.Size":
+            return None
+        if type(index) is int:
+            return KnownValue("int", (container.exprs[index],))
+        if isinstance(index, slice) and all(
+            type(i) in (int, type(None)) for i in (index.start, index.stop, index.step)
+        ):
+            return KnownValue("torch.Size", container.exprs[index])
+        return None
+    if node.target in _INT_OPS and not node.kwargs:
+        operands = [known(a) for a in args]
+        if any(o is None or o.kind != "int" for o in operands):
+            return None
+        return KnownValue("int", (_INT_OPS[node.target](*(o.exprs[0] for o in operands)),))
+    return None
+
+
+def _int_kind(value) -> str | None:
+    """ "int" or "torch.Size" for an int or a torch.Size (bools are not ints here); else None."""
+    if type(value) is int:
+        return "int"
+    return "torch.Size" if isinstance(value, torch.Size) else None
 
 
 def tuple_nbytes(value) -> int:

@@ -3,8 +3,10 @@
 A value made on stage p and used on stages c1 < c2 < ... is a boundary tensor sent from
 p straight to each consumer (never relayed through the stages between). Each stage
 graph takes, as placeholders, first the model inputs it uses (it loads them itself),
-then the boundary tensors it receives; it returns a dict of the boundary tensors it
-sends, plus ``"loss"`` on the last stage. Parameters, buffers and non-tensor values
+then the boundary tensors it receives, then the ints from shapes made on earlier stages
+(``T = x.size(1)`` before the cut, used after it), which the runtime computes from the
+micro-batch's sizes instead of sending them (``ppc.value``); it returns a dict of the
+boundary tensors it sends, plus ``"loss"`` on the last stage. Parameters, buffers and non-tensor values
 computed only from inputs are copied into every stage that uses them. A parameter used
 by several stages (tied embeddings) becomes a tied group: each of those ranks holds a
 copy and their gradients are summed.
@@ -44,7 +46,10 @@ def split_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         consumers = sorted({u.meta["ppc.stage"] for u in node.users if u.op != "output"} - {stage})
         if not consumers:
             continue
-        assert node.meta["ppc.kind"] == "tensor", f"partition let non-tensor {node.name} cross a cut"
+        if node.meta["ppc.kind"] != "tensor":
+            # An int from a shape: each consumer computes it from the micro-batch's sizes.
+            assert "ppc.value" in node.meta, f"partition let non-tensor {node.name} cross a cut"
+            continue
         boundaries[node.name] = BoundaryTensor(
             name=node.name,
             shape=node.meta["ppc.shape"],
@@ -63,7 +68,7 @@ def split_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
 def _stage_graph(gm, ctx, stage: int, nodes: list[fx.Node], loss: fx.Node) -> StageGraph:
     graph = fx.Graph()
     env: dict[str, fx.Node] = {}
-    graph_inputs, receives, modules, tensors, node_names = [], [], [], [], []
+    graph_inputs, receives, sizes, modules, tensors, node_names = [], [], [], [], [], []
     own = [n for n in nodes if n.meta.get("ppc.stage") == stage and n.op != "output"]
     own_names = {n.name for n in own}
     needed_free: list[fx.Node] = []
@@ -85,16 +90,18 @@ def _stage_graph(gm, ctx, stage: int, nodes: list[fx.Node], loss: fx.Node) -> St
                     received.append(dep)
             else:
                 need(dep)
-    # Placeholders first (model inputs in signature order), then receives in the order they were made.
+    # Placeholders first (model inputs in signature order), then receives in the order they were
+    # made, then the ints from shapes that earlier stages made and this one computes.
+    size_nodes = [dep for dep in received if dep.name not in ctx.boundaries]
     for node in nodes:
         if node.op == "placeholder" and node in needed_free:
             env[node.name] = graph.placeholder(node.name)
             env[node.name].meta = dict(node.meta)
             graph_inputs.append(node.name)
-    for dep in sorted(received, key=lambda n: n.meta["ppc.position"]):
+    for dep in sorted(received, key=lambda n: (n in size_nodes, n.meta["ppc.position"])):
         env[dep.name] = graph.placeholder(dep.name)
         env[dep.name].meta = dict(dep.meta)
-        receives.append(dep.name)
+        (sizes if dep in size_nodes else receives).append(dep.name)
     order = {n: i for i, n in enumerate(nodes)}
     body = sorted([n for n in needed_free if n.op != "placeholder"] + own, key=order.__getitem__)
     for node in body:
@@ -121,6 +128,7 @@ def _stage_graph(gm, ctx, stage: int, nodes: list[fx.Node], loss: fx.Node) -> St
         graph=graph,
         graph_inputs=graph_inputs,
         receives=receives,
+        sizes=sizes,
         sends=sends,
         returns_loss=returns_loss,
         modules=sorted(set(modules), key=modules.index),

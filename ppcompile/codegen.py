@@ -213,7 +213,7 @@ def generate_stage(ctx: CompileContext, sg: StageGraph, version: str) -> str:
             statements.append((call, outputs, inputs))
             methods.append(method)
     body.extend(_freeing_after_last_use(emitter, statements))
-    params = [emitter.names[n] for n in sg.graph_inputs + sg.receives]
+    params = [emitter.names[n] for n in sg.graph_inputs + sg.receives + sg.sizes]
     returns = [f'"{n}": {emitter.names[n]}' for n in sg.sends]
     if sg.returns_loss:
         output = next(n for n in sg.graph.nodes if n.op == "output")
@@ -226,6 +226,13 @@ def generate_stage(ctx: CompileContext, sg: StageGraph, version: str) -> str:
     for name in sg.receives:
         b = ctx.boundaries[name]
         port_lines.append(f"            {name}: {describe_boundary(b)}, received from stage {b.producer}")
+    for name in sg.sizes:
+        node = next(n for n in sg.graph.nodes if n.name == name)
+        known = node.meta["ppc.value"]
+        whence = "the same at every size" if known.kind == "constant" else "from the micro-batch's sizes"
+        port_lines.append(
+            f"            {name}: {known.text()}, {whence}, not sent (stage {node.meta['ppc.stage']} makes it)"
+        )
     send_lines = []
     for name in sg.sends:
         b = ctx.boundaries[name]

@@ -55,6 +55,32 @@ class BoundaryTensor:
     consumers: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class KnownValue:
+    """A non-tensor value that the micro-batch's sizes alone fix, so a stage that uses it computes
+    it instead of receiving it: ``T = x.size(1)`` is ``KnownValue("int", (s,))``, ``x.size()``
+    ``KnownValue("torch.Size", (b, s, 768))``, ``1.0 / math.sqrt(64)`` ``KnownValue("constant",
+    constant=0.125)``."""
+
+    kind: str  # "int", "torch.Size" or "constant" (a float, bool or None)
+    exprs: tuple[sympy.Expr, ...] = ()  # "int": its value; "torch.Size": each item's
+    constant: float | bool | None = None
+
+    def json(self) -> object:
+        """program.json's form, which ``runtime.executor.size_value`` reads: expressions as text."""
+        if self.kind == "constant":
+            return self.constant
+        texts = [str(e) for e in self.exprs]
+        return texts[0] if self.kind == "int" else texts
+
+    def text(self) -> str:
+        """How a stage file lists it among its inputs: ``int s``, ``torch.Size([b, s, 768])``."""
+        if self.kind == "constant":
+            return "None" if self.constant is None else f"{type(self.constant).__name__} {self.constant!r}"
+        items = ", ".join(str(e) for e in self.exprs)
+        return f"int {items}" if self.kind == "int" else f"torch.Size([{items}])"
+
+
 @dataclass
 class StageGraph:
     """One stage's own fx graph and its ports."""
@@ -63,6 +89,7 @@ class StageGraph:
     graph: fx.Graph
     graph_inputs: list[str]  # model inputs this stage loads itself
     receives: list[str]  # boundary tensors it receives, in forward-argument order
+    sizes: list[str]  # non-tensor values made on earlier stages that it computes (ppc.value), last
     sends: list[str]  # boundary tensors it sends
     returns_loss: bool
     modules: list[str]  # leaf submodules it owns, by FQN

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from ppcompile.runtime.executor import held_storages
+from ppcompile.runtime.executor import held_storages, stage_arguments, symbol_values
 from ppcompile.runtime.loader import Program
 from ppcompile.runtime.train import batches, build_spec
 
@@ -37,15 +37,17 @@ def measure_stages(
         params = {id(p): p for stage in stages for p in stage.parameters()}
         held = held_storages(stages)
         inputs = _stage_inputs(program, stages, microbatch)
+        symbols = symbol_values(program, microbatch)
         steps, saved = [], []
         for s, stage in enumerate(stages):
             info = program.stage(s)
 
             def step(count=None, stage=stage, info=info, s=s):
-                args = [microbatch[n] for n in info["inputs"]]
-                args += [
-                    inputs[s][n].detach().requires_grad_(inputs[s][n].requires_grad) for n in info["receives"]
-                ]
+                received = {
+                    n: inputs[s][n].detach().requires_grad_(inputs[s][n].requires_grad)
+                    for n in info["receives"]
+                }
+                args = stage_arguments(info, microbatch, received, symbols)
                 if count is None:
                     out = stage(*args)
                 else:
@@ -101,6 +103,6 @@ def _stage_inputs(program: Program, stages, microbatch) -> list[dict[str, torch.
                     for n, t in received.items()
                 }
             )
-            out = stage(*[microbatch[n] for n in info["inputs"]], *received.values())
+            out = stage(*stage_arguments(info, microbatch, received, symbol_values(program, microbatch)))
             values.update({n: out[n] for n in info["sends"]})
     return inputs

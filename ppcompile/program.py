@@ -134,6 +134,16 @@ def build_program(
                 "class": stage_class_name(sg.stage),
                 "inputs": sg.graph_inputs,
                 "receives": sg.receives,
+                # Ints from shapes that an earlier stage made and this one takes after its receives,
+                # computed from the micro-batch's sizes (runtime.executor.size_value), never sent.
+                "sizes": [
+                    {
+                        "name": name,
+                        "kind": nodes[name].meta["ppc.value"].kind,
+                        "value": nodes[name].meta["ppc.value"].json(),
+                    }
+                    for name in sg.sizes
+                ],
                 "sends": sg.sends,
                 "returns_loss": sg.returns_loss,
                 "parameters": stat["parameter_names"],

@@ -18,6 +18,8 @@ see :func:`backward_input`).
 
 from __future__ import annotations
 
+import math
+import operator
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -65,7 +67,33 @@ def dtype_of(name: str) -> torch.dtype:
 
 def evaluate_dim(expr: str, symbols: dict[str, int]) -> int:
     """A symbolic dim from program.json (``"b"``, ``"2*s"``, ``"b*s"``) at this micro-batch's sizes."""
-    return int(eval(expr, {"__builtins__": {}}, dict(symbols)))  # noqa: S307 - our own sympy output
+    names = {"__builtins__": {}, "floor": math.floor, "Mod": operator.mod}  # an int's T // 2, T % 2
+    return int(eval(expr, names, dict(symbols)))  # noqa: S307 - our own sympy output
+
+
+def size_value(spec: dict, symbols: dict[str, int]) -> object:
+    """A stage's non-tensor input from program.json's ``sizes`` at this micro-batch's sizes: an int
+    from a shape that an earlier stage made (``T = x.size(1)``) and this one uses, never sent.
+
+    >>> size_value({"name": "getitem_8", "kind": "torch.Size", "value": ["b", "s", "64"]}, {"b": 4, "s": 32})
+    torch.Size([4, 32, 64])
+    """
+    kind, value = spec["kind"], spec["value"]
+    if kind == "constant":
+        return value
+    if kind == "int":
+        return evaluate_dim(value, symbols)
+    return torch.Size(evaluate_dim(v, symbols) for v in value)  # "torch.Size"
+
+
+def stage_arguments(info: dict, microbatch: dict, received: dict, symbols: dict[str, int]) -> list:
+    """A stage's forward arguments, in its signature's order: the model inputs it loads, the
+    boundary tensors it received, the ints from shapes it computes (``size_value``)."""
+    return (
+        [microbatch[n] for n in info["inputs"]]
+        + [received[n] for n in info["receives"]]
+        + [size_value(spec, symbols) for spec in info.get("sizes", ())]
+    )
 
 
 def symbol_values(program: Program, microbatch: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -570,9 +598,8 @@ class RankExecutor:
             # Without autograd no backward will read the inputs again: let them go after this forward.
             grad = torch.is_grad_enabled()
             received = self.received.get((stage, m), {}) if grad else self.received.pop((stage, m), {})
-            args = [self.inputs[m][n].to(self.device) for n in info["inputs"]] + [
-                received[n] for n in info["receives"]
-            ]
+            inputs = {n: self.inputs[m][n].to(self.device) for n in info["inputs"]}
+            args = stage_arguments(info, inputs, received, self.symbols[m])
             if (stage, m) in self._split:
                 pack = self._memory_hooks(stage, m)[0] if self.track_memory else None
                 hooks = self._saved.setdefault((stage, m), SavedActivations(pack)).hooks()

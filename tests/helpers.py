@@ -12,6 +12,7 @@ from ppcompile.context import CompileConfig
 from ppcompile.driver import compile_model
 from ppcompile.launch import torchrun_command as launch_command
 from ppcompile.program import write_program
+from ppcompile.runtime.executor import stage_arguments, symbol_values
 from ppcompile.runtime.loader import Program, load_program
 from ppcompile.runtime.spec import ModelRef
 from ppcompile.runtime.train import InProcessPipeline, batches
@@ -32,7 +33,7 @@ def chained_forward(program_dir: Path, model: torch.nn.Module, inputs: tuple) ->
     for stage_id in range(program.num_stages):
         info = program.stage(stage_id)
         stage = program.stage_class(stage_id)(model)
-        args = [by_name[n] for n in info["inputs"]] + [values[n] for n in info["receives"]]
+        args = stage_arguments(info, by_name, values, symbol_values(program, by_name))
         out = stage(*args)
         for name in info["sends"]:
             values[name] = out[name]

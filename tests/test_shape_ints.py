@@ -1,0 +1,51 @@
+"""Ints from shapes (``B, T, C = x.shape``) cross cuts without being sent: each stage that uses
+one computes it from the micro-batch's sizes, at whatever sizes the micro-batch has."""
+
+import torch
+
+from ppcompile.check_training import verify_in_process
+from ppcompile.context import CompileConfig
+from ppcompile.driver import compile_model
+from ppcompile.passes.partition_stages import compute_order, partition_problem
+from ppcompile.runtime.loader import load_program
+from tests.helpers import build_model, chained_forward, compile_to
+
+LATE = "tests/fixtures/shape_ints.py:late_shapes"
+DEVICE_LATE = "tests/fixtures/shape_ints.py:device_late"
+
+
+def test_ints_made_after_the_embedding_reach_the_last_stage_from_the_sizes_and_train_as_eager(tmp_path):
+    program = load_program(compile_to(tmp_path, LATE, 3))
+    sizes = {spec["name"]: (spec["kind"], spec["value"]) for spec in program.stage(2)["sizes"]}
+    # B, T - 1, the torch.Size and the 1/sqrt(C) scale, each as the micro-batch's sizes fix it.
+    assert ("int", "b") in sizes.values() and ("int", "s - 1") in sizes.values()
+    assert ("torch.Size", ["b", "s", "32"]) in sizes.values()
+    assert ("constant", 1 / 32**0.5) in sizes.values()
+    # None of them is a boundary: nothing sends an int.
+    assert not set(sizes) & {b["name"] for b in program.data["boundaries"]}
+    result = verify_in_process(program, steps=2, lr=0.05)
+    assert result.ok, "\n".join(result.lines())
+    assert result.max_gradient_difference == 0.0
+
+
+def test_the_ints_follow_each_micro_batch_not_the_example(tmp_path):
+    program_dir = compile_to(tmp_path, LATE, 3)
+    model, _ = build_model(LATE)
+    # Another batch size and sequence length than the example's (4, 16).
+    idx, targets = torch.randint(0, 64, (3, 11)), torch.randint(0, 64, (3, 11))
+    with torch.no_grad():
+        assert torch.equal(chained_forward(program_dir, model, (idx, targets)), model(idx, targets))
+
+
+def test_a_device_taken_from_a_hidden_state_still_forbids_the_cuts_it_spans():
+    result = compile_model(LATE, CompileConfig(stages=1))
+    order = compute_order(result.gm)
+    _, _, forbidden = partition_problem(result.gm, None, order, weight=lambda node: 0.0)
+    assert not forbidden, "ints, a torch.Size and a float constant forbid no cut"
+    device = compile_model(DEVICE_LATE, CompileConfig(stages=1)).gm
+    order = compute_order(device)
+    _, _, forbidden = partition_problem(device, None, order, weight=lambda node: 0.0)
+    position = {node.name: i for i, node in enumerate(order)}
+    made = next(n for n in order if n.op == "call_function" and n.target is getattr and n.args[1] == "device")
+    assert "ppc.value" not in made.meta
+    assert forbidden == set(range(position[made.name] + 1, max(position[u.name] for u in made.users) + 1))

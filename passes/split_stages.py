@@ -3,13 +3,13 @@
 A value made on stage p and used on stages c1 < c2 < ... is a boundary tensor sent from
 p straight to each consumer (never relayed through the stages between). Each stage
 graph takes, as placeholders, first the model inputs it uses (it loads them itself),
-then the boundary tensors it receives, then the ints from shapes made on earlier stages
+then the boundary tensors it receives, then the ints from shapes that earlier stages made
 (``T = x.size(1)`` before the cut, used after it), which the runtime computes from the
-micro-batch's sizes instead of sending them (``ppc.value``); it returns a dict of the
-boundary tensors it sends, plus ``"loss"`` on the last stage. Parameters, buffers and non-tensor values
-computed only from inputs are copied into every stage that uses them. A parameter used
-by several stages (tied embeddings) becomes a tied group: each of those ranks holds a
-copy and their gradients are summed.
+micro-batch's sizes instead of sending them (``ppc.value``). It returns a dict of the
+boundary tensors it sends, plus ``"loss"`` on the last stage. Parameters, buffers and
+non-tensor values computed only from inputs are copied into every stage that uses them.
+A parameter used by several stages (tied embeddings) becomes a tied group: each of those
+ranks holds a copy and their gradients are summed.
 """
 
 from __future__ import annotations

@@ -4,8 +4,11 @@ Every tensor value gets ``ppc.shape``, a tuple of sympy expressions in the model
 dims (``b``, ``s``, ...). They are found by running the graph on meta tensors several
 times: once at the example micro-batch, once per symbol with that symbol scaled, and once
 with all of them scaled. Each dim is fitted as ``c * b**i * s**j`` and checked against the
-last run, so ``[b, s, 768]`` or ``[b*s, 50257]`` come out exact; a dim that fits no such
-monomial keeps its concrete size (the program then serves only that size).
+last run, so ``[b, s, 768]`` or ``[b*s, 50257]`` come out exact. A dim that fits no such
+monomial is the first of these that holds at every run: ``c + sum(a * symbol)`` (``s - 1``
+after ``x[:, 1:]``), a dim of a tensor the node reads, an int from shapes it is given
+(``b*(s - 1)`` rows after ``x.reshape(B * (T - 1), C)``); else it keeps its concrete size (the
+program then serves only that size).
 
 Keys written on each node:
   ppc.kind           "tensor", "tuple" (holding tensors), "none" or "other" (ints, sizes, devices)
@@ -215,11 +218,12 @@ def propagate_shapes(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             continue
         shape = []
         for dim, size in enumerate(value.shape):
-            expr = _fit_dim(node.name, dim, int(size), base, scaled_runs, ctx)
-            if check_values is not None:
-                observed = check_values[node.name].shape[dim]
-                if expr.subs({ctx.symbols[s]: v for s, v in check_point.items()}) != observed:
-                    expr = sympy.Integer(int(size))
+            expr = _fit_dim(node.name, dim, int(size), base, scaled_runs, ctx, check_values is not None)
+            if not _dim_holds(expr, node.name, dim, runs, ctx):
+                # b*(s - 1) rows after a reshape by ints from shapes: equal to an input's dim, or to
+                # such an int, at every run; else the concrete size.
+                candidates = (c for c in _dim_candidates(node) if _dim_holds(c, node.name, dim, runs, ctx))
+                expr = next(candidates, sympy.Integer(int(size)))
             shape.append(expr)
         node.meta["ppc.shape"] = tuple(shape)
         node.meta["ppc.concrete"] = tuple(int(s) for s in value.shape)
@@ -229,27 +233,71 @@ def propagate_shapes(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     return gm
 
 
-def _fit_dim(name, dim, size, base, scaled_runs, ctx) -> sympy.Expr:
-    """Fit ``size`` as c * prod(symbol**exponent) from one scaled run per symbol."""
+def _fit_dim(name, dim, size, base, scaled_runs, ctx, affine: bool) -> sympy.Expr:
+    """Fit ``size`` as c * prod(symbol**exponent) from one scaled run per symbol. Where no such
+    monomial fits: as c + sum(a * symbol) (``s - 1`` after ``x[:, 1:]``) if ``affine`` (a run with
+    every symbol moved will check it), else the concrete size."""
     if size == 0:
         return sympy.Integer(0)
-    expr = sympy.Integer(1)
-    denominator = 1
+    observed = {}
     for symbol, (new_value, values) in scaled_runs.items():
         other = values[name]
         if not isinstance(other, torch.Tensor) or other.dim() <= dim:
             return sympy.Integer(size)
-        ratio = other.shape[dim] / size
+        observed[symbol] = (new_value, int(other.shape[dim]))
+    expr = sympy.Integer(1)
+    denominator = 1
+    for symbol, (new_value, other) in observed.items():
+        ratio = other / size
         if ratio == 1:
             continue
-        exponent = math.log(ratio) / math.log(new_value / base[symbol])
-        if abs(exponent - round(exponent)) > 1e-9 or round(exponent) < 1:
-            return sympy.Integer(size)
+        exponent = math.log(ratio) / math.log(new_value / base[symbol]) if ratio > 0 else None
+        if exponent is None or abs(exponent - round(exponent)) > 1e-9 or round(exponent) < 1:
+            return _fit_affine(size, observed, base, ctx) if affine else sympy.Integer(size)
         exponent = round(exponent)
         expr *= ctx.symbols[symbol] ** exponent
         denominator *= base[symbol] ** exponent
     coefficient = sympy.Rational(size, denominator)
     return coefficient * expr
+
+
+def _dim_holds(expr: sympy.Expr, name: str, dim: int, runs: list, ctx) -> bool:
+    """Whether dim ``dim`` of tensor ``name`` is ``expr`` in every run of ``runs``."""
+    for point, values in runs:
+        value = values.get(name)
+        if not isinstance(value, torch.Tensor) or value.dim() <= dim:
+            return False
+        if expr.subs({ctx.symbols[s]: v for s, v in point.items()}) != value.shape[dim]:
+            return False
+    return True
+
+
+def _dim_candidates(node: fx.Node) -> list[sympy.Expr]:
+    """What a dim of ``node`` may be besides a fit: a symbolic dim of a tensor it reads, or an int
+    from shapes it is given (``x.reshape(B * (T - 1), C)``)."""
+    found = []
+    for arg in node.all_input_nodes:
+        if arg.meta.get("ppc.kind") == "tensor":
+            found += arg.meta["ppc.shape"]
+        elif arg.meta.get("ppc.value") is not None:
+            found += arg.meta["ppc.value"].exprs
+    return [e for e in dict.fromkeys(found) if e.free_symbols]
+
+
+def _fit_affine(size: int, observed: dict, base: dict[str, int], ctx) -> sympy.Expr:
+    """``size`` as c + sum(a * symbol), from ``observed``: symbol -> (its second value, the size
+    seen there).
+
+    >>> from types import SimpleNamespace
+    >>> ctx = SimpleNamespace(symbols={"b": sympy.Symbol("b"), "s": sympy.Symbol("s")})
+    >>> _fit_affine(31, {"b": (8, 31), "s": (16, 15)}, {"b": 4, "s": 32}, ctx)
+    s - 1
+    """
+    expr = sympy.Integer(size)
+    for symbol, (new_value, other) in observed.items():
+        slope = sympy.Rational(other - size, new_value - base[symbol])
+        expr += slope * (ctx.symbols[symbol] - base[symbol])
+    return sympy.expand(expr)
 
 
 _MISSING = object()

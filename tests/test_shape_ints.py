@@ -8,10 +8,12 @@ from ppcompile.context import CompileConfig
 from ppcompile.driver import compile_model
 from ppcompile.passes.partition_stages import compute_order, partition_problem
 from ppcompile.runtime.loader import load_program
+from ppcompile.runtime.train import InProcessPipeline, build_spec
 from tests.helpers import build_model, chained_forward, compile_to
 
 LATE = "tests/fixtures/shape_ints.py:late_shapes"
 DEVICE_LATE = "tests/fixtures/shape_ints.py:device_late"
+DROP_FIRST = "tests/fixtures/shape_ints.py:drop_first"
 
 
 def test_ints_made_after_the_embedding_reach_the_last_stage_from_the_sizes_and_train_as_eager(tmp_path):
@@ -49,3 +51,29 @@ def test_a_device_taken_from_a_hidden_state_still_forbids_the_cuts_it_spans():
     made = next(n for n in order if n.op == "call_function" and n.target is getattr and n.args[1] == "device")
     assert "ppc.value" not in made.meta
     assert forbidden == set(range(position[made.name] + 1, max(position[u.name] for u in made.users) + 1))
+
+
+def test_a_dim_one_shorter_than_the_sequence_crosses_cuts_at_any_sequence_length(tmp_path):
+    program = load_program(compile_to(tmp_path, DROP_FIRST, 3, microbatches=4))
+    # Rows of b*(s - 1) after the reshape by B * T: the dims of what crosses are symbolic too.
+    assert {tuple(b["shape"]) for b in program.data["boundaries"]} == {
+        ("b*(s - 1)", "32"),
+        ("b*(s - 1)", "64"),
+    }
+    sizes = [(spec["kind"], spec["value"]) for spec in program.stage(2)["sizes"]]
+    assert ("torch.Size", ["b", "s - 1", "32"]) in sizes and ("int", "s - 2") in sizes
+    # The runtime sizes every message at each micro-batch's own shape: (3, 11), not the example's
+    # (4, 16), through the receive buffers of the forward-only schedule.
+    pipeline = InProcessPipeline(program)
+    model = build_spec(program, 0).module
+    generator = torch.Generator().manual_seed(1)
+    microbatches = [
+        {
+            "idx": torch.randint(0, 64, (3, 11), generator=generator),
+            "targets": torch.randint(0, 64, (3, 11), generator=generator),
+        }
+        for _ in range(4)
+    ]
+    with torch.no_grad():
+        expected = [float(model(mb["idx"], mb["targets"])) for mb in microbatches]
+    assert pipeline.evaluate(microbatches) == expected

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from ppcompile.runtime.executor import held_storages, stage_arguments, symbol_values
+from ppcompile.runtime.executor import held_storages, size_arguments, stage_arguments, symbol_values
 from ppcompile.runtime.loader import Program
 from ppcompile.runtime.train import batches, build_spec
 
@@ -47,7 +47,7 @@ def measure_stages(
                     n: inputs[s][n].detach().requires_grad_(inputs[s][n].requires_grad)
                     for n in info["receives"]
                 }
-                args = stage_arguments(info, microbatch, received, symbols)
+                args = stage_arguments(info, microbatch, received, size_arguments(info, symbols))
                 if count is None:
                     out = stage(*args)
                 else:
@@ -93,6 +93,7 @@ def measure_stages(
 
 def _stage_inputs(program: Program, stages, microbatch) -> list[dict[str, torch.Tensor]]:
     values, inputs = {}, []
+    symbols = symbol_values(program, microbatch)
     with torch.no_grad():
         for s, stage in enumerate(stages):
             info = program.stage(s)
@@ -103,6 +104,6 @@ def _stage_inputs(program: Program, stages, microbatch) -> list[dict[str, torch.
                     for n, t in received.items()
                 }
             )
-            out = stage(*stage_arguments(info, microbatch, received, symbol_values(program, microbatch)))
+            out = stage(*stage_arguments(info, microbatch, received, size_arguments(info, symbols)))
             values.update({n: out[n] for n in info["sends"]})
     return inputs

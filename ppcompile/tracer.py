@@ -289,15 +289,16 @@ def _traced_encoder(tracer, encoder, src, mask=None, src_key_padding_mask=None, 
     src_key_padding_mask = _canonical_mask(tracer, src_key_padding_mask, "src_key_padding_mask", mask, src)
     mask = _canonical_mask(tracer, mask, "mask", None, src)
     batch_first = encoder.layers[0].self_attn.batch_first
-    output = src
-    for layer in encoder.layers:
-        output = layer(
+    return _through_layers(
+        encoder,
+        src,
+        lambda layer, output: layer(
             output,
             src_mask=mask,
             is_causal=_is_causal(tracer, layer, mask, is_causal, output, batch_first),
             src_key_padding_mask=src_key_padding_mask,
-        )
-    return encoder.norm(output) if encoder.norm is not None else output
+        ),
+    )
 
 
 def _traced_decoder(
@@ -314,9 +315,10 @@ def _traced_decoder(
 ):
     """``nn.TransformerDecoder.forward``."""
     batch_first = decoder.layers[0].self_attn.batch_first
-    output = tgt
-    for layer in decoder.layers:
-        output = layer(
+    return _through_layers(
+        decoder,
+        tgt,
+        lambda layer, output: layer(
             output,
             memory,
             tgt_mask=tgt_mask,
@@ -325,8 +327,16 @@ def _traced_decoder(
             memory_key_padding_mask=memory_key_padding_mask,
             tgt_is_causal=_is_causal(tracer, layer, tgt_mask, tgt_is_causal, output, batch_first),
             memory_is_causal=memory_is_causal,
-        )
-    return decoder.norm(output) if decoder.norm is not None else output
+        ),
+    )
+
+
+def _through_layers(container, output, run_layer):
+    """The stack's loop, as torch's encoder and decoder run it: each layer on the last one's
+    output, then the container's norm if it has one."""
+    for layer in container.layers:
+        output = run_layer(layer, output)
+    return container.norm(output) if container.norm is not None else output
 
 
 def _traced_transformer(

@@ -67,8 +67,11 @@ def dtype_of(name: str) -> torch.dtype:
 
 def evaluate_dim(expr: str, symbols: dict[str, int]) -> int:
     """A symbolic dim from program.json (``"b"``, ``"2*s"``, ``"b*s"``) at this micro-batch's sizes."""
-    names = {"__builtins__": {}, "floor": math.floor, "Mod": operator.mod}  # an int's T // 2, T % 2
-    return int(eval(expr, names, dict(symbols)))  # noqa: S307 - our own sympy output
+    return int(eval(expr, _EXPRESSION_NAMES, dict(symbols)))  # noqa: S307 - our own sympy output
+
+
+# What program.json's expressions may call besides the symbols: an int's T // 2 and T % 2.
+_EXPRESSION_NAMES = {"__builtins__": {}, "floor": math.floor, "Mod": operator.mod}
 
 
 def size_value(spec: dict, symbols: dict[str, int]) -> object:
@@ -86,14 +89,15 @@ def size_value(spec: dict, symbols: dict[str, int]) -> object:
     return torch.Size(evaluate_dim(v, symbols) for v in value)  # "torch.Size"
 
 
-def stage_arguments(info: dict, microbatch: dict, received: dict, symbols: dict[str, int]) -> list:
+def size_arguments(info: dict, symbols: dict[str, int]) -> list:
+    """The ints from shapes a stage computes (``size_value``), in its signature's order."""
+    return [size_value(spec, symbols) for spec in info.get("sizes", ())]
+
+
+def stage_arguments(info: dict, microbatch: dict, received: dict, sizes: list) -> list:
     """A stage's forward arguments, in its signature's order: the model inputs it loads, the
-    boundary tensors it received, the ints from shapes it computes (``size_value``)."""
-    return (
-        [microbatch[n] for n in info["inputs"]]
-        + [received[n] for n in info["receives"]]
-        + [size_value(spec, symbols) for spec in info.get("sizes", ())]
-    )
+    boundary tensors it received, the ints from shapes it computes (``size_arguments``)."""
+    return [microbatch[n] for n in info["inputs"]] + [received[n] for n in info["receives"]] + sizes
 
 
 def symbol_values(program: Program, microbatch: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -494,6 +498,7 @@ class RankExecutor:
         self.track_memory = track_memory
         self.memory = MemoryStats()
         self._keys_cache: dict = {}
+        self._sizes_cache: dict = {}
         self.messages = {s: stage_messages(program, s) for s in self.stage_ids}
         # Each stage draws its dropout masks from a stream of its own (``randomness``).
         self.random = {s: RandomStream(stage_seed(seed, s), self.device) for s in self.stage_ids}
@@ -599,7 +604,7 @@ class RankExecutor:
             grad = torch.is_grad_enabled()
             received = self.received.get((stage, m), {}) if grad else self.received.pop((stage, m), {})
             inputs = {n: self.inputs[m][n].to(self.device) for n in info["inputs"]}
-            args = stage_arguments(info, inputs, received, self.symbols[m])
+            args = stage_arguments(info, inputs, received, self._sizes(stage, m))
             if (stage, m) in self._split:
                 pack = self._memory_hooks(stage, m)[0] if self.track_memory else None
                 hooks = self._saved.setdefault((stage, m), SavedActivations(pack)).hooks()
@@ -684,6 +689,15 @@ class RankExecutor:
         backward_weight(pending)
         if self.track_memory:
             self._live[stage].pop(m, None)
+
+    def _sizes(self, stage: int, m: int) -> list:
+        """The stage's ints from shapes at micro-batch ``m``'s sizes; reused across steps while the
+        micro-batch shape stays the same."""
+        cache_key = (stage, tuple(sorted(self.symbols[m].items())))
+        sizes = self._sizes_cache.get(cache_key)
+        if sizes is None:
+            sizes = self._sizes_cache[cache_key] = size_arguments(self.program.stage(stage), self.symbols[m])
+        return sizes
 
     def _receive_keys(self, action: Action):
         """The messages a receive action stands for, with peers and buffer shapes; reused across

@@ -12,7 +12,7 @@ from ppcompile.context import CompileConfig
 from ppcompile.driver import compile_model
 from ppcompile.launch import torchrun_command as launch_command
 from ppcompile.program import write_program
-from ppcompile.runtime.executor import stage_arguments, symbol_values
+from ppcompile.runtime.executor import size_arguments, stage_arguments, symbol_values
 from ppcompile.runtime.loader import Program, load_program
 from ppcompile.runtime.spec import ModelRef
 from ppcompile.runtime.train import InProcessPipeline, batches
@@ -28,12 +28,13 @@ def chained_forward(program_dir: Path, model: torch.nn.Module, inputs: tuple) ->
     """Run every stage's forward in order, handing boundary tensors from producer to consumer."""
     program = load_program(program_dir)
     by_name = dict(zip([i["name"] for i in program.data["inputs"]], inputs))
+    symbols = symbol_values(program, by_name)
     values = {}
     loss = None
     for stage_id in range(program.num_stages):
         info = program.stage(stage_id)
         stage = program.stage_class(stage_id)(model)
-        args = stage_arguments(info, by_name, values, symbol_values(program, by_name))
+        args = stage_arguments(info, by_name, values, size_arguments(info, symbols))
         out = stage(*args)
         for name in info["sends"]:
             values[name] = out[name]

@@ -59,6 +59,9 @@ from ppcompile.memory import (
 )
 from ppcompile.tracer import is_effect, rebind_buffer
 
+# The least share of the slowest stage's time that dividing a layer across a cut must save.
+DIVIDE_GAIN = 0.01
+
 
 @dataclass(frozen=True)
 class CrossingValue:
@@ -67,6 +70,9 @@ class CrossingValue:
     producer: int
     consumers: tuple[int, ...]
     transfer_time: float  # seconds it occupies the link, forward and its gradient back
+    # What it costs the stage it leaves, where that differs from the stage it enters: the copy
+    # joining a divided layer's pieces is paid by the stage that holds the join alone.
+    leaving_time: float | None = None
 
 
 def partition_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
@@ -79,9 +85,24 @@ def partition_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     if K - 1 > legal_cuts:
         raise CompileError(
             f"{_stages_text(ctx)} needs {K - 1} cuts but {ctx.ref} has only {legal_cuts} places it can be cut "
-            f"({len(order)} compute nodes); use {legal_cuts + 1} stages or fewer in all"
+            f"({len(order)} compute nodes"
+            + (", each linear layer's bands of columns counted" if divided_layer_spans(order) else "")
+            + f"); use {legal_cuts + 1} stages or fewer in all"
         )
-    cost = segment_costs(times, values, forbidden, ctx.profile.send_overhead)
+    cost = segment_costs(times, values + join_prices(order), forbidden, ctx.profile.send_overhead)
+    inside = cuts_inside_divided_layers(order)
+    if inside:
+        # A layer is divided only where that evens the stages by more than DIVIDE_GAIN: its pieces
+        # cost a second weight on the other rank, a tied gradient to sum and two smaller matrix
+        # products, none of which the stage times count.
+        whole = forbid_cuts(cost.clone(), inside)
+        whole_cuts, divided_cuts = solve_partition(whole, K), solve_partition(cost, K)
+        if whole_cuts is not None and (
+            divided_cuts is None
+            or max(stage_times_for(cost, divided_cuts))
+            > (1 - DIVIDE_GAIN) * max(stage_times_for(whole, whole_cuts))
+        ):
+            cost = whole
     fitting = None
     if ctx.config.memory_per_device is not None:
         # The best cuts that fit without recomputation; plan_memory weighs them against the fastest
@@ -202,13 +223,42 @@ def segment_costs(
     cost = span_sums(torch.tensor([0.0, *times], dtype=torch.float64))
     cost[1:, :] += send_call  # a cut before the stage: it sends its gradients back
     cost[:, : n - 1] += send_call  # a cut after it: it sends its activations on
-    weights = [v.transfer_time for v in values]
-    cost += crossing_sums(n, values, weights, weights)
+    entering = [v.transfer_time for v in values]
+    leaving = [v.transfer_time if v.leaving_time is None else v.leaving_time for v in values]
+    cost += crossing_sums(n, values, entering, leaving)
     cost[torch.ones(n, n, dtype=torch.bool).tril(-1)] = torch.inf
-    for cut in forbidden:
-        cost[cut, :] = torch.inf  # no stage may start at a forbidden cut
-        cost[:, cut - 1] = torch.inf  # nor end just before it
+    return forbid_cuts(cost, forbidden)
+
+
+def forbid_cuts(cost: torch.Tensor, cuts) -> torch.Tensor:
+    """``cost`` with no stage starting at any of ``cuts`` (nor ending just before one)."""
+    for cut in cuts:
+        cost[cut, :] = torch.inf
+        cost[:, cut - 1] = torch.inf
     return cost
+
+
+def divided_layer_spans(order: Sequence[fx.Node]) -> list[tuple[int, int, fx.Node]]:
+    """(first piece's position, the join's position, the join) of each divided layer in ``order``."""
+    position = {node.name: i for i, node in enumerate(order)}
+    spans = []
+    for node in order:
+        if "ppc.divided" in node.meta:
+            spans.append((position[node.meta["ppc.divided"].pieces[0]], position[node.name], node))
+    return spans
+
+
+def join_prices(order: Sequence[fx.Node]) -> list[CrossingValue]:
+    """Per divided layer, its join's copy charged to a stage that starts among its pieces and holds
+    the join (``divide_layers``): a layer the cuts leave whole is not joined at all."""
+    return [
+        CrossingValue(first, (join,), node.meta["ppc.divided"].join_cost.time, leaving_time=0.0)
+        for first, join, node in divided_layer_spans(order)
+    ]
+
+
+def cuts_inside_divided_layers(order: Sequence[fx.Node]) -> set[int]:
+    return {cut for first, join, _ in divided_layer_spans(order) for cut in range(first + 1, join + 1)}
 
 
 def crossing_sums(

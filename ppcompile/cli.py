@@ -89,6 +89,13 @@ def main():
     help="With --profile on a CPU whose cores the ranks share: run the long actions that the other ranks "
     "wait through (the pipeline's bubbles) on every core.",
 )
+@click.option(
+    "--divide-layers/--whole-layers",
+    default=True,
+    show_default=True,
+    help="Let a cut fall inside a linear layer, each side computing a band of its output features, where "
+    "that evens the stages; --whole-layers keeps every layer on one stage.",
+)
 @click.option("--check", is_flag=True, help="Run the verifier after every pass.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Program directory to write.")
 @user_errors
@@ -109,6 +116,7 @@ def compile(
     dims,
     fuse_loss,
     spare_cores,
+    divide_layers,
     check,
     output,
 ):
@@ -135,6 +143,7 @@ def compile(
         dims=_parse_dims(dims) if dims else None,
         fuse_loss=fuse_loss,
         spare_cores=spare_cores,
+        divide_layers=divide_layers,
     )
     result = compile_model(spec, config)
     out = write_program(output, result.program, result.files)

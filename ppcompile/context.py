@@ -41,6 +41,9 @@ class CompileConfig:
     # simulator sees running while every other rank waits get the idle cores too
     # (ppcompile/spare_cores.py). Off by default: on a step-level benchmark its gain is in the noise.
     spare_cores: bool = False
+    # Let cuts fall inside a linear layer, each side computing a band of its output features
+    # (passes/divide_layers.py), where that evens the stages; off: every node whole on one stage.
+    divide_layers: bool = True
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,8 @@ class CompileContext:
     spare_cores: tuple[int, float] | None = None
     profile_key: str | None = None  # the profile's cache key: what calibrations are cached under too
     fused_losses: list[str] = field(default_factory=list)  # linear layers fused with their loss
+    # Linear layers a cut divides (passes/join_layers.py): {"layer": name, "columns": [[stage, start, stop], ...]}
+    divided: list[dict[str, Any]] = field(default_factory=list)
     cost_basis: list[dict[str, int]] = field(default_factory=list)  # monomials of the cost formulas
 
     @property

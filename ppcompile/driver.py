@@ -8,6 +8,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import statistics
@@ -20,9 +21,11 @@ from ppcompile.context import CompileConfig, CompileContext
 from ppcompile.errors import CompileError, PassError
 from ppcompile.frontend import load_context, trace
 from ppcompile.memory import OPTIMIZER_STATE_FACTOR
+from ppcompile.passes.divide_layers import divide_layers
 from ppcompile.passes.estimate_costs import estimate_costs
 from ppcompile.passes.fit_cost_formulas import fit_cost_formulas
 from ppcompile.passes.fuse_loss import fuse_loss
+from ppcompile.passes.join_layers import join_layers
 from ppcompile.passes.order_mutations import order_mutations
 from ppcompile.passes.partition_stages import partition_stages
 from ppcompile.passes.plan_memory import plan_memory
@@ -51,10 +54,14 @@ PASSES = [
     ("fit_cost_formulas", fit_cost_formulas),
     # With --profile: forward and backward time of every node measured on the real device.
     ("profile_costs", profile_costs),
+    # Linear layers heavier than a hundredth of a stage as bands of columns, so cuts may divide them.
+    ("divide_layers", divide_layers),
     # K contiguous stages minimising the slowest one, transfers included, within the memory budget.
     ("partition_stages", partition_stages),
     # Peak memory per rank; recompute layers in backward where a rank is over budget.
     ("plan_memory", plan_memory),
+    # Layers no cut divides whole again; a divided one as one band of columns per stage.
+    ("join_layers", join_layers),
     # One graph per stage, with receive and send ports and tied parameters.
     ("split_stages", split_stages),
 ]
@@ -93,13 +100,13 @@ def compile_model(ref: str, config: CompileConfig) -> CompileResult:
     ctx.live_microbatches = list(
         simulate(schedule, {s: StageCosts(0, 0) for s in range(ctx.num_stages)}, set()).peak_live_microbatches
     )
-    gm = trace(ctx)
-    gm = _run_passes(gm, ctx, PASSES)
+    uncut = _run_passes(trace(ctx), ctx, PASSES[:REPARTITION_FROM])
+    gm = _run_passes(_graph_copy(uncut), ctx, PASSES[REPARTITION_FROM:])
     lowered, program, files = _build(gm, ctx, schedule)
     if config.profile:
         # Node sums miss the runtime's own work, and a node timed alone is noisier than a stage:
         # time the stages whole, and cut again where that changes the balance.
-        gm, lowered, program, files = _calibrate(gm, ctx, schedule, lowered, program, files)
+        gm, lowered, program, files = _calibrate(uncut, gm, ctx, schedule, lowered, program, files)
     if ctx.spare_cores is not None:
         # What runs while the other ranks wait follows from the step as simulated without it.
         plan_spare_cores(program, simulate_program(program), *ctx.spare_cores)
@@ -124,6 +131,12 @@ def _run_passes(gm: fx.GraphModule, ctx: CompileContext, passes) -> fx.GraphModu
     return gm
 
 
+def _graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with a graph of its own (node metadata copied, modules shared), for passes from the
+    partitioner on to rewrite: every partition is cut from the same uncut graph."""
+    return fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+
+
 def _build(
     gm: fx.GraphModule, ctx: CompileContext, schedule: Schedule
 ) -> tuple[Schedule, dict, dict[str, str]]:
@@ -142,7 +155,7 @@ def _build(
 # Whole stages whose node sums are off by factors further apart than this get cut again, by the
 # passes from the partitioner on.
 REBALANCE_SPREAD = 1.03
-REPARTITION_FROM = [name for name, _ in PASSES].index("partition_stages")
+REPARTITION_FROM = [name for name, _ in PASSES].index("divide_layers")
 # Partitions timed whole at most: the first, then each one the evidence so far moves the cuts to.
 # One timing of a stage on a shared machine can be 20% off; a second and third catch that.
 MAX_TIMED_PARTITIONS = 3
@@ -159,7 +172,7 @@ class _TimedPartition:
     imbalance: float  # timed_imbalance of its program under that timing
 
 
-def _calibrate(gm, ctx, schedule, lowered, program, files):
+def _calibrate(uncut, gm, ctx, schedule, lowered, program, files):
     """Time the program's stages whole; where they ran at different multiples of their node sums,
     scale the node times to match, cut again, and time the new stages; repeat while the cuts move.
 
@@ -185,13 +198,13 @@ def _calibrate(gm, ctx, schedule, lowered, program, files):
 
     def cut(costs, send_seconds):
         ctx.profile = dataclasses.replace(ctx.profile, send_overhead=send_seconds)
-        for node in gm.graph.nodes:
+        for node in uncut.graph.nodes:
             if node.name in costs:
                 node.meta["ppc.cost"] = costs[node.name]
-        cut_gm = _run_passes(gm, ctx, PASSES[REPARTITION_FROM:])
+        cut_gm = _run_passes(_graph_copy(uncut), ctx, PASSES[REPARTITION_FROM:])
         return (cut_gm, *_build(cut_gm, ctx, schedule))
 
-    profiled = {n.name: n.meta["ppc.cost"] for n in gm.graph.nodes if "ppc.cost" in n.meta}
+    profiled = {n.name: n.meta["ppc.cost"] for n in uncut.graph.nodes if "ppc.cost" in n.meta}
     evidence: dict[str, list[float]] = {name: [] for name in profiled}
     probed_send = ctx.profile.send_overhead
     sends_timed: list[float] = []
@@ -224,8 +237,10 @@ def _calibrate(gm, ctx, schedule, lowered, program, files):
             break
         for node in gm.graph.nodes:
             stage = node.meta.get("ppc.stage")
-            if stage is not None and node.name in evidence:
-                evidence[node.name].append(multiple(node.name) * factors[stage])
+            # The bands of a divided layer speak for the layer; its join is costed from them.
+            name = node.meta.get("ppc.piece_of", node.name)
+            if stage is not None and name in evidence and "ppc.joins" not in node.meta:
+                evidence[name].append(multiple(name) * factors[stage])
         costs = {
             name: dataclasses.replace(
                 cost,

@@ -116,6 +116,7 @@ def build_program(
             "schedule": ctx.config.schedule,
             "device_profile": ctx.profile.name,
             "costs_measured_on": ctx.profiled_on,
+            "divide_layers": ctx.config.divide_layers,
         },
         "inputs": [
             {
@@ -166,6 +167,8 @@ def build_program(
         # Linear layers computed together with their cross-entropy (--fuse-loss): losses then
         # match eager to float rounding, not bitwise.
         "fused_losses": list(ctx.fused_losses),
+        # Linear layers a cut divides (passes/divide_layers.py): each stage's band of output features.
+        "divided_layers": list(ctx.divided),
         "schedule": _schedule_json(schedule, ctx.config.virtual_stages),
         "inference_schedule": _schedule_json(inference, ctx.config.virtual_stages),
         "costs": {

@@ -58,6 +58,7 @@ def render_report(program: dict) -> str:
     heaviest = stages[slowest]
     share = heaviest["heaviest_seconds"] / times[slowest]
     floor = costs.get("compute_floor_seconds")
+    divides = program["config"].get("divide_layers", False)
     if floor:
         bound = (
             f"no partition's slowest stage computes less than {max(floor) * 1e3:.2f} ms (the best cut by "
@@ -96,10 +97,17 @@ def render_report(program: dict) -> str:
     else:
         lines.append("- even split by layer count: not applicable (no repeated layers to deal out)")
     lines += [f"- {note}" for note in costs.get("notes", [])]
+    for divided in program.get("divided_layers", []):
+        bands = ", ".join(f"{start}-{stop} on stage {stage}" for stage, start, stop in divided["columns"])
+        lines.append(
+            f"- `{divided['layer']}` divided by output features across a cut: columns {bands}; its weight "
+            "is held by each of those ranks (a tied group)"
+        )
     lines += [
         f"- slowest stage: {slowest}; its heaviest node `{heaviest['heaviest_node']}` is {share:.0%} of it "
-        f"({heaviest['heaviest_seconds'] * 1e3:.2f} of {times[slowest] * 1e3:.2f} ms); a node is never split, "
-        f"so {bound}",
+        f"({heaviest['heaviest_seconds'] * 1e3:.2f} of {times[slowest] * 1e3:.2f} ms); "
+        + ("no node but a linear layer is divided" if divides else "a node is never split")
+        + f", so {bound}",
         f"- predicted bubble (K-1)/(M+K-1): {bubble:.3f}",
         f"- simulated step ({program['schedule']['name']}, transfers included"
         f"{', stages timed whole, optimizer update included' if 'calibrated' in costs else ''}): "

@@ -51,6 +51,15 @@ def verify(gm: fx.GraphModule, ctx: CompileContext, done: list[str]) -> None:
             _require(
                 current is None or current not in closed, f"checkpoint region {current} is not contiguous"
             )
+    if "join_layers" in done:
+        by_name = {node.name: node for node in nodes}
+        for node in nodes:
+            _require("ppc.divided" not in node.meta, f"{node.name}'s bands were never joined")
+            bands = [by_name[band].meta.get("ppc.stage") for band in node.meta.get("ppc.joins", ())]
+            _require(
+                not bands or (len(set(bands)) == len(bands) > 1 and bands == sorted(bands)),
+                f"{node.name} joins bands of stages {bands}: one band per stage, in stage order",
+            )
     if "split_stages" in done:
         received = {(name, sg.stage) for sg in ctx.stage_graphs for name in sg.receives}
         sent = {name for sg in ctx.stage_graphs for name in sg.sends}

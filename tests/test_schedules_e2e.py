@@ -98,8 +98,9 @@ def test_torchrun_new_schedules(tmp_path, schedule, V):
         (["-k", "2", "-v", "2", "--schedule", "1f1b"], ["interleaved-1f1b"]),
         (["-k", "2", "-v", "1", "--schedule", "interleaved-1f1b", "-m", "4"], ["1f1b"]),
         (
-            ["-k", "4", "-v", "16", "--schedule", "interleaved-1f1b", "-m", "4"],
-            ["--virtual-stages 16", "places it can be cut"],
+            # 1,024 stages: more than the cuts between nodes, linear layers' bands of columns included.
+            ["-k", "4", "-v", "256", "--schedule", "interleaved-1f1b", "-m", "4"],
+            ["--virtual-stages 256", "places it can be cut", "bands of columns"],
         ),
         (["-k", "2", "--schedule", "zigzag"], ["zigzag", "zb-h1", "interleaved-1f1b", "forward-only"]),
     ],

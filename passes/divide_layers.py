@@ -40,12 +40,18 @@ from torch import fx, nn
 
 from ppcompile.context import CompileContext
 from ppcompile.passes.estimate_costs import ZERO, NodeCost
+from ppcompile.passes.partition_stages import compute_floor, compute_order, partition_problem
 from ppcompile.runtime.layers import linear_columns
 
 # A piece is at most this share of a mean stage's time: cuts at that grain can even the stages
 # to about half of it, well inside the 5% the field asks of a balanced pipeline.
 PIECE_SHARE = 0.01
 MAX_PIECES = 16
+# Layers are divided only where the best cut of whole nodes, by compute alone, leaves the
+# slowest stage more than 5% over the mean (the field's bar for a balanced pipeline): short of
+# that, a cut inside a layer has little to win, and a 96-layer GPT-3's pieces would double the
+# partitioner's nodes and its compile time with them.
+DIVIDE_ABOVE = 1.05
 # Bands start at multiples of this many columns where the layer is wide enough: GPU matrix
 # kernels tile output features by 8 and more.
 COLUMN_ALIGN = 8
@@ -66,8 +72,12 @@ class DividedLayer:
 
 
 def divide_layers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    ctx.whole_node_floor = None
     if ctx.num_stages == 1 or not ctx.config.divide_layers:
         return gm
+    floor = ctx.whole_node_floor = whole_node_floor(gm, ctx.num_stages)
+    if floor is not None and max(floor) * len(floor) <= DIVIDE_ABOVE * sum(floor):
+        return gm  # whole nodes already cut close to even: pieces would only slow the partitioner
     nodes = list(gm.graph.nodes)
     total = sum(n.meta["ppc.cost"].time for n in nodes if "ppc.cost" in n.meta)
     piece_time = PIECE_SHARE * total / ctx.num_stages
@@ -81,6 +91,14 @@ def divide_layers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             _divide(gm, ctx, node, *linear, bounds)
     gm.recompile()
     return gm
+
+
+def whole_node_floor(gm: fx.GraphModule, K: int) -> list[float] | None:
+    """Per stage, the compute time of the best cut of whole nodes by compute alone; None where
+    whole nodes cannot make K stages."""
+    order = compute_order(gm)
+    times, _, forbidden = partition_problem(gm, None, order, weight=lambda node: 0.0)
+    return compute_floor(times, forbidden, K)
 
 
 def column_bounds(width: int, count: int) -> list[int]:

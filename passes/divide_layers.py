@@ -16,7 +16,7 @@ ranks hold the weight, as a tied group: each one's gradient is zero outside its 
 their sum is the layer's. ``join_layers`` runs once the cuts are final: a layer no cut divides
 becomes the one call it was again, and a divided layer's pieces on each side merge into one.
 
-Matched: an ``nn.Linear`` module (its own ``forward``), or ``F.linear`` of a weight (and bias)
+Matched as ``--fuse-loss`` matches its head: an ``nn.Linear`` module, or ``F.linear`` of a weight (and bias)
 read with ``get_attr``. Each piece costs the layer's costs times its share of the columns (its
 input is read whole); the cat costs nothing until a cut divides the layer, when the stage that
 joins the pieces pays their copy (``DividedLayer.join_cost``, which the partitioner adds there).
@@ -35,11 +35,11 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from ppcompile.context import CompileContext
 from ppcompile.passes.estimate_costs import ZERO, NodeCost
+from ppcompile.passes.fuse_loss import linear_call
 from ppcompile.passes.partition_stages import compute_floor, compute_order, partition_problem
 from ppcompile.runtime.layers import linear_columns
 
@@ -119,23 +119,7 @@ def _linear_parts(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     """(input, weight target, bias target or None) of a linear layer this pass may divide."""
     if node.meta.get("ppc.kind") != "tensor" or not node.meta.get("ppc.concrete"):
         return None
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if type(module).forward is not nn.Linear.forward or len(node.args) != 1 or node.kwargs:
-            return None
-        bias = f"{node.target}.bias" if module.bias is not None else None
-        return node.args[0], f"{node.target}.weight", bias
-    if node.op == "call_function" and node.target is F.linear:
-        named = dict(zip(("input", "weight", "bias"), node.args)) | dict(node.kwargs)
-        weight, bias = named.get("weight"), named.get("bias")
-        if not _is_attribute(weight) or not (bias is None or _is_attribute(bias)):
-            return None
-        return named["input"], weight.target, bias.target if bias is not None else None
-    return None
-
-
-def _is_attribute(value) -> bool:
-    return isinstance(value, fx.Node) and value.op == "get_attr"
+    return linear_call(gm, node)
 
 
 def _divide(gm, ctx, layer: fx.Node, x: fx.Node, weight: str, bias: str | None, bounds: list[int]) -> None:

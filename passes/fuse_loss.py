@@ -142,7 +142,7 @@ def _match(gm: fx.GraphModule, loss: fx.Node) -> _LossMatch | None:
         linear = logits
     if not isinstance(linear, fx.Node) or len(logits.meta.get("ppc.concrete", ())) != 2:
         return None
-    found = _linear(gm, linear)
+    found = linear_call(gm, linear)
     if found is None:
         return None
     x, weight, bias = found
@@ -166,8 +166,9 @@ def _flattens_rows(flat: fx.Node, linear: fx.Node) -> bool:
     return flat_shape == (math.prod(shape[:-1]), shape[-1])
 
 
-def _linear(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, str, str | None] | None:
-    """(input, weight FQN, bias FQN or None) of an nn.Linear call or an F.linear of get_attr nodes."""
+def linear_call(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, str, str | None] | None:
+    """(input, weight FQN, bias FQN or None) of an nn.Linear call or an F.linear of get_attr nodes;
+    None for any other node (divide_layers matches its layers with this too)."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         if type(module) is not nn.Linear or len(node.args) != 1 or node.kwargs:

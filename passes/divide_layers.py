@@ -152,7 +152,7 @@ def _divide(gm, ctx, layer: fx.Node, x: fx.Node, weight: str, bias: str | None, 
     layer.op, layer.target = "call_function", torch.cat
     layer.args, layer.kwargs = (pieces, -1), {}
     layer.meta["ppc.cost"] = ZERO
-    layer.meta["ppc.cost_poly"] = _scaled(whole.cost_poly, 0)
+    layer.meta["ppc.cost_poly"] = scaled_poly(whole.cost_poly, 0)
     layer.meta["ppc.view_of"] = None
 
 
@@ -170,7 +170,7 @@ def _attribute_meta(gm: fx.GraphModule, target: str, whole: DividedLayer) -> dic
         "ppc.view_of": None,
         "ppc.writes_buffers": False,
         "ppc.cost": ZERO,
-        "ppc.cost_poly": _scaled(whole.cost_poly, 0),
+        "ppc.cost_poly": scaled_poly(whole.cost_poly, 0),
     }
 
 
@@ -193,7 +193,7 @@ def piece_meta(layer: fx.Node, whole: DividedLayer, start: int, stop: int) -> di
         forward_time=cost.forward_time * share,
         backward_time=cost.backward_time * share,
     )
-    meta["ppc.cost_poly"] = _scaled(whole.cost_poly, share)
+    meta["ppc.cost_poly"] = scaled_poly(whole.cost_poly, share)
     meta["ppc.shape"] = (*layer.meta["ppc.shape"][:-1], stop - start)
     meta["ppc.concrete"] = (*layer.meta["ppc.concrete"][:-1], stop - start)
     meta["ppc.nbytes"] = layer.meta["ppc.nbytes"] * (stop - start) // width
@@ -206,7 +206,8 @@ def piece_meta(layer: fx.Node, whole: DividedLayer, start: int, stop: int) -> di
     return meta
 
 
-def _scaled(poly: dict, share) -> dict:
+def scaled_poly(poly: dict, share) -> dict:
+    """Cost formulas (``ppc.cost_poly``) times ``share``."""
     return {quantity: tuple(c * share for c in coefficients) for quantity, coefficients in poly.items()}
 
 

@@ -21,7 +21,7 @@ import itertools
 from torch import fx
 
 from ppcompile.context import CompileContext
-from ppcompile.passes.divide_layers import divided_layers, piece_meta
+from ppcompile.passes.divide_layers import divided_layers, piece_meta, scaled_poly
 from ppcompile.passes.partition_stages import compute_order
 from ppcompile.runtime.layers import linear_columns
 
@@ -44,7 +44,7 @@ def join_layers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         del layer.meta["ppc.divided"]
         layer.meta["ppc.joins"] = tuple(j.name for j in joined)
         layer.meta["ppc.cost"] = divided.join_cost
-        layer.meta["ppc.cost_poly"] = {q: tuple(0 for _ in c) for q, c in divided.cost_poly.items()}
+        layer.meta["ppc.cost_poly"] = scaled_poly(divided.cost_poly, 0)
         ctx.divided.append(
             {
                 "layer": layer.name,

@@ -90,25 +90,24 @@ def partition_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             + f"); use {legal_cuts + 1} stages or fewer in all"
         )
     cost = segment_costs(times, values + join_prices(order), forbidden, ctx.profile.send_overhead)
+    cuts = solve_partition(cost, K)
     inside = cuts_inside_divided_layers(order)
     if inside:
         # A layer is divided only where that evens the stages by more than DIVIDE_GAIN: its pieces
         # cost a second weight on the other rank, a tied gradient to sum and two smaller matrix
         # products, none of which the stage times count.
         whole = forbid_cuts(cost.clone(), inside)
-        whole_cuts, divided_cuts = solve_partition(whole, K), solve_partition(cost, K)
+        whole_cuts = solve_partition(whole, K)
         if whole_cuts is not None and (
-            divided_cuts is None
-            or max(stage_times_for(cost, divided_cuts))
-            > (1 - DIVIDE_GAIN) * max(stage_times_for(whole, whole_cuts))
+            cuts is None
+            or max(stage_times_for(cost, cuts)) > (1 - DIVIDE_GAIN) * max(stage_times_for(whole, whole_cuts))
         ):
-            cost = whole
+            cost, cuts = whole, whole_cuts
     fitting = None
     if ctx.config.memory_per_device is not None:
         # The best cuts that fit without recomputation; plan_memory weighs them against the fastest
         # cuts with layers recomputed, and keeps whichever gives the faster slowest stage.
         fitting = solve_partition(cost, K, memory_fits(gm, ctx, order, ctx.config.memory_per_device))
-    cuts = solve_partition(cost, K)
     if cuts is None:
         raise CompileError(f"no partition of {ctx.ref} into {K} stages exists; use fewer stages")
     ctx.partition = Partition(

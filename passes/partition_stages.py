@@ -36,6 +36,7 @@ Keys written on each node:
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import re
@@ -300,34 +301,45 @@ def rectangle_sums(n: int, rectangles) -> torch.Tensor:
 def solve_partition(cost: torch.Tensor, K: int, fits=None) -> list[int] | None:
     """Cut positions (the first index of stages 1..K-1) minimising the max stage cost, then the
     sum of squares among optimal partitions. ``fits(k)``, when given, is a boolean matrix of the
-    (i, j) segments stage k may hold (its memory budget). None when no partition is feasible."""
+    (i, j) segments stage k may hold (its memory budget). None when no partition is feasible.
+
+    Dynamic programming over stage ends, each step over a band of stage starts: no stage of an
+    optimal partition costs more than a partition found without search (``_upper_bound``), so
+    only the segments within that cost are searched, about 2n/K wide where the nodes are many
+    and even: GPT-3's 3,850 nodes into 16 stages search a tenth of the n x n segments.
+    """
     n = cost.shape[0]
     if K > n:
         return None
-    inf = torch.full_like(cost, torch.inf)
-
-    def stage_cost(k: int) -> torch.Tensor:
-        return cost if fits is None else torch.where(fits(k), cost, inf)
-
-    # Phase 1: the optimal bottleneck. Row i-1 of the max is a stage starting at i.
-    best = stage_cost(0)[0].clone()
-    for k in range(1, K):
-        best = torch.maximum(best[:-1, None], stage_cost(k)[1:, :]).amin(dim=0)
-    bottleneck = float(best[n - 1])
+    # Phase 1: the optimal bottleneck. Where the budget rules out the partition that bounds the
+    # band, the bound without the budget is a guess, doubled while the bottleneck exceeds it (a
+    # bottleneck within the bound is the optimum: every stage as cheap lies in the band).
+    upper = _upper_bound(cost, K, fits)
+    if not math.isfinite(upper) and fits is not None:
+        upper = _upper_bound(cost, K, None)
+    for attempt in itertools.count():
+        band = _Band.within(cost, upper, fits)
+        best = band.first_stage()  # best[j]: the slowest of the stages so far, the last ending at j
+        for k in range(1, K):
+            best = torch.maximum(band.before(best), band.stage(k)).amin(dim=1)
+        bottleneck = float(best[n - 1])
+        if bottleneck <= upper or not math.isfinite(upper):
+            break
+        if attempt == 0 and fits is not None and not _any_partition_fits(cost, K, fits):
+            return None  # no wider band can help: settled in boolean steps, not the whole search
+        upper = upper * 2 if attempt < 2 else math.inf  # the whole matrix at last
     if not math.isfinite(bottleneck):
         return None
 
     # Phase 2: among stages no slower than the bottleneck, the smallest sum of squares.
-    def allowed(k: int) -> torch.Tensor:
-        c = stage_cost(k)
-        return torch.where(c <= bottleneck * (1 + 1e-12), c**2, inf)
+    def allowed(c: torch.Tensor) -> torch.Tensor:
+        return torch.where(c <= bottleneck * (1 + 1e-12), c**2, torch.inf)
 
-    total = allowed(0)[0].clone()
+    total = allowed(band.first_stage())
     choices = []
     for k in range(1, K):
-        candidates = total[:-1, None] + allowed(k)[1:, :]
-        total, choice = candidates.min(dim=0)
-        choices.append(choice + 1)
+        total, choice = (band.before(total) + allowed(band.stage(k))).min(dim=1)
+        choices.append(band.starts.gather(1, choice[:, None])[:, 0])
     if not math.isfinite(float(total[n - 1])):
         return None
     cuts, end = [], n - 1
@@ -336,6 +348,76 @@ def solve_partition(cost: torch.Tensor, K: int, fits=None) -> list[int] | None:
         cuts.append(start)
         end = start - 1
     return sorted(cuts)
+
+
+@dataclass
+class _Band:
+    """The segments ``solve_partition`` searches: row j of each n x w matrix holds those ending at
+    j, by start, from the earliest start any segment within the bound has up to j."""
+
+    cost: torch.Tensor
+    fits: object  # fits(k) as solve_partition takes it, or None
+    starts: torch.Tensor  # the segment's first position (0 where ``previous`` is -1)
+    ends: torch.Tensor
+    previous: torch.Tensor  # the position before the start; -1 where the start would be 0 or less
+
+    @staticmethod
+    def within(cost: torch.Tensor, upper: float, fits) -> _Band:
+        """The band of the segments costing at most ``upper`` (every finite one where it is inf)."""
+        n = cost.shape[0]
+        inside = (cost <= upper) if math.isfinite(upper) else torch.isfinite(cost)
+        inside |= torch.eye(n, dtype=torch.bool)
+        earliest = inside.int().argmax(dim=0)  # the first start within the bound, per end
+        width = int((torch.arange(n) - earliest).max()) + 1
+        ends = torch.arange(n)[:, None].expand(n, width)
+        starts = ends - torch.arange(width - 1, -1, -1)[None, :]
+        previous = torch.where(starts >= 1, starts - 1, -1)
+        return _Band(cost, fits, starts.clamp(min=0), ends, previous)
+
+    def first_stage(self) -> torch.Tensor:
+        """Stage 0's cost ending at each position (it starts at 0)."""
+        return _stage_cost(self.cost, self.fits, 0, 0, torch.arange(self.cost.shape[0]))
+
+    def stage(self, k: int) -> torch.Tensor:
+        """Stage k >= 1's cost for each segment of the band; inf where it would start at 0."""
+        cost = _stage_cost(self.cost, self.fits, k, self.starts, self.ends)
+        return torch.where(self.previous >= 0, cost, torch.inf)
+
+    def before(self, values: torch.Tensor) -> torch.Tensor:
+        """values[i - 1] for each segment's start i: what the stages before it reached."""
+        return torch.where(self.previous >= 0, values[self.previous.clamp(min=0)], torch.inf)
+
+
+def _stage_cost(cost: torch.Tensor, fits, k: int, rows, cols) -> torch.Tensor:
+    c = cost[rows, cols]
+    return c if fits is None else torch.where(fits(k)[rows, cols], c, torch.inf)
+
+
+def _upper_bound(cost: torch.Tensor, K: int, fits) -> float:
+    """The slowest stage of one partition found without search: a stage from the first node to
+    node j stands for the work done by j, and cut k falls where that passes k/K of the whole, at
+    the nearest position a stage may start. inf where that partition is not allowed."""
+    n = cost.shape[0]
+    reached = torch.cummax(torch.nan_to_num(cost[0], posinf=0.0), 0).values
+    legal = torch.isfinite(cost[:, n - 1]).nonzero()[:, 0]  # where a stage may start
+    cuts = [0]
+    for k in range(1, K):
+        target = int(torch.searchsorted(reached, reached[-1] * k / K))
+        after = legal[legal > cuts[-1]]
+        if len(after) == 0:
+            return math.inf
+        cuts.append(int(after[torch.argmin((after - target).abs())]))
+    cuts.append(n)
+    return max(float(_stage_cost(cost, fits, k, cuts[k], cuts[k + 1] - 1)) for k in range(K))
+
+
+def _any_partition_fits(cost: torch.Tensor, K: int, fits) -> bool:
+    """Whether any cut into K stages has every stage within ``fits`` (and ``cost`` finite)."""
+    finite = torch.isfinite(cost)
+    reached = finite[0] & fits(0)[0]  # reached[j]: stages so far can end at j
+    for k in range(1, K):
+        reached = (reached[:-1, None] & finite[1:, :] & fits(k)[1:, :]).any(dim=0)
+    return bool(reached[-1])
 
 
 def exists_in_segment(n: int, items) -> torch.Tensor:
@@ -514,15 +596,52 @@ def best_compute_balance(gm: fx.GraphModule, K: int) -> float:
 
 
 def compute_floor(times: Sequence[float], forbidden: set[int], K: int) -> list[float] | None:
-    """Per stage, the forward + backward time of the cut into K stages whose slowest stage
-    computes least, communication left out: no partition's slowest stage computes less.
+    """Per stage, the forward + backward time of a cut into K stages whose slowest stage computes
+    least, communication left out: no partition's slowest stage computes less.
+
+    Without communication a stage's time only grows as it takes more nodes, so the least
+    bottleneck is found by bisection, each guess checked by filling stages greedily, in
+    O(K log n) per guess where ``solve_partition`` spends O(K n^2): GPT-3's 3,850 nodes in
+    milliseconds, not seconds.
 
     >>> compute_floor([1.0, 1.0, 2.0, 1.0, 1.0], set(), 3)
     [2.0, 2.0, 2.0]
     """
-    cost = segment_costs(times, [], forbidden)
-    cuts = solve_partition(cost, K)
-    return None if cuts is None else stage_times_for(cost, cuts)
+    n = len(times)
+    # Stages start at legal cuts only: the nodes between two of them are one block.
+    starts = [0, *(c for c in range(1, n) if c not in forbidden)]
+    if len(starts) < K:
+        return None
+    prefix = [0.0, *itertools.accumulate(times)]
+    at = [prefix[s] for s in [*starts, n]]  # the time before each block, and the total
+
+    def fill(limit: float) -> list[int]:
+        """Indices of the blocks that start stages, each stage as many blocks as fit in ``limit``."""
+        firsts, block = [], 0
+        while block < len(starts):
+            firsts.append(block)
+            block = max(block + 1, bisect.bisect_right(at, at[block] + limit) - 1)
+        return firsts
+
+    low = max(b - a for a, b in itertools.pairwise(at))
+    high = at[-1]
+    for _ in range(100):
+        if high - low <= 1e-12 * high:
+            break
+        middle = (low + high) / 2
+        if len(fill(middle)) <= K:
+            high = middle
+        else:
+            low = middle
+    firsts = fill(high)
+    # Fewer stages than K: split blocks off the last stages that hold more than one (never slower).
+    for stage in range(len(firsts) - 1, -1, -1):
+        end = firsts[stage + 1] if stage + 1 < len(firsts) else len(starts)
+        while len(firsts) < K and end - firsts[stage] > 1:
+            end -= 1
+            firsts.insert(stage + 1, end)
+    bounds = [at[b] for b in firsts] + [at[-1]]
+    return [b - a for a, b in itertools.pairwise(bounds)]
 
 
 def stage_times_for(cost: torch.Tensor, cuts: Sequence[int]) -> list[float]:

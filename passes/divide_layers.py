@@ -1,10 +1,12 @@
 """Divide: linear layers too coarse for even stages become bands of columns a cut may fall between.
 
 No partition is more even than its largest nodes allow: at K=4 each linear layer of gpt_mini's
-blocks is a sixth of a mean stage, and no cut of whole nodes comes within 7% of even. This pass
-rewrites each linear layer worth at least two pieces (a piece is PIECE_SHARE of a mean stage's
-time) as pieces that each compute a band of its output features, and a ``torch.cat`` of them
-that keeps the layer's name, so its users read it unchanged::
+blocks is a sixth of a mean stage, and the best cut of whole nodes can miss even by several
+percent, more where each cut costs its ranks send calls the compute must make room for. This
+pass rewrites each linear layer near where even stages would meet (WINDOW_SHARE) and worth at
+least two pieces (a piece is PIECE_SHARE of a mean stage's time) as pieces that each compute a
+band of its output features, and a ``torch.cat`` of them that keeps the layer's name, so its
+users read it unchanged::
 
     h_3_mlp_c_fc_cols_0_64 = ppcompile.runtime.layers.linear_columns(ln_2, w, b, 0, 64)
     ...
@@ -30,6 +32,7 @@ Keys written:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -40,18 +43,18 @@ from torch import fx, nn
 from ppcompile.context import CompileContext
 from ppcompile.passes.estimate_costs import ZERO, NodeCost
 from ppcompile.passes.fuse_loss import linear_call
-from ppcompile.passes.partition_stages import compute_floor, compute_order, partition_problem
+from ppcompile.passes.partition_stages import compute_order
 from ppcompile.runtime.layers import linear_columns
 
 # A piece is at most this share of a mean stage's time: cuts at that grain can even the stages
 # to about half of it, well inside the 5% the field asks of a balanced pipeline.
 PIECE_SHARE = 0.01
 MAX_PIECES = 16
-# Layers are divided only where the best cut of whole nodes, by compute alone, leaves the
-# slowest stage more than 5% over the mean (the field's bar for a balanced pipeline): short of
-# that, a cut inside a layer has little to win, and a 96-layer GPT-3's pieces would double the
-# partitioner's nodes and its compile time with them.
-DIVIDE_ABOVE = 1.05
+# Only the layers near where even stages would meet are divided: within this share of a mean
+# stage of k/K of the whole compute, for each cut k. Communication and memory move the best cuts
+# from there by a few percent of a stage; dividing every layer of a 96-layer GPT-3 would double
+# the partitioner's nodes for cuts that never fall among most of them.
+WINDOW_SHARE = 0.2
 # Bands start at multiples of this many columns where the layer is wide enough: GPU matrix
 # kernels tile output features by 8 and more.
 COLUMN_ALIGN = 8
@@ -72,18 +75,21 @@ class DividedLayer:
 
 
 def divide_layers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
-    ctx.whole_node_floor = None
     if ctx.num_stages == 1 or not ctx.config.divide_layers:
         return gm
-    floor = ctx.whole_node_floor = whole_node_floor(gm, ctx.num_stages)
-    if floor is not None and max(floor) * len(floor) <= DIVIDE_ABOVE * sum(floor):
-        return gm  # whole nodes already cut close to even: pieces would only slow the partitioner
-    nodes = list(gm.graph.nodes)
-    total = sum(n.meta["ppc.cost"].time for n in nodes if "ppc.cost" in n.meta)
-    piece_time = PIECE_SHARE * total / ctx.num_stages
-    for node in nodes:
+    K = ctx.num_stages
+    order = compute_order(gm)
+    times = [node.meta["ppc.cost"].time for node in order]
+    total = sum(times)
+    if total <= 0:
+        return gm
+    piece_time = PIECE_SHARE * total / K
+    reach = WINDOW_SHARE * total / K
+    meeting = [k * total / K for k in range(1, K)]
+    for node, before in zip(order, itertools.accumulate([0.0, *times])):
         linear = _linear_parts(gm, node)
-        if linear is None or piece_time <= 0:
+        after = before + node.meta["ppc.cost"].time
+        if linear is None or not any(before - reach <= m <= after + reach for m in meeting):
             continue
         count = min(MAX_PIECES, math.floor(node.meta["ppc.cost"].time / piece_time))
         bounds = column_bounds(node.meta["ppc.concrete"][-1], count)
@@ -91,14 +97,6 @@ def divide_layers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             _divide(gm, ctx, node, *linear, bounds)
     gm.recompile()
     return gm
-
-
-def whole_node_floor(gm: fx.GraphModule, K: int) -> list[float] | None:
-    """Per stage, the compute time of the best cut of whole nodes by compute alone; None where
-    whole nodes cannot make K stages."""
-    order = compute_order(gm)
-    times, _, forbidden = partition_problem(gm, None, order, weight=lambda node: 0.0)
-    return compute_floor(times, forbidden, K)
 
 
 def column_bounds(width: int, count: int) -> list[int]:

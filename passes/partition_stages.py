@@ -115,12 +115,7 @@ def partition_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         cut_positions=list(cuts),
         stage_times=stage_times_for(cost, cuts),
         compute_order=[n.name for n in order],
-        # divide_layers cut the same nodes already where it divided none.
-        compute_floor_times=(
-            ctx.whole_node_floor
-            if not inside and ctx.whole_node_floor
-            else compute_floor(times, forbidden, K)
-        ),
+        compute_floor_times=compute_floor(times, forbidden, K),
     )
     if fitting is not None:
         ctx.partition.fitting_cuts = list(fitting)

@@ -144,7 +144,6 @@ class CompileContext:
     fused_losses: list[str] = field(default_factory=list)  # linear layers fused with their loss
     # Linear layers a cut divides (passes/join_layers.py): {"layer": name, "columns": [[stage, start, stop], ...]}
     divided: list[dict[str, Any]] = field(default_factory=list)
-    whole_node_floor: list[float] | None = None  # partition_stages.compute_floor of the undivided nodes
     cost_basis: list[dict[str, int]] = field(default_factory=list)  # monomials of the cost formulas
 
     @property

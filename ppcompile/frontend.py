@@ -37,7 +37,8 @@ def load_context(ref_text: str, config: CompileConfig) -> CompileContext:
             f"{ref}: forward takes {len(input_names)} positional inputs but the factory gave "
             f"{len(spec.example_inputs)} example inputs"
         )
-    dims = {name: {0: "b"} for name in input_names}
+    # A 0-d input (a scale, a temperature) has no batch dim: every micro-batch shares it.
+    dims = {name: {0: "b"} if _ndim(x) else {} for name, x in zip(input_names, spec.example_inputs)}
     for name, named in spec.dims.items():
         if name not in dims:
             raise CompileError(
@@ -47,6 +48,11 @@ def load_context(ref_text: str, config: CompileConfig) -> CompileContext:
     symbol_values: dict[str, int] = {}
     for name, example in zip(input_names, spec.example_inputs):
         for dim, symbol in dims[name].items():
+            if not -_ndim(example) <= dim < _ndim(example):
+                raise CompileError(
+                    f"{ref}: ModelSpec.dims gives input {name!r} dim {dim} ({symbol!r}), but its example "
+                    f"has {_ndim(example)} dims; name dims 0..{_ndim(example) - 1}"
+                )
             size = int(example.shape[dim])
             if symbol_values.setdefault(symbol, size) != size:
                 raise CompileError(
@@ -63,6 +69,10 @@ def load_context(ref_text: str, config: CompileConfig) -> CompileContext:
         symbols=symbols,
         symbol_values=symbol_values,
     )
+
+
+def _ndim(example) -> int:
+    return example.dim() if isinstance(example, torch.Tensor) else 0
 
 
 def trace(ctx: CompileContext) -> fx.GraphModule:

@@ -85,3 +85,15 @@ def test_bands_are_aligned_and_sum_to_the_layer():
     x, w, b = torch.randn(5, 8), torch.randn(12, 8), torch.randn(12)
     bands = [linear_columns(x, w, b, lo, hi) for lo, hi in [(0, 5), (5, 12)]]
     assert torch.equal(torch.cat(bands, -1), torch.nn.functional.linear(x, w, b))
+
+
+def test_frozen_and_in_place_layers_divide_and_train_as_eager(tmp_path):
+    """A frozen layer's bands carry no gradient; a band's output scaled or added to in place is the
+    joined layer's; the 0-d input has no batch dim, so every micro-batch gets it whole."""
+    for K in (3, 4):
+        program = load_program(compile_to(tmp_path / str(K), "tests/fixtures/divided_edges.py:model", K))
+        assert "frozen" in [d["layer"] for d in program.data["divided_layers"]], K
+        assert [i["shape"] for i in program.data["inputs"]][1] == []
+        result = verify_in_process(program, steps=2, lr=0.05)
+        assert result.ok, "\n".join(result.lines())
+        assert result.first_step_losses_equal

@@ -13,7 +13,8 @@
    where no single node outweighs a mean stage (the others are shown, and left out of the goal).
    Beside it, the floor no partition can go below: the best cut of the nodes' profiled times
    into K stages, by forward + backward alone (``best_compute_balance``); gpt_mini's block is
-   lumped into linear layers each about a fifth of a stage at K=4.
+   lumped into linear layers each about a seventh of a stage at K=4, and a cut falls inside one
+   (``passes/divide_layers.py``) only where its bands' sends cost less than the evening gains.
 
 Both are judged on wall time. Printed beside them: the same in the CPU time of each rank's thread
 in its F and B (``cpu_us`` in the trace), which leaves out the time slices other ranks took from

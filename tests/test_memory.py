@@ -298,6 +298,20 @@ def test_dims_must_name_known_symbols(tmp_path):
     )
 
 
+def test_a_dim_past_an_inputs_rank_is_one_clear_error(tmp_path):
+    model = tmp_path / "model.py"
+    model.write_text(
+        "import torch\nfrom torch import nn\nfrom ppcompile import ModelSpec\n\n\n"
+        "class M(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.fc = nn.Linear(4, 4)\n\n    def forward(self, x):\n        return self.fc(x).sum()\n\n\n"
+        "def factory():\n    return ModelSpec(M(), (torch.randn(2, 4),), dims={'x': {0: 'b', 2: 's'}})\n"
+    )
+    assert_user_error(
+        ppcompile("compile", f"{model}:factory", "-k", "2", "-o", str(tmp_path / "x")),
+        "ModelSpec.dims gives input 'x' dim 2 ('s'), but its example has 2 dims; name dims 0..1",
+    )
+
+
 def _peak_allocated(fn) -> int:
     """The most CPU memory that tensors allocated inside ``fn`` held at once, from the profiler's
     allocation events."""

@@ -345,7 +345,7 @@ def solve_partition(cost: torch.Tensor, K: int, fits=None) -> list[int] | None:
     return sorted(cuts)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Band:
     """The segments ``solve_partition`` searches: row j of each n x w matrix holds those ending at
     j, by start, from the earliest start any segment within the bound has up to j."""

@@ -6,6 +6,7 @@ import math
 import random
 
 import pytest
+import torch
 
 from ppcompile.context import CompileConfig
 from ppcompile.driver import compile_model
@@ -75,6 +76,36 @@ def test_matches_brute_force(seed):
         return
     assert len(found) == K - 1 and found == sorted(set(found))
     assert max(stage_times_for(cost, found)) == pytest.approx(best)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_matches_brute_force_under_a_budget(seed):
+    """The solver searches a band of stage starts bounded by a partition found without search;
+    where a budget rules that partition out, the band widens, or a boolean check finds no cut fits.
+    Either way its bottleneck and cuts are the exhaustive search's."""
+    rng = random.Random(1000 + seed)
+    n = rng.randint(6, 14)
+    K = rng.randint(2, min(5, n))
+    times, values, forbidden = random_problem(rng, n)
+    cost = segment_costs(times, values, forbidden, rng.uniform(0.0, 0.5))
+    generator = torch.Generator().manual_seed(seed)
+    share = rng.choice([0.3, 0.6, 0.9])
+    masks = [torch.rand(n, n, generator=generator) < share for _ in range(K)]
+    best, best_cuts = math.inf, None
+    for cuts in itertools.combinations(range(1, n), K - 1):
+        bounds = [0, *cuts, n]
+        if not all(masks[s][bounds[s], bounds[s + 1] - 1] for s in range(K)):
+            continue
+        slowest = max(stage_times_for(cost, cuts))
+        if slowest < best:
+            best, best_cuts = slowest, cuts
+    found = solve_partition(cost, K, lambda k: masks[k])
+    if not math.isfinite(best):
+        assert found is None
+        return
+    bounds = [0, *found, n]
+    assert all(masks[s][bounds[s], bounds[s + 1] - 1] for s in range(K))
+    assert max(stage_times_for(cost, found)) == pytest.approx(best), best_cuts
 
 
 def test_ties_prefer_balanced_other_stages():

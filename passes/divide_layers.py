@@ -86,12 +86,11 @@ def divide_layers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     piece_time = PIECE_SHARE * total / K
     reach = WINDOW_SHARE * total / K
     meeting = [k * total / K for k in range(1, K)]
-    for node, before in zip(order, itertools.accumulate([0.0, *times])):
+    for node, time, before in zip(order, times, itertools.accumulate([0.0, *times])):
         linear = _linear_parts(gm, node)
-        after = before + node.meta["ppc.cost"].time
-        if linear is None or not any(before - reach <= m <= after + reach for m in meeting):
+        if linear is None or not any(before - reach <= m <= before + time + reach for m in meeting):
             continue
-        count = min(MAX_PIECES, math.floor(node.meta["ppc.cost"].time / piece_time))
+        count = min(MAX_PIECES, math.floor(time / piece_time))
         bounds = column_bounds(node.meta["ppc.concrete"][-1], count)
         if len(bounds) > 2:
             _divide(gm, ctx, node, *linear, bounds)

@@ -90,7 +90,7 @@ def partition_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             + (", each linear layer's bands of columns counted" if divided_layer_spans(order) else "")
             + f"); use {legal_cuts + 1} stages or fewer in all"
         )
-    cost = segment_costs(times, values + join_prices(order), forbidden, ctx.profile.send_overhead)
+    cost = stage_cost_matrix(ctx, order, times, values, forbidden)
     cuts = solve_partition(cost, K)
     inside = cuts_inside_divided_layers(order)
     if inside:
@@ -228,6 +228,12 @@ def segment_costs(
     cost += crossing_sums(n, values, entering, leaving)
     cost[torch.ones(n, n, dtype=torch.bool).tril(-1)] = torch.inf
     return forbid_cuts(cost, forbidden)
+
+
+def stage_cost_matrix(ctx: CompileContext, order, times, values, forbidden) -> torch.Tensor:
+    """What the partitioner weighs for ``partition_problem``'s answer: every segment's compute,
+    crossings and send calls, and each divided layer's join where a cut divides it."""
+    return segment_costs(times, values + join_prices(order), forbidden, ctx.profile.send_overhead)
 
 
 def forbid_cuts(cost: torch.Tensor, cuts) -> torch.Tensor:

@@ -46,13 +46,12 @@ from ppcompile.memory import (
 from ppcompile.passes.partition_stages import (
     SegmentMemory,
     assign_stages,
-    join_prices,
     layer_of,
     partition_problem,
     rectangle_sums,
-    segment_costs,
     segment_memory,
     solve_partition,
+    stage_cost_matrix,
     stage_times_for,
     storage_items,
     storage_union_bytes,
@@ -352,8 +351,7 @@ def _search_under_recomputation(gm: fx.GraphModule, ctx: CompileContext):
     nodes = {n.name: n for n in gm.graph.nodes}
     order = [nodes[name] for name in ctx.partition.compute_order]
     n, K = len(order), ctx.num_stages
-    times, values, forbidden = partition_problem(gm, ctx, order)
-    cost = segment_costs(times, values + join_prices(order), forbidden, ctx.profile.send_overhead)
+    cost = stage_cost_matrix(ctx, order, *partition_problem(gm, ctx, order))
     memory, seconds = recomputed_segment_memory(gm, ctx, order)
     budget = ctx.config.memory_per_device
     within = memory.fits(budget, ctx.live_microbatches)

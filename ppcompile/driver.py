@@ -54,7 +54,7 @@ PASSES = [
     ("fit_cost_formulas", fit_cost_formulas),
     # With --profile: forward and backward time of every node measured on the real device.
     ("profile_costs", profile_costs),
-    # Linear layers heavier than a hundredth of a stage as bands of columns, so cuts may divide them.
+    # Linear layers near where even stages would meet as bands of columns, so cuts may divide them.
     ("divide_layers", divide_layers),
     # K contiguous stages minimising the slowest one, transfers included, within the memory budget.
     ("partition_stages", partition_stages),

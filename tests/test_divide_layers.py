@@ -70,7 +70,8 @@ def test_divided_bands_run_at_another_micro_batch_shape(tmp_path):
 
 
 def test_layers_no_cut_divides_compile_to_the_code_whole_layers_give():
-    # gpt_mini's CPU link makes every band's transfer dearer than the balance it buys.
+    # Bands are offered near each stage boundary, but gpt_mini's CPU link makes every band's
+    # transfer dearer than the balance it buys: each layer is restored to its one call.
     divided = compile_model("models/gpt.py:gpt_mini", CompileConfig(stages=4))
     whole = compile_model("models/gpt.py:gpt_mini", CompileConfig(stages=4, divide_layers=False))
     assert divided.program["divided_layers"] == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import linecache
 import traceback
@@ -110,8 +111,46 @@ def _return_only_the_loss(ctx: CompileContext, graph: fx.Graph) -> None:
     The other values are still computed where forward computes them; nothing receives them."""
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     returned = output.args[0]
-    if isinstance(returned, fx.Node):
+    if isinstance(returned, fx.Node) and _constructed_loss(returned) is None:
         return
+    loss, shape, held, rest = _picked_loss(ctx, returned)
+    ctx.notes.append(
+        f"forward returns {shape}: the program trains on {held}, the loss; {rest} are computed as forward "
+        "computes them, and dropped"
+    )
+    output.args = (loss,)
+    if isinstance(returned, fx.Node):  # the dataclass or named tuple, which nothing reads now
+        graph.erase_node(returned)
+
+
+def _constructed_loss(node: fx.Node) -> fx.Node | None:
+    """The ``loss`` field's node where ``node`` builds a dataclass or named tuple that has one: fx
+    records returning one as a call of its class on its fields' nodes."""
+    cls = node.target
+    if node.op != "call_function" or not isinstance(cls, type):
+        return None
+    if dataclasses.is_dataclass(cls):
+        names = [f.name for f in dataclasses.fields(cls) if f.init]
+    elif issubclass(cls, tuple):
+        names = list(getattr(cls, "_fields", ()))
+    else:
+        return None
+    given = {**dict(zip(names, node.args)), **node.kwargs}
+    loss = given.get("loss")
+    return loss if isinstance(loss, fx.Node) else None
+
+
+def _picked_loss(ctx: CompileContext, returned) -> tuple[fx.Node, str, str, str]:
+    """The loss in a returned dataclass or named tuple (a node), dict, tuple or list, and how the
+    note names the container, the loss and the rest."""
+    if isinstance(returned, fx.Node):
+        kind = "a dataclass" if dataclasses.is_dataclass(returned.target) else "a named tuple"
+        return (
+            _constructed_loss(returned),
+            f"{returned.target.__name__} ({kind})",
+            "its loss",
+            "its other fields",
+        )
     try:
         loss = loss_of(returned)
     except SpecError as e:
@@ -122,15 +161,9 @@ def _return_only_the_loss(ctx: CompileContext, graph: fx.Graph) -> None:
             "computes, or (loss, ...), or {'loss': loss, ...}"
         )
     if isinstance(returned, dict):
-        shape, held, rest = "a dict", "its 'loss'", "the other entries"
-    else:
-        kind = "tuple" if isinstance(returned, tuple) else "list"
-        shape, held, rest = f"a {kind} of {len(returned)}", "its first element", "the others"
-    ctx.notes.append(
-        f"forward returns {shape}: the program trains on {held}, the loss; {rest} are computed as forward "
-        "computes them, and dropped"
-    )
-    output.args = (loss,)
+        return loss, "a dict", "its 'loss'", "the other entries"
+    kind = "tuple" if isinstance(returned, tuple) else "list"
+    return loss, f"a {kind} of {len(returned)}", "its first element", "the others"
 
 
 def _trace_at(ctx: CompileContext, example_inputs, dims: str = "") -> tuple[PipelineTracer, fx.Graph]:

@@ -7,6 +7,8 @@ traced into the graph, or decided for the example inputs and listed for the repo
   ``for t in range(x.size(1))``): decided on meta tensors of the example's shapes;
 - ``len(x)`` and ``torch.zeros(b, d)`` with a traced size: nodes of the graph, symbolic in ``b``;
 - ``x.dtype``: the example's dtype (``torch.finfo(x.dtype).min``);
+- an input the example inputs leave at its default (``mask=None``): that value, a constant, so
+  ``if mask is not None`` takes the branch eager would;
 - ``torch.no_grad()`` and its kin: grad-mode switches where the model makes them;
 - a buffer given a new value (``self.steps += 1``): :func:`rebind_buffer`;
 - ``nn.TransformerEncoder``, ``nn.TransformerDecoder`` and ``nn.Transformer``: the loop over their
@@ -17,8 +19,10 @@ from __future__ import annotations
 
 import builtins
 import functools
+import inspect
 import operator
 import traceback
+import warnings
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -99,7 +103,32 @@ class PipelineTracer(fx.Tracer):
                     lambda module, name, value: self._record_setattr(module, name, value),
                 )
             )
-            return super().trace(root, concrete_args)
+            if concrete_args is None and self.example_inputs:
+                concrete_args = self._defaults_not_given(root)
+            # fx warns it cannot check a default that is not None, a bool or a number; it is the
+            # value forward gets whenever the program runs, as the inputs are always the same.
+            patches.enter_context(warnings.catch_warnings())
+            warnings.filterwarnings("ignore", message="Was not able to add assertion")
+            graph = super().trace(root, concrete_args)
+            if concrete_args:
+                _erase_constant_inputs(graph, set(self.example_inputs), set(concrete_args))
+                # A tuple default makes fx flatten forward's inputs through a pytree spec; with
+                # the constants gone the inputs are the example's tensors, flat.
+                graph._codegen = fx.graph.CodeGen()
+            return graph
+
+    def _defaults_not_given(self, root: nn.Module) -> dict[str, object]:
+        """forward's inputs the example inputs do not give, at their defaults: traced as
+        placeholders they would be Proxies, never None, and ``if mask is not None`` would take
+        the branch eager does not."""
+        given = set(self.example_inputs)
+        return {
+            name: p.default
+            for name, p in inspect.signature(root.forward).parameters.items()
+            if name not in given
+            and p.default is not p.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        }
 
     def _record_grad_mode(self, mode: bool) -> None:
         """``torch._C._set_grad_enabled(mode)`` while tracing: switch it, and record the switch.
@@ -491,3 +520,24 @@ def _untraced():
         for owner, name, original in _ORIGINALS:
             originals.enter_context(_replaced(owner, name, original))
         yield
+
+
+def _erase_constant_inputs(graph: fx.Graph, given: set[str], constant: set[str]) -> None:
+    """Erase the placeholders fx makes for the ``constant`` inputs (``mask_1``; ``extra_1``,
+    ``extra_2`` for a tuple), with the checks it hangs on them (``_assert_is_none``,
+    ``torch._assert(x == value)``): the model's code saw the constant, not the placeholder, so
+    nothing else reads them."""
+    constants = [
+        n
+        for n in graph.nodes
+        if n.op == "placeholder" and n.target not in given and n.target.rsplit("_", 1)[0] in constant
+    ]
+    doomed, stack = set(), list(constants)
+    while stack:
+        node = stack.pop()
+        if node not in doomed:
+            doomed.add(node)
+            stack.extend(node.users)
+    for node in reversed(list(graph.nodes)):
+        if node in doomed:
+            graph.erase_node(node)

@@ -10,6 +10,7 @@ module, and each rank rebuilds the same module from the same factory to get its 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import sys
@@ -23,8 +24,8 @@ from torch import nn
 
 def loss_of(returned):
     """The loss in what a model's forward returned: the value itself, unless it is a mapping
-    (a dict, a Hugging Face ``ModelOutput``), then its ``"loss"``, or a tuple or list, then its
-    first element. The compiler picks the loss out of the traced graph's output by this rule and
+    (a dict, a Hugging Face ``ModelOutput``), then its ``"loss"``; a dataclass or named tuple
+    with a ``loss`` field, then that field; or a tuple or list, then its first element. The compiler picks the loss out of the traced graph's output by this rule and
     the eager reference out of the model's, so both train on the same value.
 
     >>> loss_of((torch.tensor(2.0), torch.zeros(3)))
@@ -39,6 +40,10 @@ def loss_of(returned):
                 "return the loss, or put it under 'loss'"
             )
         return returned["loss"]
+    if "loss" in getattr(returned, "_fields", ()) or (
+        dataclasses.is_dataclass(returned) and "loss" in {f.name for f in dataclasses.fields(returned)}
+    ):
+        return returned.loss
     if isinstance(returned, (tuple, list)):
         if not returned:
             raise SpecError("forward returned an empty tuple; return the loss, or (loss, ...)")

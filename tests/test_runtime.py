@@ -348,6 +348,20 @@ def test_no_grad_region_inside_a_recomputed_layer(tmp_path):
 
 
 @pytest.mark.parametrize("stages", [2, 3])
+def test_inputs_left_at_their_defaults_train_like_eager(tmp_path, stages):
+    # Traced as placeholders, `mask=None` would be a Proxy and `if mask is not None` would multiply
+    # by None; the program must take eager's branches and drop the inputs the factory did not give.
+    program_dir = compile_to(tmp_path, "tests/fixtures/unseen_defaults.py:model", stages, microbatches=4)
+    program = load_program(program_dir)
+    assert [i["name"] for i in program.data["inputs"]] == ["x", "y"]
+    code = "".join(p.read_text() for p in sorted(program_dir.glob("stage_*.py")))
+    assert "mask" not in code and "_assert" not in code
+    result = verify_in_process(program, steps=3)
+    assert result.ok, "\n".join(result.lines())
+    assert result.first_step_losses_equal
+
+
+@pytest.mark.parametrize("stages", [2, 3])
 def test_buffers_assigned_in_forward_train_like_eager(tmp_path, stages):
     program_dir = compile_to(tmp_path, "tests/fixtures/buffer_assign.py:model", stages, microbatches=4)
     code = "".join(p.read_text() for p in sorted(program_dir.glob("stage_*.py")))

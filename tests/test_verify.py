@@ -144,6 +144,14 @@ def test_a_random_op_verify_cannot_switch_off_is_named_beside_the_failure(tmp_pa
     [
         ("returns_tuple", "forward returns a tuple of 3: the program trains on its first element, the loss"),
         ("returns_dict", "forward returns a dict: the program trains on its 'loss', the loss"),
+        (
+            "returns_dataclass",
+            "forward returns Output (a dataclass): the program trains on its loss, the loss",
+        ),
+        (
+            "returns_named_tuple",
+            "forward returns Prediction (a named tuple): the program trains on its loss, the loss",
+        ),
     ],
 )
 def test_a_model_returning_its_loss_beside_other_values_trains_on_that_loss(tmp_path, factory, note):

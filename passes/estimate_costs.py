@@ -37,9 +37,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ppcompile.context import CompileContext
-from ppcompile.passes.propagate_shapes import masks_without_values, run_fake_cpu, run_meta
+from ppcompile.passes.propagate_shapes import autocast_on_cpu, masks_without_values, run_fake_cpu, run_meta
 from ppcompile.runtime.executor import held_storages
-from ppcompile.tracer import is_effect, rebind_buffer
+from ppcompile.tracer import is_effect, rebind_buffer, under_autocast
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,6 @@ def estimate_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     values = run_meta(gm, ctx, ctx.symbol_values)
     device_values = run_fake_cpu(gm, ctx, ctx.symbol_values)
     cache: dict[tuple, tuple] = {}
-    on_cpu = runs_on_cpu(ctx)
     buffers = {StorageWeakRef(b.untyped_storage()) for b in gm.buffers()}
     for node in gm.graph.nodes:
         node.meta["ppc.view_of"] = None
@@ -73,9 +72,13 @@ def estimate_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         if costs_nothing(node):
             node.meta["ppc.cost"] = ZERO
             continue
-        key = (_signature(gm, node, values), _signature(gm, node, device_values))
+        key = (
+            _signature(gm, node, values),
+            _signature(gm, node, device_values),
+            node.meta.get("ppc.autocast"),
+        )
         if key not in cache:
-            cache[key] = _measure(gm, node, values, device_values, on_cpu)
+            cache[key] = _measure(gm, node, values, device_values, ctx)
         fwd_flops, bwd_flops, saved_args, saved_self, temp_bytes, view_of, param_bytes, on_device = cache[key]
         node.meta["ppc.device_specific"] = on_device
         input_nodes = _arg_nodes(node)
@@ -245,7 +248,9 @@ def _signature(gm: fx.GraphModule, node: fx.Node, values: dict) -> tuple:
 REAL_RUN_BYTES = 64 * 2**20
 
 
-def _measure(gm: fx.GraphModule, node: fx.Node, values: dict, device_values: dict, on_cpu: bool) -> tuple:
+def _measure(
+    gm: fx.GraphModule, node: fx.Node, values: dict, device_values: dict, ctx: CompileContext
+) -> tuple:
     """Run one node alone: (fwd flops, bwd flops, saved input indices, saved self, temporary saved
     bytes, index of the input the output is a view of or None, parameter bytes, whether the last
     four differ from a run on meta).
@@ -287,16 +292,20 @@ def _measure(gm: fx.GraphModule, node: fx.Node, values: dict, device_values: dic
 
     tensors = [values.get(n.name) for n in [*input_nodes, node]]
     touched = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)) + param_bytes
-    real = on_cpu and touched <= REAL_RUN_BYTES
+    real = runs_on_cpu(ctx) and touched <= REAL_RUN_BYTES
     held = held_storages([module] if module is not None else [])
     saved_on_meta = classify_saved(saved, [fresh[n.name] for n in input_nodes], out, held)
-    saved_on_device = _saved_on_device(gm, node, module, device_values, real) or saved_on_meta
+    runs_as = autocast_on_cpu(ctx)
+    saved_on_device = _saved_on_device(gm, node, module, device_values, real, runs_as) or saved_on_meta
     return (forward_flops, backward_flops, *saved_on_device, param_bytes, saved_on_device != saved_on_meta)
 
 
-def _saved_on_device(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, values: dict, real: bool):
-    """``classify_saved`` of the node run on CPU tensors shaped and strided as ``values``: for real
-    with ``real`` (zeros as data) where the op accepts zeros, else on fake tensors (nothing is
+def _saved_on_device(
+    gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, values: dict, real: bool, runs_as: dict
+):
+    """``classify_saved`` of the node run on CPU tensors shaped and strided as ``values`` (under
+    its autocast regions, ``runs_as`` as ``tracer.under_autocast`` takes it): for real with
+    ``real`` (zeros as data) where the op accepts zeros, else on fake tensors (nothing is
     allocated). None where an op cannot run on fake tensors (a data-dependent one)."""
     input_nodes = _arg_nodes(node)
     saved: list[torch.Tensor] = []
@@ -319,7 +328,7 @@ def _saved_on_device(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None
         by_name = dict(zip((n.name for n in input_nodes), inputs))
         args = fx.node.map_arg(node.args, lambda n: by_name[n.name])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: by_name[n.name])
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), under_autocast(node, runs_as):
             out = _call(gm, node, on_device, args, kwargs)
         return classify_saved(saved, inputs, out, held_storages([on_device] if on_device is not None else []))
 

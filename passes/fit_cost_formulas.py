@@ -33,7 +33,6 @@ from ppcompile.passes.estimate_costs import (
     _signature,
     _takes_from_view_tuple,
     costs_nothing,
-    runs_on_cpu,
 )
 from ppcompile.passes.propagate_shapes import run_fake_cpu, run_meta, sample_values, tuple_nbytes
 
@@ -86,7 +85,6 @@ def _sample(gm: fx.GraphModule, ctx: CompileContext, points: list[dict[str, int]
     tuples = [node for node in gm.graph.nodes if node.meta.get("ppc.kind") == "tuple"]
     tuple_samples = {node.name: [] for node in tuples}
     cache: dict = {}
-    on_cpu = runs_on_cpu(ctx)
     device_specific = any(node.meta.get("ppc.device_specific") for node in gm.graph.nodes)
     for point in points:
         if point == ctx.symbol_values:
@@ -100,7 +98,7 @@ def _sample(gm: fx.GraphModule, ctx: CompileContext, points: list[dict[str, int]
         # A run on fake CPU tensors costs twice a meta run: only where some node needs it.
         device_values = run_fake_cpu(gm, ctx, point) if device_specific else values
         for node in gm.graph.nodes:
-            samples[node.name].append(_quantities_at(gm, node, values, device_values, cache, on_cpu))
+            samples[node.name].append(_quantities_at(gm, node, values, device_values, cache, ctx))
         for node in tuples:
             tuple_samples[node.name].append(tuple_nbytes(values[node.name]))
     return samples, tuple_samples
@@ -145,14 +143,12 @@ def _inverse(matrix: list[list[Fraction]]) -> list[list[Fraction]]:
     return [row[n:] for row in a]
 
 
-def _quantities_at(
-    gm, node: fx.Node, values: dict, device_values: dict, cache: dict, on_cpu: bool
-) -> list[float]:
+def _quantities_at(gm, node: fx.Node, values: dict, device_values: dict, cache: dict, ctx) -> list[float]:
     if costs_nothing(node):
         return [0.0] * len(QUANTITIES)
-    key = (_signature(gm, node, values), _signature(gm, node, device_values))
+    key = (_signature(gm, node, values), _signature(gm, node, device_values), node.meta.get("ppc.autocast"))
     if key not in cache:
-        cache[key] = _measure(gm, node, values, device_values, on_cpu)
+        cache[key] = _measure(gm, node, values, device_values, ctx)
     fwd, bwd, _, _, temp, view_of, param_bytes, _ = cache[key]
     if view_of is not None or _takes_from_view_tuple(node):
         moved = 0.0

@@ -41,19 +41,22 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from ppcompile.context import CompileContext, KnownValue
 from ppcompile.errors import CompileError
 from ppcompile.frontend import source_line
-from ppcompile.tracer import is_effect
+from ppcompile.tracer import is_effect, under_autocast
 
 
 class ValueRecorder(fx.Interpreter):
-    """Runs a graph and keeps every node's value by name."""
+    """Runs a graph and keeps every node's value by name; ``runs_as`` as ``tracer.under_autocast``
+    takes it."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, runs_as: dict[str, str] | None = None):
         super().__init__(gm)
         self.values: dict[str, object] = {}
+        self.runs_as = runs_as
 
     def run_node(self, node: fx.Node):
         try:
-            result = super().run_node(node)
+            with under_autocast(node, self.runs_as):
+                result = super().run_node(node)
         except Exception as e:
             raise NodeFailed(node.name, e) from e
         self.values[node.name] = result
@@ -114,16 +117,30 @@ def run_fake_cpu(gm: fx.GraphModule, ctx: CompileContext, symbol_values: dict[st
     """The graph's values as CPU kernels lay them out (strides), on fake tensors: nothing is
     allocated. Meta kernels differ: attention's output is (B, H, T, D)-major on meta and
     (B, T, H, D)-major on CPU. Falls back to ``run_meta`` where an op cannot run on fake tensors."""
-    on_cpu = copy.deepcopy(gm)
     try:
-        # Non-fake inputs allowed: to_empty turns the model's meta weights into fake CPU ones.
-        with FakeTensorMode(allow_non_fake_inputs=True), torch.enable_grad(), masks_without_values():
-            on_cpu.to_empty(device="cpu")
-            recorder = ValueRecorder(on_cpu)
-            recorder.run(*_inputs(ctx, symbol_values, "cpu"))
-        return recorder.values
+        return _run_fake_cpu(gm, ctx, symbol_values)
     except Exception:  # noqa: BLE001 - a data-dependent op
         return run_meta(gm, ctx, symbol_values)
+
+
+def _run_fake_cpu(
+    gm: fx.GraphModule, ctx: CompileContext, symbol_values: dict[str, int]
+) -> dict[str, object]:
+    on_cpu = copy.deepcopy(gm)
+    # Non-fake inputs allowed: to_empty turns the model's meta weights into fake CPU ones.
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.enable_grad(), masks_without_values():
+        on_cpu.to_empty(device="cpu")
+        recorder = ValueRecorder(on_cpu, autocast_on_cpu(ctx))
+        recorder.run(*_inputs(ctx, symbol_values, "cpu"))
+    return recorder.values
+
+
+def autocast_on_cpu(ctx: CompileContext) -> dict[str, str]:
+    """``runs_as`` for running the program's nodes on CPU tensors as compiling does: the model's
+    autocast regions for the device type the program is compiled for (measured on, with
+    --profile) applied to them."""
+    target = torch.device(ctx.config.profile_device).type if ctx.config.profile else ctx.profile.device_type
+    return {target: "cpu"}
 
 
 def _inputs(ctx: CompileContext, symbol_values: dict[str, int], device: str) -> list[torch.Tensor]:
@@ -161,11 +178,12 @@ def sample_values(name: str, value: int, count: int) -> list[list[int]]:
     return [o for o in options if o is not None and min(o) >= smallest and len(set(o)) == count]
 
 
-def run_meta_somewhere(gm: fx.GraphModule, ctx: CompileContext, points: list[dict[str, int]]):
-    """``run_meta`` at the first of ``points`` where the model runs: (point, values), else None."""
+def run_meta_somewhere(gm: fx.GraphModule, ctx: CompileContext, points: list[dict[str, int]], run=None):
+    """``run_meta`` (or ``run``) at the first of ``points`` where the model runs: (point, values),
+    else None."""
     for point in points:
         try:
-            return point, run_meta(gm, ctx, point)
+            return point, (run or run_meta)(gm, ctx, point)
         except Exception:
             continue
     return None
@@ -173,8 +191,11 @@ def run_meta_somewhere(gm: fx.GraphModule, ctx: CompileContext, points: list[dic
 
 def propagate_shapes(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     base = dict(ctx.symbol_values)
+    # Autocast leaves meta tensors alone: a model with torch.autocast regions is sized on fake CPU
+    # tensors, where the regions give the dtypes the program will have.
+    run = _run_fake_cpu if any("ppc.autocast" in node.meta for node in gm.graph.nodes) else run_meta
     try:
-        base_values = run_meta(gm, ctx, base)
+        base_values = run(gm, ctx, base)
     except NodeFailed as e:
         first_line = str(e.error).splitlines()[0] if str(e.error) else ""
         raise CompileError(
@@ -187,7 +208,7 @@ def propagate_shapes(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     for name, value in base.items():
         # A second size for each symbol, one the model accepts, tells which dims scale with it.
         tries = [{**base, name: values[1]} for values in sample_values(name, value, 2)]
-        found = run_meta_somewhere(gm, ctx, tries)
+        found = run_meta_somewhere(gm, ctx, tries, run)
         if found is None:
             raise CompileError(
                 f"{ctx.ref} runs only at its example's {name}={value}: tried {name} = "
@@ -197,7 +218,7 @@ def propagate_shapes(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     # Every symbol at its second size at once: a fit that held for one symbol alone but not
     # with the others moved is no fit. (None: the model refuses that mix; each fit stands alone.)
     check_point = {name: scaled_runs[name][0] for name in base}
-    check = run_meta_somewhere(gm, ctx, [check_point]) if base else (base, base_values)
+    check = run_meta_somewhere(gm, ctx, [check_point], run) if base else (base, base_values)
     check_values = check[1] if check else None
     # Where the model ran, and what it computed there: a non-tensor value must match at each.
     runs = [(base, base_values)]

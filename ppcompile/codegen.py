@@ -207,10 +207,11 @@ def generate_stage(ctx: CompileContext, sg: StageGraph, version: str) -> str:
             continue
         region = node.meta.get("ppc.checkpoint")
         if region is None:
-            statements.append((_node_lines(emitter, node), [node], node.all_input_nodes))
+            statements.append(_node_statement(emitter, node))
         elif node is regions[region][-1]:
+            # The recomputing method enters the nodes' autocast itself, in forward and again in backward.
             call, method, inputs, outputs = _checkpoint_region(ctx, emitter, region, regions[region])
-            statements.append((call, outputs, inputs))
+            statements.append((call, outputs, inputs, ()))
             methods.append(method)
     body.extend(_freeing_after_last_use(emitter, statements))
     params = [emitter.names[n] for n in sg.graph_inputs + sg.receives + sg.sizes]
@@ -313,11 +314,16 @@ def _node_lines(emitter: _Emitter, node: fx.Node) -> list[str]:
     return [f"{name} = {emitter.expression(node)}{_comment(node)}"]
 
 
-def _freeing_after_last_use(
-    emitter: _Emitter, statements: list[tuple[list[str], list[fx.Node], list[fx.Node]]], kept=()
-) -> list[str]:
-    """The statements' lines, each (lines, the values it defines, the values it reads), with a
-    ``del`` after the last statement that reads a tensor value it defines.
+def _node_statement(emitter: _Emitter, node: fx.Node) -> tuple:
+    """A node's lines, what they define and read, and the autocast regions they run inside."""
+    return _node_lines(emitter, node), [node], node.all_input_nodes, node.meta.get("ppc.autocast", ())
+
+
+def _freeing_after_last_use(emitter: _Emitter, statements: list[tuple], kept=()) -> list[str]:
+    """The statements' lines, each (lines, the values it defines, the values it reads, the
+    ``torch.autocast`` regions it runs inside), with a ``del`` after the last statement that reads
+    a tensor value it defines, and a ``with torch.autocast(...):`` block around each run of
+    statements inside the same region, as the model's forward has it.
 
     A local name keeps its tensor alive until the function returns: without the ``del`` every
     intermediate of the stage (attention scores before softmax, say) would be held through the
@@ -325,7 +331,7 @@ def _freeing_after_last_use(
     are held by the caller and the module anyway.
     """
     last_read: dict[fx.Node, int] = {}
-    for index, (_, defined, read) in enumerate(statements):
+    for index, (_, defined, read, _) in enumerate(statements):
         for node in defined:
             last_read[node] = index  # a value never read is dropped at once
         for node in read:
@@ -340,11 +346,18 @@ def _freeing_after_last_use(
         if any(user.op == "output" for user in node.users):
             continue
         freed.setdefault(index, []).append(emitter.names[node.name])
-    lines = []
-    for index, (statement, _, _) in enumerate(statements):
-        lines += statement
+    lines, open_regions = [], ()
+    for index, (statement, _, _, autocasts) in enumerate(statements):
+        same = 0  # the regions still open that this statement runs inside too
+        while same < min(len(open_regions), len(autocasts)) and open_regions[same] == autocasts[same]:
+            same += 1
+        for depth in range(same, len(autocasts)):
+            lines.append("    " * depth + f"with {autocasts[depth].code()}:  # as the model's forward")
+        open_regions = autocasts
+        indent = "    " * len(autocasts)
+        lines += [indent + line for line in statement]
         if index in freed:
-            lines.append("del " + ", ".join(freed[index]))
+            lines.append(indent + "del " + ", ".join(freed[index]))
     return lines
 
 
@@ -383,7 +396,7 @@ def _checkpoint_region(
     ]
     if len(outputs) == 1 and outputs[0].meta.get("ppc.kind") == "tensor":
         call[-1] += _comment(outputs[0])
-    statements = [(_node_lines(emitter, n), [n], n.all_input_nodes) for n in nodes]
+    statements = [_node_statement(emitter, n) for n in nodes]
     method = [
         f"    def {method_name}(self, {args}):",
         f'        """{region}: run in forward without saving activations, and again in backward."""',

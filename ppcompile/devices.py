@@ -28,6 +28,12 @@ class DeviceProfile:
     send_overhead: float = 0.0  # seconds of the sender's own time per message (its send call)
     idle_latency: float | None = None  # seconds per message to a rank blocked on it, if sooner
 
+    @property
+    def device_type(self) -> str:
+        """The torch device type the profile's programs run on: ``torch.autocast("cuda")`` in a
+        model changes dtypes there only."""
+        return "cpu" if self.name == "cpu" else "cuda"
+
     def peak_flops(self, dtype: torch.dtype) -> float:
         return self.flops_half if dtype in (torch.float16, torch.bfloat16) else self.flops_fp32
 

@@ -10,6 +10,8 @@ traced into the graph, or decided for the example inputs and listed for the repo
 - an input the example inputs leave at its default (``mask=None``): that value, a constant, so
   ``if mask is not None`` takes the branch eager would;
 - ``torch.no_grad()`` and its kin: grad-mode switches where the model makes them;
+- ``torch.autocast(...)``: each node made inside it is marked with the autocast it ran under
+  (``ppc.autocast``), so a stage runs it under the same, wherever the cuts fall;
 - a buffer given a new value (``self.steps += 1``): :func:`rebind_buffer`;
 - ``nn.TransformerEncoder``, ``nn.TransformerDecoder`` and ``nn.Transformer``: the loop over their
   layers that their forward is, each layer one node, so a cut may fall between two layers.
@@ -25,6 +27,7 @@ import traceback
 import warnings
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +75,7 @@ class PipelineTracer(fx.Tracer):
         self._grad_modes: list[tuple[bool, fx.Proxy]] = []  # open grad-mode regions
         self._assigned: list[tuple[nn.Module, str, object]] = []  # plain attributes set, old values
         self._rebound: dict[int, fx.Proxy] = {}  # id of a buffer's tensor -> its new value
+        self._autocasts: list[tuple] = []  # the torch.autocast regions open, outermost first
         # Everything below is put back when tracing ends, however it ends.
         with ExitStack() as patches:
             # range(), len() on a proxy in the model's own code (not torch's): len is a node of the
@@ -94,6 +98,12 @@ class PipelineTracer(fx.Tracer):
             # stage code switches it where the model does.
             patches.callback(_SET_GRAD_ENABLED, torch.is_grad_enabled())
             patches.enter_context(_replaced(torch._C, "_set_grad_enabled", self._record_grad_mode))
+            # torch.autocast(...): entered for real (x.dtype and decided values see it), and
+            # recorded on every node made inside it.
+            patches.enter_context(_replaced(AUTOCAST, "__enter__", lambda mode: self._enter_autocast(mode)))
+            patches.enter_context(
+                _replaced(AUTOCAST, "__exit__", lambda mode, *exc: self._exit_autocast(mode, *exc))
+            )
             # self.steps += 1 or self.ema = 0.9 * self.ema + ...: a buffer given a new value.
             patches.callback(self._put_back_attributes)
             patches.enter_context(
@@ -129,6 +139,22 @@ class PipelineTracer(fx.Tracer):
             and p.default is not p.empty
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         }
+
+    def create_node(self, *args, **kwargs) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        if self._autocasts:
+            node.meta["ppc.autocast"] = tuple(self._autocasts)
+        return node
+
+    def _enter_autocast(self, mode):
+        self._autocasts.append(
+            AutocastRegion(mode.device, mode.fast_dtype, mode._enabled, mode._cache_enabled)
+        )
+        return _AUTOCAST_ENTER(mode)
+
+    def _exit_autocast(self, mode, *exc):
+        self._autocasts.pop()
+        return _AUTOCAST_EXIT(mode, *exc)
 
     def _record_grad_mode(self, mode: bool) -> None:
         """``torch._C._set_grad_enabled(mode)`` while tracing: switch it, and record the switch.
@@ -229,12 +255,13 @@ class PipelineTracer(fx.Tracer):
             raise ValueError(f"no example input for {node.target!r}")
         if node.op == "get_attr":
             return operator.attrgetter(node.target)(self.root)
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
-        if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        if node.op == "call_module":
-            return self.root.get_submodule(node.target)(*args, **kwargs)
+        with under_autocast(node):
+            if node.op == "call_function":
+                return node.target(*args, **kwargs)
+            if node.op == "call_method":
+                return getattr(args[0], node.target)(*args[1:], **kwargs)
+            if node.op == "call_module":
+                return self.root.get_submodule(node.target)(*args, **kwargs)
         raise ValueError(f"cannot evaluate a {node.op} node")
 
     def drop_conditions(self, graph: fx.Graph) -> None:
@@ -401,6 +428,47 @@ def _traced_transformer(
 
 _BUILTIN_LEN, _BUILTIN_RANGE = builtins.len, builtins.range
 _SET_GRAD_ENABLED = torch._C._set_grad_enabled
+AUTOCAST = torch.amp.autocast_mode.autocast  # torch.autocast; torch.cuda.amp.autocast enters through it
+_AUTOCAST_ENTER, _AUTOCAST_EXIT = AUTOCAST.__enter__, AUTOCAST.__exit__
+
+
+class AutocastRegion(NamedTuple):
+    """One ``torch.autocast(...)`` a node was made inside: a stage runs the node under the same."""
+
+    device_type: str
+    dtype: torch.dtype
+    enabled: bool
+    cache_enabled: bool
+
+    def code(self) -> str:
+        """The ``with`` statement's expression, defaults left out."""
+        parts = [f'"{self.device_type}"', f"dtype={self.dtype}"]
+        if not self.enabled:
+            parts.append("enabled=False")
+        if not self.cache_enabled:
+            parts.append("cache_enabled=False")
+        return f"torch.autocast({', '.join(parts)})"
+
+
+def under_autocast(node: fx.Node, runs_as: dict[str, str] | None = None) -> ExitStack:
+    """The autocast regions ``node`` was traced inside, entered: run the node in them as the model
+    runs it (its dtypes as the model computes them). ``runs_as`` maps the device type the program
+    is compiled for to the one this run's tensors are on (``{"cuda": "cpu"}``: sizing on fake CPU
+    tensors a program for GPUs); a region for another device type is left out, as autocast leaves
+    tensors on other devices alone."""
+    stack = ExitStack()
+    for region in node.meta.get("ppc.autocast", ()):
+        device_type = region.device_type if runs_as is None else runs_as.get(region.device_type)
+        if device_type is not None:
+            stack.enter_context(
+                torch.autocast(
+                    device_type,
+                    dtype=region.dtype,
+                    enabled=region.enabled,
+                    cache_enabled=region.cache_enabled,
+                )
+            )
+    return stack
 
 
 def rebind_buffer(fqn: str, value: torch.Tensor) -> None:
@@ -509,6 +577,8 @@ _ORIGINALS = (
     (nn.Module, "__getattr__", _MODULE_GETATTR),
     (nn.Module, "__setattr__", _MODULE_SETATTR),
     (torch._C, "_set_grad_enabled", _SET_GRAD_ENABLED),
+    (AUTOCAST, "__enter__", _AUTOCAST_ENTER),
+    (AUTOCAST, "__exit__", _AUTOCAST_EXIT),
 )
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -345,6 +346,34 @@ def test_no_grad_region_inside_a_recomputed_layer(tmp_path):
     )
     result = verify_in_process(load_program(program_dir), steps=2)
     assert result.ok, "\n".join(result.lines())
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4])
+def test_autocast_regions_run_on_every_stage_they_span(tmp_path, stages):
+    # The whole stack of blocks is one autocast region with a float32 softmax nested in each: cut
+    # anywhere, each stage enters the regions its share of the nodes ran inside.
+    program_dir = compile_to(tmp_path, "tests/fixtures/autocast_regions.py:model", stages, microbatches=4)
+    codes = [p.read_text() for p in sorted(program_dir.glob("stage_*.py"))]
+    assert sum('with torch.autocast("cpu", dtype=torch.bfloat16):' in code for code in codes) == stages
+    assert all("enabled=False" in code for code in codes[:-1])  # every stage holding a block
+    result = verify_in_process(load_program(program_dir), steps=3)
+    assert result.ok, "\n".join(result.lines())
+    assert result.first_step_losses_equal
+
+
+def test_autocast_regions_recompute_as_they_ran(tmp_path):
+    # Under a budget that recomputes blocks, checkpoint's recompute enters the regions again.
+    ref = "tests/fixtures/autocast_regions.py:model"
+    plain = compile_to(tmp_path / "plain", ref, 2, microbatches=4)
+    peaks = [m["total"] for m in json.loads((plain / "program.json").read_text())["costs"]["memory"]]
+    program_dir = compile_to(
+        tmp_path / "tight", ref, 2, microbatches=4, memory_per_device=int(0.8 * max(peaks))
+    )
+    methods = [c.split("def _recompute_", 1)[-1] for c in map(Path.read_text, program_dir.glob("stage_*.py"))]
+    assert any("with torch.autocast(" in m for m in methods if m)
+    result = verify_in_process(load_program(program_dir), steps=2)
+    assert result.ok, "\n".join(result.lines())
+    assert result.first_step_losses_equal
 
 
 @pytest.mark.parametrize("stages", [2, 3])

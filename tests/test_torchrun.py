@@ -1,5 +1,6 @@
 """The real path: torchrun processes on gloo. Few and small; breadth lives in test_runtime.py."""
 
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +10,8 @@ import pytest
 import torch
 
 from tests.helpers import compare_record, compile_to, torchrun_command
+
+AUTOCAST = "tests/fixtures/autocast_regions.py:model"
 
 
 def torchrun(program_dir, nproc, *args):
@@ -35,6 +38,22 @@ def test_torchrun_trains_like_eager(tmp_path, ref, stages, schedule):
     losses, reference, comparison = compare_record(program_dir, record, stages)
     assert comparison.ok, "\n".join(comparison.lines())
     assert losses[0] == reference[0][0]  # the first step's per-micro-batch losses, bitwise
+
+
+def test_torchrun_sends_autocast_activations_in_their_dtype(tmp_path):
+    # The blocks run under bfloat16 autocast: each rank enters it around its share, and the cuts
+    # carry bfloat16 tensors over gloo into buffers the program sized as bfloat16.
+    program_dir = compile_to(tmp_path, AUTOCAST, 3, microbatches=4)
+    program = json.loads((program_dir / "program.json").read_text())
+    assert {b["dtype"] for b in program["boundaries"]} == {"float32", "bfloat16"}
+    record = tmp_path / "record"
+    result = run(
+        program_dir, 3, "--steps", "3", "--optimizer", "sgd", "--lr", "0.05", "--record", str(record)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses, reference, comparison = compare_record(program_dir, record, 3)
+    assert comparison.ok, "\n".join(comparison.lines())
+    assert losses[0] == reference[0][0]
 
 
 def test_torchrun_updates_buffers_like_eager(tmp_path):

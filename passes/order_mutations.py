@@ -14,8 +14,17 @@ import operator
 from torch import fx
 
 from ppcompile.context import CompileContext
+from ppcompile.tracer import assign_items
 
-_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv}
+# x += y and its kin, and x[i] = v as traced.
+_INPLACE_OPERATORS = {
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    operator.ifloordiv,
+    assign_items,
+}
 
 
 def is_in_place(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -58,6 +58,7 @@ from ppcompile.memory import (
     steps_every_parameter_at_once,
     working_bytes,
 )
+from ppcompile.passes.order_mutations import is_in_place
 from ppcompile.tracer import is_effect, rebind_buffer
 
 # The least share of the slowest stage's time that dividing a layer across a cut must save.
@@ -207,11 +208,28 @@ def partition_problem(gm, ctx, order, weight=None):
             for user in node.users:
                 if user.name in position:
                     first_read[node.target] = min(first_read.get(node.target, last), position[user.name])
+    # So is one the model writes in place (self.queue[0] = k): a stage that read it before the
+    # write, on another rank, would keep reading its own copy, never written.
     for node in order:
-        if node.op == "call_function" and node.target is rebind_buffer:
+        written = _buffer_written(gm, node)
+        if written is not None:
             p = position[node.name]
-            forbidden.update(range(min(first_read.get(node.args[0], p), p) + 1, p + 1))
+            forbidden.update(range(min(first_read.get(written, p), p) + 1, p + 1))
     return times, values, forbidden
+
+
+def _buffer_written(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The buffer ``node`` rebinds (``self.ema = ...``) or writes in place (``self.steps.add_(1)``,
+    ``self.queue[0] = k``, through views and earlier writes), by name; else None."""
+    if node.op == "call_function" and node.target is rebind_buffer:
+        return node.args[0]
+    if not is_in_place(gm, node):
+        return None
+    target = node.args[0] if node.args else None
+    while isinstance(target, fx.Node) and target.op != "get_attr":
+        through = is_in_place(gm, target) or target.meta.get("ppc.view_of") is not None
+        target = target.args[0] if through and target.args else None
+    return target.target if isinstance(target, fx.Node) else None
 
 
 def segment_costs(

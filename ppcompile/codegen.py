@@ -21,7 +21,7 @@ from torch import fx
 from ppcompile.context import CompileContext, StageGraph
 from ppcompile.errors import CompileError
 from ppcompile.passes.order_mutations import is_in_place
-from ppcompile.tracer import rebind_buffer
+from ppcompile.tracer import assign_items, rebind_buffer
 
 _INFIX = {
     operator.add: "+",
@@ -299,6 +299,12 @@ def _node_lines(emitter: _Emitter, node: fx.Node) -> list[str]:
         return [
             f"{emitter.value(a)} {_INPLACE[node.target]} {emitter.value(b)}",
             f"{name} = {emitter.value(a)}{_comment(node)}",
+        ]
+    if node.op == "call_function" and node.target is assign_items:
+        x, index, value = node.args
+        return [
+            f"{emitter.value(x)}[{emitter.value(index, in_index=True)}] = {emitter.value(value)}",
+            f"{name} = {emitter.value(x)}{_comment(node)}",
         ]
     if node.op == "call_function" and node.target is rebind_buffer:
         fqn, value = node.args

@@ -38,6 +38,13 @@ def load_context(ref_text: str, config: CompileConfig) -> CompileContext:
             f"{ref}: forward takes {len(input_names)} positional inputs but the factory gave "
             f"{len(spec.example_inputs)} example inputs"
         )
+    for name, example in zip(input_names, spec.example_inputs):
+        if not isinstance(example, torch.Tensor):
+            raise CompileError(
+                f"{ref}: example input {name!r} is a {type(example).__name__}; forward's inputs must be "
+                "tensors: give a dict's or list's tensors as inputs of their own (forward(x, y)) and a "
+                "number as a 0-d tensor"
+            )
     # A 0-d input (a scale, a temperature) has no batch dim: every micro-batch shares it.
     dims = {name: {0: "b"} if _ndim(x) else {} for name, x in zip(input_names, spec.example_inputs)}
     for name, named in spec.dims.items():

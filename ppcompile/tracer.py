@@ -7,6 +7,7 @@ traced into the graph, or decided for the example inputs and listed for the repo
   ``for t in range(x.size(1))``): decided on meta tensors of the example's shapes;
 - ``len(x)`` and ``torch.zeros(b, d)`` with a traced size: nodes of the graph, symbolic in ``b``;
 - ``x.dtype``: the example's dtype (``torch.finfo(x.dtype).min``);
+- ``x[i] = v`` (``self.queue[self.ptr] = k``): an in-place node, :func:`assign_items`;
 - an input the example inputs leave at its default (``mask=None``): that value, a constant, so
   ``if mask is not None`` takes the branch eager would;
 - ``torch.no_grad()`` and its kin: grad-mode switches where the model makes them;
@@ -90,6 +91,8 @@ class PipelineTracer(fx.Tracer):
             # x.dtype is the example's, as every buffer the program sends is sized for it: a value,
             # not a node, so torch.finfo(x.dtype).min (BERT's attention mask) traces.
             patches.enter_context(_replaced(fx.Proxy, "__getattr__", _static_dtype))
+            # x[i] = v, which fx refuses ("'Proxy' object does not support item assignment").
+            patches.enter_context(_replaced(fx.Proxy, "__setitem__", _traced_setitem))
             # torch.zeros(b, d) with a proxy first is refused by torch's argument parser, where
             # torch.zeros((b, d)) traces: the same call, its sizes packed into one tuple.
             for name in SIZED_FACTORIES:
@@ -489,6 +492,18 @@ def is_effect(node: fx.Node) -> bool:
 
 
 _PROXY_GETATTR = fx.Proxy.__getattr__
+
+
+def assign_items(x: torch.Tensor, index, value) -> torch.Tensor:
+    """What ``x[index] = value`` in a model's forward traces to: the assignment, in place, and
+    ``x`` returned, as an in-place op returns what it changed (``passes/order_mutations.py``
+    points later reads of ``x`` here). The stage file writes the assignment itself."""
+    x[index] = value
+    return x
+
+
+def _traced_setitem(proxy: fx.Proxy, index, value) -> None:
+    proxy.tracer.create_proxy("call_function", assign_items, (proxy, index, value), {})
 
 
 def _static_dtype(proxy: fx.Proxy, name: str):

@@ -17,6 +17,11 @@ from tests.helpers import assert_user_error, ppcompile
             "2",
             ["untraceable.py:28: `kept = h[h > 0]", "cannot be computed from the input shapes"],
         ),
+        (
+            "tests/fixtures/untraceable.py:dict_input",
+            "2",
+            ["example input 'batch' is a dict", "inputs of their own (forward(x, y))"],
+        ),
         ("models/mlp.py:mlp", "500 --schedule gpipe", ["--stages 500", "places it can be cut"]),
         ("models/mlp.py:mlp", "0", ["--stages must be at least 1"]),
         (

@@ -376,6 +376,18 @@ def test_autocast_regions_recompute_as_they_ran(tmp_path):
     assert result.first_step_losses_equal
 
 
+@pytest.mark.parametrize("stages", [2, 4, 6])
+def test_item_assignment_trains_like_eager(tmp_path, stages):
+    program_dir = compile_to(tmp_path, "tests/fixtures/item_assignment.py:model", stages, microbatches=6)
+    codes = [p.read_text() for p in sorted(program_dir.glob("stage_*.py"))]
+    assert "[:, :2] = 0.0" in "".join(codes)
+    # The queue is read (shifted) and written on one stage only.
+    assert [("self.queue" in code) for code in codes].count(True) == 1
+    result = verify_in_process(load_program(program_dir), steps=3)
+    assert result.ok, "\n".join(result.lines())
+    assert result.first_step_losses_equal and result.max_buffer_difference <= 1e-6
+
+
 @pytest.mark.parametrize("stages", [2, 3])
 def test_inputs_left_at_their_defaults_train_like_eager(tmp_path, stages):
     # Traced as placeholders, `mask=None` would be a Proxy and `if mask is not None` would multiply

@@ -120,9 +120,11 @@ class TrainingComparison:
 # the model's largest gradient entry. A gradient that is zero in exact arithmetic (a bias that
 # BatchNorm's mean subtraction cancels) comes out as rounding noise of either sign, ~1e-9 where
 # its neighbours are ~1e-1; two correct runs that sum in another order (one thread against
-# two) disagree on it completely. Under rtol 1e-5 this floor lets through differences up to
-# about float32's epsilon times the model's gradient scale, and nothing larger.
-GRADIENT_SCALE_FLOOR = 1e-2
+# two, a linear layer divided across a cut summing its input's gradient band by band) disagree
+# on it completely. Under rtol 1e-5 this floor lets through differences up to about eight
+# float32 epsilons (1e-6) of the model's gradient scale, and nothing larger: a divided layer in
+# tests/fixtures/unseen_norm_blocks.py:mixed at K=4 leaves 1.4e-7 of it on such a bias.
+GRADIENT_SCALE_FLOOR = 1e-1
 
 
 def relative_difference(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:

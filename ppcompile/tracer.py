@@ -7,7 +7,7 @@ traced into the graph, or decided for the example inputs and listed for the repo
   ``for t in range(x.size(1))``): decided on meta tensors of the example's shapes;
 - ``len(x)`` and ``torch.zeros(b, d)`` with a traced size: nodes of the graph, symbolic in ``b``;
 - ``x.dtype``: the example's dtype (``torch.finfo(x.dtype).min``);
-- ``x[i] = v`` (``self.queue[self.ptr] = k``): an in-place node, :func:`assign_items`;
+- ``x[i] = v`` (``h[:, :2] = 0``, ``self.queue[0] = k``): an in-place node, :func:`assign_items`;
 - an input the example inputs leave at its default (``mask=None``): that value, a constant, so
   ``if mask is not None`` takes the branch eager would;
 - ``torch.no_grad()`` and its kin: grad-mode switches where the model makes them;
@@ -76,7 +76,7 @@ class PipelineTracer(fx.Tracer):
         self._grad_modes: list[tuple[bool, fx.Proxy]] = []  # open grad-mode regions
         self._assigned: list[tuple[nn.Module, str, object]] = []  # plain attributes set, old values
         self._rebound: dict[int, fx.Proxy] = {}  # id of a buffer's tensor -> its new value
-        self._autocasts: list[tuple] = []  # the torch.autocast regions open, outermost first
+        self._autocasts: list[AutocastRegion] = []  # the torch.autocast regions open, outermost first
         # Everything below is put back when tracing ends, however it ends.
         with ExitStack() as patches:
             # range(), len() on a proxy in the model's own code (not torch's): len is a node of the

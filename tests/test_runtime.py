@@ -259,6 +259,12 @@ def test_gradient_comparison_tolerates_rounding_noise_of_a_zero_gradient_but_not
     reference = ([[1.0]], {"w": torch.tensor([0.1, -0.2]), "cancelled": torch.tensor([4e-9, -7e-9])}, params)
     noisy = {"w": torch.tensor([0.1, -0.2]), "cancelled": torch.tensor([-3e-9, 9e-10])}
     assert compare([[1.0]], noisy, params, reference).ok
+    # A few float32 epsilons of the model's gradient scale (0.2) on it pass; ten times that does not.
+    reordered = {"w": torch.tensor([0.1, -0.2]), "cancelled": torch.tensor([4e-9 + 3e-8, -7e-9])}
+    assert compare([[1.0]], reordered, params, reference).ok
+    off = {"w": torch.tensor([0.1, -0.2]), "cancelled": torch.tensor([4e-9 + 3e-7, -7e-9])}
+    result = compare([[1.0]], off, params, reference)
+    assert not result.ok and result.worst_gradient == "cancelled"
     wrong = {"w": torch.tensor([0.1, -0.2 + 2e-5]), "cancelled": torch.tensor([4e-9, -7e-9])}
     result = compare([[1.0]], wrong, params, reference)
     assert not result.ok and result.worst_gradient == "w"

@@ -24,17 +24,23 @@ def run(program_dir, nproc, *args, timeout=240):
     )
 
 
+def trained(tmp_path, program_dir, nproc):
+    """Three SGD steps of the program under torchrun; the directory its ranks --record into."""
+    record = tmp_path / "record"
+    result = run(
+        program_dir, nproc, "--steps", "3", "--optimizer", "sgd", "--lr", "0.05", "--record", str(record)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return record
+
+
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 @pytest.mark.parametrize("stages", [2, 4])
 # The encoder's cuts cross several tensors at once (three inputs, a long skip): packed messages.
 @pytest.mark.parametrize("ref", ["models/gpt.py:gpt_mini", "tests/fixtures/zoo.py:encoder"])
 def test_torchrun_trains_like_eager(tmp_path, ref, stages, schedule):
     program_dir = compile_to(tmp_path, ref, stages, microbatches=4, schedule=schedule)
-    record = tmp_path / "record"
-    result = run(
-        program_dir, stages, "--steps", "3", "--optimizer", "sgd", "--lr", "0.05", "--record", str(record)
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    record = trained(tmp_path, program_dir, stages)
     losses, reference, comparison = compare_record(program_dir, record, stages)
     assert comparison.ok, "\n".join(comparison.lines())
     assert losses[0] == reference[0][0]  # the first step's per-micro-batch losses, bitwise
@@ -46,11 +52,7 @@ def test_torchrun_sends_autocast_activations_in_their_dtype(tmp_path):
     program_dir = compile_to(tmp_path, AUTOCAST, 3, microbatches=4)
     program = json.loads((program_dir / "program.json").read_text())
     assert {b["dtype"] for b in program["boundaries"]} == {"float32", "bfloat16"}
-    record = tmp_path / "record"
-    result = run(
-        program_dir, 3, "--steps", "3", "--optimizer", "sgd", "--lr", "0.05", "--record", str(record)
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    record = trained(tmp_path, program_dir, 3)
     losses, reference, comparison = compare_record(program_dir, record, 3)
     assert comparison.ok, "\n".join(comparison.lines())
     assert losses[0] == reference[0][0]
@@ -60,11 +62,7 @@ def test_torchrun_updates_buffers_like_eager(tmp_path):
     # BatchNorm in every block and a skip over four of them: the ranks' running statistics, as
     # --record saves them, against the eager model's after the same three steps.
     program_dir = compile_to(tmp_path, "tests/fixtures/unseen_cnn_batchnorm.py:factory", 2, microbatches=4)
-    record = tmp_path / "record"
-    result = run(
-        program_dir, 2, "--steps", "3", "--optimizer", "sgd", "--lr", "0.05", "--record", str(record)
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    record = trained(tmp_path, program_dir, 2)
     _, _, comparison = compare_record(program_dir, record, 2)
     assert comparison.ok, "\n".join(comparison.lines())
     assert "running_mean" in comparison.worst_buffer or "running_var" in comparison.worst_buffer
@@ -76,11 +74,7 @@ def test_torchrun_draws_dropout_and_data_as_in_process(tmp_path):
     from tests.test_runtime import DROPOUT_WITH_DATA, dropout_losses
 
     program_dir = compile_to(tmp_path, DROPOUT_WITH_DATA, 2, microbatches=4)
-    record = tmp_path / "record"
-    result = run(
-        program_dir, 2, "--steps", "3", "--optimizer", "sgd", "--lr", "0.05", "--record", str(record)
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    record = trained(tmp_path, program_dir, 2)
     losses = next(r["losses"] for r in map(torch.load, sorted(record.glob("rank*.pt"))) if r["losses"])
     assert losses == dropout_losses(program_dir)
 

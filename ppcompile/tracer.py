@@ -8,6 +8,10 @@ traced into the graph, or decided for the example inputs and listed for the repo
 - ``len(x)`` and ``torch.zeros(b, d)`` with a traced size: nodes of the graph, symbolic in ``b``;
 - ``x.dtype``: the example's dtype (``torch.finfo(x.dtype).min``);
 - ``x[i] = v`` (``h[:, :2] = 0``, ``self.queue[0] = k``): an in-place node, :func:`assign_items`;
+- ``self.parameters()`` and ``self.named_parameters()`` called by the model's code (an L2 penalty
+  in forward): the parameters as traced reads, so the penalty's gradient reaches them;
+- a small tensor made from constants (``weight=torch.tensor([1.0, 2.0])``): a node that makes it
+  again, where fx would hide it in an attribute no stage has;
 - an input the example inputs leave at its default (``mask=None``): that value, a constant, so
   ``if mask is not None`` takes the branch eager would;
 - ``torch.no_grad()`` and its kin: grad-mode switches where the model makes them;
@@ -24,6 +28,7 @@ import builtins
 import functools
 import inspect
 import operator
+import sys
 import traceback
 import warnings
 from contextlib import ExitStack, contextmanager
@@ -41,6 +46,8 @@ from ppcompile.runtime.masks import is_causal_mask
 _MODULE_CALL = nn.Module.__call__
 _MODULE_GETATTR = nn.Module.__getattr__
 _MODULE_SETATTR = nn.Module.__setattr__
+_NAMED_PARAMETERS = nn.Module.named_parameters
+_PARAMETERS = nn.Module.parameters
 _ABSENT = object()  # an attribute the module did not have
 # Frames in these are not the model's code (ppcompile's own: this package).
 LIBRARY_DIRS = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
@@ -107,6 +114,24 @@ class PipelineTracer(fx.Tracer):
             patches.enter_context(
                 _replaced(AUTOCAST, "__exit__", lambda mode, *exc: self._exit_autocast(mode, *exc))
             )
+            # for p in self.parameters(): traced reads of the parameters, from the model's code only.
+            self._module_paths = {id(m): name for name, m in root.named_modules(remove_duplicate=False)}
+            patches.enter_context(
+                _replaced(
+                    nn.Module,
+                    "named_parameters",
+                    lambda module, prefix="", recurse=True, remove_duplicate=True: (
+                        self._traced_named_parameters(module, prefix, recurse, remove_duplicate)
+                    ),
+                )
+            )
+            patches.enter_context(
+                _replaced(
+                    nn.Module,
+                    "parameters",
+                    lambda module, recurse=True: self._traced_parameters(module, recurse),
+                )
+            )
             # self.steps += 1 or self.ema = 0.9 * self.ema + ...: a buffer given a new value.
             patches.callback(self._put_back_attributes)
             patches.enter_context(
@@ -142,6 +167,54 @@ class PipelineTracer(fx.Tracer):
             and p.default is not p.empty
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         }
+
+    def _traced_named_parameters(self, module: nn.Module, prefix: str, recurse: bool, remove_duplicate: bool):
+        """``module.named_parameters(...)``: called by the model's code, its parameters as traced
+        reads (get_attr nodes); called by torch or ppcompile, as it is. Called through a lambda, so
+        the caller is two frames up."""
+        pairs = _NAMED_PARAMETERS(module, prefix, recurse, remove_duplicate)
+        path = self._module_paths.get(id(module))
+        if path is None or sys._getframe(2).f_code.co_filename.startswith(LIBRARY_DIRS):
+            return pairs
+        local = (name.removeprefix(f"{prefix}.") if prefix else name for name, _ in pairs)
+        return ((f"{prefix}.{name}" if prefix else name, self._parameter_read(path, name)) for name in local)
+
+    def _traced_parameters(self, module: nn.Module, recurse: bool):
+        """``module.parameters()``, as :meth:`_traced_named_parameters` takes it."""
+        path = self._module_paths.get(id(module))
+        if path is None or sys._getframe(2).f_code.co_filename.startswith(LIBRARY_DIRS):
+            return (p for _, p in _NAMED_PARAMETERS(module, recurse=recurse))
+        return (self._parameter_read(path, name) for name, _ in _NAMED_PARAMETERS(module, recurse=recurse))
+
+    def _parameter_read(self, path: str, name: str) -> fx.Proxy:
+        return self.create_proxy("get_attr", f"{path}.{name}" if path else name, (), {})
+
+    def create_arg(self, a):
+        if (
+            isinstance(a, torch.Tensor)
+            and not isinstance(a, nn.Parameter)
+            and a not in self.tensor_attrs
+            and not any(a is b for b in self.root.buffers())
+        ):
+            return self._constant_tensor(a)
+        return super().create_arg(a)
+
+    def _constant_tensor(self, a: torch.Tensor) -> fx.Node:
+        """A tensor forward made without traced inputs, as a node that makes it again:
+        ``torch.tensor([1.0, 2.0, 0.5], dtype=torch.float32)`` in the stage that uses it."""
+        if a.device.type == "meta":
+            raise ConstantTensorError(
+                f"a tensor of shape {list(a.shape)} is computed from parameters fx does not trace (self.parameters() "
+                "or a module's tensors read in a loop, as an L2 penalty does): it would get no gradient; "
+                "read each parameter by name (self.fc.weight), or leave the penalty to the optimizer's weight decay"
+            )
+        if a.numel() > CONSTANT_ELEMENTS:
+            raise ConstantTensorError(
+                f"forward makes a constant tensor of shape {list(a.shape)}: register it as a buffer in "
+                f"__init__ (self.register_buffer(name, tensor, persistent=False)) so each stage holding it "
+                f"gets it; constants up to {CONSTANT_ELEMENTS} elements are written into the stage code"
+            )
+        return self.create_node("call_function", torch.tensor, (a.tolist(),), {"dtype": a.dtype})
 
     def create_node(self, *args, **kwargs) -> fx.Node:
         node = super().create_node(*args, **kwargs)
@@ -429,6 +502,14 @@ def _traced_transformer(
     )
 
 
+# The most elements of a tensor forward makes from constants that a stage file writes out.
+CONSTANT_ELEMENTS = 64
+
+
+class ConstantTensorError(TypeError):
+    """A tensor forward makes outside the traced graph that the program cannot make again."""
+
+
 _BUILTIN_LEN, _BUILTIN_RANGE = builtins.len, builtins.range
 _SET_GRAD_ENABLED = torch._C._set_grad_enabled
 AUTOCAST = torch.amp.autocast_mode.autocast  # torch.autocast; torch.cuda.amp.autocast enters through it
@@ -532,11 +613,23 @@ SIZED_FACTORIES = ("zeros", "ones", "empty", "rand", "randn")
 
 def _sizes_packed(factory):
     def call(*args, **kwargs):
-        if any(isinstance(a, fx.Proxy) for a in args) and all(isinstance(a, (int, fx.Proxy)) for a in args):
+        whole_shape = len(args) == 1 and isinstance(args[0], fx.Proxy) and _is_whole_shape(args[0].node)
+        if (
+            not whole_shape  # torch.zeros(x.shape) is already the tuple
+            and any(isinstance(a, fx.Proxy) for a in args)
+            and all(isinstance(a, (int, fx.Proxy)) for a in args)
+        ):
             return factory(tuple(args), **kwargs)
         return factory(*args, **kwargs)
 
     return call
+
+
+def _is_whole_shape(node: fx.Node) -> bool:
+    """``x.shape`` or ``x.size()``: a torch.Size, not one int."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] == "shape"
+    return node.op == "call_method" and node.target == "size" and len(node.args) == 1 and not node.kwargs
 
 
 def _model_namespaces(root: nn.Module) -> list[dict]:
@@ -591,6 +684,8 @@ _ORIGINALS = (
     (nn.Module, "__call__", _MODULE_CALL),
     (nn.Module, "__getattr__", _MODULE_GETATTR),
     (nn.Module, "__setattr__", _MODULE_SETATTR),
+    (nn.Module, "named_parameters", _NAMED_PARAMETERS),
+    (nn.Module, "parameters", _PARAMETERS),
     (torch._C, "_set_grad_enabled", _SET_GRAD_ENABLED),
     (AUTOCAST, "__enter__", _AUTOCAST_ENTER),
     (AUTOCAST, "__exit__", _AUTOCAST_EXIT),

@@ -22,6 +22,16 @@ from tests.helpers import assert_user_error, ppcompile
             "2",
             ["example input 'batch' is a dict", "inputs of their own (forward(x, y))"],
         ),
+        (
+            "tests/fixtures/untraceable.py:large_constant",
+            "2",
+            [
+                "untraceable.py:",
+                "torch.eye(16)",
+                "constant tensor of shape [16, 16]",
+                "register it as a buffer",
+            ],
+        ),
         ("models/mlp.py:mlp", "500 --schedule gpipe", ["--stages 500", "places it can be cut"]),
         ("models/mlp.py:mlp", "0", ["--stages must be at least 1"]),
         (

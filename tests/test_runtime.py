@@ -395,6 +395,22 @@ def test_item_assignment_trains_like_eager(tmp_path, stages):
 
 
 @pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("factory", ["constants", "penalised"])
+def test_constants_and_parameter_penalties_train_like_eager(tmp_path, factory, stages):
+    # Constants are made again where used; a penalty over self.parameters() reads every parameter
+    # on the loss's stage, so their gradients include it (tied across the stages holding them).
+    ref = f"tests/fixtures/constants_and_penalties.py:{factory}"
+    program_dir = compile_to(tmp_path, ref, stages, microbatches=4)
+    code = "".join(p.read_text() for p in sorted(program_dir.glob("stage_*.py")))
+    assert "_tensor_constant" not in code
+    if factory == "constants":
+        assert "torch.tensor([1.0, 2.0, 0.5], dtype=torch.float32)" in code
+    result = verify_in_process(load_program(program_dir), steps=3)
+    assert result.ok, "\n".join(result.lines())
+    assert result.first_step_losses_equal
+
+
+@pytest.mark.parametrize("stages", [2, 3])
 def test_inputs_left_at_their_defaults_train_like_eager(tmp_path, stages):
     # Traced as placeholders, `mask=None` would be a Proxy and `if mask is not None` would multiply
     # by None; the program must take eager's branches and drop the inputs the factory did not give.

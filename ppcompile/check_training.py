@@ -309,8 +309,19 @@ def eager_training(
         opt.step()
         losses.append(step_losses)
     params = {n: p.detach().cpu().clone() for n, p in model.named_parameters(remove_duplicate=False)}
-    buffers = {n: b.detach().cpu().clone() for n, b in model.named_buffers(remove_duplicate=False)}
+    buffers = {n: b.detach().cpu().clone() for n, b in held_tensors(model).items()}
     return EagerTraining(losses, grads, params, buffers, drew)
+
+
+def held_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's buffers and plain tensor attributes (``self.mask = torch.tril(...)``), by name:
+    what its stages hold besides parameters, as buffers."""
+    held = dict(model.named_buffers(remove_duplicate=False))
+    for path, module in model.named_modules(remove_duplicate=False):
+        for name, value in vars(module).items():
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                held[f"{path}.{name}" if path else name] = value
+    return held
 
 
 def eager_run(program: Program, steps: int, optimizer: str, lr: float, seed: int, device: str = "cpu"):

@@ -8,6 +8,8 @@ traced into the graph, or decided for the example inputs and listed for the repo
 - ``len(x)`` and ``torch.zeros(b, d)`` with a traced size: nodes of the graph, symbolic in ``b``;
 - ``x.dtype``: the example's dtype (``torch.finfo(x.dtype).min``);
 - ``x[i] = v`` (``h[:, :2] = 0``, ``self.queue[0] = k``): an in-place node, :func:`assign_items`;
+- a plain tensor attribute (``self.mask = torch.tril(...)`` in ``__init__``, not a buffer): read
+  as a buffer is, so ``self.mask[:T, :T]`` traces;
 - ``self.parameters()`` and ``self.named_parameters()`` called by the model's code (an L2 penalty
   in forward): the parameters as traced reads, so the penalty's gradient reaches them;
 - a small tensor made from constants (``weight=torch.tensor([1.0, 2.0])``): a node that makes it
@@ -114,6 +116,7 @@ class PipelineTracer(fx.Tracer):
             patches.enter_context(
                 _replaced(AUTOCAST, "__exit__", lambda mode, *exc: self._exit_autocast(mode, *exc))
             )
+            _plain_tensors_as_buffers(root)
             # for p in self.parameters(): traced reads of the parameters, from the model's code only.
             self._module_paths = {id(m): name for name, m in root.named_modules(remove_duplicate=False)}
             patches.enter_context(
@@ -630,6 +633,17 @@ def _is_whole_shape(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target is getattr:
         return node.args[1] == "shape"
     return node.op == "call_method" and node.target == "size" and len(node.args) == 1 and not node.kwargs
+
+
+def _plain_tensors_as_buffers(root: nn.Module) -> None:
+    """Make each plain tensor attribute of the (meta) model a buffer that is not saved: fx proxies
+    buffers, so ``self.mask[:T, :T]`` with a traced ``T`` is a node; the stage module holds the
+    attribute as such a buffer too (``runtime.stage.StageModule``)."""
+    for module in root.modules():
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                delattr(module, name)
+                module.register_buffer(name, value, persistent=False)
 
 
 def _model_namespaces(root: nn.Module) -> list[dict]:

@@ -45,9 +45,11 @@ class StageModule(nn.Module):
                 continue
             if name in owner._parameters:
                 parent.register_parameter(name, owner._parameters[name])
-            else:
+            elif name in owner._buffers:
                 persistent = name not in owner._non_persistent_buffers_set
                 parent.register_buffer(name, owner._buffers[name], persistent=persistent)
+            else:  # a plain tensor attribute (self.mask = torch.tril(...)): held, never saved
+                parent.register_buffer(name, getattr(owner, name), persistent=False)
 
     def _parent_of(self, fqn: str) -> tuple[nn.Module, str]:
         """The (created on demand) container that holds the last component of ``fqn``."""

@@ -395,7 +395,7 @@ def test_item_assignment_trains_like_eager(tmp_path, stages):
 
 
 @pytest.mark.parametrize("stages", [2, 3])
-@pytest.mark.parametrize("factory", ["constants", "penalised"])
+@pytest.mark.parametrize("factory", ["constants", "penalised", "plain_mask"])
 def test_constants_and_parameter_penalties_train_like_eager(tmp_path, factory, stages):
     # Constants are made again where used; a penalty over self.parameters() reads every parameter
     # on the loss's stage, so their gradients include it (tied across the stages holding them).

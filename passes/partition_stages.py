@@ -84,12 +84,15 @@ def partition_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     order = compute_order(gm)
     times, values, forbidden = partition_problem(gm, ctx, order)
     legal_cuts = len(order) - 1 - len(forbidden)
+    held = _held_together(gm, order)
+    ctx.notes = [n for n in ctx.notes if not n.endswith(_HELD_NOTE)] + held
     if K - 1 > legal_cuts:
         raise CompileError(
             f"{_stages_text(ctx)} needs {K - 1} cuts but {ctx.ref} has only {legal_cuts} places it can be cut "
             f"({len(order)} compute nodes"
             + (", each linear layer's bands of columns counted" if divided_layer_spans(order) else "")
             + f"); use {legal_cuts + 1} stages or fewer in all"
+            + (f"; {held[0]}" if held else "")
         )
     cost = stage_cost_matrix(ctx, order, times, values, forbidden)
     cuts = solve_partition(cost, K)
@@ -200,22 +203,53 @@ def partition_problem(gm, ctx, order, weight=None):
         if node.meta["ppc.requires_grad"]:
             t *= 2
         values.append(CrossingValue(p, tuple(users), t))
-    # A buffer the model rebinds (self.ema = ...) is read and rebound on one stage: the stage
-    # holding it sees its own rebinding at the next micro-batch, as the model would.
-    first_read: dict[str, int] = {}
+    for _, first, written in buffer_spans(gm, order):
+        forbidden.update(range(position[first.name] + 1, position[written.name] + 1))
+    return times, values, forbidden
+
+
+_HELD_NOTE = "so each micro-batch reads what the one before it wrote"
+
+
+def _held_together(gm: fx.GraphModule, order: list[fx.Node]) -> list[str]:
+    """For the report: each buffer whose reads and writes keep nodes from being cut apart."""
+    position = {node.name: i for i, node in enumerate(order)}
+    notes = []
+    for buffer, first, last in buffer_spans(gm, order):
+        between = position[last.name] - position[first.name]
+        if between > 1:  # a read and its write side by side (self.steps += 1) hold back nothing
+            notes.append(
+                f"buffer `{buffer}` is read by `{first.name}` and written by `{last.name}` {between} nodes "
+                f"later: no cut falls between them, {_HELD_NOTE}"
+            )
+    return notes
+
+
+def buffer_spans(gm: fx.GraphModule, order: list[fx.Node]) -> list[tuple[str, fx.Node, fx.Node]]:
+    """Each buffer the model rebinds (``self.ema = ...``) or writes in place (``self.queue[0] = k``),
+    with the first node of ``order`` that reads it and the last that writes it. No cut may fall
+    between them: the stage holding the buffer sees its own write at the next micro-batch, as the
+    model would, where a stage on another rank that read it first would keep its own copy,
+    never written."""
+    position = {node.name: i for i, node in enumerate(order)}
+    first_read: dict[str, fx.Node] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            for user in node.users:
-                if user.name in position:
-                    first_read[node.target] = min(first_read.get(node.target, last), position[user.name])
-    # So is one the model writes in place (self.queue[0] = k): a stage that read it before the
-    # write, on another rank, would keep reading its own copy, never written.
+            readers = [u for u in node.users if u.name in position]
+            if readers:
+                first = min(readers, key=lambda u: position[u.name])
+                known = first_read.get(node.target)
+                if known is None or position[first.name] < position[known.name]:
+                    first_read[node.target] = first
+    spans: dict[str, tuple[fx.Node, fx.Node]] = {}
     for node in order:
-        written = _buffer_written(gm, node)
-        if written is not None:
-            p = position[node.name]
-            forbidden.update(range(min(first_read.get(written, p), p) + 1, p + 1))
-    return times, values, forbidden
+        buffer = _buffer_written(gm, node)
+        if buffer is not None:
+            first = spans[buffer][0] if buffer in spans else first_read.get(buffer, node)
+            if position[first.name] > position[node.name]:
+                first = node
+            spans[buffer] = (first, node)
+    return [(buffer, first, last) for buffer, (first, last) in spans.items()]
 
 
 def _buffer_written(gm: fx.GraphModule, node: fx.Node) -> str | None:

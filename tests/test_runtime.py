@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ppcompile.check_training import verify_in_process
+from ppcompile.errors import CompileError
 from ppcompile.runtime.loader import ProgramError, load_program
 from ppcompile.runtime.train import InProcessPipeline, batches
 from tests.helpers import compile_to, tracked_step
@@ -408,6 +409,21 @@ def test_constants_and_parameter_penalties_train_like_eager(tmp_path, factory, s
     result = verify_in_process(load_program(program_dir), steps=3)
     assert result.ok, "\n".join(result.lines())
     assert result.first_step_losses_equal
+
+
+def test_a_buffer_read_first_and_written_last_holds_its_span_on_one_stage(tmp_path):
+    # The running mean is read by the first node and written after the last layer: the report
+    # says why no cut falls between, and asking for more stages than the rest allows says so too.
+    ref = "tests/fixtures/buffer_assign.py:normalised_inputs"
+    program_dir = compile_to(tmp_path / "two", ref, 2, microbatches=4)
+    program = load_program(program_dir)
+    notes = " ".join(program.data["costs"]["notes"])
+    assert "buffer `mean` is read by `sub` and written by `lerp_`" in notes
+    result = verify_in_process(program, steps=3)
+    assert result.ok, "\n".join(result.lines())
+    assert result.worst_buffer == "mean" and result.max_buffer_difference <= 1e-6
+    with pytest.raises(CompileError, match="buffer `mean` is read by `sub`"):
+        compile_to(tmp_path / "four", ref, 4, microbatches=4)
 
 
 @pytest.mark.parametrize("stages", [2, 3])

@@ -355,17 +355,27 @@ def test_no_grad_region_inside_a_recomputed_layer(tmp_path):
     assert result.ok, "\n".join(result.lines())
 
 
+def stage_codes(program_dir) -> list[str]:
+    return [p.read_text() for p in sorted(program_dir.glob("stage_*.py"))]
+
+
+def trains_as_eager(program_dir, steps: int = 3):
+    """verify_in_process's comparison, held to the bar with bitwise first-step losses."""
+    result = verify_in_process(load_program(program_dir), steps=steps)
+    assert result.ok, "\n".join(result.lines())
+    assert result.first_step_losses_equal
+    return result
+
+
 @pytest.mark.parametrize("stages", [2, 3, 4])
 def test_autocast_regions_run_on_every_stage_they_span(tmp_path, stages):
     # The whole stack of blocks is one autocast region with a float32 softmax nested in each: cut
     # anywhere, each stage enters the regions its share of the nodes ran inside.
     program_dir = compile_to(tmp_path, "tests/fixtures/autocast_regions.py:model", stages, microbatches=4)
-    codes = [p.read_text() for p in sorted(program_dir.glob("stage_*.py"))]
+    codes = stage_codes(program_dir)
     assert sum('with torch.autocast("cpu", dtype=torch.bfloat16):' in code for code in codes) == stages
     assert all("enabled=False" in code for code in codes[:-1])  # every stage holding a block
-    result = verify_in_process(load_program(program_dir), steps=3)
-    assert result.ok, "\n".join(result.lines())
-    assert result.first_step_losses_equal
+    trains_as_eager(program_dir)
 
 
 def test_autocast_regions_recompute_as_they_ran(tmp_path):
@@ -378,21 +388,17 @@ def test_autocast_regions_recompute_as_they_ran(tmp_path):
     )
     methods = [c.split("def _recompute_", 1)[-1] for c in map(Path.read_text, program_dir.glob("stage_*.py"))]
     assert any("with torch.autocast(" in m for m in methods if m)
-    result = verify_in_process(load_program(program_dir), steps=2)
-    assert result.ok, "\n".join(result.lines())
-    assert result.first_step_losses_equal
+    trains_as_eager(program_dir, steps=2)
 
 
 @pytest.mark.parametrize("stages", [2, 4, 6])
 def test_item_assignment_trains_like_eager(tmp_path, stages):
     program_dir = compile_to(tmp_path, "tests/fixtures/item_assignment.py:model", stages, microbatches=6)
-    codes = [p.read_text() for p in sorted(program_dir.glob("stage_*.py"))]
+    codes = stage_codes(program_dir)
     assert "[:, :2] = 0.0" in "".join(codes)
     # The queue is read (shifted) and written on one stage only.
     assert [("self.queue" in code) for code in codes].count(True) == 1
-    result = verify_in_process(load_program(program_dir), steps=3)
-    assert result.ok, "\n".join(result.lines())
-    assert result.first_step_losses_equal and result.max_buffer_difference <= 1e-6
+    assert trains_as_eager(program_dir).max_buffer_difference <= 1e-6
 
 
 @pytest.mark.parametrize("stages", [2, 3])
@@ -402,13 +408,11 @@ def test_constants_and_parameter_penalties_train_like_eager(tmp_path, factory, s
     # on the loss's stage, so their gradients include it (tied across the stages holding them).
     ref = f"tests/fixtures/constants_and_penalties.py:{factory}"
     program_dir = compile_to(tmp_path, ref, stages, microbatches=4)
-    code = "".join(p.read_text() for p in sorted(program_dir.glob("stage_*.py")))
+    code = "".join(stage_codes(program_dir))
     assert "_tensor_constant" not in code
     if factory == "constants":
         assert "torch.tensor([1.0, 2.0, 0.5], dtype=torch.float32)" in code
-    result = verify_in_process(load_program(program_dir), steps=3)
-    assert result.ok, "\n".join(result.lines())
-    assert result.first_step_losses_equal
+    trains_as_eager(program_dir)
 
 
 def test_a_buffer_read_first_and_written_last_holds_its_span_on_one_stage(tmp_path):
@@ -431,13 +435,10 @@ def test_inputs_left_at_their_defaults_train_like_eager(tmp_path, stages):
     # Traced as placeholders, `mask=None` would be a Proxy and `if mask is not None` would multiply
     # by None; the program must take eager's branches and drop the inputs the factory did not give.
     program_dir = compile_to(tmp_path, "tests/fixtures/unseen_defaults.py:model", stages, microbatches=4)
-    program = load_program(program_dir)
-    assert [i["name"] for i in program.data["inputs"]] == ["x", "y"]
-    code = "".join(p.read_text() for p in sorted(program_dir.glob("stage_*.py")))
+    assert [i["name"] for i in load_program(program_dir).data["inputs"]] == ["x", "y"]
+    code = "".join(stage_codes(program_dir))
     assert "mask" not in code and "_assert" not in code
-    result = verify_in_process(program, steps=3)
-    assert result.ok, "\n".join(result.lines())
-    assert result.first_step_losses_equal
+    trains_as_eager(program_dir)
 
 
 @pytest.mark.parametrize("stages", [2, 3])

@@ -29,6 +29,7 @@ from torch import nn
 
 from ppcompile.runtime.loader import Program
 from ppcompile.runtime.spec import loss_of
+from ppcompile.runtime.stage import plain_tensor_attributes
 from ppcompile.runtime.train import InProcessPipeline, batches, build_spec, make_optimizer
 
 
@@ -318,9 +319,8 @@ def held_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     what its stages hold besides parameters, as buffers."""
     held = dict(model.named_buffers(remove_duplicate=False))
     for path, module in model.named_modules(remove_duplicate=False):
-        for name, value in vars(module).items():
-            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-                held[f"{path}.{name}" if path else name] = value
+        for name, value in plain_tensor_attributes(module):
+            held[f"{path}.{name}" if path else name] = value
     return held
 
 

@@ -46,7 +46,7 @@ def load_context(ref_text: str, config: CompileConfig) -> CompileContext:
                 "number as a 0-d tensor"
             )
     # A 0-d input (a scale, a temperature) has no batch dim: every micro-batch shares it.
-    dims = {name: {0: "b"} if _ndim(x) else {} for name, x in zip(input_names, spec.example_inputs)}
+    dims = {name: {0: "b"} if x.dim() else {} for name, x in zip(input_names, spec.example_inputs)}
     for name, named in spec.dims.items():
         if name not in dims:
             raise CompileError(
@@ -56,10 +56,10 @@ def load_context(ref_text: str, config: CompileConfig) -> CompileContext:
     symbol_values: dict[str, int] = {}
     for name, example in zip(input_names, spec.example_inputs):
         for dim, symbol in dims[name].items():
-            if not -_ndim(example) <= dim < _ndim(example):
+            if not -example.dim() <= dim < example.dim():
                 raise CompileError(
                     f"{ref}: ModelSpec.dims gives input {name!r} dim {dim} ({symbol!r}), but its example "
-                    f"has {_ndim(example)} dims; name dims 0..{_ndim(example) - 1}"
+                    f"has {example.dim()} dims; name dims 0..{example.dim() - 1}"
                 )
             size = int(example.shape[dim])
             if symbol_values.setdefault(symbol, size) != size:
@@ -77,10 +77,6 @@ def load_context(ref_text: str, config: CompileConfig) -> CompileContext:
         symbols=symbols,
         symbol_values=symbol_values,
     )
-
-
-def _ndim(example) -> int:
-    return example.dim() if isinstance(example, torch.Tensor) else 0
 
 
 def trace(ctx: CompileContext) -> fx.GraphModule:

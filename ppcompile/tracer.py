@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ppcompile.runtime.masks import is_causal_mask
+from ppcompile.runtime.stage import plain_tensor_attributes
 
 # nn.Module's own call and attribute lookup: while fx traces it swaps in versions that record
 # calls and parameter reads as graph nodes, which running a submodule for a value must not do.
@@ -123,8 +124,8 @@ class PipelineTracer(fx.Tracer):
                 _replaced(
                     nn.Module,
                     "named_parameters",
-                    lambda module, prefix="", recurse=True, remove_duplicate=True: (
-                        self._traced_named_parameters(module, prefix, recurse, remove_duplicate)
+                    lambda module, prefix="", recurse=True, remove_duplicate=True: self._traced_parameters(
+                        module, prefix, recurse, remove_duplicate, caller=sys._getframe(1)
                     ),
                 )
             )
@@ -132,7 +133,12 @@ class PipelineTracer(fx.Tracer):
                 _replaced(
                     nn.Module,
                     "parameters",
-                    lambda module, recurse=True: self._traced_parameters(module, recurse),
+                    lambda module, recurse=True: (
+                        p
+                        for _, p in self._traced_parameters(
+                            module, "", recurse, True, caller=sys._getframe(1)
+                        )
+                    ),
                 )
             )
             # self.steps += 1 or self.ema = 0.9 * self.ema + ...: a buffer given a new value.
@@ -171,23 +177,18 @@ class PipelineTracer(fx.Tracer):
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         }
 
-    def _traced_named_parameters(self, module: nn.Module, prefix: str, recurse: bool, remove_duplicate: bool):
-        """``module.named_parameters(...)``: called by the model's code, its parameters as traced
-        reads (get_attr nodes); called by torch or ppcompile, as it is. Called through a lambda, so
-        the caller is two frames up."""
+    def _traced_parameters(
+        self, module: nn.Module, prefix: str, recurse: bool, remove_duplicate: bool, caller
+    ):
+        """``module.named_parameters(...)`` (and ``parameters()``, its values): called from the
+        model's code (the ``caller`` frame), its parameters as traced reads (get_attr nodes);
+        called by torch or ppcompile, as it is."""
         pairs = _NAMED_PARAMETERS(module, prefix, recurse, remove_duplicate)
         path = self._module_paths.get(id(module))
-        if path is None or sys._getframe(2).f_code.co_filename.startswith(LIBRARY_DIRS):
+        if path is None or caller.f_code.co_filename.startswith(LIBRARY_DIRS):
             return pairs
         local = (name.removeprefix(f"{prefix}.") if prefix else name for name, _ in pairs)
         return ((f"{prefix}.{name}" if prefix else name, self._parameter_read(path, name)) for name in local)
-
-    def _traced_parameters(self, module: nn.Module, recurse: bool):
-        """``module.parameters()``, as :meth:`_traced_named_parameters` takes it."""
-        path = self._module_paths.get(id(module))
-        if path is None or sys._getframe(2).f_code.co_filename.startswith(LIBRARY_DIRS):
-            return (p for _, p in _NAMED_PARAMETERS(module, recurse=recurse))
-        return (self._parameter_read(path, name) for name, _ in _NAMED_PARAMETERS(module, recurse=recurse))
 
     def _parameter_read(self, path: str, name: str) -> fx.Proxy:
         return self.create_proxy("get_attr", f"{path}.{name}" if path else name, (), {})
@@ -334,13 +335,12 @@ class PipelineTracer(fx.Tracer):
             raise ValueError(f"no example input for {node.target!r}")
         if node.op == "get_attr":
             return operator.attrgetter(node.target)(self.root)
-        with under_autocast(node):
-            if node.op == "call_function":
-                return node.target(*args, **kwargs)
-            if node.op == "call_method":
-                return getattr(args[0], node.target)(*args[1:], **kwargs)
-            if node.op == "call_module":
-                return self.root.get_submodule(node.target)(*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "call_module":
+            return self.root.get_submodule(node.target)(*args, **kwargs)
         raise ValueError(f"cannot evaluate a {node.op} node")
 
     def drop_conditions(self, graph: fx.Graph) -> None:
@@ -640,10 +640,9 @@ def _plain_tensors_as_buffers(root: nn.Module) -> None:
     buffers, so ``self.mask[:T, :T]`` with a traced ``T`` is a node; the stage module holds the
     attribute as such a buffer too (``runtime.stage.StageModule``)."""
     for module in root.modules():
-        for name, value in list(vars(module).items()):
-            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-                delattr(module, name)
-                module.register_buffer(name, value, persistent=False)
+        for name, value in plain_tensor_attributes(module):
+            delattr(module, name)
+            module.register_buffer(name, value, persistent=False)
 
 
 def _model_namespaces(root: nn.Module) -> list[dict]:

@@ -14,7 +14,18 @@ Example::
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+
+
+def plain_tensor_attributes(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The tensors ``module`` holds as plain attributes (``self.mask = torch.tril(...)`` in
+    ``__init__``), neither parameters nor buffers: a stage holds them as buffers not saved."""
+    return [
+        (name, value)
+        for name, value in vars(module).items()
+        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
+    ]
 
 
 class Container(nn.Module):

@@ -6,6 +6,9 @@ traced into the graph, or decided for the example inputs and listed for the repo
 - control flow and ``range``/``int`` on shapes (``assert t <= block_size``, ``if x.dim() == 3``,
   ``for t in range(x.size(1))``): decided on meta tensors of the example's shapes;
 - ``len(x)`` and ``torch.zeros(b, d)`` with a traced size: nodes of the graph, symbolic in ``b``;
+- iterating a traced value (``x.reshape(*x.shape[:-1], -1, 2)``, ``for d in x.shape``, ``for
+  part in x.split(4, 1)``): one indexed read per element, as many as the example's value has
+  (a shape's rank; otherwise decided, as ``range``'s bounds are);
 - ``x.dtype``: the example's dtype (``torch.finfo(x.dtype).min``);
 - ``x[i] = v`` (``h[:, :2] = 0``, ``self.queue[0] = k``): an in-place node, :func:`assign_items`;
 - a plain tensor attribute (``self.mask = torch.tril(...)`` in ``__init__``, not a buffer): read
@@ -26,7 +29,9 @@ traced into the graph, or decided for the example inputs and listed for the repo
 
 from __future__ import annotations
 
+import bisect
 import builtins
+import dis
 import functools
 import inspect
 import operator
@@ -103,6 +108,10 @@ class PipelineTracer(fx.Tracer):
             patches.enter_context(_replaced(fx.Proxy, "__getattr__", _static_dtype))
             # x[i] = v, which fx refuses ("'Proxy' object does not support item assignment").
             patches.enter_context(_replaced(fx.Proxy, "__setitem__", _traced_setitem))
+            # *x.shape[:-1] or for part in x.split(4, 1), which fx refuses ("Proxy object cannot
+            # be iterated") but where the code unpacks a fixed count (a, b = x.chunk(2)).
+            patches.enter_context(_replaced(fx.Proxy, "__iter__", _traced_iter))
+            patches.enter_context(_replaced(fx.Proxy, "__len__", _traced_proxy_len))
             # torch.zeros(b, d) with a proxy first is refused by torch's argument parser, where
             # torch.zeros((b, d)) traces: the same call, its sizes packed into one tuple.
             for name in SIZED_FACTORIES:
@@ -588,6 +597,50 @@ def assign_items(x: torch.Tensor, index, value) -> torch.Tensor:
 
 def _traced_setitem(proxy: fx.Proxy, index, value) -> None:
     proxy.tracer.create_proxy("call_function", assign_items, (proxy, index, value), {})
+
+
+def _traced_iter(proxy: fx.Proxy):
+    """``iter(proxy)``: ``proxy[0]``, ``proxy[1]``, ... as many as ``a, b = proxy`` unpacks, or else
+    as many as the proxy's value for the example inputs has: a shape's rank, which no size
+    changes, or a length decided like ``range``'s bounds (``x.split(4, 1)`` has more parts when
+    ``x`` is longer)."""
+    count = _unpacked_count(sys._getframe(1))
+    if count is None:
+        value = _example_value(proxy, "iterating")
+        count = len(value) if isinstance(value, torch.Size) else proxy.tracer.decide(proxy, _BUILTIN_LEN)
+    return (proxy[i] for i in _BUILTIN_RANGE(count))
+
+
+def _traced_proxy_len(proxy: fx.Proxy) -> int:
+    """``len(proxy)`` outside the model's code (whose ``len`` makes a node): a shape's rank, so
+    ``[*x.shape[:-1], -1]``, which asks the length first, builds; for any other value a TypeError,
+    after which Python iterates without a length."""
+    value = _example_value(proxy, "len() of")
+    if isinstance(value, torch.Size):
+        return len(value)
+    raise TypeError(f"len() of a traced {type(value).__name__} outside the model's code")
+
+
+def _example_value(proxy: fx.Proxy, doing: str) -> object:
+    """The proxy's value for the example inputs, on meta tensors."""
+    try:
+        with _untraced():
+            return proxy.tracer._value(proxy.node)
+    except Exception as e:  # noqa: BLE001 - one line naming what failed
+        raise fx.proxy.TraceError(
+            f"{doing} a value that meta tensors cannot compute ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+
+
+def _unpacked_count(frame) -> int | None:
+    """The count ``a, b, c = ...`` unpacks, where ``frame`` is at such an unpacking (the way fx
+    itself iterates a proxy); None elsewhere."""
+    instructions = list(dis.get_instructions(frame.f_code))
+    at = bisect.bisect_left(instructions, frame.f_lasti, key=lambda i: i.offset)
+    if at < len(instructions) and instructions[at].opname == "UNPACK_SEQUENCE":
+        return instructions[at].argval
+    return None
 
 
 def _static_dtype(proxy: fx.Proxy, name: str):

@@ -49,6 +49,9 @@ _DTYPES = {
         torch.bool,
         torch.uint8,
         torch.int8,
+        torch.int16,
+        torch.complex64,  # rotary embeddings as LLaMA computes them (torch.polar)
+        torch.complex128,
     )
 }
 

@@ -135,6 +135,21 @@ def test_loops_over_a_dim_unroll_and_the_batch_stays_symbolic(tmp_path):
     assert result.ok, "\n".join(result.lines())
 
 
+def test_iterating_a_traced_value_unrolls_for_the_example(tmp_path):
+    # for chunk in h.split(2, dim=1): three chunks of six, a decision; *h.shape[:-1] and
+    # for size in h.shape: the rank, which no size changes, so not one.
+    from ppcompile.check_training import verify_in_process
+    from ppcompile.runtime.loader import load_program
+
+    program_dir = compile_to(tmp_path, "tests/fixtures/shape_control_flow.py:chunked", 2, microbatches=4)
+    notes = json.loads((program_dir / "program.json").read_text())["costs"]["notes"]
+    (decided,) = [n for n in notes if n.startswith("control flow on shapes")]
+    assert decided.endswith("`for chunk in h.split(2, dim=1):  # (B, 2, d) each` -> 3"), decided
+    result = verify_in_process(load_program(program_dir), steps=2)
+    assert result.ok, "\n".join(result.lines())
+    assert result.first_step_losses_equal
+
+
 def test_hugging_face_style_bert_trains_like_eager(tmp_path):
     from ppcompile.check_training import verify_in_process
     from ppcompile.runtime.loader import load_program

@@ -401,6 +401,18 @@ def test_item_assignment_trains_like_eager(tmp_path, stages):
     assert trains_as_eager(program_dir).max_buffer_difference <= 1e-6
 
 
+@pytest.mark.parametrize("stages", [2, 4])
+def test_llama_style_rotary_trains_like_eager(tmp_path, stages):
+    # reshape(*x.shape[:-1], -1, 2) unpacks the shape's rank; the complex frequencies cross every
+    # cut; the output head is tied to the embedding on the first stage.
+    program_dir = compile_to(tmp_path, "tests/fixtures/llama_rotary.py:model", stages, microbatches=4)
+    program = json.loads((program_dir / "program.json").read_text())
+    complex_boundaries = [b for b in program["boundaries"] if b["dtype"] == "complex64"]
+    assert [sorted(b["consumers"]) for b in complex_boundaries] == [list(range(1, stages))]
+    assert "reshape(getitem_" in stage_codes(program_dir)[0]
+    trains_as_eager(program_dir)
+
+
 @pytest.mark.parametrize("stages", [2, 3])
 @pytest.mark.parametrize("factory", ["constants", "penalised", "plain_mask"])
 def test_constants_and_parameter_penalties_train_like_eager(tmp_path, factory, stages):

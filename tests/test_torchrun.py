@@ -46,12 +46,20 @@ def test_torchrun_trains_like_eager(tmp_path, ref, stages, schedule):
     assert losses[0] == reference[0][0]  # the first step's per-micro-batch losses, bitwise
 
 
-def test_torchrun_sends_autocast_activations_in_their_dtype(tmp_path):
-    # The blocks run under bfloat16 autocast: each rank enters it around its share, and the cuts
-    # carry bfloat16 tensors over gloo into buffers the program sized as bfloat16.
-    program_dir = compile_to(tmp_path, AUTOCAST, 3, microbatches=4)
+@pytest.mark.parametrize(
+    "ref, dtypes",
+    [
+        # The blocks run under bfloat16 autocast: each rank enters it around its share, and the
+        # cuts carry bfloat16 tensors over gloo into buffers the program sized as bfloat16.
+        (AUTOCAST, {"float32", "bfloat16"}),
+        # LLaMA's rotary frequencies, complex64, read by every layer: sent to every later stage.
+        ("tests/fixtures/llama_rotary.py:model", {"float32", "complex64"}),
+    ],
+)
+def test_torchrun_sends_activations_in_their_dtype(tmp_path, ref, dtypes):
+    program_dir = compile_to(tmp_path, ref, 3, microbatches=4)
     program = json.loads((program_dir / "program.json").read_text())
-    assert {b["dtype"] for b in program["boundaries"]} == {"float32", "bfloat16"}
+    assert {b["dtype"] for b in program["boundaries"]} == dtypes
     record = trained(tmp_path, program_dir, 3)
     losses, reference, comparison = compare_record(program_dir, record, 3)
     assert comparison.ok, "\n".join(comparison.lines())

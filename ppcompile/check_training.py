@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ppcompile.runtime.loader import Program
-from ppcompile.runtime.spec import loss_of
+from ppcompile.runtime.spec import call_forward, loss_of
 from ppcompile.runtime.stage import plain_tensor_attributes
 from ppcompile.runtime.train import InProcessPipeline, batches, build_spec, make_optimizer
 
@@ -297,7 +297,7 @@ def eager_training(
         step_losses = []
         before = rng_states(device)
         for mb in microbatches:
-            loss = loss_of(model(*(mb[n].to(device) for n in names)))
+            loss = loss_of(call_forward(model, names, [mb[n].to(device) for n in names]))
             (loss / len(microbatches)).backward()
             step_losses.append(float(loss.detach()))
         drew |= moved(before, rng_states(device))

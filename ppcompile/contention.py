@@ -47,7 +47,7 @@ import torch.distributed as dist
 from ppcompile.errors import CompileError
 from ppcompile.runtime.executor import available_cores
 from ppcompile.runtime.heap import keep_freed_memory
-from ppcompile.runtime.spec import ModelRef, loss_of
+from ppcompile.runtime.spec import ModelRef, call_forward, loss_of
 from ppcompile.runtime.transport import DistTransport, MessageKey
 
 SMALL_MESSAGE = 4 * 1024  # bytes: latency
@@ -145,7 +145,7 @@ def _worker(path: str, factory: str, rank: int, ranks: int, threads: int, store:
     params = [p for p in spec.module.parameters() if p.requires_grad]
 
     def step():
-        loss = loss_of(spec.module(*spec.example_inputs))
+        loss = loss_of(call_forward(spec.module, spec.input_names, spec.example_inputs))
         torch.autograd.grad([loss], params, allow_unused=True)
 
     for _ in range(2):

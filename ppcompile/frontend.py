@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import linecache
 import traceback
 from collections import Counter
@@ -30,14 +29,7 @@ def load_context(ref_text: str, config: CompileConfig) -> CompileContext:
     except Exception as e:
         where = _model_frame(e, ref.path)
         raise CompileError(f"{where}: building the model failed: {type(e).__name__}: {e}") from None
-    params = inspect.signature(spec.module.forward).parameters
-    input_names = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    input_names = input_names[: len(spec.example_inputs)]
-    if len(input_names) != len(spec.example_inputs):
-        raise CompileError(
-            f"{ref}: forward takes {len(input_names)} positional inputs but the factory gave "
-            f"{len(spec.example_inputs)} example inputs"
-        )
+    input_names = list(spec.input_names)
     for name, example in zip(input_names, spec.example_inputs):
         if not isinstance(example, torch.Tensor):
             raise CompileError(

@@ -1,7 +1,8 @@
 """What a model file hands to ppcompile: the module, one micro-batch of inputs, and its symbolic dims.
 
 A model file exposes factories. A factory returns either ``(module, example_inputs)`` or a
-:class:`ModelSpec` when it needs to say more. ``module(*example_inputs)`` returns the scalar loss,
+:class:`ModelSpec` when it needs to say more; the example inputs are a tuple of forward's first
+inputs or a dict by name. ``module(*example_inputs)`` returns the scalar loss,
 or holds it as users' models do (:func:`loss_of`): ``(loss, logits)``, ``{"loss": loss, ...}``.
 
 This module lives in the runtime because both halves need it: the compiler traces the
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import inspect
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -58,27 +60,83 @@ class ModelSpec:
     Example::
 
         ModelSpec(model, (idx, targets), dims={"idx": {0: "b", 1: "s"}, "targets": {0: "b", 1: "s"}})
+        ModelSpec(model, {"input_ids": ids, "labels": ids})  # as model(**batch) takes them
     """
 
     module: nn.Module
-    # One micro-batch; the batch dim of an input is the one ``dims`` names "b" (dim 0 by default).
-    example_inputs: tuple[torch.Tensor, ...]
+    # One micro-batch: forward's first inputs in order, or inputs by name, as model(**batch) takes
+    # them (inputs left out take forward's defaults). :func:`as_spec` makes either a tuple in
+    # forward's order, named by ``input_names``. The batch dim of an input is the one ``dims``
+    # names "b" (dim 0 by default).
+    example_inputs: tuple[torch.Tensor, ...] | Mapping[str, torch.Tensor]
     # input name -> {dim index -> symbol}; inputs not named here get {0: "b"}.
     dims: dict[str, dict[int, str]] = field(default_factory=dict)
-    # Optional: called as data(batch_size, seed) -> iterator of input tuples (one full batch each).
-    data: Callable[[int, int], Iterator[tuple[torch.Tensor, ...]]] | None = None
+    # Optional: called as data(batch_size, seed) -> iterator of full batches, each a tuple like the
+    # example inputs or a dict by name.
+    data: Callable[[int, int], Iterator[tuple[torch.Tensor, ...] | Mapping[str, torch.Tensor]]] | None = None
+    # The names of forward's inputs the example inputs give, in forward's order (set by as_spec).
+    input_names: tuple[str, ...] = ()
 
 
 def as_spec(made: ModelSpec | tuple) -> ModelSpec:
-    """Normalise what a factory returned into a ModelSpec."""
+    """Normalise what a factory returned into a ModelSpec whose example inputs are a tuple in
+    forward's order, named by its ``input_names``."""
     if isinstance(made, ModelSpec):
-        return made
-    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
-        module, inputs = made
-        return ModelSpec(module=module, example_inputs=tuple(inputs))
-    raise TypeError(
-        f"a factory must return (module, example_inputs) or a ModelSpec, got {type(made).__name__}"
-    )
+        spec = made
+    elif isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
+        spec = ModelSpec(module=made[0], example_inputs=made[1])
+    else:
+        raise TypeError(
+            f"a factory must return (module, example_inputs) or a ModelSpec, got {type(made).__name__}"
+        )
+    names, inputs = _forward_inputs(spec.module, spec.example_inputs)
+    return dataclasses.replace(spec, example_inputs=inputs, input_names=names)
+
+
+def _forward_inputs(module: nn.Module, given) -> tuple[tuple[str, ...], tuple]:
+    """The names of forward's inputs ``given`` gives (a tuple of forward's first inputs, or a
+    mapping by name), in forward's order, and the inputs in that order."""
+    params = inspect.signature(module.forward).parameters
+    if isinstance(given, Mapping):
+        named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        unknown = [name for name in given if name not in named]
+        if unknown:
+            which = "example input {} is not" if len(unknown) == 1 else "example inputs {} are not"
+            raise SpecError(
+                f"{which.format(', '.join(map(repr, unknown)))} among forward's inputs "
+                f"({', '.join(named) or 'none it takes by name'})"
+            )
+        names = tuple(name for name in named if name in given)
+        return names, tuple(given[name] for name in names)
+    positional = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    given = tuple(given)
+    if len(given) > len(positional):
+        raise SpecError(
+            f"forward takes {len(positional)} positional inputs but the factory gave {len(given)} "
+            "example inputs"
+        )
+    return tuple(positional[: len(given)]), given
+
+
+def call_forward(module: nn.Module, names, inputs):
+    """``module`` run on ``inputs``, each passed by its name, so inputs forward leaves at their
+    defaults may sit between them.
+
+    >>> call_forward(nn.Identity(), ["input"], [torch.ones(1)])
+    tensor([1.])
+    """
+    return module(**dict(zip(names, inputs)))
+
+
+def batch_in_order(batch, names) -> tuple:
+    """A batch from a data function, a tuple in forward's order or a mapping by name, as a tuple
+    in the order of ``names``."""
+    if isinstance(batch, Mapping):
+        missing = [name for name in names if name not in batch]
+        if missing:
+            raise SpecError(f"the data function's batch has no {', '.join(map(repr, missing))}")
+        return tuple(batch[name] for name in names)
+    return tuple(batch)
 
 
 class SpecError(ValueError):
@@ -137,4 +195,8 @@ class ModelRef:
         if seed is not None:
             torch.manual_seed(seed)
         with torch.device(device):
-            return as_spec(factory())
+            made = factory()
+        try:
+            return as_spec(made)
+        except SpecError as e:
+            raise SpecError(f"{self}: {e}") from None

@@ -20,7 +20,7 @@ from ppcompile.runtime.actions import Action
 from ppcompile.runtime.executor import MemoryStats, RankExecutor, inference_actions
 from ppcompile.runtime.loader import Program, ProgramError
 from ppcompile.runtime.randomness import drawn_apart
-from ppcompile.runtime.spec import ModelRef, ModelSpec
+from ppcompile.runtime.spec import ModelRef, ModelSpec, batch_in_order
 from ppcompile.runtime.trace import ActionTiming, shift_timings
 from ppcompile.runtime.transport import InProcessTransport
 
@@ -74,6 +74,7 @@ def batches(program: Program, spec: ModelSpec, seed: int) -> Iterator[list[dict[
         example = tuple(t if d is None else torch.cat([t] * M, d) for t, d in zip(spec.example_inputs, dims))
         source = itertools.repeat(example)
     for batch in source:
+        batch = batch_in_order(batch, names)
         chunks = []
         for name, t, d in zip(names, batch, dims):
             if d is None:

@@ -23,6 +23,11 @@ from tests.helpers import assert_user_error, ppcompile
             ["example input 'batch' is a dict", "inputs of their own (forward(x, y))"],
         ),
         (
+            "tests/fixtures/keyword_inputs.py:unknown_name",
+            "2",
+            ["keyword_inputs.py:unknown_name: example input 'label' is not among forward's inputs", "labels"],
+        ),
+        (
             "tests/fixtures/untraceable.py:large_constant",
             "2",
             [

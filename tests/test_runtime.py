@@ -401,6 +401,17 @@ def test_item_assignment_trains_like_eager(tmp_path, stages):
     assert trains_as_eager(program_dir).max_buffer_difference <= 1e-6
 
 
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("factory", ["model", "with_data"])
+def test_inputs_given_by_name_train_like_eager(tmp_path, factory, stages):
+    # {"input_ids": ..., "attention_mask": ..., "labels": ...}: the program's inputs in forward's
+    # order, the two between them left at their defaults; the data function's batches are dicts.
+    program_dir = compile_to(tmp_path, f"tests/fixtures/keyword_inputs.py:{factory}", stages, microbatches=4)
+    program = json.loads((program_dir / "program.json").read_text())
+    assert [i["name"] for i in program["inputs"]] == ["input_ids", "attention_mask", "labels"]
+    trains_as_eager(program_dir)
+
+
 @pytest.mark.parametrize("stages", [2, 4])
 def test_llama_style_rotary_trains_like_eager(tmp_path, stages):
     # reshape(*x.shape[:-1], -1, 2) unpacks the shape's rank; the complex frequencies cross every

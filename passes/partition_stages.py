@@ -127,7 +127,9 @@ def partition_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     assign_stages(gm, ctx.partition.compute_order, ctx.partition.cut_positions, K)
     even = even_layer_cuts(order, K)
     if even is not None:
-        ctx.partition.even_split_times = stage_times_for(cost, even)
+        times = stage_times_for(cost, even)
+        # infinite where one of its cuts would cross what may not be cut: the report says so
+        ctx.partition.even_split_times = times if all(map(math.isfinite, times)) else None
         ctx.partition.even_split_layers = even_layer_count(order)
     return gm
 

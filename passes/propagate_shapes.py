@@ -381,6 +381,11 @@ def _derived_value(node: fx.Node) -> KnownValue | None:
     def known(arg) -> KnownValue | None:
         if type(arg) is int:
             return KnownValue("int", (sympy.Integer(arg),))
+        if type(arg) is tuple:  # a literal such as (h.size(-1),): known where each item is an int
+            items = [known(a) for a in arg]
+            if all(i is not None and i.kind == "int" for i in items):
+                return KnownValue("tuple", tuple(i.exprs[0] for i in items))
+            return None
         return arg.meta.get("ppc.value") if isinstance(arg, fx.Node) else None
 
     args = node.args
@@ -407,20 +412,27 @@ def _derived_value(node: fx.Node) -> KnownValue | None:
         shape, container = shape_of(args[0]), known(args[0])
         if shape is not None and shape:
             return KnownValue("int", (shape[0],))
-        if container is not None and container.kind == "torch.Size":
+        if container is not None and container.kind in _SEQUENCE_KINDS:
             return KnownValue("int", (sympy.Integer(len(container.exprs)),))
         return None
     if node.target is operator.getitem:
         container, index = known(args[0]), args[1]
-        if container is None or container.kind != "torch.Size":
+        if container is None or container.kind not in _SEQUENCE_KINDS:
             return None
         if type(index) is int:
             return KnownValue("int", (container.exprs[index],))
         if isinstance(index, slice) and all(
             type(i) in (int, type(None)) for i in (index.start, index.stop, index.step)
         ):
-            return KnownValue("torch.Size", container.exprs[index])
+            return KnownValue(container.kind, container.exprs[index])
         return None
+    if node.target is operator.add and not node.kwargs:
+        # Sizes joined (input_shape[:-1] + (d,), (-1,) + input_shape[1:]): a torch.Size if
+        # either is one, as torch.Size's own + and reflected + make.
+        left, right = (known(a) for a in args)
+        kinds = {left.kind, right.kind} if left is not None and right is not None else {"int"}
+        if kinds <= set(_SEQUENCE_KINDS):
+            return KnownValue("torch.Size" if "torch.Size" in kinds else "tuple", left.exprs + right.exprs)
     if node.target in _INT_OPS and not node.kwargs:
         operands = [known(a) for a in args]
         if any(o is None or o.kind != "int" for o in operands):
@@ -429,11 +441,17 @@ def _derived_value(node: fx.Node) -> KnownValue | None:
     return None
 
 
+_SEQUENCE_KINDS = ("torch.Size", "tuple")
+
+
 def _int_kind(value) -> str | None:
-    """ "int" or "torch.Size" for an int or a torch.Size (bools are not ints here); else None."""
+    """ "int", "torch.Size" or "tuple" for an int, a torch.Size or a tuple of ints (bools are not
+    ints here); else None."""
     if type(value) is int:
         return "int"
-    return "torch.Size" if isinstance(value, torch.Size) else None
+    if isinstance(value, torch.Size):
+        return "torch.Size"
+    return "tuple" if type(value) is tuple and all(type(v) is int for v in value) else None
 
 
 def tuple_nbytes(value) -> int:

@@ -62,11 +62,12 @@ class BoundaryTensor:
 class KnownValue:
     """A non-tensor value that the micro-batch's sizes alone fix, so a stage that uses it computes
     it instead of receiving it: ``T = x.size(1)`` is ``KnownValue("int", (s,))``, ``x.size()``
-    ``KnownValue("torch.Size", (b, s, 768))``, ``1.0 / math.sqrt(64)`` ``KnownValue("constant",
-    constant=0.125)``."""
+    ``KnownValue("torch.Size", (b, s, 768))``, Hugging Face's ``(-1,) + input_shape[1:] +
+    (h.size(-1),)`` ``KnownValue("tuple", (-1, s, 768))``, ``1.0 / math.sqrt(64)``
+    ``KnownValue("constant", constant=0.125)``."""
 
-    kind: str  # "int", "torch.Size" or "constant" (a float, bool or None)
-    exprs: tuple[sympy.Expr, ...] = ()  # "int": its value; "torch.Size": each item's
+    kind: str  # "int", "torch.Size", "tuple" (of ints) or "constant" (a float, bool or None)
+    exprs: tuple[sympy.Expr, ...] = ()  # "int": its value; "torch.Size" and "tuple": each item's
     constant: float | bool | None = None
 
     def json(self) -> object:
@@ -81,6 +82,8 @@ class KnownValue:
         if self.kind == "constant":
             return "None" if self.constant is None else f"{type(self.constant).__name__} {self.constant!r}"
         items = ", ".join(str(e) for e in self.exprs)
+        if self.kind == "tuple":
+            return f"tuple ({items}{',' if len(self.exprs) == 1 else ''})"
         return f"int {items}" if self.kind == "int" else f"torch.Size([{items}])"
 
 

@@ -94,6 +94,11 @@ def render_report(program: dict) -> str:
             f"- even split by layer count ({costs['even_split_layers']} layers dealt out evenly): imbalance "
             f"{even_imbalance:.3f}, slowest stage {max(even) * 1e3:.2f} ms vs {max(times) * 1e3:.2f} ms here"
         )
+    elif costs.get("even_split_layers"):
+        lines.append(
+            f"- even split by layer count ({costs['even_split_layers']} layers dealt out evenly): not possible, "
+            "one of its cuts would cross what must stay on one stage"
+        )
     else:
         lines.append("- even split by layer count: not applicable (no repeated layers to deal out)")
     lines += [f"- {note}" for note in costs.get("notes", [])]

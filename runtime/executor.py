@@ -83,12 +83,16 @@ def size_value(spec: dict, symbols: dict[str, int]) -> object:
 
     >>> size_value({"name": "getitem_8", "kind": "torch.Size", "value": ["b", "s", "64"]}, {"b": 4, "s": 32})
     torch.Size([4, 32, 64])
+    >>> size_value({"name": "add_2", "kind": "tuple", "value": ["-1", "s"]}, {"b": 4, "s": 9})
+    (-1, 9)
     """
     kind, value = spec["kind"], spec["value"]
     if kind == "constant":
         return value
     if kind == "int":
         return evaluate_dim(value, symbols)
+    if kind == "tuple":  # of ints: (-1,) + input_shape[1:] + (h.size(-1),)
+        return tuple(evaluate_dim(v, symbols) for v in value)
     return torch.Size(evaluate_dim(v, symbols) for v in value)  # "torch.Size"
 
 

@@ -77,3 +77,21 @@ def test_a_dim_one_shorter_than_the_sequence_crosses_cuts_at_any_sequence_length
     with torch.no_grad():
         expected = [float(model(mb["idx"], mb["targets"])) for mb in microbatches]
     assert pipeline.evaluate(microbatches) == expected
+
+
+def test_hugging_face_gpt2s_output_shape_spans_the_model_and_cuts_still_fall_between_blocks(tmp_path):
+    # output_shape = (-1,) + input_shape[1:] + (h.size(-1),), made before the first block and read
+    # after the last: a torch.Size joined from sizes and a literal, computed where it is used.
+    program_dir = compile_to(tmp_path, "tests/fixtures/hf_gpt2.py:model", 2, microbatches=4)
+    program = load_program(program_dir)
+    sizes = {spec["name"]: (spec["kind"], spec["value"]) for spec in program.stage(1)["sizes"]}
+    assert ("torch.Size", ["-1", "s", "32"]) in sizes.values(), sizes
+    times = [s["compute_seconds"] for s in program.data["costs"]["stages"]]
+    assert max(times) / (sum(times) / 2) < 1.05  # before: everything but the head on stage 0, 1.93
+    model, _ = build_model("tests/fixtures/hf_gpt2.py:model")
+    idx = torch.randint(0, 50, (3, 9))  # another batch size and length than the example's (4, 12)
+    with torch.no_grad():
+        assert torch.equal(chained_forward(program_dir, model, (idx, idx)), model(idx, idx)[0])
+    result = verify_in_process(program, steps=2, lr=0.05)
+    assert result.ok, "\n".join(result.lines())
+    assert result.first_step_losses_equal

@@ -251,7 +251,27 @@ def propagate_shapes(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         node.meta["ppc.dtype"] = value.dtype
         node.meta["ppc.requires_grad"] = bool(value.requires_grad)
         node.meta["ppc.nbytes"] = value.numel() * value.element_size()
+    _items_after_their_tuple(gm)
     return gm
+
+
+def _items_after_their_tuple(gm: fx.GraphModule) -> None:
+    """Move each item taken from a tuple of tensors (``h.split(4, -1)``, nn.LSTM's ``(out, (h,
+    c))``) to just after the node that made the tuple. A tuple cannot cross a cut, its items can:
+    where the model takes them as it goes (``[head(p) for head, p in zip(heads, h.split(4))]``)
+    no cut could otherwise fall between the first item and the last."""
+    for node in list(gm.graph.nodes):
+        if node.meta.get("ppc.kind") != "tuple":
+            continue
+        anchor, pending = node, [node]
+        while pending:
+            source = pending.pop(0)
+            for user in list(source.users):
+                if user.op == "call_function" and user.target is operator.getitem and user.args[0] is source:
+                    anchor.append(user)
+                    anchor = user
+                    if user.meta.get("ppc.kind") == "tuple":
+                        pending.append(user)
 
 
 def _fit_dim(name, dim, size, base, scaled_runs, ctx, affine: bool) -> sympy.Expr:

@@ -3,6 +3,7 @@ its memory check counts what the memory plan counts."""
 
 import itertools
 import math
+import operator
 import random
 
 import pytest
@@ -217,3 +218,22 @@ def test_search_under_recomputation_counts_what_the_plan_counts(monkeypatch, ref
         live = ctx.live_microbatches[stage]
         planned = stage_memory(ctx, nodes, own, live, candidate_regions(nodes, own, stage))
         assert float(memory.total(live)[start, end]) == pytest.approx(planned.total), (cut, stage)
+
+
+def test_items_of_a_tuple_follow_it_so_cuts_fall_between_the_towers_that_read_them(tmp_path):
+    from ppcompile.check_training import verify_in_process
+    from ppcompile.program import write_program
+    from ppcompile.runtime.loader import load_program
+
+    result = compile_model("tests/fixtures/split_items.py:model", CompileConfig(stages=4, microbatches=8))
+    nodes = list(result.gm.graph.nodes)
+    (split,) = [n for n in nodes if n.op == "call_method" and n.target == "split"]
+    at = nodes.index(split)
+    assert all(n.target is operator.getitem for n in nodes[at + 1 : at + 5])  # the four parts
+    towers = {n.meta["ppc.stage"] for n in nodes if n.op == "call_module" and n.target.startswith("towers.")}
+    assert len(towers) >= 3
+    times = [s["compute_seconds"] for s in result.program["costs"]["stages"]]
+    assert max(times) / (sum(times) / 4) < 1.15  # with the split holding the towers together: 2.6
+    program = load_program(write_program(tmp_path / "towers", result.program, result.files))
+    comparison = verify_in_process(program, steps=2)
+    assert comparison.ok, "\n".join(comparison.lines())

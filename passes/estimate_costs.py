@@ -39,7 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ppcompile.context import CompileContext
 from ppcompile.passes.propagate_shapes import autocast_on_cpu, masks_without_values, run_fake_cpu, run_meta
 from ppcompile.runtime.executor import held_storages
-from ppcompile.tracer import is_effect, rebind_buffer, under_autocast
+from ppcompile.tracer import is_effect, rebind_buffer, under_regions
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def estimate_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         key = (
             _signature(gm, node, values),
             _signature(gm, node, device_values),
-            node.meta.get("ppc.autocast"),
+            node.meta.get("ppc.regions"),
         )
         if key not in cache:
             cache[key] = _measure(gm, node, values, device_values, ctx)
@@ -119,8 +119,8 @@ def estimate_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
 
 
 def costs_nothing(node: fx.Node) -> bool:
-    """Inputs, attributes, Python values (sizes, dtypes) and effects (a grad-mode switch, a
-    buffer's rebinding): nothing to time or count, and an effect must not run alone."""
+    """Inputs, attributes, Python values (sizes, dtypes) and effects (a buffer's rebinding):
+    nothing to time or count, and an effect must not run alone."""
     return (
         node.op not in ("call_function", "call_method", "call_module")
         or node.meta["ppc.kind"] == "other"
@@ -304,7 +304,7 @@ def _saved_on_device(
     gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, values: dict, real: bool, runs_as: dict
 ):
     """``classify_saved`` of the node run on CPU tensors shaped and strided as ``values`` (under
-    its autocast regions, ``runs_as`` as ``tracer.under_autocast`` takes it): for real with
+    its grad-mode and autocast regions, ``runs_as`` as ``tracer.under_regions`` takes it): for real with
     ``real`` (zeros as data) where the op accepts zeros, else on fake tensors (nothing is
     allocated). None where an op cannot run on fake tensors (a data-dependent one)."""
     input_nodes = _arg_nodes(node)
@@ -328,7 +328,7 @@ def _saved_on_device(
         by_name = dict(zip((n.name for n in input_nodes), inputs))
         args = fx.node.map_arg(node.args, lambda n: by_name[n.name])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: by_name[n.name])
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), under_autocast(node, runs_as):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), under_regions(node, runs_as):
             out = _call(gm, node, on_device, args, kwargs)
         return classify_saved(saved, inputs, out, held_storages([on_device] if on_device is not None else []))
 

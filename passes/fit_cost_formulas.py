@@ -146,7 +146,7 @@ def _inverse(matrix: list[list[Fraction]]) -> list[list[Fraction]]:
 def _quantities_at(gm, node: fx.Node, values: dict, device_values: dict, cache: dict, ctx) -> list[float]:
     if costs_nothing(node):
         return [0.0] * len(QUANTITIES)
-    key = (_signature(gm, node, values), _signature(gm, node, device_values), node.meta.get("ppc.autocast"))
+    key = (_signature(gm, node, values), _signature(gm, node, device_values), node.meta.get("ppc.regions"))
     if key not in cache:
         cache[key] = _measure(gm, node, values, device_values, ctx)
     fwd, bwd, _, _, temp, view_of, param_bytes, _ = cache[key]

@@ -194,8 +194,8 @@ def _replace(gm: fx.GraphModule, match: _LossMatch) -> None:
         fused = graph.call_function(
             linear_cross_entropy, (match.x, weight, bias, match.target), {"ignore_index": match.ignore_index}
         )
-    if "ppc.autocast" in match.linear.meta:  # the head's torch.autocast, for the fused call too
-        fused.meta["ppc.autocast"] = match.linear.meta["ppc.autocast"]
+    if "ppc.regions" in match.linear.meta:  # the head's regions (torch.autocast), for the fused call too
+        fused.meta["ppc.regions"] = match.linear.meta["ppc.regions"]
     match.loss.replace_all_uses_with(fused)
     graph.erase_node(match.loss)
     read = [n for n in match.linear.all_input_nodes if n.op == "get_attr"]  # F.linear's parameters

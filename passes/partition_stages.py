@@ -156,8 +156,7 @@ def assign_stages(gm: fx.GraphModule, compute_order: list[str], cuts: list[int],
 
 def is_free(node: fx.Node, free: set[str]) -> bool:
     """Placeholders, get_attr, and non-tensor values computed only from those; not an effect (a
-    switch of grad mode, a buffer's rebinding: ``tracer.is_effect``), which runs where the model
-    runs it."""
+    buffer's rebinding: ``tracer.is_effect``), which runs where the model runs it."""
     if node.op in ("placeholder", "get_attr"):
         return True
     if is_effect(node):

@@ -51,7 +51,7 @@ from ppcompile.passes.propagate_shapes import ValueRecorder
 from ppcompile.program import write_atomically
 from ppcompile.runtime.executor import held_storages
 from ppcompile.runtime.heap import keep_freed_memory
-from ppcompile.tracer import under_autocast
+from ppcompile.tracer import under_regions
 
 MIN_SECONDS = 0.004  # time each node for at least this long
 MAX_REPEATS = 50
@@ -248,7 +248,7 @@ def _time_node(real: fx.GraphModule, node: fx.Node, values: dict, device: torch.
     def forward(fresh, hooks=None):
         args = fx.node.map_arg(node.args, lambda n: fresh[n.name])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: fresh[n.name])
-        with under_autocast(node):
+        with under_regions(node):
             if hooks is None:
                 return _call(real, node, module, args, kwargs)
             with torch.autograd.graph.saved_tensors_hooks(*hooks):

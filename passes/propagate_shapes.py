@@ -41,11 +41,11 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from ppcompile.context import CompileContext, KnownValue
 from ppcompile.errors import CompileError
 from ppcompile.frontend import source_line
-from ppcompile.tracer import is_effect, under_autocast
+from ppcompile.tracer import has_autocast, is_effect, under_regions
 
 
 class ValueRecorder(fx.Interpreter):
-    """Runs a graph and keeps every node's value by name; ``runs_as`` as ``tracer.under_autocast``
+    """Runs a graph and keeps every node's value by name; ``runs_as`` as ``tracer.under_regions``
     takes it."""
 
     def __init__(self, gm: fx.GraphModule, runs_as: dict[str, str] | None = None):
@@ -55,7 +55,7 @@ class ValueRecorder(fx.Interpreter):
 
     def run_node(self, node: fx.Node):
         try:
-            with under_autocast(node, self.runs_as):
+            with under_regions(node, self.runs_as):
                 result = super().run_node(node)
         except Exception as e:
             raise NodeFailed(node.name, e) from e
@@ -106,8 +106,8 @@ def masks_without_values() -> Iterator[None]:
 def run_meta(gm: fx.GraphModule, ctx: CompileContext, symbol_values: dict[str, int]) -> dict[str, object]:
     """Run the graph on meta tensors whose symbolic dims take ``symbol_values``."""
     recorder = ValueRecorder(gm)
-    # enable_grad: a model's torch.no_grad() switches grad mode inside the run; however the run
-    # ends, the compiler goes on with it on.
+    # enable_grad: the graph runs as training does; a node inside a model's torch.no_grad() runs
+    # under it (tracer.under_regions).
     with torch.device("meta"), torch.enable_grad(), masks_without_values():
         recorder.run(*_inputs(ctx, symbol_values, "meta"))
     return recorder.values
@@ -193,7 +193,7 @@ def propagate_shapes(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     base = dict(ctx.symbol_values)
     # Autocast leaves meta tensors alone: a model with torch.autocast regions is sized on fake CPU
     # tensors, where the regions give the dtypes the program will have.
-    run = _run_fake_cpu if any("ppc.autocast" in node.meta for node in gm.graph.nodes) else run_meta
+    run = _run_fake_cpu if any(has_autocast(node) for node in gm.graph.nodes) else run_meta
     try:
         base_values = run(gm, ctx, base)
     except NodeFailed as e:

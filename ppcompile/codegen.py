@@ -209,7 +209,7 @@ def generate_stage(ctx: CompileContext, sg: StageGraph, version: str) -> str:
         if region is None:
             statements.append(_node_statement(emitter, node))
         elif node is regions[region][-1]:
-            # The recomputing method enters the nodes' autocast itself, in forward and again in backward.
+            # The recomputing method enters the nodes' regions itself, in forward and again in backward.
             call, method, inputs, outputs = _checkpoint_region(ctx, emitter, region, regions[region])
             statements.append((call, outputs, inputs, ()))
             methods.append(method)
@@ -309,26 +309,19 @@ def _node_lines(emitter: _Emitter, node: fx.Node) -> list[str]:
     if node.op == "call_function" and node.target is rebind_buffer:
         fqn, value = node.args
         return [f"self.{attribute_path(fqn)} = {emitter.value(value)}  # the model rebinds its buffer"]
-    if node.op == "call_function" and node.target is torch._C._set_grad_enabled:
-        # torch.no_grad() (or enable_grad) in the model: switched on entry, set back on exit.
-        (mode,) = node.args
-        if isinstance(mode, bool):
-            what = f"the model's torch.{'enable_grad' if mode else 'no_grad'}() begins"
-        else:
-            what = "and ends: grad mode as it was"
-        return [f"torch._C._set_grad_enabled({emitter.value(mode)})  # {what}"]
     return [f"{name} = {emitter.expression(node)}{_comment(node)}"]
 
 
 def _node_statement(emitter: _Emitter, node: fx.Node) -> tuple:
-    """A node's lines, what they define and read, and the autocast regions they run inside."""
-    return _node_lines(emitter, node), [node], node.all_input_nodes, node.meta.get("ppc.autocast", ())
+    """A node's lines, what they define and read, and the regions (``torch.no_grad()``,
+    ``torch.autocast(...)``) they run inside."""
+    return _node_lines(emitter, node), [node], node.all_input_nodes, node.meta.get("ppc.regions", ())
 
 
 def _freeing_after_last_use(emitter: _Emitter, statements: list[tuple], kept=()) -> list[str]:
     """The statements' lines, each (lines, the values it defines, the values it reads, the
-    ``torch.autocast`` regions it runs inside), with a ``del`` after the last statement that reads
-    a tensor value it defines, and a ``with torch.autocast(...):`` block around each run of
+    regions it runs inside), with a ``del`` after the last statement that reads a tensor value it
+    defines, and a ``with torch.no_grad():`` or ``with torch.autocast(...):`` block around each run of
     statements inside the same region, as the model's forward has it.
 
     A local name keeps its tensor alive until the function returns: without the ``del`` every
@@ -353,14 +346,14 @@ def _freeing_after_last_use(emitter: _Emitter, statements: list[tuple], kept=())
             continue
         freed.setdefault(index, []).append(emitter.names[node.name])
     lines, open_regions = [], ()
-    for index, (statement, _, _, autocasts) in enumerate(statements):
+    for index, (statement, _, _, regions) in enumerate(statements):
         same = 0  # the regions still open that this statement runs inside too
-        while same < min(len(open_regions), len(autocasts)) and open_regions[same] == autocasts[same]:
+        while same < min(len(open_regions), len(regions)) and open_regions[same] == regions[same]:
             same += 1
-        for depth in range(same, len(autocasts)):
-            lines.append("    " * depth + f"with {autocasts[depth].code()}:  # as the model's forward")
-        open_regions = autocasts
-        indent = "    " * len(autocasts)
+        for depth in range(same, len(regions)):
+            lines.append("    " * depth + f"with {regions[depth].code()}:  # as the model's forward")
+        open_regions = regions
+        indent = "    " * len(regions)
         lines += [indent + line for line in statement]
         if index in freed:
             lines.append(indent + "del " + ", ".join(freed[index]))

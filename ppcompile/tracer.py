@@ -19,9 +19,9 @@ traced into the graph, or decided for the example inputs and listed for the repo
   again, where fx would hide it in an attribute no stage has;
 - an input the example inputs leave at its default (``mask=None``): that value, a constant, so
   ``if mask is not None`` takes the branch eager would;
-- ``torch.no_grad()`` and its kin: grad-mode switches where the model makes them;
-- ``torch.autocast(...)``: each node made inside it is marked with the autocast it ran under
-  (``ppc.autocast``), so a stage runs it under the same, wherever the cuts fall;
+- ``torch.no_grad()`` and its kin, and ``torch.autocast(...)``: each node made inside one is
+  marked with the regions it ran inside (``ppc.regions``: :class:`GradModeRegion`,
+  :class:`AutocastRegion`), so a stage runs it under the same, wherever the cuts fall;
 - a buffer given a new value (``self.steps += 1``): :func:`rebind_buffer`;
 - ``nn.TransformerEncoder``, ``nn.TransformerDecoder`` and ``nn.Transformer``: the loop over their
   layers that their forward is, each layer one node, so a cut may fall between two layers.
@@ -88,10 +88,10 @@ class PipelineTracer(fx.Tracer):
         self._asked: set[fx.Node] = set()  # what decided values were computed from
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
-        self._grad_modes: list[tuple[bool, fx.Proxy]] = []  # open grad-mode regions
+        self._grad_modes: list[bool] = []  # per open grad-mode region, the mode before it
         self._assigned: list[tuple[nn.Module, str, object]] = []  # plain attributes set, old values
         self._rebound: dict[int, fx.Proxy] = {}  # id of a buffer's tensor -> its new value
-        self._autocasts: list[AutocastRegion] = []  # the torch.autocast regions open, outermost first
+        self._regions: list[Region] = []  # the grad-mode and autocast regions open, outermost first
         # Everything below is put back when tracing ends, however it ends.
         with ExitStack() as patches:
             # range(), len() on a proxy in the model's own code (not torch's): len is a node of the
@@ -116,8 +116,8 @@ class PipelineTracer(fx.Tracer):
             # torch.zeros((b, d)) traces: the same call, its sizes packed into one tuple.
             for name in SIZED_FACTORIES:
                 patches.enter_context(_replaced(torch, name, _sizes_packed(getattr(torch, name))))
-            # torch.no_grad() and its kin switch grad mode through one function; recorded, the
-            # stage code switches it where the model does.
+            # torch.no_grad() and its kin switch grad mode through one function: switched for real,
+            # and recorded on every node made inside the region.
             patches.callback(_SET_GRAD_ENABLED, torch.is_grad_enabled())
             patches.enter_context(_replaced(torch._C, "_set_grad_enabled", self._record_grad_mode))
             # torch.autocast(...): entered for real (x.dtype and decided values see it), and
@@ -231,37 +231,37 @@ class PipelineTracer(fx.Tracer):
 
     def create_node(self, *args, **kwargs) -> fx.Node:
         node = super().create_node(*args, **kwargs)
-        if self._autocasts:
-            node.meta["ppc.autocast"] = tuple(self._autocasts)
+        if self._regions:
+            node.meta["ppc.regions"] = tuple(self._regions)
         return node
 
     def _enter_autocast(self, mode):
-        self._autocasts.append(
-            AutocastRegion(mode.device, mode.fast_dtype, mode._enabled, mode._cache_enabled)
-        )
+        self._regions.append(AutocastRegion(mode.device, mode.fast_dtype, mode._enabled, mode._cache_enabled))
         return _AUTOCAST_ENTER(mode)
 
     def _exit_autocast(self, mode, *exc):
-        self._autocasts.pop()
+        self._close(AutocastRegion)
         return _AUTOCAST_EXIT(mode, *exc)
 
-    def _record_grad_mode(self, mode: bool) -> None:
-        """``torch._C._set_grad_enabled(mode)`` while tracing: switch it, and record the switch.
+    def _close(self, kind: type) -> None:
+        """Close the innermost open region of ``kind``."""
+        at = max(i for i, region in enumerate(self._regions) if isinstance(region, kind))
+        del self._regions[at]
 
-        Entering a region records the mode the stage runs in at that point (``torch.no_grad()``
-        under inference stays off at the exit, not on); leaving it sets that mode back."""
+    def _record_grad_mode(self, mode: bool) -> None:
+        """``torch._C._set_grad_enabled(mode)`` while tracing: switch it, and open a region (or
+        close the innermost one, where ``mode`` is the mode before it). The stage code opens a
+        ``with torch.no_grad():`` where the model's does, so leaving it sets back whatever mode
+        the stage runs in (under inference, still off)."""
         current = torch.is_grad_enabled()
         if mode == current:
             return  # set_grad_enabled(False) switches in __init__ and again in __enter__
-        if self._grad_modes and self._grad_modes[-1][0] == mode:
-            _, before = self._grad_modes.pop()
-            self.create_proxy("call_function", _SET_GRAD_ENABLED, (before,), {})
+        if self._grad_modes and self._grad_modes[-1] == mode:
+            self._grad_modes.pop()
+            self._close(GradModeRegion)
         else:
-            before = self.create_proxy(
-                "call_function", torch.is_grad_enabled, (), {}, name="grad_mode_before"
-            )
-            self.create_proxy("call_function", _SET_GRAD_ENABLED, (mode,), {})
-            self._grad_modes.append((current, before))
+            self._grad_modes.append(current)
+            self._regions.append(GradModeRegion(mode))
         _SET_GRAD_ENABLED(mode)
 
     def _record_setattr(self, module: nn.Module, name: str, value) -> None:
@@ -546,14 +546,34 @@ class AutocastRegion(NamedTuple):
         return f"torch.autocast({', '.join(parts)})"
 
 
-def under_autocast(node: fx.Node, runs_as: dict[str, str] | None = None) -> ExitStack:
-    """The autocast regions ``node`` was traced inside, entered: run the node in them as the model
-    runs it (its dtypes as the model computes them). ``runs_as`` maps the device type the program
+class GradModeRegion(NamedTuple):
+    """One ``torch.no_grad()`` (or ``torch.enable_grad()``) a node was made inside."""
+
+    enabled: bool
+
+    def code(self) -> str:
+        """The ``with`` statement's expression."""
+        return "torch.enable_grad()" if self.enabled else "torch.no_grad()"
+
+
+Region = AutocastRegion | GradModeRegion
+
+
+def has_autocast(node: fx.Node) -> bool:
+    return any(isinstance(region, AutocastRegion) for region in node.meta.get("ppc.regions", ()))
+
+
+def under_regions(node: fx.Node, runs_as: dict[str, str] | None = None) -> ExitStack:
+    """The grad-mode and autocast regions ``node`` was traced inside, entered: run the node in them
+    as the model runs it (what it saves for backward, its dtypes). ``runs_as`` maps the device type the program
     is compiled for to the one this run's tensors are on (``{"cuda": "cpu"}``: sizing on fake CPU
     tensors a program for GPUs); a region for another device type is left out, as autocast leaves
     tensors on other devices alone."""
     stack = ExitStack()
-    for region in node.meta.get("ppc.autocast", ()):
+    for region in node.meta.get("ppc.regions", ()):
+        if isinstance(region, GradModeRegion):
+            stack.enter_context(torch.set_grad_enabled(region.enabled))
+            continue
         device_type = region.device_type if runs_as is None else runs_as.get(region.device_type)
         if device_type is not None:
             stack.enter_context(
@@ -573,14 +593,13 @@ def rebind_buffer(fqn: str, value: torch.Tensor) -> None:
     (``self.layers[0].ema = add_1``); compiling, the graph's value is what later reads see."""
 
 
-# What the model's torch.no_grad() and its kin trace to: the mode before, and each switch; and
-# what a buffer's assignment traces to.
-EFFECT_FUNCTIONS = (torch.is_grad_enabled, _SET_GRAD_ENABLED, rebind_buffer)
+# What a buffer's assignment traces to.
+EFFECT_FUNCTIONS = (rebind_buffer,)
 
 
 def is_effect(node: fx.Node) -> bool:
-    """A node run for its effect on state (grad mode, a buffer): it runs where the model runs it,
-    costs nothing, and is never run alone (it would switch the compiler's own grad mode)."""
+    """A node run for its effect on state (a buffer's rebinding): it runs where the model runs
+    it, costs nothing, and is never run alone."""
     return node.op == "call_function" and node.target in EFFECT_FUNCTIONS
 
 

@@ -27,6 +27,7 @@ from torch import fx
 
 from ppcompile.context import CompileContext
 from ppcompile.errors import CompileError
+from ppcompile.frontend import DECIDED_NOTE
 from ppcompile.passes.estimate_costs import (
     _arg_nodes,
     _measure,
@@ -56,9 +57,17 @@ def fit_cost_formulas(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule
             failures.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     else:
         sizes = {name: sorted({p[name] for grid in grids for p in grid}) for name in ctx.symbol_values}
+        # A loop or branch decided for the example's shapes may be why: the graph holds there only.
+        decided = next((n for n in ctx.notes if n.startswith(DECIDED_NOTE)), None)
         raise CompileError(
             f"{ctx.ref}: costing the model at other micro-batch shapes failed at every size tried "
-            f"({'; '.join(f'{n} in {v}' for n, v in sizes.items())}); last: {failures[-1]}"
+            f"({'; '.join(f'{n} in {v}' for n, v in sizes.items())}); last: {failures[-1].rstrip('.')}"
+            + (
+                f"; the graph was traced with {decided}, which may not hold at other sizes: leave the dims "
+                "it depends on out of ModelSpec.dims"
+                if decided
+                else ""
+            )
         )
     tuples = [node for node in gm.graph.nodes if node.meta.get("ppc.kind") == "tuple"]
     inverse = _inverse([[_monomial(m, p) for m in basis] for p in points])

@@ -71,13 +71,16 @@ def load_context(ref_text: str, config: CompileConfig) -> CompileContext:
     )
 
 
+DECIDED_NOTE = "control flow on shapes, decided for the example's"
+
+
 def trace(ctx: CompileContext) -> fx.GraphModule:
     """Symbolically trace the meta model; an untraceable model is one line naming its code."""
     module: nn.Module = ctx.spec.module
     tracer, graph = _trace_at(ctx, ctx.spec.example_inputs)
     if tracer.decided:
         ctx.notes.append(
-            f"control flow on shapes, decided for the example's ({_point(ctx.symbol_values)}): "
+            f"{DECIDED_NOTE} ({_point(ctx.symbol_values)}): "
             + "; ".join(
                 f"{where} -> {value}" + (f" ({count} times)" if count > 1 else "")
                 for (where, value), count in Counter(tracer.decided).items()

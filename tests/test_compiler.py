@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from ppcompile import devices
+from ppcompile.errors import CompileError
 from tests.helpers import compile_to
 
 GOLDEN = Path(__file__).parent / "golden" / "gpt_mini_k2"
@@ -148,6 +149,11 @@ def test_iterating_a_traced_value_unrolls_for_the_example(tmp_path):
     result = verify_in_process(load_program(program_dir), steps=2)
     assert result.ok, "\n".join(result.lines())
     assert result.first_step_losses_equal
+    # With the length a symbolic dim, costing at other lengths fails; the error names the loop.
+    with pytest.raises(
+        CompileError, match=r"costing the model at other .*`for chunk in h.split\(2, dim=1\):.*-> 3"
+    ):
+        compile_to(tmp_path, "tests/fixtures/shape_control_flow.py:chunked_over_s", 2, microbatches=4)
 
 
 def test_hugging_face_style_bert_trains_like_eager(tmp_path):

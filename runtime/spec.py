@@ -128,17 +128,6 @@ def call_forward(module: nn.Module, names, inputs):
     return module(**dict(zip(names, inputs)))
 
 
-def batch_in_order(batch, names) -> tuple:
-    """A batch from a data function, a tuple in forward's order or a mapping by name, as a tuple
-    in the order of ``names``."""
-    if isinstance(batch, Mapping):
-        missing = [name for name in names if name not in batch]
-        if missing:
-            raise SpecError(f"the data function's batch has no {', '.join(map(repr, missing))}")
-        return tuple(batch[name] for name in names)
-    return tuple(batch)
-
-
 class SpecError(ValueError):
     """A model reference that cannot be loaded; the message is one line for the user."""
 

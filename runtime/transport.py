@@ -68,6 +68,12 @@ class Receive:
         return unpack(buffer, self.shapes, self.dtypes)
 
 
+def wire_bytes_of(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as the bytes it holds: detached, contiguous, and with a lazy conjugate or negation
+    (``w.conj()`` of a complex weight) applied, since neither survives a view as bytes."""
+    return tensor.detach().resolve_conj().resolve_neg().contiguous()
+
+
 def wire_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.uint8 if dtype == torch.bool else dtype  # gloo has no bool
 
@@ -97,7 +103,7 @@ def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
     offsets, size = _offsets(shapes, dtypes)
     buffer = torch.empty(size, dtype=torch.uint8, device=tensors[0].device)
     for tensor, start in zip(tensors, offsets):
-        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        flat = wire_bytes_of(tensor).reshape(-1).view(torch.uint8)
         buffer[start : start + flat.numel()].copy_(flat)
     return buffer
 
@@ -114,7 +120,7 @@ def unpack(buffer: torch.Tensor, shapes, dtypes) -> list[torch.Tensor]:
 def wire_payload(tensors: list[torch.Tensor]) -> torch.Tensor:
     """What travels for a message of these tensors: the tensor itself when alone, else :func:`pack`."""
     if len(tensors) == 1:
-        payload = tensors[0].detach().contiguous()
+        payload = wire_bytes_of(tensors[0])
         return payload.to(wire_dtype(payload.dtype))
     return pack(tensors)
 

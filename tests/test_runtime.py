@@ -214,7 +214,7 @@ def test_sender_thread_waits_for_a_free_core_unless_told_to_preempt(preempts):
 
 def test_pack_round_trips_every_dtype_into_tensors_that_own_their_memory():
 
-    from ppcompile.runtime.transport import ALIGNMENT, pack, packed_size, unpack
+    from ppcompile.runtime.transport import ALIGNMENT, pack, packed_size, unpack, wire_payload
 
     tensors = [
         torch.randn(3, 5),
@@ -222,6 +222,8 @@ def test_pack_round_trips_every_dtype_into_tensors_that_own_their_memory():
         torch.arange(7, dtype=torch.int64).reshape(7, 1)[::2],  # not contiguous
         torch.randn(2, 2, dtype=torch.bfloat16),
         torch.tensor(2.5, dtype=torch.float64),  # 0-dim
+        torch.randn(4, dtype=torch.complex64).conj(),  # a lazy conjugate (w.conj() in forward)
+        -torch.randn(3, dtype=torch.complex64).conj(),  # and a lazy negation of one
     ]
     shapes, dtypes = [t.shape for t in tensors], [t.dtype for t in tensors]
     buffer = pack(tensors)
@@ -231,6 +233,9 @@ def test_pack_round_trips_every_dtype_into_tensors_that_own_their_memory():
     for sent, received in zip(tensors, out):
         assert received.dtype == sent.dtype and torch.equal(received, sent)
         assert received.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
+    # Sent alone, a lazy conjugate travels as its values too.
+    (alone,) = tensors[-2:-1]
+    assert not wire_payload([alone]).is_conj() and torch.equal(wire_payload([alone]), alone)
 
 
 def test_a_cut_crossing_several_tensors_is_one_message_per_direction(tmp_path):

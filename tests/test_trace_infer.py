@@ -14,6 +14,7 @@ from ppcompile.replay import action_jitter, run_stage_costs, simulate_program
 from ppcompile.runtime.actions import Action, ActionKind, parse_rank_actions
 from ppcompile.runtime.executor import forward_only_schedule
 from ppcompile.runtime.loader import load_program
+from ppcompile.runtime.spec import call_forward, loss_of
 from ppcompile.runtime.trace import (
     COMPUTE_CATEGORIES,
     ActionTiming,
@@ -123,7 +124,16 @@ def test_a_measured_trace_states_the_step_around_its_pipeline():
     assert second["ts"] == pytest.approx((1.1 + 0.5 + 0.3 + 0.3) * 1e6)  # rank 0 ended the first
 
 
-@pytest.mark.parametrize("ref,stages", [("models/gpt.py:gpt_mini", 2), ("models/mlp.py:mlp_deep", 3)])
+@pytest.mark.parametrize(
+    "ref,stages",
+    [
+        ("models/gpt.py:gpt_mini", 2),
+        ("models/mlp.py:mlp_deep", 3),
+        ("tests/fixtures/llama_rotary.py:model", 3),  # complex frequencies cross both cuts
+        ("tests/fixtures/keyword_inputs.py:model", 2),  # inputs by name, a dict returned
+        ("tests/fixtures/no_grad_regions.py:linear_probe", 3),  # cuts inside torch.no_grad()
+    ],
+)
 def test_in_process_inference_matches_eager_bitwise(tmp_path, ref, stages):
     program = load_program(compile_to(tmp_path, ref, stages, microbatches=4))
     pipeline = InProcessPipeline(program)
@@ -131,7 +141,11 @@ def test_in_process_inference_matches_eager_bitwise(tmp_path, ref, stages):
     for executor in pipeline.executors:
         for stage in executor.stages.values():
             stage.register_forward_pre_hook(
-                lambda module, args: seen_requires_grad.extend(a.requires_grad for a in args)
+                lambda module, args: seen_requires_grad.extend(
+                    a.requires_grad
+                    for a in args
+                    if isinstance(a, torch.Tensor)  # not the sizes
+                )
             )
     names = [i["name"] for i in program.data["inputs"]]
     model = pipeline.spec.module
@@ -140,7 +154,9 @@ def test_in_process_inference_matches_eager_bitwise(tmp_path, ref, stages):
         microbatches = next(data)
         losses = pipeline.evaluate(microbatches)
         with torch.no_grad():
-            assert losses == [float(model(*(mb[n] for n in names))) for mb in microbatches]
+            assert losses == [
+                float(loss_of(call_forward(model, names, [mb[n] for n in names]))) for mb in microbatches
+            ]
 
     assert seen_requires_grad and not any(seen_requires_grad)  # received tensors too
     assert all(p.grad is None for p in pipeline.named_parameters().values())

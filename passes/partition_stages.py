@@ -39,6 +39,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+import operator
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -154,24 +155,54 @@ def assign_stages(gm: fx.GraphModule, compute_order: list[str], cuts: list[int],
             node.meta["ppc.stage"] = K - 1
 
 
-def is_free(node: fx.Node, free: set[str]) -> bool:
-    """Placeholders, get_attr, and non-tensor values computed only from those; not an effect (a
-    buffer's rebinding: ``tracer.is_effect``), which runs where the model runs it."""
+def is_free(node: fx.Node, free: set[str], written: set[str] = frozenset()) -> bool:
+    """Placeholders, get_attr, non-tensor values computed only from those, and views of buffers
+    forward never writes (:func:`_is_buffer_view`, buffers in ``written`` excepted); not an effect
+    (a buffer's rebinding: ``tracer.is_effect``), which runs where the model runs it. Each stage
+    that uses a free node makes it again, so it is never sent."""
     if node.op in ("placeholder", "get_attr"):
         return True
-    if is_effect(node):
+    if is_effect(node) or node.op == "output":
         return False
-    if node.op == "output" or node.meta.get("ppc.kind") not in ("other", "none"):
+    if node.meta.get("ppc.kind") == "tensor":
+        return _is_buffer_view(node, free, written)
+    if node.meta.get("ppc.kind") not in ("other", "none"):
         return False
     return all(n.name in free for n in node.all_input_nodes)
 
 
+# Methods that return a view of their input: a buffer's view costs nothing to make again.
+_VIEW_METHODS = frozenset(
+    {"view", "reshape", "unsqueeze", "squeeze", "expand", "permute", "transpose", "t", "flatten", "unflatten"}
+)
+
+
+def _is_buffer_view(node: fx.Node, free: set[str], written: set[str]) -> bool:
+    """A slice or view of a buffer that forward never writes, by free sizes only (LLaMA's rotary
+    ``self.freqs[:t]``, read by every layer): each stage holding the buffer takes the view itself,
+    where it would otherwise be sent to every stage on each micro-batch."""
+    is_view = (node.op == "call_function" and node.target is operator.getitem) or (
+        node.op == "call_method" and node.target in _VIEW_METHODS
+    )
+    if (
+        not is_view
+        or node.meta.get("ppc.requires_grad")
+        or not all(n.name in free for n in node.all_input_nodes)
+    ):
+        return False
+    root = node.args[0]
+    while isinstance(root, fx.Node) and root.op not in ("get_attr", "placeholder"):
+        root = root.args[0] if root.args else None
+    return isinstance(root, fx.Node) and root.op == "get_attr" and root.target not in written
+
+
 def compute_order(gm: fx.GraphModule) -> list[fx.Node]:
     """The nodes a stage runs, in topological order; free nodes are left out."""
+    written = {b for node in gm.graph.nodes if (b := _buffer_written(gm, node)) is not None}
     free: set[str] = set()
     order = []
     for node in gm.graph.nodes:
-        if is_free(node, free):
+        if is_free(node, free, written):
             free.add(node.name)
         elif node.op != "output":
             order.append(node)

@@ -52,8 +52,8 @@ def test_torchrun_trains_like_eager(tmp_path, ref, stages, schedule):
         # The blocks run under bfloat16 autocast: each rank enters it around its share, and the
         # cuts carry bfloat16 tensors over gloo into buffers the program sized as bfloat16.
         (AUTOCAST, {"float32", "bfloat16"}),
-        # LLaMA's rotary frequencies, complex64, read by every layer: sent to every later stage.
-        ("tests/fixtures/llama_rotary.py:model", {"float32", "complex64"}),
+        # A spectral filter's complex spectrum, and its gradient back (gloo sends it as real).
+        ("tests/fixtures/complex_spectral.py:model", {"float32", "complex64"}),
     ],
 )
 def test_torchrun_sends_activations_in_their_dtype(tmp_path, ref, dtypes):

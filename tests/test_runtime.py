@@ -447,7 +447,9 @@ def test_llama_style_rotary_trains_like_eager(tmp_path, stages):
 
 @pytest.mark.parametrize("stages", [3, 6])
 def test_complex_activations_cross_cuts_with_their_gradients(tmp_path, stages):
-    program_dir = compile_to(tmp_path, "tests/fixtures/complex_spectral.py:model", stages, microbatches=stages)
+    program_dir = compile_to(
+        tmp_path, "tests/fixtures/complex_spectral.py:model", stages, microbatches=stages
+    )
     program = json.loads((program_dir / "program.json").read_text())
     assert any(b["dtype"] == "complex64" and b["requires_grad"] for b in program["boundaries"])
     trains_as_eager(program_dir)

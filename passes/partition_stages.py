@@ -618,6 +618,9 @@ def storage_items(nodes: dict[str, fx.Node], position: dict[str, int], name: str
     node, hi = nodes[name], at
     while hi >= 0:
         view_of = node.meta.get("ppc.view_of")
+        if view_of and node.name not in position:  # a view each stage makes itself: a buffer's slice
+            node = nodes[view_of]
+            continue
         # A view made before the stage starts arrives as a storage of its own; the end of the
         # chain is the storage wherever the stage starts.
         lo = position.get(node.name, -1) + 1 if view_of else 0

@@ -478,7 +478,7 @@ def _region_peaks(nodes, position, order, start: int, end: int) -> list[float]:
         total += node.meta["ppc.cost"].saved_temp_bytes
         for name in saved_values(nodes, node):
             root = nodes[name]
-            while root.meta.get("ppc.view_of") and position.get(root.name, -1) >= start:
+            while root.meta.get("ppc.view_of") and position.get(root.name, start) >= start:  # free views too
                 root = nodes[root.meta["ppc.view_of"]]
             if root.op != "get_attr" and root.name not in roots:
                 roots.add(root.name)

@@ -170,9 +170,13 @@ def storage_root(nodes: dict[str, fx.Node], name: str, own: set[str] | None = No
     """The node whose storage value ``name`` lives in, through views; None for parameters and buffers.
 
     With ``own`` (one stage's node names), the walk stops at the stage's edge: a value received
-    from another stage (or a model input) arrives there as a storage of its own."""
+    from another stage (or a model input) arrives there as a storage of its own. A view every
+    stage makes itself (a free node, ``partition_stages.is_free``: a buffer's slice) is walked
+    through."""
     node = nodes[name]
-    while node.meta.get("ppc.view_of") and (own is None or node.name in own):
+    while node.meta.get("ppc.view_of") and (
+        own is None or node.name in own or node.meta.get("ppc.stage") is None
+    ):
         node = nodes[node.meta["ppc.view_of"]]
     return None if node.op == "get_attr" else node
 

@@ -195,20 +195,12 @@ def measure(gm: fx.GraphModule, ctx: CompileContext, device: torch.device) -> di
         torch.set_num_threads(threads)
 
 
-class _UnderRegions(fx.Interpreter):
-    """fx's interpreter, each node run inside the regions the model ran it in (a frozen teacher
-    under ``torch.no_grad()``, blocks under ``torch.autocast``), which the graph's own code leaves
-    out."""
-
-    def run_node(self, node: fx.Node):
-        with under_regions(node):
-            return super().run_node(node)
-
-
 def _time_whole(real: fx.GraphModule, inputs, device: torch.device) -> float:
     """Forward + backward of the whole traced model on the example micro-batch, median seconds."""
     params = [p for p in real.parameters() if p.requires_grad]
-    forward = _UnderRegions(real).run if any("ppc.regions" in n.meta for n in real.graph.nodes) else real
+    # The graph's own code leaves out the regions the model ran its nodes in (a frozen teacher
+    # under torch.no_grad(), blocks under torch.autocast); ValueRecorder runs each node inside them.
+    forward = ValueRecorder(real).run if any("ppc.regions" in n.meta for n in real.graph.nodes) else real
 
     def step():
         loss = forward(*inputs)

@@ -450,9 +450,9 @@ def _derived_value(node: fx.Node) -> KnownValue | None:
         # Sizes joined (input_shape[:-1] + (d,), (-1,) + input_shape[1:]): a torch.Size if
         # either is one, as torch.Size's own + and reflected + make.
         left, right = (known(a) for a in args)
-        kinds = {left.kind, right.kind} if left is not None and right is not None else {"int"}
-        if kinds <= set(_SEQUENCE_KINDS):
-            return KnownValue("torch.Size" if "torch.Size" in kinds else "tuple", left.exprs + right.exprs)
+        if left is not None and right is not None and {left.kind, right.kind} <= set(_SEQUENCE_KINDS):
+            kind = "torch.Size" if "torch.Size" in (left.kind, right.kind) else "tuple"
+            return KnownValue(kind, left.exprs + right.exprs)
     if node.target in _INT_OPS and not node.kwargs:
         operands = [known(a) for a in args]
         if any(o is None or o.kind != "int" for o in operands):

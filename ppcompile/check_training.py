@@ -310,11 +310,11 @@ def eager_training(
         opt.step()
         losses.append(step_losses)
     params = {n: p.detach().cpu().clone() for n, p in model.named_parameters(remove_duplicate=False)}
-    buffers = {n: b.detach().cpu().clone() for n, b in held_tensors(model).items()}
+    buffers = {n: b.detach().cpu().clone() for n, b in buffers_and_plain_tensors(model).items()}
     return EagerTraining(losses, grads, params, buffers, drew)
 
 
-def held_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def buffers_and_plain_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's buffers and plain tensor attributes (``self.mask = torch.tril(...)``), by name:
     what its stages hold besides parameters, as buffers."""
     held = dict(model.named_buffers(remove_duplicate=False))

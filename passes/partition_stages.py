@@ -26,8 +26,9 @@ a value that cannot be sent is live across the cut: a tuple holding tensors, a d
 from ``x.size()`` (or a torch.Size, or a float constant) can cross: the stage that uses it
 computes it from the micro-batch's sizes (``ppc.value``), so it costs no transfer.
 
-Placeholders, parameters and non-tensor values computed only from them are not placed:
-every stage that uses one loads or recomputes it.
+Placeholders, parameters and buffers, non-tensor values computed only from them, and tensors
+without a gradient that a cheap operation makes from those (a buffer's slice, a mask from the
+inputs: ``is_free``) are not placed: every stage that uses one loads or makes it again.
 
 Keys written on each node:
   ppc.stage        stage index of a compute node (and of the output node); None for free nodes
@@ -156,44 +157,67 @@ def assign_stages(gm: fx.GraphModule, compute_order: list[str], cuts: list[int],
 
 
 def is_free(node: fx.Node, free: set[str], written: set[str] = frozenset()) -> bool:
-    """Placeholders, get_attr, non-tensor values computed only from those, and views of buffers
-    forward never writes (:func:`_is_buffer_view`, buffers in ``written`` excepted); not an effect
-    (a buffer's rebinding: ``tracer.is_effect``), which runs where the model runs it. Each stage
-    that uses a free node makes it again, so it is never sent."""
+    """Placeholders, get_attr, non-tensor values computed only from those, and tensors each stage
+    makes for less than a message would cost (:func:`_made_again`: a buffer's slice, a mask from
+    the inputs); not an effect (a buffer's rebinding: ``tracer.is_effect``), which runs where the
+    model runs it. Each stage that uses a free node makes it again, so it is never sent."""
     if node.op in ("placeholder", "get_attr"):
         return True
     if is_effect(node) or node.op == "output":
         return False
     if node.meta.get("ppc.kind") == "tensor":
-        return _is_buffer_view(node, free, written)
+        return _made_again(node, free, written)
     if node.meta.get("ppc.kind") not in ("other", "none"):
         return False
     return all(n.name in free for n in node.all_input_nodes)
 
 
-# Methods that return a view of their input: a buffer's view costs nothing to make again.
+# Methods that return a view of their input.
 _VIEW_METHODS = frozenset(
     {"view", "reshape", "unsqueeze", "squeeze", "expand", "permute", "transpose", "t", "flatten", "unflatten"}
 )
+# Operations that read each element of their inputs once or make a tensor from sizes alone:
+# on any device, making the result again costs less than sending its bytes.
+_CHEAP_METHODS = _VIEW_METHODS | {
+    "view_as", "reshape_as", "expand_as", "contiguous", "detach",
+    "to", "type", "type_as", "float", "double", "half", "bfloat16", "bool", "long", "int",
+    "eq", "ne", "lt", "le", "gt", "ge", "logical_not", "logical_and", "logical_or",
+    "masked_fill", "where", "tril", "triu", "cumsum", "clamp", "neg", "abs", "sum", "any", "all",
+}  # fmt: skip
+_CHEAP_FUNCTIONS = frozenset(
+    {
+        operator.getitem, operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv,
+        operator.mod, operator.pow, operator.neg, operator.invert, operator.and_, operator.or_,
+        operator.xor, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+        torch.arange, torch.ones, torch.zeros, torch.full, torch.eye, torch.ones_like, torch.zeros_like,
+        torch.full_like, torch.tril, torch.triu, torch.where, torch.logical_not, torch.logical_and,
+        torch.logical_or, torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge, torch.cumsum,
+        torch.clamp, torch.masked_fill,
+    }
+)  # fmt: skip
 
 
-def _is_buffer_view(node: fx.Node, free: set[str], written: set[str]) -> bool:
-    """A slice or view of a buffer that forward never writes, by free sizes only (LLaMA's rotary
-    ``self.freqs[:t]``, read by every layer): each stage holding the buffer takes the view itself,
-    where it would otherwise be sent to every stage on each micro-batch."""
-    is_view = (node.op == "call_function" and node.target is operator.getitem) or (
-        node.op == "call_method" and node.target in _VIEW_METHODS
+def _made_again(node: fx.Node, free: set[str], written: set[str]) -> bool:
+    """A tensor without a gradient that a cheap operation (views, casts, comparisons, element-wise
+    arithmetic, ``torch.arange`` and ``torch.ones`` from sizes) makes from free values alone: the
+    model's inputs, buffers forward never writes (``written``), sizes and earlier such tensors.
+    LLaMA's ``self.freqs[:t]``, BERT's ``(1.0 - mask[:, None, None, :]) * -10000.0`` and a causal
+    mask from ``torch.ones(T, T).triu(1)`` are read by every layer: each stage makes them itself,
+    where they would otherwise be sent to every later stage on each micro-batch."""
+    cheap = (node.op == "call_method" and node.target in _CHEAP_METHODS) or (
+        node.op == "call_function" and node.target in _CHEAP_FUNCTIONS
     )
-    if (
-        not is_view
-        or node.meta.get("ppc.requires_grad")
-        or not all(n.name in free for n in node.all_input_nodes)
-    ):
+    if not cheap or node.meta.get("ppc.requires_grad"):
         return False
-    root = node.args[0]
-    while isinstance(root, fx.Node) and root.op not in ("get_attr", "placeholder"):
-        root = root.args[0] if root.args else None
-    return isinstance(root, fx.Node) and root.op == "get_attr" and root.target not in written
+    if any(user.op == "output" for user in node.users):
+        return False  # a value the model returns is the last stage's to make
+    for dep in node.all_input_nodes:
+        if dep.name not in free:
+            return False
+        # A parameter read under no_grad stays on the stage that owns it; a written buffer changes.
+        if dep.op == "get_attr" and (dep.meta.get("ppc.requires_grad") or dep.target in written):
+            return False
+    return True
 
 
 def compute_order(gm: fx.GraphModule) -> list[fx.Node]:

@@ -171,7 +171,7 @@ def storage_root(nodes: dict[str, fx.Node], name: str, own: set[str] | None = No
 
     With ``own`` (one stage's node names), the walk stops at the stage's edge: a value received
     from another stage (or a model input) arrives there as a storage of its own. A view every
-    stage makes itself (a free node, ``partition_stages.is_free``: a buffer's slice) is walked
+    stage makes itself (a free node, ``partition_stages.is_free``: a buffer's or an input's slice) is walked
     through."""
     node = nodes[name]
     while node.meta.get("ppc.view_of") and (

@@ -375,6 +375,22 @@ def test_no_grad_region_inside_a_recomputed_layer(tmp_path):
     assert result.ok, "\n".join(result.lines())
 
 
+@pytest.mark.parametrize("stages", [2, 4])
+def test_masks_made_from_the_inputs_are_made_again_not_sent(tmp_path, stages):
+    # The padding and causal masks every layer reads and the shifted labels the last stage reads
+    # come from the inputs alone: each stage makes its own, and only hidden states (needing a
+    # gradient) cross the cuts, beside the no_grad scale of a parameter, made where the parameter is.
+    program_dir = compile_to(tmp_path, "tests/fixtures/input_masks.py:model", stages, microbatches=4)
+    program = json.loads((program_dir / "program.json").read_text())
+    without_gradient = [b["shape"] for b in program["boundaries"] if not b["requires_grad"]]
+    assert program["boundaries"] and without_gradient in ([], [[]])
+    codes = stage_codes(program_dir)
+    assert all("masked_fill = mul.masked_fill(triu, -10000.0)" in code for code in codes)
+    assert "labels[:, 1:]" in codes[-1]
+    assert sum("self.temperature" in code for code in codes) == 1
+    trains_as_eager(program_dir)
+
+
 def stage_codes(program_dir) -> list[str]:
     return [p.read_text() for p in sorted(program_dir.glob("stage_*.py"))]
 
@@ -440,7 +456,8 @@ def test_llama_style_rotary_trains_like_eager(tmp_path, stages):
     program = json.loads((program_dir / "program.json").read_text())
     assert {b["dtype"] for b in program["boundaries"]} == {"float32"}
     codes = stage_codes(program_dir)
-    assert all("freqs[:getitem]" in code for code in codes[:-1] if "self.freqs" in code)
+    slicing = [code for code in codes if "freqs[:getitem]" in code]
+    assert len(slicing) >= 2 and len(slicing) == sum("self.freqs" in code for code in codes)
     assert "reshape(getitem_" in codes[0]
     trains_as_eager(program_dir)
 

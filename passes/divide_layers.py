@@ -43,6 +43,7 @@ from torch import fx, nn
 from ppcompile.context import CompileContext
 from ppcompile.passes.estimate_costs import ZERO, NodeCost
 from ppcompile.passes.fuse_loss import linear_call
+from ppcompile.passes.order_mutations import written_attribute
 from ppcompile.passes.partition_stages import compute_order
 from ppcompile.runtime.layers import linear_columns
 
@@ -86,9 +87,13 @@ def divide_layers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     piece_time = PIECE_SHARE * total / K
     reach = WINDOW_SHARE * total / K
     meeting = [k * total / K for k in range(1, K)]
+    # A weight forward writes (SwAV's renormalised prototypes) stays whole with its writes.
+    written = {name for node in gm.graph.nodes if (name := written_attribute(gm, node)) is not None}
     for node, time, before in zip(order, times, itertools.accumulate([0.0, *times])):
         linear = _linear_parts(gm, node)
         if linear is None or not any(before - reach <= m <= before + time + reach for m in meeting):
+            continue
+        if written & {linear[1], linear[2]}:
             continue
         count = min(MAX_PIECES, math.floor(time / piece_time))
         bounds = column_bounds(node.meta["ppc.concrete"][-1], count)

@@ -5,6 +5,14 @@
 the old ``h`` to a later stage. This pass points every read that follows an in-place node at
 that node instead (an in-place op returns the tensor it changed), so the changed value is what
 flows, and what is sent.
+
+A parameter or buffer that forward changes in place from parameters and buffers alone (SwAV's
+``self.prototypes.weight.copy_(F.normalize(...))`` under no_grad, MoCo's momentum update of its key
+encoder) is read by its module's call implicitly, which no rewiring can show. Those writes, with
+what computes them, move to just before the first call of a module holding the tensor: the
+partitioner keeps a written tensor's writers and readers on one stage
+(``partition_stages.buffer_spans``), and left at the top of forward, where models write them, they
+would hold every layer up to that call on the first stage.
 """
 
 from __future__ import annotations
@@ -13,8 +21,10 @@ import operator
 
 from torch import fx
 
+from ppcompile.check_training import RANDOM_CALLS
 from ppcompile.context import CompileContext
-from ppcompile.tracer import assign_items
+from ppcompile.errors import CompileError
+from ppcompile.tracer import assign_items, rebind_buffer
 
 # x += y and its kin, and x[i] = v as traced.
 _INPLACE_OPERATORS = {
@@ -38,6 +48,45 @@ def is_in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
+# Methods whose result shares its input's storage, known before shapes are propagated.
+_VIEW_METHODS = frozenset(
+    {
+        "view",
+        "view_as",
+        "reshape",
+        "unsqueeze",
+        "squeeze",
+        "expand",
+        "permute",
+        "transpose",
+        "t",
+        "flatten",
+        "data",
+    }
+)
+
+
+def written_attribute(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The parameter or buffer ``node`` rebinds (``self.ema = ...``) or writes in place
+    (``self.steps.add_(1)``, ``self.queue[0] = k``, through views and earlier writes), by name;
+    else None."""
+    if node.op == "call_function" and node.target is rebind_buffer:
+        return node.args[0]
+    if not is_in_place(gm, node):
+        return None
+    target = node.args[0] if node.args else None
+    while isinstance(target, fx.Node) and target.op != "get_attr":
+        through = is_in_place(gm, target) or target.meta.get("ppc.view_of") is not None or _is_view(target)
+        target = target.args[0] if through and target.args else None
+    return target.target if isinstance(target, fx.Node) else None
+
+
+def _is_view(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target is operator.getitem or (node.target is getattr and node.args[1:] == ("data",))
+    return node.op == "call_method" and node.target in _VIEW_METHODS
+
+
 def order_mutations(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     position = {node: i for i, node in enumerate(gm.graph.nodes)}
     for node in list(gm.graph.nodes):
@@ -47,6 +96,68 @@ def order_mutations(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         for reader in list(target.users):
             if reader is not node and position[reader] > position[node]:
                 reader.replace_input_with(target, node)
+    _refuse_trained_weights_written(gm, ctx)
+    _move_writes_to_their_modules(gm)
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _refuse_trained_weights_written(gm: fx.GraphModule, ctx: CompileContext) -> None:
+    """A parameter the optimizer trains, changed in place by forward: in a pipeline a later
+    micro-batch's forward would change the weight while an earlier one's backward still needs it."""
+    for node in gm.graph.nodes:
+        name = written_attribute(gm, node)
+        if name is None or name not in dict(gm.named_parameters()):
+            continue
+        if gm.get_parameter(name).requires_grad:
+            raise CompileError(
+                f"{ctx.ref}: forward changes the trained parameter `{name}` in place (`{node.name}`); with "
+                "micro-batches in flight a later forward would change it under an earlier backward. Change "
+                "it in the training loop after optimizer.step(), or compute the changed value in forward "
+                "without writing it back (w = F.normalize(self.weight, dim=1))"
+            )
+
+
+def _move_writes_to_their_modules(gm: fx.GraphModule) -> None:
+    """Each parameter or buffer written in place from parameters and buffers alone: its writes, and
+    the nodes computing them, move to just before the first later call of a module holding it,
+    where nothing else reads what moves before that call."""
+    from_attributes: set[fx.Node] = set()
+    writes: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        drawn = str(getattr(node.target, "__name__", node.target)) in RANDOM_CALLS
+        if node.op == "get_attr" or (
+            node.op in ("call_function", "call_method")
+            and not drawn  # a random draw moved would draw other numbers than eager's
+            and all(dep in from_attributes for dep in node.all_input_nodes)
+        ):
+            from_attributes.add(node)
+        name = written_attribute(gm, node)
+        if name is not None:
+            writes.setdefault(name, []).append(node)
+    for name, written in writes.items():
+        if not all(w in from_attributes and w.target is not rebind_buffer for w in written):
+            continue  # written from activations, or rebound: it stays where the model writes it
+        position = {node: i for i, node in enumerate(gm.graph.nodes)}
+        last = max(position[w] for w in written)
+        reader = next(
+            (
+                n
+                for n in gm.graph.nodes
+                if n.op == "call_module" and name.startswith(n.target + ".") and position[n] > last
+            ),
+            None,
+        )
+        if reader is None:
+            continue
+        moved, pending = set(), list(written)
+        while pending:
+            node = pending.pop()
+            if node not in moved and node.op != "get_attr":
+                moved.add(node)
+                pending += node.all_input_nodes
+        if any(u not in moved and position[u] < position[reader] for node in moved for u in node.users):
+            continue
+        for node in sorted(moved, key=position.__getitem__):
+            reader.prepend(node)

@@ -60,8 +60,8 @@ from ppcompile.memory import (
     steps_every_parameter_at_once,
     working_bytes,
 )
-from ppcompile.passes.order_mutations import is_in_place
-from ppcompile.tracer import is_effect, rebind_buffer
+from ppcompile.passes.order_mutations import written_attribute
+from ppcompile.tracer import is_effect
 
 # The least share of the slowest stage's time that dividing a layer across a cut must save.
 DIVIDE_GAIN = 0.01
@@ -222,7 +222,7 @@ def _made_again(node: fx.Node, free: set[str], written: set[str]) -> bool:
 
 def compute_order(gm: fx.GraphModule) -> list[fx.Node]:
     """The nodes a stage runs, in topological order; free nodes are left out."""
-    written = {b for node in gm.graph.nodes if (b := _buffer_written(gm, node)) is not None}
+    written = {b for node in gm.graph.nodes if (b := written_attribute(gm, node)) is not None}
     free: set[str] = set()
     order = []
     for node in gm.graph.nodes:
@@ -274,52 +274,45 @@ def _held_together(gm: fx.GraphModule, order: list[fx.Node]) -> list[str]:
     for buffer, first, last in buffer_spans(gm, order):
         between = position[last.name] - position[first.name]
         if between > 1:  # a read and its write side by side (self.steps += 1) hold back nothing
+            last_does = (
+                "written by" if written_attribute(gm, last) is not None else "read by its module's call"
+            )
             notes.append(
-                f"buffer `{buffer}` is read by `{first.name}` and written by `{last.name}` {between} nodes "
+                f"buffer `{buffer}` is read by `{first.name}` and {last_does} `{last.name}` {between} nodes "
                 f"later: no cut falls between them, {_HELD_NOTE}"
             )
     return notes
 
 
 def buffer_spans(gm: fx.GraphModule, order: list[fx.Node]) -> list[tuple[str, fx.Node, fx.Node]]:
-    """Each buffer the model rebinds (``self.ema = ...``) or writes in place (``self.queue[0] = k``),
-    with the first node of ``order`` that reads it and the last that writes it. No cut may fall
-    between them: the stage holding the buffer sees its own write at the next micro-batch, as the
-    model would, where a stage on another rank that read it first would keep its own copy,
-    never written."""
+    """Each buffer (or parameter) the model rebinds (``self.ema = ...``) or writes in place
+    (``self.queue[0] = k``), with the first node of ``order`` that reads it and the last that writes
+    it or calls a module holding it. No cut may fall between them: the stage holding the buffer
+    sees its own write at the next micro-batch, as the model would, where a stage on another rank
+    that read it first would keep its own copy, never written; and a module's call reads its
+    tensors implicitly, so one written before it must be written on its stage."""
     position = {node.name: i for i, node in enumerate(order)}
-    first_read: dict[str, fx.Node] = {}
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            readers = [u for u in node.users if u.name in position]
-            if readers:
-                first = min(readers, key=lambda u: position[u.name])
-                known = first_read.get(node.target)
-                if known is None or position[first.name] < position[known.name]:
-                    first_read[node.target] = first
-    spans: dict[str, tuple[fx.Node, fx.Node]] = {}
+    written: dict[str, list[fx.Node]] = {}  # the writes, then the calls of modules holding it
     for node in order:
-        buffer = _buffer_written(gm, node)
+        buffer = written_attribute(gm, node)
         if buffer is not None:
-            first = spans[buffer][0] if buffer in spans else first_read.get(buffer, node)
-            if position[first.name] > position[node.name]:
-                first = node
-            spans[buffer] = (first, node)
-    return [(buffer, first, last) for buffer, (first, last) in spans.items()]
-
-
-def _buffer_written(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    """The buffer ``node`` rebinds (``self.ema = ...``) or writes in place (``self.steps.add_(1)``,
-    ``self.queue[0] = k``, through views and earlier writes), by name; else None."""
-    if node.op == "call_function" and node.target is rebind_buffer:
-        return node.args[0]
-    if not is_in_place(gm, node):
-        return None
-    target = node.args[0] if node.args else None
-    while isinstance(target, fx.Node) and target.op != "get_attr":
-        through = is_in_place(gm, target) or target.meta.get("ppc.view_of") is not None
-        target = target.args[0] if through and target.args else None
-    return target.target if isinstance(target, fx.Node) else None
+            written.setdefault(buffer, []).append(node)
+    # Reads through a get_attr after the last write read the write's result (order_mutations):
+    # that value is sent like any other. A module's call cannot be pointed at it.
+    read = {buffer: [] for buffer in written}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target in read:
+            read[node.target] += [u for u in node.users if u.name in position]
+    for node in order:
+        if node.op == "call_module":
+            for buffer in written:
+                if buffer.startswith(node.target + "."):
+                    written[buffer].append(node)
+    spans = []
+    for buffer, nodes in written.items():
+        first = min(nodes + read[buffer], key=lambda n: position[n.name])
+        spans.append((buffer, first, max(nodes, key=lambda n: position[n.name])))
+    return spans
 
 
 def segment_costs(

@@ -16,7 +16,7 @@ from ppcompile.context import CompileConfig, CompileContext
 from ppcompile.devices import get_profile
 from ppcompile.errors import CompileError
 from ppcompile.runtime.spec import ModelRef, SpecError, loss_of
-from ppcompile.tracer import LIBRARY_DIRS, ConstantTensorError, PipelineTracer
+from ppcompile.tracer import LIBRARY_DIRS, ForwardError, PipelineTracer
 
 
 def load_context(ref_text: str, config: CompileConfig) -> CompileContext:
@@ -177,7 +177,7 @@ def _trace_at(ctx: CompileContext, example_inputs, dims: str = "") -> tuple[Pipe
             raise CompileError(
                 f"{dims}: the model fails at that shape: {where}: {type(e).__name__}: {e}"
             ) from None
-        if isinstance(e, ConstantTensorError):
+        if isinstance(e, ForwardError):
             raise CompileError(f"{where}: {e}") from None
         raise CompileError(
             f"{where}: torch.fx cannot trace this model ({type(e).__name__}: {e}); make control flow "

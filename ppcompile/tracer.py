@@ -111,6 +111,11 @@ class PipelineTracer(fx.Tracer):
             # *x.shape[:-1] or for part in x.split(4, 1), which fx refuses ("Proxy object cannot
             # be iterated") but where the code unpacks a fixed count (a, b = x.chunk(2)).
             patches.enter_context(_replaced(fx.Proxy, "__iter__", _traced_iter))
+            # p.data = v or a custom autograd.Function: refused, not silently lost.
+            patches.enter_context(_replaced(fx.Proxy, "__setattr__", _traced_setattr))
+            patches.enter_context(
+                _replaced(torch.autograd.Function, "apply", classmethod(_custom_function_apply))
+            )
             patches.enter_context(_replaced(fx.Proxy, "__len__", _traced_proxy_len))
             # torch.zeros(b, d) with a proxy first is refused by torch's argument parser, where
             # torch.zeros((b, d)) traces: the same call, its sizes packed into one tuple.
@@ -518,8 +523,47 @@ def _traced_transformer(
 CONSTANT_ELEMENTS = 64
 
 
-class ConstantTensorError(TypeError):
+class ForwardError(TypeError):
+    """Something forward does that stage code cannot do as eager does; the message says what
+    would work instead."""
+
+
+class ConstantTensorError(ForwardError):
     """A tensor forward makes outside the traced graph that the program cannot make again."""
+
+
+# Attributes whose assignment changes what autograd does with a tensor: on a proxy they would be
+# set on the proxy object and lost, and the program would train another model.
+_AUTOGRAD_ATTRIBUTES = {
+    "data": "write `with torch.no_grad(): {name}.copy_(new_value)`",
+    "grad": "set gradients outside forward",
+    "requires_grad": "use {name}.detach() for a value without gradient, or freeze parameters before compiling",
+}
+_FUNCTION_APPLY = vars(torch.autograd.Function)["apply"]
+
+
+def _traced_setattr(proxy: fx.Proxy, name: str, value) -> None:
+    if name in _AUTOGRAD_ATTRIBUTES and isinstance(getattr(proxy, "tracer", None), PipelineTracer):
+        node = proxy.node
+        shown = f"self.{node.target}" if node.op == "get_attr" else node.name
+        instead = _AUTOGRAD_ATTRIBUTES[name].format(name=shown)
+        raise ForwardError(f"forward sets `{shown}.{name}`, which tracing cannot record; {instead}")
+    object.__setattr__(proxy, name, value)
+
+
+def _custom_function_apply(cls, *args, **kwargs):
+    """``Function.apply``: torch's own functions (reentrant checkpoint) are traced through as fx
+    does; a model's own ``torch.autograd.Function`` is refused, because tracing runs its forward
+    and its custom backward would be lost."""
+    if not cls.__module__.startswith("torch.") and any(
+        isinstance(a, fx.Proxy) for a in (*args, *kwargs.values())
+    ):
+        raise ForwardError(
+            f"forward calls {cls.__qualname__}.apply, a custom torch.autograd.Function, whose backward "
+            "stage code cannot run; write its gradient with torch operations and .detach() (a "
+            "straight-through round is x + (x.round() - x).detach())"
+        )
+    return _FUNCTION_APPLY.__func__(cls, *args, **kwargs)
 
 
 _BUILTIN_LEN, _BUILTIN_RANGE = builtins.len, builtins.range
@@ -663,6 +707,14 @@ def _unpacked_count(frame) -> int | None:
 
 
 def _static_dtype(proxy: fx.Proxy, name: str):
+    if name in ("register_hook", "register_post_accumulate_grad_hook") and isinstance(
+        proxy.tracer, PipelineTracer
+    ):
+        raise ForwardError(
+            f"forward registers a gradient hook on {proxy.node.name} ({name}), which stage code cannot "
+            "run; register hooks outside forward, or scale the gradient with torch operations "
+            "(x * s + (x - x * s).detach() passes x forward and scales its gradient by s)"
+        )
     if name == "dtype" and isinstance(proxy.tracer, PipelineTracer):
         try:
             with _untraced():

@@ -37,6 +37,41 @@ from tests.helpers import assert_user_error, ppcompile
                 "register it as a buffer",
             ],
         ),
+        (
+            "tests/fixtures/untraceable.py:custom_backward",
+            "2",
+            [
+                "GradReverse.apply(self.a(x))",
+                "custom torch.autograd.Function",
+                "x + (x.round() - x).detach()",
+            ],
+        ),
+        (
+            "tests/fixtures/untraceable.py:data_assigned",
+            "2",
+            [
+                "forward sets `self.protos.weight.data`",
+                "torch.no_grad(): self.protos.weight.copy_(new_value)",
+            ],
+        ),
+        (
+            "tests/fixtures/untraceable.py:gradient_hook",
+            "2",
+            ["h.register_hook(lambda g: g * 0.5)", "gradient hook", "register hooks outside forward"],
+        ),
+        (
+            "tests/fixtures/weights_written.py:renormalised_prototypes",
+            "2",
+            ["changes the trained parameter `prototypes.weight` in place", "after optimizer.step()"],
+        ),
+        (
+            "tests/fixtures/weights_written.py:tied_max_norm",
+            "2",
+            [
+                "`embed.weight` belongs to an nn.Embedding with max_norm=1.0",
+                "tied to head.weight on stages [0, 1]",
+            ],
+        ),
         ("models/mlp.py:mlp", "500 --schedule gpipe", ["--stages 500", "places it can be cut"]),
         ("models/mlp.py:mlp", "0", ["--stages must be at least 1"]),
         (

@@ -391,6 +391,21 @@ def test_masks_made_from_the_inputs_are_made_again_not_sent(tmp_path, stages):
     trains_as_eager(program_dir)
 
 
+@pytest.mark.parametrize("stages", [2, 4])
+def test_a_momentum_teacher_is_updated_on_the_stage_that_runs_it(tmp_path, stages):
+    # The teacher's weights are written at the top of forward and read by its layers' calls: each
+    # update moves beside the first layer holding the weight, and no cut parts them.
+    program_dir = compile_to(
+        tmp_path, "tests/fixtures/weights_written.py:momentum_teacher", stages, microbatches=4
+    )
+    codes = stage_codes(program_dir)
+    for layer in ("0", "2", "4"):
+        updating = [s for s, code in enumerate(codes) if f"self.teacher[{layer}].weight" in code]
+        calling = [s for s, code in enumerate(codes) if f"self.teacher[{layer}](" in code]
+        assert len(calling) == 1 and updating == calling
+    trains_as_eager(program_dir)
+
+
 def stage_codes(program_dir) -> list[str]:
     return [p.read_text() for p in sorted(program_dir.glob("stage_*.py"))]
 

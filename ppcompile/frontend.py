@@ -29,6 +29,14 @@ def load_context(ref_text: str, config: CompileConfig) -> CompileContext:
     except Exception as e:
         where = _model_frame(e, ref.path)
         raise CompileError(f"{where}: building the model failed: {type(e).__name__}: {e}") from None
+    lazy = sorted(
+        {name.rpartition(".")[0] for name, p in spec.module.named_parameters() if nn.parameter.is_lazy(p)}
+    )
+    if lazy:
+        raise CompileError(
+            f"{ref}: layer {', '.join(lazy)} is not initialised (a lazy layer such as nn.LazyLinear takes "
+            "its size from its first input); call the model once on the example inputs in the factory"
+        )
     input_names = list(spec.input_names)
     for name, example in zip(input_names, spec.example_inputs):
         if not isinstance(example, torch.Tensor):
@@ -55,8 +63,17 @@ def load_context(ref_text: str, config: CompileConfig) -> CompileContext:
                 )
             size = int(example.shape[dim])
             if symbol_values.setdefault(symbol, size) != size:
+                unnamed = (
+                    ""
+                    if name in spec.dims
+                    else (
+                        f"; dim 0 of every input is taken as the batch b, which micro-batches split: where "
+                        f"{name!r} has no batch dim, give ModelSpec(dims={{{name!r}: {{}}}})"
+                    )
+                )
                 raise CompileError(
-                    f"{ref}: symbol {symbol!r} is {symbol_values[symbol]} in one input and {size} in {name!r}"
+                    f"{ref}: symbol {symbol!r} is {symbol_values[symbol]} in one input and {size} in "
+                    f"{name!r}{unnamed}"
                 )
     symbols = {s: sympy.Symbol(s, integer=True, positive=True) for s in symbol_values}
     return CompileContext(

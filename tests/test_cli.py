@@ -72,6 +72,16 @@ from tests.helpers import assert_user_error, ppcompile
                 "tied to head.weight on stages [0, 1]",
             ],
         ),
+        (
+            "tests/fixtures/untraceable.py:lazy_layers",
+            "2",
+            ["lazy_layers: layer 0, 2 is not initialised", "call the model once on the example inputs"],
+        ),
+        (
+            "tests/fixtures/untraceable.py:edge_list",
+            "2",
+            ["symbol 'b' is 20 in one input and 2 in 'edge_index'", "ModelSpec(dims={'edge_index': {}})"],
+        ),
         ("models/mlp.py:mlp", "500 --schedule gpipe", ["--stages 500", "places it can be cut"]),
         ("models/mlp.py:mlp", "0", ["--stages must be at least 1"]),
         (

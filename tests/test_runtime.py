@@ -406,6 +406,12 @@ def test_a_momentum_teacher_is_updated_on_the_stage_that_runs_it(tmp_path, stage
     trains_as_eager(program_dir)
 
 
+def test_sparse_embedding_gradients_train_like_eager(tmp_path):
+    # Sparse gradients are compared dense (they have no max()).
+    program_dir = compile_to(tmp_path, "tests/fixtures/sparse_grads.py:model", 2, microbatches=4)
+    trains_as_eager(program_dir)
+
+
 def stage_codes(program_dir) -> list[str]:
     return [p.read_text() for p in sorted(program_dir.glob("stage_*.py"))]
 

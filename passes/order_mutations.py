@@ -49,7 +49,7 @@ def is_in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 # Methods whose result shares its input's storage, known before shapes are propagated.
-_VIEW_METHODS = frozenset(
+VIEW_METHODS = frozenset(
     {
         "view",
         "view_as",
@@ -61,7 +61,7 @@ _VIEW_METHODS = frozenset(
         "transpose",
         "t",
         "flatten",
-        "data",
+        "unflatten",
     }
 )
 
@@ -84,7 +84,7 @@ def written_attribute(gm: fx.GraphModule, node: fx.Node) -> str | None:
 def _is_view(node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target is operator.getitem or (node.target is getattr and node.args[1:] == ("data",))
-    return node.op == "call_method" and node.target in _VIEW_METHODS
+    return node.op == "call_method" and node.target in VIEW_METHODS
 
 
 def order_mutations(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
@@ -106,11 +106,10 @@ def order_mutations(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
 def _refuse_trained_weights_written(gm: fx.GraphModule, ctx: CompileContext) -> None:
     """A parameter the optimizer trains, changed in place by forward: in a pipeline a later
     micro-batch's forward would change the weight while an earlier one's backward still needs it."""
+    trained = {name for name, p in gm.named_parameters(remove_duplicate=False) if p.requires_grad}
     for node in gm.graph.nodes:
         name = written_attribute(gm, node)
-        if name is None or name not in dict(gm.named_parameters()):
-            continue
-        if gm.get_parameter(name).requires_grad:
+        if name in trained:
             raise CompileError(
                 f"{ctx.ref}: forward changes the trained parameter `{name}` in place (`{node.name}`); with "
                 "micro-batches in flight a later forward would change it under an earlier backward. Change "

@@ -60,7 +60,7 @@ from ppcompile.memory import (
     steps_every_parameter_at_once,
     working_bytes,
 )
-from ppcompile.passes.order_mutations import written_attribute
+from ppcompile.passes.order_mutations import VIEW_METHODS, written_attribute
 from ppcompile.tracer import is_effect
 
 # The least share of the slowest stage's time that dividing a layer across a cut must save.
@@ -172,14 +172,10 @@ def is_free(node: fx.Node, free: set[str], written: set[str] = frozenset()) -> b
     return all(n.name in free for n in node.all_input_nodes)
 
 
-# Methods that return a view of their input.
-_VIEW_METHODS = frozenset(
-    {"view", "reshape", "unsqueeze", "squeeze", "expand", "permute", "transpose", "t", "flatten", "unflatten"}
-)
 # Operations that read each element of their inputs once or make a tensor from sizes alone:
 # on any device, making the result again costs less than sending its bytes.
-_CHEAP_METHODS = _VIEW_METHODS | {
-    "view_as", "reshape_as", "expand_as", "contiguous", "detach",
+_CHEAP_METHODS = VIEW_METHODS | {
+    "reshape_as", "expand_as", "contiguous", "detach",
     "to", "type", "type_as", "float", "double", "half", "bfloat16", "bool", "long", "int",
     "eq", "ne", "lt", "le", "gt", "ge", "logical_not", "logical_and", "logical_or",
     "masked_fill", "where", "tril", "triu", "cumsum", "clamp", "neg", "abs", "sum", "any", "all",

@@ -198,6 +198,13 @@ def propagate_shapes(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         base_values = run(gm, ctx, base)
     except NodeFailed as e:
         first_line = str(e.error).splitlines()[0] if str(e.error) else ""
+        node = next(n for n in gm.graph.nodes if n.name == e.name)
+        if node.op == "call_method" and node.target in ("item", "tolist"):
+            raise CompileError(
+                f"{source_line(ctx, e.name)}: forward reads a tensor's value ({node.target}()), which "
+                "ppcompile cannot: it sizes every value from the input shapes; to log a value, return it "
+                "beside the loss (return loss, {'name': value.detach()})"
+            ) from None
         raise CompileError(
             f"{source_line(ctx, e.name)}: the shape of {e.name} cannot be computed from the input shapes "
             f"({type(e.error).__name__}: {first_line[:200]}); ppcompile sizes every value from them: "

@@ -28,7 +28,13 @@ def load_context(ref_text: str, config: CompileConfig) -> CompileContext:
         raise CompileError(str(e)) from None
     except Exception as e:
         where = _model_frame(e, ref.path)
-        raise CompileError(f"{where}: building the model failed: {type(e).__name__}: {e}") from None
+        on_meta = (
+            " (the compiler builds the model on the meta device, allocating nothing, where code that "
+            "reads a tensor's values while the model is built cannot run)"
+            if "meta" in str(e)
+            else ""
+        )
+        raise CompileError(f"{where}: building the model failed: {type(e).__name__}: {e}{on_meta}") from None
     lazy = sorted(
         {name.rpartition(".")[0] for name, p in spec.module.named_parameters() if nn.parameter.is_lazy(p)}
     )

@@ -82,6 +82,16 @@ from tests.helpers import assert_user_error, ppcompile
             "2",
             ["symbol 'b' is 20 in one input and 2 in 'edge_index'", "ModelSpec(dims={'edge_index': {}})"],
         ),
+        (
+            "tests/fixtures/untraceable.py:value_in_init",
+            "2",
+            ["building the model failed", "Tensor.item()", "builds the model on the meta device"],
+        ),
+        (
+            "tests/fixtures/untraceable.py:logged_loss",
+            "2",
+            ["`self.last_loss = loss.item()`", "reads a tensor's value (item())", "return loss, {"],
+        ),
         ("models/mlp.py:mlp", "500 --schedule gpipe", ["--stages 500", "places it can be cut"]),
         ("models/mlp.py:mlp", "0", ["--stages must be at least 1"]),
         (

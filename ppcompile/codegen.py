@@ -21,7 +21,9 @@ from torch import fx
 from ppcompile.context import CompileContext, StageGraph
 from ppcompile.errors import CompileError
 from ppcompile.passes.order_mutations import is_in_place
-from ppcompile.tracer import assign_items, rebind_buffer
+from ppcompile.runtime.spec import MODEL_FILE, MODEL_MODULE_PREFIX
+from ppcompile.runtime.stage import function_attribute
+from ppcompile.tracer import assign_items, autograd_function, rebind_buffer
 
 _INFIX = {
     operator.add: "+",
@@ -71,6 +73,7 @@ class _Emitter:
     def __init__(self, graph: fx.Graph):
         self.names: dict[str, str] = {}
         self.imports: set[str] = {"torch"}
+        self.functions: list[str] = []  # custom autograd.Functions called, as "module:qualname"
         used = set()
         for node in graph.nodes:
             name = node.name
@@ -123,6 +126,15 @@ class _Emitter:
         return ", ".join(parts)
 
     def function_name(self, target) -> str:
+        function = autograd_function(target)
+        if function is not None:  # the model's own torch.autograd.Function, held by the stage
+            module = function.__module__
+            ref = (
+                f"{MODEL_FILE if module.startswith(MODEL_MODULE_PREFIX) else module}:{function.__qualname__}"
+            )
+            if ref not in self.functions:
+                self.functions.append(ref)
+            return f"self.functions.{function_attribute(ref)}.apply"
         if getattr(target, "__module__", None) == "_operator" or target in (getattr, len, float, int):
             if target in (getattr, len, float, int):
                 return target.__name__
@@ -261,6 +273,7 @@ def generate_stage(ctx: CompileContext, sg: StageGraph, version: str) -> str:
         "    # Leaf submodules and tensors this stage holds, under the model's own names.",
         "    MODULES = " + _tuple_literal(sg.modules),
         "    TENSORS = " + _tuple_literal(sg.tensors),
+        *(["    FUNCTIONS = " + _tuple_literal(emitter.functions)] if emitter.functions else []),
         "",
         f"    def forward(self, {', '.join(params)}):" if params else "    def forward(self):",
         '        """',

@@ -111,7 +111,7 @@ class PipelineTracer(fx.Tracer):
             # *x.shape[:-1] or for part in x.split(4, 1), which fx refuses ("Proxy object cannot
             # be iterated") but where the code unpacks a fixed count (a, b = x.chunk(2)).
             patches.enter_context(_replaced(fx.Proxy, "__iter__", _traced_iter))
-            # p.data = v or a custom autograd.Function: refused, not silently lost.
+            # p.data = v refused, not silently lost; a custom autograd.Function one node.
             patches.enter_context(_replaced(fx.Proxy, "__setattr__", _traced_setattr))
             patches.enter_context(
                 _replaced(torch.autograd.Function, "apply", classmethod(_custom_function_apply))
@@ -553,17 +553,23 @@ def _traced_setattr(proxy: fx.Proxy, name: str, value) -> None:
 
 def _custom_function_apply(cls, *args, **kwargs):
     """``Function.apply``: torch's own functions (reentrant checkpoint) are traced through as fx
-    does; a model's own ``torch.autograd.Function`` is refused, because tracing runs its forward
-    and its custom backward would be lost."""
+    does; a model's own ``torch.autograd.Function`` is one node calling its ``apply``, since tracing
+    into its forward would lose its custom backward."""
     if not cls.__module__.startswith("torch.") and any(
         isinstance(a, fx.Proxy) for a in (*args, *kwargs.values())
     ):
-        raise ForwardError(
-            f"forward calls {cls.__qualname__}.apply, a custom torch.autograd.Function, whose backward "
-            "stage code cannot run; write its gradient with torch operations and .detach() (a "
-            "straight-through round is x + (x.round() - x).detach())"
-        )
+        tracer = next(a for a in (*args, *kwargs.values()) if isinstance(a, fx.Proxy)).tracer
+        # torch's own apply bound to the class (cls.apply is this stand-in while tracing).
+        return tracer.create_proxy("call_function", _FUNCTION_APPLY.__get__(None, cls), args, kwargs)
     return _FUNCTION_APPLY.__func__(cls, *args, **kwargs)
+
+
+def autograd_function(target) -> type | None:
+    """The ``torch.autograd.Function`` subclass whose ``apply`` ``target`` is, or None."""
+    owner = getattr(target, "__self__", None)
+    if isinstance(owner, type) and issubclass(owner, torch.autograd.Function) and target.__name__ == "apply":
+        return owner
+    return None
 
 
 _BUILTIN_LEN, _BUILTIN_RANGE = builtins.len, builtins.range

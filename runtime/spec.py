@@ -53,6 +53,12 @@ def loss_of(returned):
     return returned
 
 
+# The name a model file is imported under starts with this; the rest depends on where the file
+# lies, so generated code names the model file's own definitions by MODEL_FILE instead.
+MODEL_MODULE_PREFIX = "ppc_model_"
+MODEL_FILE = "<model>"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A model plus what the compiler cannot guess from it.
@@ -158,7 +164,7 @@ class ModelRef:
         file = Path(self.path)
         if not file.is_file():
             raise SpecError(f"model file {self.path} does not exist")
-        module_name = "ppc_model_" + hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:12]
+        module_name = MODEL_MODULE_PREFIX + hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:12]
         module = sys.modules.get(module_name)
         if module is None:
             spec = importlib.util.spec_from_file_location(module_name, file)

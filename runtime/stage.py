@@ -14,8 +14,14 @@ Example::
 
 from __future__ import annotations
 
+import importlib
+import sys
+from types import SimpleNamespace
+
 import torch
 from torch import nn
+
+from ppcompile.runtime.spec import MODEL_FILE
 
 
 def plain_tensor_attributes(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -38,12 +44,40 @@ class Container(nn.Module):
         raise RuntimeError("a Container only holds submodules")
 
 
+def function_attribute(ref: str) -> str:
+    """``"<model>:Outer.GradReverse"`` -> ``Outer_GradReverse``, the name stage code calls it by."""
+    return ref.partition(":")[2].replace(".", "_")
+
+
+def resolve_function(ref: str, model: nn.Module) -> type:
+    """The ``torch.autograd.Function`` named ``module:qualname``; module ``<model>`` is the model's
+    own file, found through the modules the model's classes are defined in."""
+    module_name, _, qualname = ref.partition(":")
+    if module_name == MODEL_FILE:
+        homes = [sys.modules.get(type(m).__module__) for m in model.modules()]
+    else:
+        homes = [importlib.import_module(module_name)]
+    for home in dict.fromkeys(h for h in homes if h is not None):
+        found = home
+        for part in qualname.split("."):
+            found = getattr(found, part, None)
+        if isinstance(found, type) and issubclass(found, torch.autograd.Function):
+            return found
+    raise RuntimeError(
+        f"stage code calls {qualname}.apply, which the model's files no longer define; recompile"
+    )
+
+
 class StageModule(nn.Module):
     MODULES: tuple[str, ...] = ()  # leaf submodules this stage calls, by FQN
     TENSORS: tuple[str, ...] = ()  # parameters and buffers it reads directly, by FQN
+    FUNCTIONS: tuple[str, ...] = ()  # custom autograd.Functions it calls, as "module:qualname"
 
     def __init__(self, model: nn.Module):
         super().__init__()
+        self.functions = SimpleNamespace(
+            **{function_attribute(ref): resolve_function(ref, model) for ref in self.FUNCTIONS}
+        )
         for fqn in self.MODULES:
             parent, name = self._parent_of(fqn)
             if name not in parent._modules:

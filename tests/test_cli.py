@@ -38,15 +38,6 @@ from tests.helpers import assert_user_error, ppcompile
             ],
         ),
         (
-            "tests/fixtures/untraceable.py:custom_backward",
-            "2",
-            [
-                "GradReverse.apply(self.a(x))",
-                "custom torch.autograd.Function",
-                "x + (x.round() - x).detach()",
-            ],
-        ),
-        (
             "tests/fixtures/untraceable.py:data_assigned",
             "2",
             [

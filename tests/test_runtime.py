@@ -412,6 +412,18 @@ def test_sparse_embedding_gradients_train_like_eager(tmp_path):
     trains_as_eager(program_dir)
 
 
+@pytest.mark.parametrize("stages", [2, 4])
+def test_custom_autograd_functions_keep_their_backward(tmp_path, stages):
+    # A gradient reversal and a straight-through round: traced into, the domain head's gradient
+    # would reach the features unreversed and the round's would be zero.
+    program_dir = compile_to(tmp_path, "tests/fixtures/custom_functions.py:model", stages, microbatches=4)
+    code = "\n".join(stage_codes(program_dir))
+    assert "self.functions.GradReverse.apply(" in code
+    assert "self.functions.Quantise_StraightThrough.apply(" in code
+    assert "'<model>:Quantise.StraightThrough'" in code
+    trains_as_eager(program_dir)
+
+
 def stage_codes(program_dir) -> list[str]:
     return [p.read_text() for p in sorted(program_dir.glob("stage_*.py"))]
 

@@ -54,6 +54,8 @@ def test_torchrun_trains_like_eager(tmp_path, ref, stages, schedule):
         (AUTOCAST, {"float32", "bfloat16"}),
         # A spectral filter's complex spectrum, and its gradient back (gloo sends it as real).
         ("tests/fixtures/complex_spectral.py:model", {"float32", "complex64"}),
+        # The model's own autograd.Functions, found by each rank in the model's file.
+        ("tests/fixtures/custom_functions.py:model", {"float32"}),
     ],
 )
 def test_torchrun_sends_activations_in_their_dtype(tmp_path, ref, dtypes):

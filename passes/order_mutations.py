@@ -72,16 +72,29 @@ def written_attribute(gm: fx.GraphModule, node: fx.Node) -> str | None:
     else None."""
     if node.op == "call_function" and node.target is rebind_buffer:
         return node.args[0]
-    if not is_in_place(gm, node):
+    root = written_root(gm, node)
+    return root.target if root is not None and root.op == "get_attr" else None
+
+
+def written_root(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The node whose tensor in-place ``node`` changes, through views and earlier writes
+    (``flat = acc.view(-1); flat -= 0.5`` changes ``acc``'s); None when ``node`` writes nothing."""
+    if not is_in_place(gm, node) or not node.args or not isinstance(node.args[0], fx.Node):
         return None
-    target = node.args[0] if node.args else None
-    while isinstance(target, fx.Node) and target.op != "get_attr":
-        through = is_in_place(gm, target) or target.meta.get("ppc.view_of") is not None or _is_view(target)
-        target = target.args[0] if through and target.args else None
-    return target.target if isinstance(target, fx.Node) else None
+    return storage_of(gm, node.args[0])
 
 
-def _is_view(node: fx.Node) -> bool:
+def storage_of(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """The node that made the tensor ``node`` is, or is a view of, through in-place writes."""
+    while node.op not in ("get_attr", "placeholder") and node.args and isinstance(node.args[0], fx.Node):
+        if not (is_in_place(gm, node) or node.meta.get("ppc.view_of") is not None or is_view(node)):
+            break
+        node = node.args[0]
+    return node
+
+
+def is_view(node: fx.Node) -> bool:
+    """Whether ``node`` returns a view of its first argument (known before shapes are propagated)."""
     if node.op == "call_function":
         return node.target is operator.getitem or (node.target is getattr and node.args[1:] == ("data",))
     return node.op == "call_method" and node.target in VIEW_METHODS

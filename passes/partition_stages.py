@@ -60,7 +60,13 @@ from ppcompile.memory import (
     steps_every_parameter_at_once,
     working_bytes,
 )
-from ppcompile.passes.order_mutations import VIEW_METHODS, written_attribute
+from ppcompile.passes.order_mutations import (
+    VIEW_METHODS,
+    is_view,
+    storage_of,
+    written_attribute,
+    written_root,
+)
 from ppcompile.tracer import is_effect
 
 # The least share of the slowest stage's time that dividing a layer across a cut must save.
@@ -210,8 +216,11 @@ def _made_again(node: fx.Node, free: set[str], written: set[str]) -> bool:
     for dep in node.all_input_nodes:
         if dep.name not in free:
             return False
-        # A parameter read under no_grad stays on the stage that owns it; a written buffer changes.
+        # A parameter read under no_grad stays on the stage that owns it; a buffer or an input
+        # forward writes changes, where a stage's own copy would not.
         if dep.op == "get_attr" and (dep.meta.get("ppc.requires_grad") or dep.target in written):
+            return False
+        if dep.op == "placeholder" and dep.name in written:
             return False
     return True
 
@@ -219,6 +228,7 @@ def _made_again(node: fx.Node, free: set[str], written: set[str]) -> bool:
 def compute_order(gm: fx.GraphModule) -> list[fx.Node]:
     """The nodes a stage runs, in topological order; free nodes are left out."""
     written = {b for node in gm.graph.nodes if (b := written_attribute(gm, node)) is not None}
+    written |= {root.name for node in gm.graph.nodes if (root := written_root(gm, node)) is not None}
     free: set[str] = set()
     order = []
     for node in gm.graph.nodes:
@@ -257,7 +267,29 @@ def partition_problem(gm, ctx, order, weight=None):
         values.append(CrossingValue(p, tuple(users), t))
     for _, first, written in buffer_spans(gm, order):
         forbidden.update(range(position[first.name] + 1, position[written.name] + 1))
+    for view, write in view_spans(gm, order):
+        forbidden.update(range(position[view.name] + 1, position[write.name] + 1))
     return times, values, forbidden
+
+
+def view_spans(gm: fx.GraphModule, order: list[fx.Node]) -> list[tuple[fx.Node, fx.Node]]:
+    """Each view taken before an in-place write to its tensor (``head = acc[:, :4]; acc *= 0.5``)
+    and read after it, with that write. No cut may fall between them: a stage sends its values
+    after its forward has run, so a view sent from the stage that writes carries the write, where
+    a view sent before it would arrive unchanged."""
+    position = {node.name: i for i, node in enumerate(order)}
+    views: dict[str, list[fx.Node]] = {}
+    for node in order:
+        if is_view(node) or node.meta.get("ppc.view_of") is not None:
+            views.setdefault(storage_of(gm, node).name, []).append(node)
+    spans = []
+    for write in order:
+        root = written_root(gm, write)
+        for view in views.get(root.name, []) if root is not None else []:
+            at = position[write.name]
+            if position[view.name] < at and any(position.get(u.name, -1) > at for u in view.users):
+                spans.append((view, write))
+    return spans
 
 
 _HELD_NOTE = "so each micro-batch reads what the one before it wrote"

@@ -199,6 +199,18 @@ def propagate_shapes(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     except NodeFailed as e:
         first_line = str(e.error).splitlines()[0] if str(e.error) else ""
         node = next(n for n in gm.graph.nodes if n.name == e.name)
+        if node.op == "call_module" and "meta" in str(e.error):
+            module = gm.get_submodule(node.target)
+            hint = (
+                " (with momentum=None it averages over its batch count: give it a momentum)"
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.momentum is None
+                else ""
+            )
+            raise CompileError(
+                f"{source_line(ctx, e.name)}: `{node.target}` ({type(module).__name__}) reads a tensor's "
+                f"value as it runs{hint}, which ppcompile cannot: it sizes every value on meta tensors "
+                f"({first_line[:120]})"
+            ) from None
         if node.op == "call_method" and node.target in ("item", "tolist"):
             raise CompileError(
                 f"{source_line(ctx, e.name)}: forward reads a tensor's value ({node.target}()), which "

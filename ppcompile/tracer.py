@@ -111,6 +111,12 @@ class PipelineTracer(fx.Tracer):
             # *x.shape[:-1] or for part in x.split(4, 1), which fx refuses ("Proxy object cannot
             # be iterated") but where the code unpacks a fixed count (a, b = x.chunk(2)).
             patches.enter_context(_replaced(fx.Proxy, "__iter__", _traced_iter))
+            # acc += h on a tensor changes it in place, for every other name of it too (skip = acc),
+            # where fx, finding no __iadd__, would make a new tensor.
+            for name, (in_place, plain) in _AUGMENTED.items():
+                patches.enter_context(_replaced(fx.Proxy, name, _augmented(in_place, plain)))
+            # A gradient penalty's second backward cannot run through the pipeline.
+            patches.enter_context(_replaced(torch.autograd, "grad", _refused_autograd_grad))
             # p.data = v refused, not silently lost; a custom autograd.Function one node.
             patches.enter_context(_replaced(fx.Proxy, "__setattr__", _traced_setattr))
             patches.enter_context(
@@ -277,6 +283,14 @@ class PipelineTracer(fx.Tracer):
         attribute (``self.last_attn = a``) is seen by the rest of this forward only, and the
         attribute is put back after tracing."""
         if not isinstance(value, fx.Proxy):
+            old = module.__dict__.get(name)
+            if _is_number(old) and _is_number(value) and old != value:
+                raise ForwardError(
+                    f"forward changes `{self.path_of_module(module) or 'self'}.{name}` from {old} to "
+                    f"{value} on each call, which tracing would fix at the traced call's value; keep it "
+                    f"in a buffer (self.register_buffer({name!r}, torch.tensor({old}))), whose updates "
+                    "the program makes"
+                )
             _MODULE_SETATTR(module, name, value)
         elif name in module._buffers:
             path = self.path_of_module(module)
@@ -549,6 +563,51 @@ def _traced_setattr(proxy: fx.Proxy, name: str, value) -> None:
         instead = _AUTOGRAD_ATTRIBUTES[name].format(name=shown)
         raise ForwardError(f"forward sets `{shown}.{name}`, which tracing cannot record; {instead}")
     object.__setattr__(proxy, name, value)
+
+
+_AUGMENTED = {
+    "__iadd__": (operator.iadd, operator.add),
+    "__isub__": (operator.isub, operator.sub),
+    "__imul__": (operator.imul, operator.mul),
+    "__itruediv__": (operator.itruediv, operator.truediv),
+}
+_AUTOGRAD_GRAD = torch.autograd.grad
+
+
+def _augmented(in_place, plain):
+    def apply(proxy: fx.Proxy, other):
+        """``x += y``: in place where ``x`` is a tensor, as eager runs it. A buffer read from its
+        module (``self.steps += 1``) is rebound instead, as ``self.steps = self.steps + 1`` is
+        (:meth:`PipelineTracer._record_setattr`), and a number is added to as numbers are."""
+        is_tensor = False
+        if proxy.node.op != "get_attr":
+            try:
+                with _untraced():
+                    is_tensor = isinstance(proxy.tracer._value(proxy.node), torch.Tensor)
+            except Exception:  # noqa: BLE001 - not computable here: as fx traces it
+                pass
+        return proxy.tracer.create_proxy(
+            "call_function", in_place if is_tensor else plain, (proxy, other), {}
+        )
+
+    return apply
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _refused_autograd_grad(outputs, inputs, *args, **kwargs):
+    if any(isinstance(t, fx.Proxy) for t in (*_as_tuple(outputs), *_as_tuple(inputs))):
+        raise ForwardError(
+            "forward calls torch.autograd.grad (a gradient penalty), a backward inside forward that "
+            "cannot be cut into pipeline stages; compute the penalty outside the compiled model"
+        )
+    return _AUTOGRAD_GRAD(outputs, inputs, *args, **kwargs)
+
+
+def _as_tuple(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
 def _custom_function_apply(cls, *args, **kwargs):

@@ -83,6 +83,21 @@ from tests.helpers import assert_user_error, ppcompile
             "2",
             ["`self.last_loss = loss.item()`", "reads a tensor's value (item())", "return loss, {"],
         ),
+        (
+            "tests/fixtures/untraceable.py:python_counter",
+            "2",
+            ["`self.calls += 1`", "changes `self.calls` from 0 to 1", "register_buffer('calls'"],
+        ),
+        (
+            "tests/fixtures/untraceable.py:gradient_penalty",
+            "2",
+            ["torch.autograd.grad(out, x, create_graph=True)", "a backward inside forward"],
+        ),
+        (
+            "tests/fixtures/untraceable.py:cumulative_batchnorm",
+            "2",
+            ["`1` (BatchNorm1d) reads a tensor's value as it runs", "give it a momentum"],
+        ),
         ("models/mlp.py:mlp", "500 --schedule gpipe", ["--stages 500", "places it can be cut"]),
         ("models/mlp.py:mlp", "0", ["--stages must be at least 1"]),
         (

@@ -424,6 +424,17 @@ def test_custom_autograd_functions_keep_their_backward(tmp_path, stages):
     trains_as_eager(program_dir)
 
 
+@pytest.mark.parametrize("stages", [1, 2, 4])
+def test_augmented_assignment_changes_every_name_of_a_tensor(tmp_path, stages):
+    # acc += h, h *= 2, flat -= 0.5 change the tensor in place, as eager does, so its other names
+    # (an alias, a slice taken before, a list's item) see it; a slice sent before the write would
+    # not, so no cut falls between a view and a later write it is read after.
+    program_dir = compile_to(tmp_path, "tests/fixtures/augmented_assignment.py:model", stages, microbatches=4)
+    code = "\n".join(stage_codes(program_dir))
+    assert " += tanh" in code and " *= 0.5" in code and " -= 0.5" in code
+    trains_as_eager(program_dir)
+
+
 def stage_codes(program_dir) -> list[str]:
     return [p.read_text() for p in sorted(program_dir.glob("stage_*.py"))]
 

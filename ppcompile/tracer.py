@@ -614,13 +614,32 @@ def _custom_function_apply(cls, *args, **kwargs):
     """``Function.apply``: torch's own functions (reentrant checkpoint) are traced through as fx
     does; a model's own ``torch.autograd.Function`` is one node calling its ``apply``, since tracing
     into its forward would lose its custom backward."""
-    if not cls.__module__.startswith("torch.") and any(
-        isinstance(a, fx.Proxy) for a in (*args, *kwargs.values())
-    ):
-        tracer = next(a for a in (*args, *kwargs.values()) if isinstance(a, fx.Proxy)).tracer
+    proxies = [a for a in (*args, *kwargs.values()) if isinstance(a, fx.Proxy)]
+    if proxies and cls.__module__ == "torch.utils.checkpoint" and cls.__name__ == "CheckpointFunction":
+        _refuse_reentrant_without_gradient(proxies)
+    if not cls.__module__.startswith("torch.") and proxies:
+        tracer = proxies[0].tracer
         # torch's own apply bound to the class (cls.apply is this stand-in while tracing).
         return tracer.create_proxy("call_function", _FUNCTION_APPLY.__get__(None, cls), args, kwargs)
     return _FUNCTION_APPLY.__func__(cls, *args, **kwargs)
+
+
+def _refuse_reentrant_without_gradient(proxies: list[fx.Proxy]) -> None:
+    """Reentrant checkpoint on inputs none of which needs a gradient gives eager's checkpointed
+    layers no gradient at all (torch warns); the program, which traces through it, would train them."""
+    try:
+        with _untraced():
+            values = [p.tracer._value(p.node) for p in proxies]
+    except Exception:  # noqa: BLE001 - not computable here: traced through as before
+        return
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if tensors and not any(t.requires_grad for t in tensors) and torch.is_grad_enabled():
+        names = ", ".join(p.node.name for p, v in zip(proxies, values) if isinstance(v, torch.Tensor))
+        raise ForwardError(
+            f"forward calls torch.utils.checkpoint with use_reentrant=True on {names}, none of which needs a "
+            'gradient: eager then gives the checkpointed layers no gradient (torch warns "None of the '
+            'inputs have requires_grad=True"), which the program would not copy; pass use_reentrant=False'
+        )
 
 
 def autograd_function(target) -> type | None:

@@ -98,6 +98,11 @@ from tests.helpers import assert_user_error, ppcompile
             "2",
             ["`1` (BatchNorm1d) reads a tensor's value as it runs", "give it a momentum"],
         ),
+        (
+            "tests/fixtures/untraceable.py:reentrant_on_input",
+            "2",
+            ["use_reentrant=True on x, none of which needs a gradient", "pass use_reentrant=False"],
+        ),
         ("models/mlp.py:mlp", "500 --schedule gpipe", ["--stages 500", "places it can be cut"]),
         ("models/mlp.py:mlp", "0", ["--stages must be at least 1"]),
         (

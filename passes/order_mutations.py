@@ -109,34 +109,38 @@ def order_mutations(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         for reader in list(target.users):
             if reader is not node and position[reader] > position[node]:
                 reader.replace_input_with(target, node)
-    _refuse_trained_weights_written(gm, ctx)
-    _move_writes_to_their_modules(gm)
+    writes: dict[str, list[fx.Node]] = {}  # parameter or buffer -> the nodes writing it, in order
+    for node in gm.graph.nodes:
+        if (name := written_attribute(gm, node)) is not None:
+            writes.setdefault(name, []).append(node)
+    _refuse_trained_weights_written(gm, ctx, writes)
+    _move_writes_to_their_modules(gm, writes)
     gm.graph.lint()
     gm.recompile()
     return gm
 
 
-def _refuse_trained_weights_written(gm: fx.GraphModule, ctx: CompileContext) -> None:
+def _refuse_trained_weights_written(
+    gm: fx.GraphModule, ctx: CompileContext, writes: dict[str, list[fx.Node]]
+) -> None:
     """A parameter the optimizer trains, changed in place by forward: in a pipeline a later
     micro-batch's forward would change the weight while an earlier one's backward still needs it."""
     trained = {name for name, p in gm.named_parameters(remove_duplicate=False) if p.requires_grad}
-    for node in gm.graph.nodes:
-        name = written_attribute(gm, node)
+    for name, nodes in writes.items():
         if name in trained:
             raise CompileError(
-                f"{ctx.ref}: forward changes the trained parameter `{name}` in place (`{node.name}`); with "
-                "micro-batches in flight a later forward would change it under an earlier backward. Change "
-                "it in the training loop after optimizer.step(), or compute the changed value in forward "
-                "without writing it back (w = F.normalize(self.weight, dim=1))"
+                f"{ctx.ref}: forward changes the trained parameter `{name}` in place (`{nodes[0].name}`); "
+                "with micro-batches in flight a later forward would change it under an earlier backward. "
+                "Change it in the training loop after optimizer.step(), or compute the changed value in "
+                "forward without writing it back (w = F.normalize(self.weight, dim=1))"
             )
 
 
-def _move_writes_to_their_modules(gm: fx.GraphModule) -> None:
+def _move_writes_to_their_modules(gm: fx.GraphModule, writes: dict[str, list[fx.Node]]) -> None:
     """Each parameter or buffer written in place from parameters and buffers alone: its writes, and
     the nodes computing them, move to just before the first later call of a module holding it,
     where nothing else reads what moves before that call."""
     from_attributes: set[fx.Node] = set()
-    writes: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         drawn = str(getattr(node.target, "__name__", node.target)) in RANDOM_CALLS
         if node.op == "get_attr" or (
@@ -145,9 +149,6 @@ def _move_writes_to_their_modules(gm: fx.GraphModule) -> None:
             and all(dep in from_attributes for dep in node.all_input_nodes)
         ):
             from_attributes.add(node)
-        name = written_attribute(gm, node)
-        if name is not None:
-            writes.setdefault(name, []).append(node)
     for name, written in writes.items():
         if not all(w in from_attributes and w.target is not rebind_buffer for w in written):
             continue  # written from activations, or rebound: it stays where the model writes it

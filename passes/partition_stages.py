@@ -227,8 +227,13 @@ def _made_again(node: fx.Node, free: set[str], written: set[str]) -> bool:
 
 def compute_order(gm: fx.GraphModule) -> list[fx.Node]:
     """The nodes a stage runs, in topological order; free nodes are left out."""
-    written = {b for node in gm.graph.nodes if (b := written_attribute(gm, node)) is not None}
-    written |= {root.name for node in gm.graph.nodes if (root := written_root(gm, node)) is not None}
+    # Buffers by name (their writes and rebindings) and the inputs forward writes, by node name.
+    written = set()
+    for node in gm.graph.nodes:
+        if (root := written_root(gm, node)) is not None:
+            written.add(root.name)
+        if (name := written_attribute(gm, node)) is not None:
+            written.add(name)
     free: set[str] = set()
     order = []
     for node in gm.graph.nodes:

@@ -194,7 +194,7 @@ _CHEAP_FUNCTIONS = frozenset(
         torch.arange, torch.ones, torch.zeros, torch.full, torch.eye, torch.ones_like, torch.zeros_like,
         torch.full_like, torch.tril, torch.triu, torch.where, torch.logical_not, torch.logical_and,
         torch.logical_or, torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge, torch.cumsum,
-        torch.clamp, torch.masked_fill,
+        torch.clamp, torch.masked_fill, torch.tensor, torch.as_tensor, torch.scalar_tensor,
     }
 )  # fmt: skip
 

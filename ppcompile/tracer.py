@@ -100,6 +100,16 @@ class PipelineTracer(fx.Tracer):
                 for name, replacement in _TRACED_BUILTINS.items():
                     if name not in namespace:
                         patches.enter_context(_replaced(namespace, name, replacement))
+                for name, value in list(namespace.items()):
+                    # A @torch.jit.script helper takes no proxies: its Python function is traced
+                    # instead, the same computation.
+                    if isinstance(value, torch.jit.ScriptFunction) and hasattr(value, "_torchdynamo_inline"):
+                        patches.enter_context(_replaced(namespace, name, _script_traced(value)))
+                    elif value is CHECKPOINT:
+                        patches.enter_context(_replaced(namespace, name, self._checkpoint))
+            # checkpoint(lambda t: block(t), x) in a loop: eager recomputes with the last block.
+            self._checkpointed: list[tuple[object, tuple]] = []  # (function, its closure's values)
+            patches.enter_context(_replaced(torch.utils.checkpoint, "checkpoint", self._checkpoint))
             patches.enter_context(
                 _replaced(fx.Proxy, "__int__", lambda proxy: proxy.tracer.decide(proxy, int))
             )
@@ -127,6 +137,10 @@ class PipelineTracer(fx.Tracer):
             # torch.zeros((b, d)) traces: the same call, its sizes packed into one tuple.
             for name in SIZED_FACTORIES:
                 patches.enter_context(_replaced(torch, name, _sizes_packed(getattr(torch, name))))
+            # torch.sqrt(torch.tensor(d_k)) with d_k = q.size(-1): torch's data parser probes a
+            # proxy for array interfaces and fails; a node instead, made from the sizes as it runs.
+            for name in DATA_FACTORIES:
+                patches.enter_context(_replaced(torch, name, _data_traced(getattr(torch, name))))
             # torch.no_grad() and its kin switch grad mode through one function: switched for real,
             # and recorded on every node made inside the region.
             patches.callback(_SET_GRAD_ENABLED, torch.is_grad_enabled())
@@ -177,12 +191,40 @@ class PipelineTracer(fx.Tracer):
             patches.enter_context(warnings.catch_warnings())
             warnings.filterwarnings("ignore", message="Was not able to add assertion")
             graph = super().trace(root, concrete_args)
+            self._refuse_late_bound_checkpoints()
             if concrete_args:
                 _erase_constant_inputs(graph, set(self.example_inputs), set(concrete_args))
                 # A tuple default makes fx flatten forward's inputs through a pytree spec; with
                 # the constants gone the inputs are the example's tensors, flat.
                 graph._codegen = fx.graph.CodeGen()
             return graph
+
+    def _checkpoint(self, function, *args, **kwargs):
+        """``torch.utils.checkpoint.checkpoint`` while tracing: the function's closure is noted, so
+        a name it reads that the model rebinds before backward is refused."""
+        self._refuse_late_bound_checkpoints()
+        if inspect.isfunction(function) and function.__closure__:
+            self._checkpointed.append((function, tuple(_cell_value(c) for c in function.__closure__)))
+        return CHECKPOINT(function, *args, **kwargs)
+
+    def _refuse_late_bound_checkpoints(self) -> None:
+        """Eager runs a checkpointed function again in backward, reading its closure then: where
+        forward has since rebound a name it reads (``for block in blocks: checkpoint(lambda t:
+        block(t), x)``), every recomputation runs with the last value, which the program, making
+        each call's own graph, would not copy."""
+        for function, values in self._checkpointed:
+            names = function.__code__.co_freevars
+            for name, cell, old in zip(names, function.__closure__, values):
+                new = _cell_value(cell)
+                if new is not old and not _equal_constants(new, old):
+                    what = "a lambda" if function.__name__ == "<lambda>" else f"`{function.__name__}`"
+                    raise ForwardError(
+                        f"forward checkpoints {what} that reads `{name}` from around it, and then "
+                        f"rebinds `{name}`: eager's recomputation in backward "
+                        f"reads the last `{name}` for every call, which the program would not copy; "
+                        f"bind it when the function is made (lambda t, {name}={name}: ...) or pass "
+                        f"it as an argument to checkpoint"
+                    )
 
     def _defaults_not_given(self, root: nn.Module) -> dict[str, object]:
         """forward's inputs the example inputs do not give, at their defaults: traced as
@@ -238,7 +280,7 @@ class PipelineTracer(fx.Tracer):
                 f"__init__ (self.register_buffer(name, tensor, persistent=False)) so each stage holding it "
                 f"gets it; constants up to {CONSTANT_ELEMENTS} elements are written into the stage code"
             )
-        return self.create_node("call_function", torch.tensor, (a.tolist(),), {"dtype": a.dtype})
+        return self.create_node("call_function", _TENSOR, (a.tolist(),), {"dtype": a.dtype})
 
     def create_node(self, *args, **kwargs) -> fx.Node:
         node = super().create_node(*args, **kwargs)
@@ -330,6 +372,13 @@ class PipelineTracer(fx.Tracer):
             with _untraced():
                 value = convert(self._value(proxy.node))
         except Exception as e:
+            if convert is int and "meta tensors" in str(e):
+                # MoCo's ptr = int(self.queue_ptr): an index read from a tensor.
+                raise ForwardError(
+                    "forward reads a tensor's value (int()), which ppcompile cannot: it sizes every "
+                    "value from the input shapes; keep the index a tensor (index_copy_, torch.where), "
+                    "or do this outside the compiled model"
+                ) from None
             raise fx.proxy.TraceError(
                 "this value depends on a tensor's values, not only on shapes (computing it for "
                 f"the example's shapes failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
@@ -557,12 +606,39 @@ _FUNCTION_APPLY = vars(torch.autograd.Function)["apply"]
 
 
 def _traced_setattr(proxy: fx.Proxy, name: str, value) -> None:
+    if name == "data" and _same_kind_of_tensor(proxy, value):
+        # MoCo's key encoder: p.data = p.data * m + q.data * (1 - m) gives the weight new values,
+        # as copying them in without gradient does; order_mutations places it like any such write.
+        with torch.no_grad():
+            proxy.copy_(value)
+        return
     if name in _AUTOGRAD_ATTRIBUTES and isinstance(getattr(proxy, "tracer", None), PipelineTracer):
+        from ppcompile.codegen import attribute_path  # codegen reads the tracer's node kinds
+
         node = proxy.node
-        shown = f"self.{node.target}" if node.op == "get_attr" else node.name
+        shown = f"self.{attribute_path(node.target)}" if node.op == "get_attr" else "tensor"
+        what = (
+            f"`{shown}.{name}`" if node.op == "get_attr" else f"`.{name}` of a computed tensor ({node.name})"
+        )
         instead = _AUTOGRAD_ATTRIBUTES[name].format(name=shown)
-        raise ForwardError(f"forward sets `{shown}.{name}`, which tracing cannot record; {instead}")
+        raise ForwardError(f"forward sets {what}, which tracing cannot record; {instead}")
     object.__setattr__(proxy, name, value)
+
+
+def _same_kind_of_tensor(proxy: fx.Proxy, value) -> bool:
+    """A module's parameter or buffer and a traced value of its shape and dtype."""
+    if proxy.node.op != "get_attr" or not isinstance(value, fx.Proxy):
+        return False
+    try:
+        with _untraced():
+            old, new = proxy.tracer._value(proxy.node), value.tracer._value(value.node)
+    except Exception:  # noqa: BLE001 - not computable here: refused as before
+        return False
+    return (
+        isinstance(old, torch.Tensor)
+        and isinstance(new, torch.Tensor)
+        and (old.shape, old.dtype) == (new.shape, new.dtype)
+    )
 
 
 _AUGMENTED = {
@@ -834,6 +910,59 @@ def _sizes_packed(factory):
         return factory(*args, **kwargs)
 
     return call
+
+
+CHECKPOINT = torch.utils.checkpoint.checkpoint
+_EMPTY_CELL = object()
+
+
+def _cell_value(cell) -> object:
+    try:
+        return cell.cell_contents
+    except ValueError:  # not yet assigned
+        return _EMPTY_CELL
+
+
+def _equal_constants(new, old) -> bool:
+    """Two equal numbers, strings or bools: rebinding a name to the same constant changes nothing."""
+    constants = (bool, int, float, str, type(None))
+    return isinstance(new, constants) and isinstance(old, constants) and new == old
+
+
+def _script_traced(scripted):
+    """A ``@torch.jit.script`` function that runs its Python original on traced values."""
+
+    def call(*args, **kwargs):
+        if next(_proxies_in([*args, *kwargs.values()]), None) is None:
+            return scripted(*args, **kwargs)
+        return scripted._torchdynamo_inline(*args, **kwargs)
+
+    return call
+
+
+DATA_FACTORIES = ("tensor", "as_tensor", "scalar_tensor")
+_TENSOR = torch.tensor  # torch.tensor itself, which tracing replaces
+
+
+def _data_traced(factory):
+    """``torch.tensor(data)`` where ``data`` holds a traced value (a size, a list of sizes): one
+    node calling the factory itself, so stage code reads ``torch.tensor(size_1, dtype=...)``."""
+
+    def call(data, *args, **kwargs):
+        proxy = next(_proxies_in(data), None)
+        if proxy is None:
+            return factory(data, *args, **kwargs)
+        return proxy.tracer.create_proxy("call_function", factory, (data, *args), kwargs)
+
+    return call
+
+
+def _proxies_in(value):
+    if isinstance(value, fx.Proxy):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _proxies_in(item)
 
 
 def _is_whole_shape(node: fx.Node) -> bool:

@@ -41,8 +41,8 @@ from tests.helpers import assert_user_error, ppcompile
             "tests/fixtures/untraceable.py:data_assigned",
             "2",
             [
-                "forward sets `self.protos.weight.data`",
-                "torch.no_grad(): self.protos.weight.copy_(new_value)",
+                "`h.data = h.data.clamp(-1.0, 1.0)`: forward sets `.data` of a computed tensor (net)",
+                "torch.no_grad(): tensor.copy_(new_value)",
             ],
         ),
         (
@@ -102,6 +102,11 @@ from tests.helpers import assert_user_error, ppcompile
             "tests/fixtures/untraceable.py:reentrant_on_input",
             "2",
             ["use_reentrant=True on x, none of which needs a gradient", "pass use_reentrant=False"],
+        ),
+        (
+            "tests/fixtures/untraceable.py:late_bound_checkpoint",
+            "2",
+            ["checkpoints a lambda that reads `block` from around it", "(lambda t, block=block: ...)"],
         ),
         ("models/mlp.py:mlp", "500 --schedule gpipe", ["--stages 500", "places it can be cut"]),
         ("models/mlp.py:mlp", "0", ["--stages must be at least 1"]),

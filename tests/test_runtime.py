@@ -406,6 +406,24 @@ def test_a_momentum_teacher_is_updated_on_the_stage_that_runs_it(tmp_path, stage
     trains_as_eager(program_dir)
 
 
+@pytest.mark.parametrize("stages", [2, 4])
+def test_moco_key_encoder_updated_through_data_and_its_queue_train_as_eager(tmp_path, stages):
+    # k.data = k.data * m + q.data * (1 - m) is a copy without gradient into the weight, placed
+    # beside the key encoder's layer on whichever stage runs it.
+    program_dir = compile_to(
+        tmp_path, "tests/fixtures/weights_written.py:momentum_contrast", stages, microbatches=4
+    )
+    codes = stage_codes(program_dir)
+    for layer, weight in (
+        ("encoder_k[0][0]", "encoder_k_0_0_weight"),
+        ("encoder_k[2]", "encoder_k_2_weight"),
+    ):
+        updating = [s for s, code in enumerate(codes) if f"{weight}.copy_(" in code]
+        calling = [s for s, code in enumerate(codes) if f"self.{layer}(" in code]
+        assert len(calling) == 1 and updating == calling
+    trains_as_eager(program_dir)
+
+
 def test_sparse_embedding_gradients_train_like_eager(tmp_path):
     # Sparse gradients are compared dense (they have no max()).
     program_dir = compile_to(tmp_path, "tests/fixtures/sparse_grads.py:model", 2, microbatches=4)
@@ -432,6 +450,26 @@ def test_augmented_assignment_changes_every_name_of_a_tensor(tmp_path, stages):
     program_dir = compile_to(tmp_path, "tests/fixtures/augmented_assignment.py:model", stages, microbatches=4)
     code = "\n".join(stage_codes(program_dir))
     assert " += tanh" in code and " *= 0.5" in code and " -= 0.5" in code
+    trains_as_eager(program_dir)
+
+
+@pytest.mark.parametrize("stages", [2, 4])
+def test_tensors_made_from_sizes_are_made_by_each_stage(tmp_path, stages):
+    # torch.tensor(d_k) in every attention layer, torch.tensor(x.shape[1:]) at the end: nodes made
+    # from the micro-batch's sizes where they are read, never sent.
+    program_dir = compile_to(tmp_path, "tests/fixtures/tensors_from_sizes.py:model", stages, microbatches=4)
+    program = json.loads((program_dir / "program.json").read_text())
+    assert all(b["requires_grad"] for b in program["boundaries"])
+    codes = stage_codes(program_dir)
+    assert sum(code.count("torch.tensor(size") for code in codes) == 4
+    assert "torch.as_tensor(" in codes[-1]
+    trains_as_eager(program_dir)
+
+
+def test_a_scripted_helper_is_traced_through_its_python_function(tmp_path):
+    program_dir = compile_to(tmp_path, "tests/fixtures/scripted_helper.py:model", 2, microbatches=4)
+    code = "\n".join(stage_codes(program_dir))
+    assert code.count("torch.tanh(") == 4 and "bias_gelu" not in code
     trains_as_eager(program_dir)
 
 

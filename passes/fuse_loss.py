@@ -166,12 +166,23 @@ def _flattens_rows(flat: fx.Node, linear: fx.Node) -> bool:
     return flat_shape == (math.prod(shape[:-1]), shape[-1])
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Hooks on the module (``register_forward_hook``, the pre-hook of the old
+    ``nn.utils.weight_norm``): they run only where the module itself is called."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    )
+
+
 def linear_call(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, str, str | None] | None:
     """(input, weight FQN, bias FQN or None) of an nn.Linear call or an F.linear of get_attr nodes;
     None for any other node (divide_layers matches its layers with this too)."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        if type(module) is not nn.Linear or len(node.args) != 1 or node.kwargs:
+        if type(module) is not nn.Linear or _has_hooks(module) or len(node.args) != 1 or node.kwargs:
             return None
         bias = f"{node.target}.bias" if module.bias is not None else None
         return node.args[0], f"{node.target}.weight", bias

@@ -261,7 +261,10 @@ def _time_node(real: fx.GraphModule, node: fx.Node, values: dict, device: torch.
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    # Saved tensors, counted on the real device.
+    timed_inputs = fresh_inputs(inputs, values, detach_attributes=False)[1]
+    forward_seconds = timed(lambda: forward(timed_inputs), sync)
+    # Saved tensors, counted on the real device. An in-place node (relu_) changed its input on each
+    # timed run above, so the graph backward runs through is made after them, from new copies.
     saved: list[torch.Tensor] = []
     leaves, fresh = fresh_inputs(inputs, values, detach_attributes=False)
     leaves = [leaf for leaf in leaves.values() if leaf.requires_grad]
@@ -273,7 +276,6 @@ def _time_node(real: fx.GraphModule, node: fx.Node, values: dict, device: torch.
     differentiable = [o for o in outputs if o.requires_grad]
     wrt = leaves + params
 
-    forward_seconds = timed(lambda: forward(fresh), sync)
     backward_seconds = 0.0
     if differentiable and wrt:
         grads = [torch.ones_like(o) for o in differentiable]

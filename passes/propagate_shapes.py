@@ -271,7 +271,42 @@ def propagate_shapes(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         node.meta["ppc.requires_grad"] = bool(value.requires_grad)
         node.meta["ppc.nbytes"] = value.numel() * value.element_size()
     _items_after_their_tuple(gm)
+    _refuse_batch_along_sequence(gm, ctx)
     return gm
+
+
+def _batch_first(module: torch.nn.Module) -> bool | None:
+    """A module's ``batch_first`` (a transformer layer's is its attention's); None: it has none."""
+    if isinstance(module, (torch.nn.TransformerEncoder, torch.nn.TransformerDecoder)):
+        module = module.layers[0]
+    found = getattr(getattr(module, "self_attn", module), "batch_first", None)
+    return found if isinstance(found, bool) else None
+
+
+def _refuse_batch_along_sequence(gm: fx.GraphModule, ctx: CompileContext) -> None:
+    """A module built ``batch_first=False`` (nn.Transformer's layers, nn.MultiheadAttention, the
+    RNNs by default) reads (sequence, batch, features); where the batch symbol is its dim 0, the
+    inputs are sequence first and micro-batches would cut every sequence into pieces."""
+    batch = ctx.symbols.get("b")
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        module = gm.get_submodule(node.target)
+        shape = node.args[0].meta.get("ppc.shape")
+        if _batch_first(module) is not False or shape is None or len(shape) != 3:
+            continue
+        if batch in shape[0].free_symbols and batch not in shape[1].free_symbols:
+            named = {
+                name: {**{d: sym for d, sym in dims.items() if d not in (0, 1)}, 0: "s", 1: "b"}
+                for name, dims in ctx.input_dims.items()
+                if dims.get(0) == "b" and name not in ctx.spec.dims
+            }
+            raise CompileError(
+                f"{source_line(ctx, node.name)}: `{node.target}` ({type(module).__name__}, batch_first=False) "
+                f"reads its input sequence first, [{', '.join(map(str, shape))}], but dim 0 of the inputs is "
+                f"taken as the batch, which micro-batches split: each would get a piece of every sequence; "
+                f"name the batch dim, ModelSpec(model, inputs, dims={named}), or build the model batch first"
+            )
 
 
 def _items_after_their_tuple(gm: fx.GraphModule) -> None:

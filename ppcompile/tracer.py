@@ -696,7 +696,7 @@ def _custom_function_apply(cls, *args, **kwargs):
     if not cls.__module__.startswith("torch.") and proxies:
         tracer = proxies[0].tracer
         # torch's own apply bound to the class (cls.apply is this stand-in while tracing).
-        return tracer.create_proxy("call_function", _FUNCTION_APPLY.__get__(None, cls), args, kwargs)
+        return tracer.create_proxy("call_function", FunctionApply.of(cls), args, kwargs)
     return _FUNCTION_APPLY.__func__(cls, *args, **kwargs)
 
 
@@ -718,12 +718,36 @@ def _refuse_reentrant_without_gradient(proxies: list[fx.Proxy]) -> None:
         )
 
 
+class FunctionApply:
+    """``cls.apply`` of a model's ``torch.autograd.Function`` as a graph target. Named after the
+    class's module, not torch's (where ``apply`` is defined), so fx's own code for the graph
+    holds the target itself instead of looking ``torch.autograd.function.apply`` up."""
+
+    _made: dict[type, FunctionApply] = {}
+
+    def __init__(self, cls: type):
+        self.function = cls
+        self.__name__ = "apply"
+        self.__qualname__ = f"{cls.__qualname__}.apply"
+        self.__module__ = cls.__module__
+
+    @classmethod
+    def of(cls, function: type) -> FunctionApply:
+        """One target per class, so two calls of it are the same operator."""
+        if function not in cls._made:
+            cls._made[function] = cls(function)
+        return cls._made[function]
+
+    def __call__(self, *args, **kwargs):
+        return _FUNCTION_APPLY.__func__(self.function, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"{self.__qualname__}"
+
+
 def autograd_function(target) -> type | None:
     """The ``torch.autograd.Function`` subclass whose ``apply`` ``target`` is, or None."""
-    owner = getattr(target, "__self__", None)
-    if isinstance(owner, type) and issubclass(owner, torch.autograd.Function) and target.__name__ == "apply":
-        return owner
-    return None
+    return target.function if isinstance(target, FunctionApply) else None
 
 
 _BUILTIN_LEN, _BUILTIN_RANGE = builtins.len, builtins.range

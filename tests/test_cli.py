@@ -104,6 +104,14 @@ from tests.helpers import assert_user_error, ppcompile
             ["use_reentrant=True on x, none of which needs a gradient", "pass use_reentrant=False"],
         ),
         (
+            "tests/fixtures/sequence_first.py:model",
+            "2",
+            [
+                "`layers.0` (TransformerEncoderLayer, batch_first=False) reads its input sequence first",
+                "dims={'src': {0: 's', 1: 'b'}, 'targets': {0: 's', 1: 'b'}}",
+            ],
+        ),
+        (
             "tests/fixtures/untraceable.py:late_bound_checkpoint",
             "2",
             ["checkpoints a lambda that reads `block` from around it", "(lambda t, block=block: ...)"],

@@ -100,6 +100,16 @@ def test_frozen_and_in_place_layers_divide_and_train_as_eager(tmp_path):
         assert result.first_step_losses_equal
 
 
+def test_a_layer_with_hooks_is_never_divided(tmp_path):
+    """Bands compute F.linear on slices of the weight, past the module's hooks: the frozen layer
+    divided above keeps its hooks only whole."""
+    program = load_program(compile_to(tmp_path, "tests/fixtures/divided_edges.py:hooked", 3))
+    assert "frozen" not in [d["layer"] for d in program.data["divided_layers"]]
+    result = verify_in_process(program, steps=2, lr=0.05)
+    assert result.ok, "\n".join(result.lines())
+    assert result.first_step_losses_equal
+
+
 def test_a_divided_layer_before_batchnorm_meets_the_bar(tmp_path):
     """Bands sum their input's gradient band by band, not in the whole layer's order: on a bias
     BatchNorm cancels (zero in exact arithmetic) that leaves rounding noise of about one float32

@@ -442,6 +442,23 @@ def test_custom_autograd_functions_keep_their_backward(tmp_path, stages):
     trains_as_eager(program_dir)
 
 
+@pytest.mark.parametrize("fixture", ["custom_functions", "inplace"])
+def test_profile_times_custom_functions_and_in_place_layers(tmp_path, fixture):
+    # --profile runs fx's own code for the graph, which must hold a Function's apply itself; and it
+    # times nn.ReLU(inplace=True) again and again on one input, whose backward then needs new copies.
+    program_dir = compile_to(
+        tmp_path,
+        f"tests/fixtures/{fixture}.py:model",
+        2,
+        microbatches=4,
+        profile=True,
+        profile_concurrency=1,
+        profile_cache=str(tmp_path / "profiles"),
+    )
+    assert json.loads((program_dir / "program.json").read_text())["config"]["costs_measured_on"] == "cpu"
+    trains_as_eager(program_dir)
+
+
 @pytest.mark.parametrize("stages", [1, 2, 4])
 def test_augmented_assignment_changes_every_name_of_a_tensor(tmp_path, stages):
     # acc += h, h *= 2, flat -= 0.5 change the tensor in place, as eager does, so its other names
@@ -470,6 +487,15 @@ def test_a_scripted_helper_is_traced_through_its_python_function(tmp_path):
     program_dir = compile_to(tmp_path, "tests/fixtures/scripted_helper.py:model", 2, microbatches=4)
     code = "\n".join(stage_codes(program_dir))
     assert code.count("torch.tanh(") == 4 and "bias_gelu" not in code
+    trains_as_eager(program_dir)
+
+
+@pytest.mark.parametrize("stages", [2, 4])
+def test_a_sequence_first_model_splits_its_named_batch_dim(tmp_path, stages):
+    # (T, B) inputs with dims naming dim 1 the batch: micro-batches take whole sequences.
+    program_dir = compile_to(tmp_path, "tests/fixtures/sequence_first.py:named", stages, microbatches=4)
+    program = json.loads((program_dir / "program.json").read_text())
+    assert {tuple(b["shape"]) for b in program["boundaries"]} == {("s", "b", "16")}
     trains_as_eager(program_dir)
 
 

@@ -376,7 +376,9 @@ def _freeing_after_last_use(emitter: _Emitter, statements: list[tuple], kept=())
 def _regions(graph: fx.Graph) -> dict[str, list[fx.Node]]:
     regions: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:
-        if node.meta.get("ppc.checkpoint") is not None:
+        # A value received from the stage before keeps the region of the node that made it there,
+        # where a cut falls inside a recomputed region: it is an input of the region here.
+        if node.meta.get("ppc.checkpoint") is not None and node.op != "placeholder":
             regions.setdefault(node.meta["ppc.checkpoint"], []).append(node)
     return regions
 

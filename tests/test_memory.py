@@ -419,6 +419,19 @@ def test_a_budget_no_cuts_meet_is_one_line_naming_the_layers_that_update_buffers
         compile_model(UNSEEN_CNN, CompileConfig(stages=2, memory_per_device=parse_bytes("1753673B")))
 
 
+def test_a_cut_inside_a_recomputed_layer_passes_what_it_receives_to_the_region(tmp_path):
+    """The cut falls after block 2's first norm, and block 2 is recomputed: the stage after the cut
+    recomputes the rest of it from the norm's output it received."""
+    program_dir = compile_to(
+        tmp_path, "tests/fixtures/zoo.py:llama", 2, microbatches=4, memory_per_device=parse_bytes("822KiB")
+    )
+    code = (program_dir / "stage_1.py").read_text()
+    assert "def _recompute_blocks_2(self, blocks_2_norm1, " in code
+    assert "blocks_2_norm1: [b, s, 32] float32, received from stage 0" in code
+    result = verify_in_process(load_program(program_dir), steps=2, lr=0.05)
+    assert result.ok, "\n".join(result.lines())
+
+
 def test_cuts_are_searched_again_with_layers_recomputed(tmp_path):
     """At this budget the encoder's fastest cuts do not fit even recomputing every block, and no
     cuts fit without recomputation; other cuts with blocks recomputed do, and train as eager."""

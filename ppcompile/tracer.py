@@ -695,7 +695,7 @@ def _custom_function_apply(cls, *args, **kwargs):
         _refuse_reentrant_without_gradient(proxies)
     if not cls.__module__.startswith("torch.") and proxies:
         tracer = proxies[0].tracer
-        # torch's own apply bound to the class (cls.apply is this stand-in while tracing).
+        # One node calling the class's apply (cls.apply is this stand-in while tracing).
         return tracer.create_proxy("call_function", FunctionApply.of(cls), args, kwargs)
     return _FUNCTION_APPLY.__func__(cls, *args, **kwargs)
 

@@ -112,6 +112,14 @@ from tests.helpers import assert_user_error, ppcompile
             ],
         ),
         (
+            "tests/fixtures/untraceable.py:queue_pointer",
+            "2",
+            [
+                "`ptr = int(self.queue_ptr)`: forward reads a tensor's value (int())",
+                "keep the index a tensor",
+            ],
+        ),
+        (
             "tests/fixtures/untraceable.py:late_bound_checkpoint",
             "2",
             ["checkpoints a lambda that reads `block` from around it", "(lambda t, block=block: ...)"],

@@ -629,11 +629,7 @@ def _same_kind_of_tensor(proxy: fx.Proxy, value) -> bool:
     """A module's parameter or buffer and a traced value of its shape and dtype."""
     if proxy.node.op != "get_attr" or not isinstance(value, fx.Proxy):
         return False
-    try:
-        with _untraced():
-            old, new = proxy.tracer._value(proxy.node), value.tracer._value(value.node)
-    except Exception:  # noqa: BLE001 - not computable here: refused as before
-        return False
+    old, new = _value_if_known(proxy), _value_if_known(value)
     return (
         isinstance(old, torch.Tensor)
         and isinstance(new, torch.Tensor)
@@ -655,13 +651,7 @@ def _augmented(in_place, plain):
         """``x += y``: in place where ``x`` is a tensor, as eager runs it. A buffer read from its
         module (``self.steps += 1``) is rebound instead, as ``self.steps = self.steps + 1`` is
         (:meth:`PipelineTracer._record_setattr`), and a number is added to as numbers are."""
-        is_tensor = False
-        if proxy.node.op != "get_attr":
-            try:
-                with _untraced():
-                    is_tensor = isinstance(proxy.tracer._value(proxy.node), torch.Tensor)
-            except Exception:  # noqa: BLE001 - not computable here: as fx traces it
-                pass
+        is_tensor = proxy.node.op != "get_attr" and isinstance(_value_if_known(proxy), torch.Tensor)
         return proxy.tracer.create_proxy(
             "call_function", in_place if is_tensor else plain, (proxy, other), {}
         )
@@ -703,11 +693,9 @@ def _custom_function_apply(cls, *args, **kwargs):
 def _refuse_reentrant_without_gradient(proxies: list[fx.Proxy]) -> None:
     """Reentrant checkpoint on inputs none of which needs a gradient gives eager's checkpointed
     layers no gradient at all (torch warns); the program, which traces through it, would train them."""
-    try:
-        with _untraced():
-            values = [p.tracer._value(p.node) for p in proxies]
-    except Exception:  # noqa: BLE001 - not computable here: traced through as before
-        return
+    values = [_value_if_known(p) for p in proxies]
+    if any(v is _UNKNOWN for v in values):
+        return  # not computable here: traced through as before
     tensors = [v for v in values if isinstance(v, torch.Tensor)]
     if tensors and not any(t.requires_grad for t in tensors) and torch.is_grad_enabled():
         names = ", ".join(p.node.name for p, v in zip(proxies, values) if isinstance(v, torch.Tensor))
@@ -868,6 +856,19 @@ def _traced_proxy_len(proxy: fx.Proxy) -> int:
     raise TypeError(f"len() of a traced {type(value).__name__} outside the model's code")
 
 
+_UNKNOWN = object()  # a value meta tensors cannot compute
+
+
+def _value_if_known(proxy: fx.Proxy) -> object:
+    """The proxy's value for the example inputs, on meta tensors; ``_UNKNOWN`` where that cannot
+    be computed (a tensor's data is read), for callers that then trace as fx does."""
+    try:
+        with _untraced():
+            return proxy.tracer._value(proxy.node)
+    except Exception:  # noqa: BLE001 - any failure means the same: not known here
+        return _UNKNOWN
+
+
 def _example_value(proxy: fx.Proxy, doing: str) -> object:
     """The proxy's value for the example inputs, on meta tensors."""
     try:
@@ -900,11 +901,10 @@ def _static_dtype(proxy: fx.Proxy, name: str):
             "(x * s + (x - x * s).detach() passes x forward and scales its gradient by s)"
         )
     if name == "dtype" and isinstance(proxy.tracer, PipelineTracer):
-        try:
-            with _untraced():
-                return proxy.tracer._value(proxy.node).dtype
-        except Exception:  # noqa: BLE001 - not computable on meta tensors: a node, as fx makes it
-            pass
+        value = _value_if_known(proxy)
+        if hasattr(value, "dtype"):
+            return value.dtype
+        # Not computable on meta tensors: a node, as fx makes it.
     return _PROXY_GETATTR(proxy, name)
 
 

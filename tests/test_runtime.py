@@ -398,11 +398,9 @@ def test_a_momentum_teacher_is_updated_on_the_stage_that_runs_it(tmp_path, stage
     program_dir = compile_to(
         tmp_path, "tests/fixtures/weights_written.py:momentum_teacher", stages, microbatches=4
     )
-    codes = stage_codes(program_dir)
-    for layer in ("0", "2", "4"):
-        updating = [s for s, code in enumerate(codes) if f"self.teacher[{layer}].weight" in code]
-        calling = [s for s, code in enumerate(codes) if f"self.teacher[{layer}](" in code]
-        assert len(calling) == 1 and updating == calling
+    written_where_called(
+        stage_codes(program_dir), [(f"self.teacher[{i}]", f"self.teacher[{i}].weight") for i in (0, 2, 4)]
+    )
     trains_as_eager(program_dir)
 
 
@@ -413,14 +411,13 @@ def test_moco_key_encoder_updated_through_data_and_its_queue_train_as_eager(tmp_
     program_dir = compile_to(
         tmp_path, "tests/fixtures/weights_written.py:momentum_contrast", stages, microbatches=4
     )
-    codes = stage_codes(program_dir)
-    for layer, weight in (
-        ("encoder_k[0][0]", "encoder_k_0_0_weight"),
-        ("encoder_k[2]", "encoder_k_2_weight"),
-    ):
-        updating = [s for s, code in enumerate(codes) if f"{weight}.copy_(" in code]
-        calling = [s for s, code in enumerate(codes) if f"self.{layer}(" in code]
-        assert len(calling) == 1 and updating == calling
+    written_where_called(
+        stage_codes(program_dir),
+        [
+            ("self.encoder_k[0][0]", "encoder_k_0_0_weight.copy_("),
+            ("self.encoder_k[2]", "encoder_k_2_weight.copy_("),
+        ],
+    )
     trains_as_eager(program_dir)
 
 
@@ -497,6 +494,15 @@ def test_a_sequence_first_model_splits_its_named_batch_dim(tmp_path, stages):
     program = json.loads((program_dir / "program.json").read_text())
     assert {tuple(b["shape"]) for b in program["boundaries"]} == {("s", "b", "16")}
     trains_as_eager(program_dir)
+
+
+def written_where_called(codes: list[str], layers: list[tuple[str, str]]) -> None:
+    """Each (layer's call, its weight's write) in stage code: one stage calls the layer, and the
+    weight is written there and nowhere else."""
+    for call, write in layers:
+        updating = [s for s, code in enumerate(codes) if write in code]
+        calling = [s for s, code in enumerate(codes) if f"{call}(" in code]
+        assert len(calling) == 1 and updating == calling, (call, updating, calling)
 
 
 def stage_codes(program_dir) -> list[str]:

@@ -20,7 +20,7 @@ from torch import fx
 
 from ppcompile.context import CompileContext, StageGraph
 from ppcompile.errors import CompileError
-from ppcompile.passes.order_mutations import is_in_place
+from ppcompile.passes.order_mutations import is_in_place, storage_of, written_attribute
 from ppcompile.runtime.spec import MODEL_FILE, MODEL_MODULE_PREFIX
 from ppcompile.runtime.stage import function_attribute
 from ppcompile.tracer import assign_items, autograd_function, rebind_buffer
@@ -227,7 +227,15 @@ def generate_stage(ctx: CompileContext, sg: StageGraph, version: str) -> str:
             methods.append(method)
     body.extend(_freeing_after_last_use(emitter, statements))
     params = [emitter.names[n] for n in sg.graph_inputs + sg.receives + sg.sizes]
-    returns = [f'"{n}": {emitter.names[n]}' for n in sg.sends]
+    # A sent buffer is copied: the rank's sender reads it after the next micro-batch may have
+    # changed it (a step counter forward advances, sent as it is).
+    state_sent = sorted(_state_sent(ctx, sg))
+    returns = [f'"{n}": {emitter.names[n]}' + (".clone()" if n in state_sent else "") for n in sg.sends]
+    copies_note = (
+        [f"        # {', '.join(state_sent)}: a buffer the next micro-batch changes, sent as a copy"]
+        if state_sent
+        else []
+    )
     if sg.returns_loss:
         output = next(n for n in sg.graph.nodes if n.op == "output")
         returns.append(f'"loss": {emitter.value(output.args[0]["loss"])}')
@@ -283,6 +291,7 @@ def generate_stage(ctx: CompileContext, sg: StageGraph, version: str) -> str:
         *send_lines,
         '        """',
         *("        " + line for line in body),
+        *copies_note,
         "        return {" + ", ".join(returns) + "}",
         "",
     ]
@@ -303,6 +312,20 @@ def _mutated_receives(ctx, sg: StageGraph) -> list[str]:
         if in_place and ctx.boundaries[first.name].requires_grad and first.name not in mutated:
             mutated.append(first.name)
     return mutated
+
+
+def _state_sent(ctx, sg: StageGraph) -> set[str]:
+    """Sent tensors that are a buffer this stage writes in place, or a view of one: forward writes
+    it again at the next micro-batch."""
+    modules = ctx.spec.module
+    written = {written_attribute(modules, node) for node in sg.graph.nodes} - {None}
+    state = set()
+    for node in sg.graph.nodes:
+        if node.name in sg.sends:
+            root = storage_of(modules, node)
+            if root.op == "get_attr" and root.target in written:
+                state.add(node.name)
+    return state
 
 
 def _node_lines(emitter: _Emitter, node: fx.Node) -> list[str]:

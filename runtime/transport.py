@@ -136,15 +136,19 @@ class InProcessTransport:
         pass  # the mailbox needs no receive posted ahead
 
     def send(self, key: MessageKey, tensors: list[torch.Tensor], peer_rank: int) -> None:
-        # A copy, as the wire would make: the receiver must not alias the sender's tensors.
-        payload = wire_payload(tensors)
-        self.mailbox[key] = payload.clone() if len(tensors) == 1 else payload
+        # The sender's tensor itself, copied only when received: a real send reads it at some
+        # time before the receive completes (gloo's from the rank's sender thread, after the rank
+        # has gone on computing), so a sent tensor the sender changes later (a buffer forward
+        # updates, sent as it is) arrives changed here as it may over the wire.
+        self.mailbox[key] = wire_payload(tensors)
         self.sent += 1
 
     def try_receive(self, receives: list[Receive], action: str) -> list[list[torch.Tensor]] | None:
         if not all(r.key in self.mailbox for r in receives):
             return None
-        return [r.tensors(self.mailbox.pop(r.key)) for r in receives]
+        # A copy, as the wire makes: the receiver must not alias the sender's tensors (unpack copies).
+        payloads = [self.mailbox.pop(r.key) for r in receives]
+        return [r.tensors(p.clone() if len(r.shapes) == 1 else p) for p, r in zip(payloads, receives)]
 
     def finish_step(self) -> None:
         pass

@@ -238,6 +238,34 @@ def test_pack_round_trips_every_dtype_into_tensors_that_own_their_memory():
     assert not wire_payload([alone]).is_conj() and torch.equal(wire_payload([alone]), alone)
 
 
+def test_the_in_process_transport_reads_a_sent_tensor_when_it_is_received():
+    # As late as a real wire may read it: a tensor the sender changes after sending arrives
+    # changed, so breadth tests in one process catch what a sender thread would get wrong.
+    from ppcompile.runtime.transport import InProcessTransport, MessageKey, Receive
+
+    transport = InProcessTransport()
+    key = MessageKey(microbatch=0, gradient=False, src_stage=0, dst_stage=1)
+    counter = torch.tensor(1)
+    transport.send(key, [counter], peer_rank=1)
+    counter.add_(1)
+    receive = Receive(key, 0, (counter.shape,), (counter.dtype,))
+    ((received,),) = transport.try_receive([receive], "RECV_F 0")
+    assert received.item() == 2
+    assert received.untyped_storage().data_ptr() != counter.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("stages", [3, 4])
+def test_a_buffer_sent_as_it_is_travels_as_a_copy(tmp_path, stages):
+    # The counter is advanced on the first stage and read by the last: sent as the buffer itself,
+    # the next micro-batch's advance would reach the receiver first (the wire reads it late).
+    program_dir = compile_to(tmp_path, "tests/fixtures/buffer_assign.py:warmed_up", stages, microbatches=4)
+    first = stage_codes(program_dir)[0]
+    assert '"add_": add_.clone()' in first
+    assert "# add_: a buffer the next micro-batch changes, sent as a copy" in first
+    assert ".clone()" not in "".join(stage_codes(program_dir)[1:])
+    trains_as_eager(program_dir)
+
+
 def test_a_cut_crossing_several_tensors_is_one_message_per_direction(tmp_path):
     """The encoder's first cut crosses three tensors; each micro-batch sends one message forward and
     one back, and the step still trains like eager."""

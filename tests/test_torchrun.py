@@ -142,3 +142,13 @@ def test_killed_rank_ends_the_others_naming_the_peer(tmp_path):
     assert "error: rank 1:" in output, output[-2000:]
     line = next(line for line in output.splitlines() if line.startswith("error: rank 1:"))
     assert "on rank 0" in line or line.endswith("with rank 0"), line
+
+
+def test_torchrun_sends_a_buffer_forward_changes_as_it_was(tmp_path):
+    # The first stage advances a step counter and sends it to the head; its sender thread reads
+    # the message after the rank has gone on to the next micro-batch, which advances it again.
+    program_dir = compile_to(tmp_path, "tests/fixtures/buffer_assign.py:warmed_up", 3, microbatches=4)
+    record = trained(tmp_path, program_dir, 3)
+    losses, reference, comparison = compare_record(program_dir, record, 3)
+    assert comparison.ok, "\n".join(comparison.lines())
+    assert losses[0] == reference[0][0]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import operator
 
+import torch
 from torch import fx
 
 from ppcompile.check_training import RANDOM_CALLS
@@ -84,6 +85,51 @@ def written_root(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     return storage_of(gm, node.args[0])
 
 
+def written_buffers(gm: fx.GraphModule, node: fx.Node) -> list[str]:
+    """The parameters and buffers ``node`` writes, by name: :func:`written_attribute`'s, or every
+    buffer of a layer whose forward updates its own (BatchNorm's running statistics in training;
+    ``ppc.writes_buffers``, known once ``estimate_costs`` has run)."""
+    name = written_attribute(gm, node)
+    if name is not None:
+        return [name]
+    if node.op == "call_module" and node.meta.get("ppc.writes_buffers"):
+        return [f"{node.target}.{b}" for b, _ in gm.get_submodule(node.target).named_buffers()]
+    return []
+
+
+def _snapshot_module_buffers(gm: fx.GraphModule) -> None:
+    """Point each read of a layer's buffer made after a call of that layer at a copy taken just
+    after the call (``h - self.bn.running_mean`` after ``self.bn(x)``). The call may update the
+    buffer in place (BatchNorm's running statistics), which no node shows: read as an attribute,
+    it would be read on whatever stage the reader falls on, from that rank's own copy, which the
+    layer's stage updates and no other. The copy is a value like any other, sent where it is read,
+    and ``partition_stages.buffer_spans`` keeps it on the call's stage."""
+    position = {node: i for i, node in enumerate(gm.graph.nodes)}
+    buffers = {node.target: node for node in gm.graph.nodes if node.op == "get_attr"}
+    # The last call first: a read after two calls of the layer takes the later one's copy.
+    copies = set()
+    for call in reversed([n for n in gm.graph.nodes if n.op == "call_module"]):
+        for name, _ in gm.get_submodule(call.target).named_buffers():
+            read = buffers.get(f"{call.target}.{name}")
+            later = (
+                [u for u in read.users if u not in copies and position[u] > position[call]] if read else []
+            )
+            if not later:
+                continue
+            after = call
+            if position[read] > position[call]:
+                call.append(read)  # fx put the attribute where forward first read it, after the call
+                after = read
+            with gm.graph.inserting_after(after):
+                copy = gm.graph.create_node(
+                    "call_function", torch.clone, (read,), name=f"{read.name}_after_{call.name}"
+                )
+            copies.add(copy)
+            for user in later:
+                user.replace_input_with(read, copy)
+            position = {node: i for i, node in enumerate(gm.graph.nodes)}
+
+
 def storage_of(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     """The node that made the tensor ``node`` is, or is a view of, through in-place writes."""
     while node.op not in ("get_attr", "placeholder") and node.args and isinstance(node.args[0], fx.Node):
@@ -115,6 +161,7 @@ def order_mutations(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             writes.setdefault(name, []).append(node)
     _refuse_trained_weights_written(gm, ctx, writes)
     _move_writes_to_their_modules(gm, writes)
+    _snapshot_module_buffers(gm)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -64,7 +64,7 @@ from ppcompile.passes.order_mutations import (
     VIEW_METHODS,
     is_view,
     storage_of,
-    written_attribute,
+    written_buffers,
     written_root,
 )
 from ppcompile.tracer import is_effect
@@ -232,8 +232,7 @@ def compute_order(gm: fx.GraphModule) -> list[fx.Node]:
     for node in gm.graph.nodes:
         if (root := written_root(gm, node)) is not None:
             written.add(root.name)
-        if (name := written_attribute(gm, node)) is not None:
-            written.add(name)
+        written.update(written_buffers(gm, node))
     free: set[str] = set()
     order = []
     for node in gm.graph.nodes:
@@ -307,9 +306,12 @@ def _held_together(gm: fx.GraphModule, order: list[fx.Node]) -> list[str]:
     for buffer, first, last in buffer_spans(gm, order):
         between = position[last.name] - position[first.name]
         if between > 1:  # a read and its write side by side (self.steps += 1) hold back nothing
-            last_does = (
-                "written by" if written_attribute(gm, last) is not None else "read by its module's call"
-            )
+            if written_buffers(gm, last):
+                last_does = "written by"
+            elif last.op == "call_module":
+                last_does = "read by its module's call"
+            else:
+                last_does = "read after its write by"
             notes.append(
                 f"buffer `{buffer}` is read by `{first.name}` and {last_does} `{last.name}` {between} nodes "
                 f"later: no cut falls between them, {_HELD_NOTE}"
@@ -327,8 +329,7 @@ def buffer_spans(gm: fx.GraphModule, order: list[fx.Node]) -> list[tuple[str, fx
     position = {node.name: i for i, node in enumerate(order)}
     written: dict[str, list[fx.Node]] = {}  # the writes, then the calls of modules holding it
     for node in order:
-        buffer = written_attribute(gm, node)
-        if buffer is not None:
+        for buffer in written_buffers(gm, node):
             written.setdefault(buffer, []).append(node)
     # Reads through a get_attr after the last write read the write's result (order_mutations):
     # that value is sent like any other. A module's call cannot be pointed at it.
@@ -341,10 +342,12 @@ def buffer_spans(gm: fx.GraphModule, order: list[fx.Node]) -> list[tuple[str, fx
             for buffer in written:
                 if buffer.startswith(node.target + "."):
                     written[buffer].append(node)
+    # A read after the last write is a layer's buffer read after the layer updated it, which
+    # order_mutations points at a copy taken just after the call: that copy stays with it.
     spans = []
     for buffer, nodes in written.items():
         first = min(nodes + read[buffer], key=lambda n: position[n.name])
-        spans.append((buffer, first, max(nodes, key=lambda n: position[n.name])))
+        spans.append((buffer, first, max(nodes + read[buffer], key=lambda n: position[n.name])))
     return spans
 
 

@@ -37,6 +37,22 @@ def test_every_batchnorm_buffer_is_compared_with_eager(batchnorm_program):
     assert eager.buffers["blocks.3.bn.num_batches_tracked"].item() == STEPS * MICROBATCHES
 
 
+@pytest.mark.parametrize("stages", [2, 3, 4])
+def test_a_running_statistic_read_outside_its_layer_is_the_one_the_layer_left(tmp_path, stages):
+    # Read as an attribute after the layer's call, the statistic would come from the reading
+    # rank's own copy, which only the layer's rank updates: the read takes a copy made beside the
+    # call instead, sent like any other value; the read before the first call stays beside it.
+    program_dir = compile_to(tmp_path, "tests/fixtures/verify_batchnorm.py:statistics_read", stages)
+    program = load_program(program_dir)
+    codes = [(program_dir / f"stage_{s}.py").read_text() for s in range(stages)]
+    held = [code for code in codes if "'bn'," in code]
+    assert len(held) == 1 and "= torch.clone(bn_running_mean)" in held[0]
+    assert "bn.running" not in "".join(code for code in codes if code not in held)
+    result = verify_in_process(program, steps=3)
+    assert result.ok, "\n".join(result.lines())
+    assert result.first_step_losses_equal
+
+
 def _corrupt_after_step(monkeypatch, name: str, change):
     """Every pipeline step then changes the buffer ``name`` on whichever rank holds it."""
     step = InProcessPipeline.step

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ppcompile.runtime.actions import Action, ActionKind
 from ppcompile.runtime.executor import RankExecutor, inference_actions, inference_schedule
@@ -148,6 +149,8 @@ def train(program, rank: int, world: int, args) -> int:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=args.timeout))
     # Every rank builds the model from the same factory and seed, then keeps only its stages.
     spec = build_spec(program, args.seed)
+    if args.infer and rank == 0 and (note := training_mode_note(spec.module)):
+        print(note, flush=True)
     transport = DistTransport(
         rank,
         program.num_stages,
@@ -192,6 +195,35 @@ def train(program, rank: int, world: int, args) -> int:
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+# Layers that compute otherwise in training than in evaluation.
+_MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm, nn.RReLU)
+
+
+def training_mode_note(model: nn.Module) -> str | None:
+    """For ``--infer``: a line saying that the program evaluates as its model trains, where the
+    factory built it in training mode and it holds layers that compute otherwise in evaluation.
+    The stage files are the forward traced from that model, ``self.training`` branches decided.
+
+    >>> training_mode_note(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)))[:60]
+    'note: --infer runs the forward as compiled, in training mode'
+    >>> training_mode_note(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)).eval()) is None
+    True
+    """
+    kinds = sorted(
+        {
+            type(m).__name__
+            for m in model.modules()
+            if m.training and isinstance(m, _MODE_DEPENDENT) and getattr(m, "p", 1) != 0
+        }
+    )
+    if not kinds:
+        return None
+    return (
+        f"note: --infer runs the forward as compiled, in training mode ({', '.join(kinds)} as in "
+        "training), only without autograd; to evaluate, compile a factory that returns model.eval()"
+    )
 
 
 def _peak_memory_line(program, rank: int, device: torch.device, args) -> str:

@@ -25,7 +25,7 @@ from ppcompile.runtime.trace import (
     write_trace,
 )
 from ppcompile.runtime.train import InProcessPipeline, batches
-from tests.helpers import compile_to, torchrun_command
+from tests.helpers import build_model, compile_to, torchrun_command
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +132,7 @@ def test_a_measured_trace_states_the_step_around_its_pipeline():
         ("tests/fixtures/llama_rotary.py:model", 3),  # complex frequencies cross both cuts
         ("tests/fixtures/keyword_inputs.py:model", 2),  # inputs by name, a dict returned
         ("tests/fixtures/no_grad_regions.py:linear_probe", 3),  # cuts inside torch.no_grad()
+        ("tests/fixtures/verify_batchnorm.py:evaluated", 3),  # a model.eval(): running statistics
     ],
 )
 def test_in_process_inference_matches_eager_bitwise(tmp_path, ref, stages):
@@ -284,3 +285,14 @@ def test_simulate_replays_a_measured_runs_stage_times(tmp_path, mini_dir):
     assert (
         bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not a trace written by run.py" in bad.stderr
     )
+
+
+def test_infer_says_when_the_program_evaluates_as_its_model_trains():
+    from ppcompile.runtime.main import training_mode_note
+    from tests.fixtures.verify_batchnorm import evaluated, model
+
+    note = training_mode_note(model()[0])
+    assert note.startswith("note: --infer runs the forward as compiled, in training mode (BatchNorm1d")
+    assert note.endswith("compile a factory that returns model.eval()")
+    assert training_mode_note(evaluated()[0]) is None
+    assert training_mode_note(build_model("models/gpt.py:gpt_mini")[0]) is None  # dropout 0: no change

@@ -20,7 +20,7 @@ from torch import fx
 
 from ppcompile.context import CompileContext, StageGraph
 from ppcompile.errors import CompileError
-from ppcompile.passes.order_mutations import is_in_place, storage_of, written_attribute
+from ppcompile.passes.order_mutations import is_in_place, storage_of, written_buffers
 from ppcompile.runtime.spec import MODEL_FILE, MODEL_MODULE_PREFIX
 from ppcompile.runtime.stage import function_attribute
 from ppcompile.tracer import assign_items, autograd_function, rebind_buffer
@@ -315,10 +315,10 @@ def _mutated_receives(ctx, sg: StageGraph) -> list[str]:
 
 
 def _state_sent(ctx, sg: StageGraph) -> set[str]:
-    """Sent tensors that are a buffer this stage writes in place, or a view of one: forward writes
-    it again at the next micro-batch."""
+    """Sent tensors that are a buffer this stage writes (in place, or through a layer's call), or a
+    view of one: forward writes it again at the next micro-batch."""
     modules = ctx.spec.module
-    written = {written_attribute(modules, node) for node in sg.graph.nodes} - {None}
+    written = {name for node in sg.graph.nodes for name in written_buffers(modules, node)}
     state = set()
     for node in sg.graph.nodes:
         if node.name in sg.sends:

@@ -272,7 +272,29 @@ def propagate_shapes(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         node.meta["ppc.nbytes"] = value.numel() * value.element_size()
     _items_after_their_tuple(gm)
     _refuse_batch_along_sequence(gm, ctx)
+    _one_element_loss_as_scalar(gm, ctx)
     return gm
+
+
+def _one_element_loss_as_scalar(gm: fx.GraphModule, ctx: CompileContext) -> None:
+    """A loss of one element in some dims (``loss.unsqueeze(0)``, a DataParallel habit) is
+    trained as eager trains it, ``loss.backward()`` taking it as its one element: the graph
+    returns it reshaped to 0-d, which is what the runtime's micro-batch losses are."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    loss = output.args[0]
+    if not isinstance(loss, fx.Node) or loss.meta.get("ppc.kind") != "tensor":
+        return
+    concrete = loss.meta["ppc.concrete"]
+    if not concrete or any(size != 1 for size in loss.meta["ppc.shape"]):
+        return
+    with gm.graph.inserting_after(loss):
+        scalar = gm.graph.create_node("call_method", "reshape", (loss, ()), name="scalar_loss")
+    scalar.meta.update(loss.meta)
+    scalar.meta.update({"ppc.shape": (), "ppc.concrete": (), "ppc.nbytes": loss.meta["ppc.nbytes"]})
+    output.args = (scalar,)
+    ctx.notes.append(
+        f"the loss has shape {list(concrete)}: the program trains on its one element, as backward() does"
+    )
 
 
 def _batch_first(module: torch.nn.Module) -> bool | None:

@@ -168,6 +168,7 @@ def test_a_random_op_verify_cannot_switch_off_is_named_beside_the_failure(tmp_pa
             "returns_named_tuple",
             "forward returns Prediction (a named tuple): the program trains on its loss, the loss",
         ),
+        ("returns_one_element_loss", "the loss has shape [1]: the program trains on its one element"),
     ],
 )
 def test_a_model_returning_its_loss_beside_other_values_trains_on_that_loss(tmp_path, factory, note):

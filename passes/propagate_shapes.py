@@ -58,17 +58,18 @@ class ValueRecorder(fx.Interpreter):
             with under_regions(node, self.runs_as):
                 result = super().run_node(node)
         except Exception as e:
-            raise NodeFailed(node.name, e) from e
+            raise NodeFailed(node.name, e, [self.values.get(n.name) for n in node.all_input_nodes]) from e
         self.values[node.name] = result
         return result
 
 
 class NodeFailed(RuntimeError):
-    """Running a graph stopped at node ``name`` with ``error``."""
+    """Running a graph stopped at node ``name`` with ``error``; ``inputs`` are the values of its
+    input nodes."""
 
-    def __init__(self, name: str, error: Exception):
+    def __init__(self, name: str, error: Exception, inputs: list | None = None):
         super().__init__(f"{name}: {type(error).__name__}: {error}")
-        self.name, self.error = name, error
+        self.name, self.error, self.inputs = name, error, inputs or []
 
 
 @contextmanager
@@ -211,6 +212,13 @@ def propagate_shapes(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                 f"value as it runs{hint}, which ppcompile cannot: it sizes every value on meta tensors "
                 f"({first_line[:120]})"
             ) from None
+        if node.target is operator.getitem and any(_is_integer_scalar(v) for v in e.inputs[1:]):
+            raise CompileError(
+                f"{source_line(ctx, e.name)}: indexing by a 0-d integer tensor reads its value as an "
+                "int, which ppcompile cannot: it sizes every value from the input shapes; index by a "
+                "1-element tensor and drop its dim (`table[idx.view(1)].squeeze(0)`, or "
+                "`torch.index_select(table, 0, idx.view(1))`)"
+            ) from None
         if node.op == "call_method" and node.target in ("item", "tolist"):
             raise CompileError(
                 f"{source_line(ctx, e.name)}: forward reads a tensor's value ({node.target}()), which "
@@ -294,6 +302,17 @@ def _one_element_loss_as_scalar(gm: fx.GraphModule, ctx: CompileContext) -> None
     output.args = (scalar,)
     ctx.notes.append(
         f"the loss has shape {list(concrete)}: the program trains on its one element, as backward() does"
+    )
+
+
+def _is_integer_scalar(value) -> bool:
+    """A 0-d integer tensor, which torch's indexing reads as an int."""
+    return (
+        isinstance(value, torch.Tensor)
+        and value.dim() == 0
+        and not value.dtype.is_floating_point
+        and not value.dtype.is_complex
+        and value.dtype != torch.bool
     )
 
 

@@ -120,6 +120,15 @@ from tests.helpers import assert_user_error, ppcompile
             ],
         ),
         (
+            "tests/fixtures/untraceable.py:row_at_step",
+            "2",
+            [
+                "`return (self.fc(x) + self.table[self.step]).square().mean()`",
+                "indexing by a 0-d integer tensor reads its value as an int",
+                "table[idx.view(1)].squeeze(0)",
+            ],
+        ),
+        (
             "tests/fixtures/untraceable.py:late_bound_checkpoint",
             "2",
             ["checkpoints a lambda that reads `block` from around it", "(lambda t, block=block: ...)"],

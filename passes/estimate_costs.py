@@ -21,6 +21,10 @@ Keys written on each node:
   ppc.writes_buffers   whether its forward updates a model buffer in place (BatchNorm's running
                        statistics in training, ``self.steps.add_(1)``): running it twice, as
                        recomputation in backward does, would update the buffer twice
+  ppc.dim_order  a tensor whose memory is dense but not in its dims' order (``a.transpose(1, 2) +
+                 b`` takes the transposed layout): its dims outermost first in memory, as CPU
+                 kernels lay it out (:func:`device_layouts`); else (). A send keeps that layout,
+                 so the consumer's kernels (a BatchNorm's reduction) sum in the order eager's do
 """
 
 from __future__ import annotations
@@ -64,11 +68,13 @@ ZERO = NodeCost(0.0, 0.0, 0.0, 0.0, (), 0.0, 0.0, 0.0)
 def estimate_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     values = run_meta(gm, ctx, ctx.symbol_values)
     device_values = run_fake_cpu(gm, ctx, ctx.symbol_values)
+    layouts = device_layouts(gm, ctx, device_values)
     cache: dict[tuple, tuple] = {}
     buffers = {StorageWeakRef(b.untyped_storage()) for b in gm.buffers()}
     for node in gm.graph.nodes:
         node.meta["ppc.view_of"] = None
         node.meta["ppc.writes_buffers"] = writes_buffers(gm, node, values, buffers)
+        node.meta["ppc.dim_order"] = memory_order(layouts.get(node.name))
         if costs_nothing(node):
             node.meta["ppc.cost"] = ZERO
             continue
@@ -200,6 +206,85 @@ def writes_buffers(gm: fx.GraphModule, node: fx.Node, values: dict, buffers: set
         return module is not None
     owned = {StorageWeakRef(b.untyped_storage()) for b in module.buffers()} if module is not None else set()
     return bool(recorder.written & (buffers | owned))
+
+
+def device_layouts(gm: fx.GraphModule, ctx: CompileContext, device_values: dict) -> dict[str, object]:
+    """Every node's value as CPU kernels lay it out, as meta tensors of those strides (non-tensor
+    values as ``device_values`` has them). Fake tensors take their layouts from decompositions,
+    which differ from the kernels': BatchNorm's output is laid out like its input on fake tensors,
+    contiguous on CPU. So each node runs for real on zeros laid out as its inputs came out, where
+    its tensors fit in ``REAL_RUN_BYTES`` (identical nodes once); elsewhere, and where an op
+    rejects zeros, its fake value's layout stands."""
+    layouts: dict[str, object] = {}
+    cache: dict[tuple, object] = {}
+    runs_as = autocast_on_cpu(ctx)
+    for node in gm.graph.nodes:
+        fake = device_values.get(node.name)
+        input_nodes = _arg_nodes(node)
+        inputs = [layouts.get(n.name) for n in input_nodes]
+        touched = sum(t.numel() * t.element_size() for t in [*inputs, fake] if isinstance(t, torch.Tensor))
+        if costs_nothing(node) or touched > REAL_RUN_BYTES or not _holds_tensor(fake):
+            layouts[node.name] = _as_meta(fake)
+            continue
+        key = (_signature(gm, node, layouts), node.meta.get("ppc.regions"))
+        if key not in cache:
+            cache[key] = _real_layout(gm, node, dict(zip((n.name for n in input_nodes), inputs)), runs_as)
+        layouts[node.name] = _as_meta(fake) if cache[key] is None else cache[key]
+    return layouts
+
+
+def _real_layout(gm: fx.GraphModule, node: fx.Node, inputs: dict, runs_as: dict):
+    """The node's output run on CPU zeros laid out as ``inputs`` (meta tensors), as meta tensors of
+    its strides; None where the op rejects zeros."""
+
+    def zeros(v):
+        if not isinstance(v, torch.Tensor):
+            return v
+        t = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="cpu").zero_()
+        return t.requires_grad_(v.requires_grad) if v.requires_grad else t
+
+    module = gm.get_submodule(node.target) if node.op == "call_module" else None
+    try:
+        on_cpu = copy.deepcopy(module).to_empty(device="cpu") if module is not None else None
+        by_name = {name: zeros(v) for name, v in inputs.items()}
+        # A leaf that requires grad cannot be changed in place: pass a copy laid out as it is.
+        by_name = {
+            n: v.clone() if isinstance(v, torch.Tensor) and v.requires_grad else v for n, v in by_name.items()
+        }
+        args = fx.node.map_arg(node.args, lambda n: by_name[n.name])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: by_name[n.name])
+        with under_regions(node, runs_as):
+            return _as_meta(_call(gm, node, on_cpu, args, kwargs))
+    except Exception:  # noqa: BLE001 - an op that rejects zeros as data
+        return None
+
+
+def _holds_tensor(value) -> bool:
+    return any(isinstance(v, torch.Tensor) for v in _flatten(value))
+
+
+def _as_meta(value):
+    """``value`` with each tensor replaced by a meta tensor of its shape, strides and dtype."""
+    if isinstance(value, torch.Tensor):
+        meta = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+        return meta.requires_grad_(value.requires_grad) if value.requires_grad else meta
+    if isinstance(value, (tuple, list)):
+        return type(value)(_as_meta(v) for v in value) if not hasattr(value, "_fields") else value
+    return value
+
+
+def memory_order(value) -> tuple[int, ...]:
+    """The dims of a dense tensor not stored in their own order, outermost first in memory; ()
+    for a contiguous tensor, one with gaps or overlaps (a slice, an expand), or no tensor.
+
+    >>> memory_order(torch.zeros(2, 3, 4).transpose(1, 2))
+    (0, 2, 1)
+    """
+    if not isinstance(value, torch.Tensor) or value.is_contiguous() or value.is_sparse:
+        return ()
+    # Ties (dims of size 1) keep their own order.
+    order = tuple(sorted(range(value.dim()), key=lambda d: (-value.stride(d), d)))
+    return order if value.permute(order).is_contiguous() else ()
 
 
 def _takes_from_view_tuple(node: fx.Node) -> bool:

@@ -57,6 +57,7 @@ def split_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             requires_grad=node.meta["ppc.requires_grad"],
             producer=stage,
             consumers=tuple(consumers),
+            dim_order=node.meta.get("ppc.dim_order", ()),
         )
     ctx.boundaries = boundaries
 

@@ -56,6 +56,9 @@ class BoundaryTensor:
     requires_grad: bool  # a gradient travels back to the producer
     producer: int
     consumers: tuple[int, ...]
+    # Its dims outermost first in memory where not their own order (estimate_costs' ppc.dim_order):
+    # the wire carries it so, and the consumer gets the producer's layout.
+    dim_order: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

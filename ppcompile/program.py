@@ -160,6 +160,8 @@ def build_program(
                 "producer": b.producer,
                 "consumers": list(b.consumers),
                 "text": describe_boundary(b),
+                # Present where its memory is not in its dims' order: the order the wire keeps.
+                **({"dim_order": list(b.dim_order)} if b.dim_order else {}),
             }
             for b in ctx.boundaries.values()
         ],

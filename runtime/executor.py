@@ -630,7 +630,9 @@ class RankExecutor:
             out = self.outputs[(stage, m)] if torch.is_grad_enabled() else self.outputs.pop((stage, m))
             for consumer, names in self.messages[stage].activations_out.items():
                 key = MessageKey(m, False, stage, consumer)
-                self.transport.send(key, [out[n] for n in names], self.rank_of_stage[consumer])
+                self.transport.send(
+                    key, [out[n] for n in names], self.rank_of_stage[consumer], self._dim_orders(names)
+                )
         elif action.kind == ActionKind.B:
             self._backward(stage, m, info)
         elif action.kind == ActionKind.I:
@@ -641,7 +643,9 @@ class RankExecutor:
             grads = self.input_grads.pop((stage, m), {})
             for producer, names in self.messages[stage].gradients_out.items():
                 key = MessageKey(m, True, stage, producer)
-                self.transport.send(key, [grads[n] for n in names], self.rank_of_stage[producer])
+                self.transport.send(
+                    key, [grads[n] for n in names], self.rank_of_stage[producer], self._dim_orders(names)
+                )
         else:
             raise NotImplementedError(
                 f"rank {self.rank}: action {action} is not supported by this runtime yet"
@@ -715,6 +719,11 @@ class RankExecutor:
             keys = self._keys_cache[cache_key] = self._make_receive_keys(action)
         return keys
 
+    def _dim_orders(self, names) -> tuple[tuple[int, ...], ...]:
+        """Per boundary tensor, its dims outermost first in memory, which its message keeps (a
+        gradient's too: autograd lays a tensor's gradient out like the tensor)."""
+        return tuple(tuple(self.boundaries[n].get("dim_order", ())) for n in names)
+
     def _make_receive_keys(self, action: Action) -> tuple[list[Receive], list[tuple[str, ...]]]:
         """The receive action's messages, and per message the boundary tensors it carries."""
         stage, m = action.stage, action.microbatch
@@ -725,7 +734,7 @@ class RankExecutor:
             shapes = tuple(self._shape(self.boundaries[n], m) for n in names)
             dtypes = tuple(dtype_of(self.boundaries[n]["dtype"]) for n in names)
             key = MessageKey(m, gradient, peer, stage)
-            receives.append(Receive(key, self.rank_of_stage[peer], shapes, dtypes))
+            receives.append(Receive(key, self.rank_of_stage[peer], shapes, dtypes, self._dim_orders(names)))
             carried.append(names)
         return receives, carried
 

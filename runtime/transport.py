@@ -5,7 +5,10 @@ A cut inside a transformer block crosses the residual stream and the block's inn
 message instead of two halves what the cut costs in send calls, which on a shared CPU cost
 more than the bytes. Several tensors travel packed end to end in one byte buffer
 (:func:`pack`); the receiver copies them out (:func:`unpack`), so each received tensor owns its
-memory, as a tensor sent alone does. A message of one tensor is sent as it is.
+memory, as a tensor sent alone does. A message of one tensor is sent as it is. A tensor whose
+memory is not in its dims' order (``x + a.transpose(1, 2)``) travels in its memory's order, given by
+the program (``dim_order``), and arrives laid out as it left: a kernel that reduces over it (a
+BatchNorm) then sums in the order eager's does.
 
 ``DistTransport`` uses ``torch.distributed`` (gloo on CPU, NCCL on GPUs): sends are posted
 at once and completed lazily (on gloo from a thread of the rank's own, :class:`GlooSender`,
@@ -54,24 +57,50 @@ class Receive:
     peer_rank: int
     shapes: tuple[torch.Size, ...]
     dtypes: tuple[torch.dtype, ...]
+    # Per tensor, its dims outermost first in memory; () for its dims' own order.
+    dim_orders: tuple[tuple[int, ...], ...] = ()
 
     def wire_buffer(self, device: torch.device) -> torch.Tensor:
         """An empty buffer for the message as it travels."""
         if len(self.shapes) == 1:
-            return torch.empty(self.shapes[0], dtype=wire_dtype(self.dtypes[0]), device=device)
+            shape = in_memory_order(self.shapes[0], self._dim_order(0))
+            return torch.empty(shape, dtype=wire_dtype(self.dtypes[0]), device=device)
         return torch.empty(packed_size(self.shapes, self.dtypes), dtype=torch.uint8, device=device)
 
     def tensors(self, buffer: torch.Tensor) -> list[torch.Tensor]:
         """The tensors the message carries, from its wire buffer."""
         if len(self.shapes) == 1:
-            return [buffer.bool() if self.dtypes[0] == torch.bool else buffer]
-        return unpack(buffer, self.shapes, self.dtypes)
+            tensor = buffer.bool() if self.dtypes[0] == torch.bool else buffer
+            return [from_memory_order(tensor, self._dim_order(0))]
+        return unpack(buffer, self.shapes, self.dtypes, self.dim_orders)
+
+    def _dim_order(self, index: int) -> tuple[int, ...]:
+        return self.dim_orders[index] if self.dim_orders else ()
 
 
-def wire_bytes_of(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` as the bytes it holds: detached, contiguous, and with a lazy conjugate or negation
-    (``w.conj()`` of a complex weight) applied, since neither survives a view as bytes."""
-    return tensor.detach().resolve_conj().resolve_neg().contiguous()
+def in_memory_order(shape, dim_order: tuple[int, ...]) -> torch.Size:
+    """``shape``'s sizes outermost first in memory: the shape of the tensor as it travels.
+
+    >>> in_memory_order(torch.Size([2, 3, 4]), (0, 2, 1))
+    torch.Size([2, 4, 3])
+    """
+    return torch.Size([shape[d] for d in dim_order]) if dim_order else torch.Size(shape)
+
+
+def from_memory_order(travelled: torch.Tensor, dim_order: tuple[int, ...]) -> torch.Tensor:
+    """The tensor that travelled in memory order, as a view with its own dims' order again."""
+    if not dim_order:
+        return travelled
+    inverse = sorted(range(len(dim_order)), key=dim_order.__getitem__)
+    return travelled.permute(inverse)
+
+
+def wire_bytes_of(tensor: torch.Tensor, dim_order: tuple[int, ...] = ()) -> torch.Tensor:
+    """``tensor`` as the bytes it holds: detached, contiguous in ``dim_order`` (its dims outermost
+    first in memory; () for their own order), and with a lazy conjugate or negation (``w.conj()``
+    of a complex weight) applied, since neither survives a view as bytes."""
+    tensor = tensor.detach().resolve_conj().resolve_neg()
+    return (tensor.permute(dim_order) if dim_order else tensor).contiguous()
 
 
 def wire_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -92,7 +121,7 @@ def packed_size(shapes, dtypes) -> int:
     return _offsets(shapes, dtypes)[1]
 
 
-def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
+def pack(tensors: list[torch.Tensor], dim_orders=()) -> torch.Tensor:
     """The tensors' bytes end to end in one uint8 buffer, each at an ``ALIGNMENT`` boundary.
 
     >>> a, b = torch.arange(3.0), torch.tensor([True, False])
@@ -102,27 +131,34 @@ def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
     shapes, dtypes = [t.shape for t in tensors], [t.dtype for t in tensors]
     offsets, size = _offsets(shapes, dtypes)
     buffer = torch.empty(size, dtype=torch.uint8, device=tensors[0].device)
-    for tensor, start in zip(tensors, offsets):
-        flat = wire_bytes_of(tensor).reshape(-1).view(torch.uint8)
+    for tensor, order, start in zip(tensors, dim_orders or [()] * len(tensors), offsets):
+        flat = wire_bytes_of(tensor, order).reshape(-1).view(torch.uint8)
         buffer[start : start + flat.numel()].copy_(flat)
     return buffer
 
 
-def unpack(buffer: torch.Tensor, shapes, dtypes) -> list[torch.Tensor]:
-    """The tensors :func:`pack` put into ``buffer``, each a copy with its own memory."""
+def unpack(buffer: torch.Tensor, shapes, dtypes, dim_orders=()) -> list[torch.Tensor]:
+    """The tensors :func:`pack` put into ``buffer``, each a copy with its own memory, laid out in
+    memory as ``dim_orders`` says (each clone keeps its view's layout)."""
     offsets, _ = _offsets(shapes, dtypes)
     return [
-        buffer[start : start + shape.numel() * dtype.itemsize].view(dtype).reshape(shape).clone()
-        for shape, dtype, start in zip(shapes, dtypes, offsets)
+        from_memory_order(
+            buffer[start : start + shape.numel() * dtype.itemsize]
+            .view(dtype)
+            .reshape(in_memory_order(shape, order)),
+            order,
+        ).clone()
+        for shape, dtype, order, start in zip(shapes, dtypes, dim_orders or [()] * len(shapes), offsets)
     ]
 
 
-def wire_payload(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """What travels for a message of these tensors: the tensor itself when alone, else :func:`pack`."""
+def wire_payload(tensors: list[torch.Tensor], dim_orders=()) -> torch.Tensor:
+    """What travels for a message of these tensors: the tensor itself when alone, else :func:`pack`;
+    each in its memory order (``dim_orders``, per tensor; () or empty for their dims' own)."""
     if len(tensors) == 1:
-        payload = wire_bytes_of(tensors[0])
+        payload = wire_bytes_of(tensors[0], dim_orders[0] if dim_orders else ())
         return payload.to(wire_dtype(payload.dtype))
-    return pack(tensors)
+    return pack(tensors, dim_orders)
 
 
 class InProcessTransport:
@@ -135,12 +171,12 @@ class InProcessTransport:
     def post(self, receives: list[Receive], action: str) -> None:
         pass  # the mailbox needs no receive posted ahead
 
-    def send(self, key: MessageKey, tensors: list[torch.Tensor], peer_rank: int) -> None:
+    def send(self, key: MessageKey, tensors: list[torch.Tensor], peer_rank: int, dim_orders=()) -> None:
         # The sender's tensor itself, copied only when received: a real send reads it at some
         # time before the receive completes (gloo's from the rank's sender thread, after the rank
         # has gone on computing), so a sent tensor the sender changes later (a buffer forward
         # updates, sent as it is) arrives changed here as it may over the wire.
-        self.mailbox[key] = wire_payload(tensors)
+        self.mailbox[key] = wire_payload(tensors, dim_orders)
         self.sent += 1
 
     def try_receive(self, receives: list[Receive], action: str) -> list[list[torch.Tensor]] | None:
@@ -186,8 +222,8 @@ class DistTransport:
             GlooSender(self, preempts=sender_preempts) if send_thread and self.upward is not None else None
         )
 
-    def send(self, key: MessageKey, tensors: list[torch.Tensor], peer_rank: int) -> None:
-        payload = wire_payload(tensors)
+    def send(self, key: MessageKey, tensors: list[torch.Tensor], peer_rank: int, dim_orders=()) -> None:
+        payload = wire_payload(tensors, dim_orders)
         where = f"sending to stage {key.dst_stage} on rank {peer_rank}"
         group = self.group(self.rank, peer_rank)
         if self.sender is not None:

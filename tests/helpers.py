@@ -103,6 +103,13 @@ def compare_record(program_dir: Path, record: Path, ranks: int, steps: int = 3, 
         torch.set_num_threads(threads)
     reference = (eager.losses, eager.gradients, eager.parameters)
     comparison = compare(
-        losses, grads, params, reference, rtol=1e-5, buffers=buffers, reference_buffers=eager.buffers
+        losses,
+        grads,
+        params,
+        reference,
+        rtol=1e-5,
+        buffers=buffers,
+        reference_buffers=eager.buffers,
+        initial_parameters=eager.initial_parameters,
     )
     return losses, reference, comparison

@@ -238,6 +238,31 @@ def test_pack_round_trips_every_dtype_into_tensors_that_own_their_memory():
     assert not wire_payload([alone]).is_conj() and torch.equal(wire_payload([alone]), alone)
 
 
+@pytest.mark.parametrize("alone", [True, False])
+def test_a_tensor_travels_in_its_memory_order_and_arrives_laid_out_as_it_left(alone):
+    # (B, T, C) lying in memory as (B, C, T), and attention's (B, T, C) output as (T, B, C): each
+    # arrives with the sender's strides, packed in a message with others or alone.
+    from ppcompile.runtime.transport import InProcessTransport, MessageKey, Receive
+
+    stream = torch.randn(4, 8, 6).transpose(1, 2)
+    attention = torch.randn(6, 4, 8).transpose(0, 1)
+    plain = torch.randn(4, 6)
+    sent = [stream] if alone else [stream, attention, plain]
+    orders = ((0, 2, 1), (1, 0, 2), ())[: len(sent)]
+    transport = InProcessTransport()
+    key = MessageKey(microbatch=0, gradient=False, src_stage=0, dst_stage=1)
+    transport.send(key, sent, peer_rank=1, dim_orders=orders)
+    receive = Receive(key, 0, tuple(t.shape for t in sent), tuple(t.dtype for t in sent), orders)
+    ((*received,),) = transport.try_receive([receive], "RECV_F 0")
+    for before, after in zip(sent, received):
+        assert torch.equal(after, before) and after.stride() == before.stride()
+        assert after.untyped_storage().data_ptr() != before.untyped_storage().data_ptr()
+    # A tensor the sender holds in another layout than the program says still arrives whole.
+    transport.send(key, [stream.contiguous()] + sent[1:], peer_rank=1, dim_orders=orders)
+    ((first, *_),) = transport.try_receive([receive], "RECV_F 0")
+    assert torch.equal(first, stream) and first.stride() == stream.stride()
+
+
 def test_the_in_process_transport_reads_a_sent_tensor_when_it_is_received():
     # As late as a real wire may read it: a tensor the sender changes after sending arrives
     # changed, so breadth tests in one process catch what a sender thread would get wrong.
@@ -302,6 +327,28 @@ def test_gradient_comparison_tolerates_rounding_noise_of_a_zero_gradient_but_not
     wrong = {"w": torch.tensor([0.1, -0.2 + 2e-5]), "cancelled": torch.tensor([4e-9, -7e-9])}
     result = compare([[1.0]], wrong, params, reference)
     assert not result.ok and result.worst_gradient == "w"
+
+
+def test_parameter_comparison_tolerates_a_parameter_made_of_noisy_updates_but_not_a_wrong_one():
+    """nn.MultiheadAttention's output bias starts at zero; before a BatchNorm its gradient is rounding
+    noise, so after a few steps it holds nothing but noise, ~1e-11 beside updates of ~1e-3. It is
+    compared against a share of the model's largest update, as such a gradient is against the
+    largest gradient; an ordinary parameter off by 1e-4 is still a difference."""
+    from ppcompile.check_training import compare
+
+    grads = {"w": torch.tensor([0.1, -0.2]), "bias": torch.tensor([0.0, 0.0])}
+    initial = {"w": torch.tensor([1.0, -1.0]), "bias": torch.zeros(2)}
+    trained = {"w": torch.tensor([1.001, -1.002]), "bias": torch.tensor([3e-11, -2e-11])}
+    reference = ([[1.0]], grads, trained)
+    noisy = {"w": trained["w"], "bias": torch.tensor([-1e-11, 4e-11])}
+    assert not compare([[1.0]], grads, noisy, reference).ok  # against its own scale: off entirely
+    assert compare([[1.0]], grads, noisy, reference, initial_parameters=initial).ok
+    wrong = {"w": torch.tensor([1.001, -1.002 + 1e-4]), "bias": trained["bias"]}
+    result = compare([[1.0]], grads, wrong, reference, initial_parameters=initial)
+    assert not result.ok and result.worst_parameter == "w"
+    stuck = {"w": trained["w"], "bias": torch.tensor([3e-11, 1e-4])}  # a real update it lacks or gained
+    result = compare([[1.0]], grads, stuck, reference, initial_parameters=initial)
+    assert not result.ok and result.worst_parameter == "bias"
 
 
 def test_rank_device_gives_each_local_rank_a_gpu_or_says_why_not(monkeypatch):

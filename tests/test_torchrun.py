@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from ppcompile.runtime.loader import load_program
 from tests.helpers import compare_record, compile_to, torchrun_command
 
 AUTOCAST = "tests/fixtures/autocast_regions.py:model"
@@ -152,3 +153,17 @@ def test_torchrun_sends_a_buffer_forward_changes_as_it_was(tmp_path):
     losses, reference, comparison = compare_record(program_dir, record, 3)
     assert comparison.ok, "\n".join(comparison.lines())
     assert losses[0] == reference[0][0]
+
+
+def test_torchrun_keeps_a_sent_tensors_memory_layout(tmp_path):
+    # The stream lies in memory channel by channel and attention's output as a transposed view:
+    # each crosses gloo in its memory order and arrives laid out as eager has it, so the BatchNorms
+    # after the cut sum as eager's do.
+    program_dir = compile_to(
+        tmp_path, "tests/fixtures/verify_batchnorm.py:channel_norm_stream", 2, microbatches=4
+    )
+    assert any("dim_order" in b for b in load_program(program_dir).data["boundaries"])
+    record = trained(tmp_path, program_dir, 2)
+    losses, reference, comparison = compare_record(program_dir, record, 2)
+    assert comparison.ok, "\n".join(comparison.lines())
+    assert losses[0] == reference[0][0] and comparison.max_gradient_difference == 0.0

@@ -247,3 +247,18 @@ def test_an_encoder_in_eval_mode_given_a_padding_mask_stays_whole(tmp_path):
     assert any("encoder" in held for held in _stage_modules(program))
     result = verify_in_process(program, steps=STEPS, lr=0.05)
     assert result.ok, "\n".join(result.lines())
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4])
+def test_a_stream_laid_out_channel_by_channel_arrives_laid_out_so(tmp_path, stages):
+    # Sent contiguous, the stream reached the next BatchNorm in another memory order than eager's,
+    # which then summed in another order: gradients 1e-6 apart, and the zero-initialised attention
+    # output bias, which BatchNorm cancels and so holds only rounding noise, entirely apart.
+    program_dir = compile_to(tmp_path, "tests/fixtures/verify_batchnorm.py:channel_norm_stream", stages)
+    program = load_program(program_dir)
+    orders = {tuple(b["dim_order"]) for b in program.data["boundaries"] if "dim_order" in b}
+    assert orders and orders <= {(0, 2, 1), (1, 0, 2)}  # the stream's (B, d, T); attention's (T, B, d)
+    result = verify_in_process(program, steps=3)
+    assert result.ok, "\n".join(result.lines())
+    assert result.first_step_losses_equal
+    assert result.max_gradient_difference == 0.0 and result.max_parameter_difference == 0.0

@@ -247,8 +247,10 @@ def test_a_tensor_travels_in_its_memory_order_and_arrives_laid_out_as_it_left(al
     stream = torch.randn(4, 8, 6).transpose(1, 2)
     attention = torch.randn(6, 4, 8).transpose(0, 1)
     plain = torch.randn(4, 6)
-    sent = [stream] if alone else [stream, attention, plain]
-    orders = ((0, 2, 1), (1, 0, 2), ())[: len(sent)]
+    mask = torch.rand(4, 6).t() > 0.5  # bool travels as uint8
+    spectrum = torch.randn(6, 4, dtype=torch.complex64).t()
+    sent = [stream] if alone else [stream, attention, plain, mask, spectrum]
+    orders = ((0, 2, 1), (1, 0, 2), (), (1, 0), (1, 0))[: len(sent)]
     transport = InProcessTransport()
     key = MessageKey(microbatch=0, gradient=False, src_stage=0, dst_stage=1)
     transport.send(key, sent, peer_rank=1, dim_orders=orders)

@@ -302,7 +302,7 @@ def eager_training(
         step_losses = []
         before = rng_states(device)
         for mb in microbatches:
-            loss = loss_of(call_forward(model, names, [mb[n].to(device) for n in names]))
+            loss = loss_of(call_forward(model, names, [mb[n].to(device) for n in names], spec.input_groups))
             (loss / len(microbatches)).backward()
             step_losses.append(float(loss.detach()))
         drew |= moved(before, rng_states(device))

@@ -145,7 +145,7 @@ def _worker(path: str, factory: str, rank: int, ranks: int, threads: int, store:
     params = [p for p in spec.module.parameters() if p.requires_grad]
 
     def step():
-        loss = loss_of(call_forward(spec.module, spec.input_names, spec.example_inputs))
+        loss = loss_of(call_forward(spec.module, spec.input_names, spec.example_inputs, spec.input_groups))
         torch.autograd.grad([loss], params, allow_unused=True)
 
     for _ in range(2):

@@ -48,8 +48,8 @@ def load_context(ref_text: str, config: CompileConfig) -> CompileContext:
         if not isinstance(example, torch.Tensor):
             raise CompileError(
                 f"{ref}: example input {name!r} is a {type(example).__name__}; forward's inputs must be "
-                "tensors: give a dict's or list's tensors as inputs of their own (forward(x, y)) and a "
-                "number as a 0-d tensor"
+                "tensors or dicts of tensors: give a list's tensors as inputs of their own (forward(x, y)) "
+                "and a number as a 0-d tensor"
             )
     # A 0-d input (a scale, a temperature) has no batch dim: every micro-batch shares it.
     dims = {name: {0: "b"} if x.dim() else {} for name, x in zip(input_names, spec.example_inputs)}
@@ -190,7 +190,7 @@ def _picked_loss(ctx: CompileContext, returned) -> tuple[fx.Node, str, str, str]
 def _trace_at(ctx: CompileContext, example_inputs, dims: str = "") -> tuple[PipelineTracer, fx.Graph]:
     """The tracer (with the conditions it decided) and graph for these example inputs; ``dims``
     names the --dims they stand for, where they are not the factory's."""
-    tracer = PipelineTracer(dict(zip(ctx.input_names, example_inputs)), ctx.ref.path)
+    tracer = PipelineTracer(dict(zip(ctx.input_names, example_inputs)), ctx.ref.path, ctx.spec.input_groups)
     try:
         graph = tracer.trace(ctx.spec.module)
         tracer.drop_conditions(graph)
@@ -213,7 +213,9 @@ def source_line(ctx: CompileContext, node_name: str) -> str:
     """``file:line: `code``` of the model code that made node ``node_name``, found by tracing again
     with fx's stack traces on (too slow to keep on for every compile); the model file alone where
     none is found."""
-    tracer = PipelineTracer(dict(zip(ctx.input_names, ctx.spec.example_inputs)), ctx.ref.path)
+    tracer = PipelineTracer(
+        dict(zip(ctx.input_names, ctx.spec.example_inputs)), ctx.ref.path, ctx.spec.input_groups
+    )
     tracer.record_stack_traces = True
     try:
         graph = tracer.trace(ctx.spec.module)

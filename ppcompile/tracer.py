@@ -76,12 +76,19 @@ class PipelineTracer(fx.Tracer):
 
     proxy_buffer_attributes = True
 
-    def __init__(self, example_inputs: dict[str, object] | None = None, model_path: str | None = None):
+    def __init__(
+        self,
+        example_inputs: dict[str, object] | None = None,
+        model_path: str | None = None,
+        input_groups=(),
+    ):
         super().__init__()
         self.example_inputs = {
             name: t.to("meta") if isinstance(t, torch.Tensor) else t
             for name, t in (example_inputs or {}).items()
         }
+        # forward's inputs given as dicts of tensors: name -> keys (ModelSpec.input_groups).
+        self.input_groups = dict(input_groups)
         self.model_path = model_path
         self.decided: list[tuple[str, bool | int]] = []
         self._values: dict[fx.Node, object] = {}
@@ -192,10 +199,10 @@ class PipelineTracer(fx.Tracer):
             warnings.filterwarnings("ignore", message="Was not able to add assertion")
             graph = super().trace(root, concrete_args)
             self._refuse_late_bound_checkpoints()
-            if concrete_args:
-                _erase_constant_inputs(graph, set(self.example_inputs), set(concrete_args))
-                # A tuple default makes fx flatten forward's inputs through a pytree spec; with
-                # the constants gone the inputs are the example's tensors, flat.
+            if concrete_args or self.input_groups:
+                _erase_constant_inputs(graph, set(self.example_inputs), set(concrete_args or ()))
+                # A tuple default or a dict input makes fx flatten forward's inputs through a
+                # pytree spec; with the constants gone the inputs are the example's tensors, flat.
                 graph._codegen = fx.graph.CodeGen()
             return graph
 
@@ -230,7 +237,7 @@ class PipelineTracer(fx.Tracer):
         """forward's inputs the example inputs do not give, at their defaults: traced as
         placeholders they would be Proxies, never None, and ``if mask is not None`` would take
         the branch eager does not."""
-        given = set(self.example_inputs)
+        given = set(self.example_inputs) | set(self.input_groups)
         return {
             name: p.default
             for name, p in inspect.signature(root.forward).parameters.items()
@@ -238,6 +245,14 @@ class PipelineTracer(fx.Tracer):
             and p.default is not p.empty
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         }
+
+    def _proxy_placeholder(self, name, concrete_args, sig, fn_for_analysis):
+        keys = self.input_groups.get(name)
+        if keys is None:
+            return super()._proxy_placeholder(name, concrete_args, sig, fn_for_analysis)
+        # A dict input (forward(self, batch), batch["x"]): forward gets a dict of one placeholder
+        # per entry, named as ModelSpec names the entry (batch_x), so the graph's inputs are flat.
+        return {key: self.create_proxy("placeholder", f"{name}_{key}", (), {}) for key in keys}
 
     def _traced_parameters(
         self, module: nn.Module, prefix: str, recurse: bool, remove_duplicate: bool, caller

@@ -81,7 +81,11 @@ class ModelSpec:
     # example inputs or a dict by name.
     data: Callable[[int, int], Iterator[tuple[torch.Tensor, ...] | Mapping[str, torch.Tensor]]] | None = None
     # The names of forward's inputs the example inputs give, in forward's order (set by as_spec).
+    # An input given as a dict of tensors (``forward(self, batch)``, ``batch["x"]``) counts as one
+    # input per entry, named ``batch_x``; ``dims`` and the data function's dicts name them so.
     input_names: tuple[str, ...] = ()
+    # Per forward input given as a dict of tensors: its name and its keys, in order (set by as_spec).
+    input_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 def as_spec(made: ModelSpec | tuple) -> ModelSpec:
@@ -96,7 +100,69 @@ def as_spec(made: ModelSpec | tuple) -> ModelSpec:
             f"a factory must return (module, example_inputs) or a ModelSpec, got {type(made).__name__}"
         )
     names, inputs = _forward_inputs(spec.module, spec.example_inputs)
-    return dataclasses.replace(spec, example_inputs=inputs, input_names=names)
+    groups = tuple((name, tuple(value)) for name, value in zip(names, inputs) if _is_tensor_dict(value))
+    for name, keys in groups:
+        odd = [key for key in keys if not isinstance(key, str) or not key.isidentifier()]
+        if odd:
+            raise SpecError(
+                f"example input {name!r} is a dict with keys {', '.join(map(repr, odd))}; each entry "
+                f"becomes an input named {name}_KEY, so its keys must be Python names"
+            )
+    flat_names, flat_inputs = flatten_inputs(names, inputs, groups)
+    taken = [n for n in flat_names if flat_names.count(n) > 1]
+    if taken:
+        raise SpecError(
+            f"the dict inputs' entries are named as another input of forward ({taken[0]!r}); rename one"
+        )
+    return dataclasses.replace(spec, example_inputs=flat_inputs, input_names=flat_names, input_groups=groups)
+
+
+def batch_by_name(spec: ModelSpec, batch) -> dict:
+    """A batch as a data function yields it (a tuple like the example inputs, or a dict by forward's
+    input names, either holding a dict input as a dict) as a dict by :attr:`ModelSpec.input_names`."""
+    if isinstance(batch, Mapping):
+        given = dict(batch)
+    else:
+        given = dict(zip(_given_names(spec), batch))
+    for name, keys in spec.input_groups:
+        if isinstance(given.get(name), Mapping):
+            group = given.pop(name)
+            given.update({f"{name}_{key}": group[key] for key in keys if key in group})
+    return given
+
+
+def _given_names(spec: ModelSpec) -> list[str]:
+    """Forward's inputs as the example gave them, a dict input by its own name."""
+    first = {f"{name}_{keys[0]}": name for name, keys in spec.input_groups}
+    entries = {f"{name}_{key}" for name, keys in spec.input_groups for key in keys}
+    return [first.get(n, n) for n in spec.input_names if n in first or n not in entries]
+
+
+def _is_tensor_dict(value) -> bool:
+    return (
+        isinstance(value, Mapping)
+        and bool(value)
+        and all(isinstance(v, torch.Tensor) for v in value.values())
+    )
+
+
+def flatten_inputs(names, inputs, groups) -> tuple[tuple[str, ...], tuple]:
+    """Forward's inputs with each dict of tensors among them (``groups``: its name and keys) as
+    one input per entry, named ``NAME_KEY``.
+
+    >>> flatten_inputs(["batch", "t"], [{"x": 1, "y": 2}, 3], [("batch", ("x", "y"))])
+    (('batch_x', 'batch_y', 't'), (1, 2, 3))
+    """
+    keys_of = dict(groups)
+    flat_names, flat_inputs = [], []
+    for name, value in zip(names, inputs):
+        if name in keys_of:
+            flat_names += [f"{name}_{key}" for key in keys_of[name]]
+            flat_inputs += [value[key] for key in keys_of[name]]
+        else:
+            flat_names.append(name)
+            flat_inputs.append(value)
+    return tuple(flat_names), tuple(flat_inputs)
 
 
 def _forward_inputs(module: nn.Module, given) -> tuple[tuple[str, ...], tuple]:
@@ -124,14 +190,20 @@ def _forward_inputs(module: nn.Module, given) -> tuple[tuple[str, ...], tuple]:
     return tuple(positional[: len(given)]), given
 
 
-def call_forward(module: nn.Module, names, inputs):
+def call_forward(module: nn.Module, names, inputs, groups=()):
     """``module`` run on ``inputs``, each passed by its name, so inputs forward leaves at their
-    defaults may sit between them.
+    defaults may sit between them; the entries of a dict input (``groups``: its name and keys, as
+    :class:`ModelSpec` records them) gathered into their dict again.
 
     >>> call_forward(nn.Identity(), ["input"], [torch.ones(1)])
     tensor([1.])
+    >>> call_forward(nn.Identity(), ["input_x"], [torch.ones(1)], [("input", ("x",))])
+    {'x': tensor([1.])}
     """
-    return module(**dict(zip(names, inputs)))
+    given = dict(zip(names, inputs))
+    for name, keys in groups:
+        given[name] = {key: given.pop(f"{name}_{key}") for key in keys}
+    return module(**given)
 
 
 class SpecError(ValueError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ from ppcompile.runtime.actions import Action
 from ppcompile.runtime.executor import MemoryStats, RankExecutor, inference_actions
 from ppcompile.runtime.loader import Program, ProgramError
 from ppcompile.runtime.randomness import drawn_apart
-from ppcompile.runtime.spec import ModelRef, ModelSpec
+from ppcompile.runtime.spec import ModelRef, ModelSpec, batch_by_name
 from ppcompile.runtime.trace import ActionTiming, shift_timings
 from ppcompile.runtime.transport import InProcessTransport
 
@@ -74,7 +74,8 @@ def batches(program: Program, spec: ModelSpec, seed: int) -> Iterator[list[dict[
         example = tuple(t if d is None else torch.cat([t] * M, d) for t, d in zip(spec.example_inputs, dims))
         source = itertools.repeat(example)
     for batch in source:
-        if isinstance(batch, Mapping):  # by name, as model(**batch) takes it
+        if spec.data is not None:  # a tuple like the example inputs, or a dict as model(**batch) takes
+            batch = batch_by_name(spec, batch)
             missing = [name for name in names if name not in batch]
             if missing:
                 raise ProgramError(f"the data function's batch has no {', '.join(map(repr, missing))}")

@@ -18,9 +18,9 @@ from tests.helpers import assert_user_error, ppcompile
             ["untraceable.py:28: `kept = h[h > 0]", "cannot be computed from the input shapes"],
         ),
         (
-            "tests/fixtures/untraceable.py:dict_input",
+            "tests/fixtures/untraceable.py:list_input",
             "2",
-            ["example input 'batch' is a dict", "inputs of their own (forward(x, y))"],
+            ["example input 'batch' is a list", "inputs of their own (forward(x, y))"],
         ),
         (
             "tests/fixtures/keyword_inputs.py:unknown_name",

@@ -246,10 +246,10 @@ class PipelineTracer(fx.Tracer):
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         }
 
-    def _proxy_placeholder(self, name, concrete_args, sig, fn_for_analysis):
+    def _proxy_placeholder(self, name, *args, **kwargs):
         keys = self.input_groups.get(name)
         if keys is None:
-            return super()._proxy_placeholder(name, concrete_args, sig, fn_for_analysis)
+            return super()._proxy_placeholder(name, *args, **kwargs)
         # A dict input (forward(self, batch), batch["x"]): forward gets a dict of one placeholder
         # per entry, named as ModelSpec names the entry (batch_x), so the graph's inputs are flat.
         return {key: self.create_proxy("placeholder", f"{name}_{key}", (), {}) for key in keys}

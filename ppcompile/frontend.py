@@ -47,9 +47,9 @@ def load_context(ref_text: str, config: CompileConfig) -> CompileContext:
     for name, example in zip(input_names, spec.example_inputs):
         if not isinstance(example, torch.Tensor):
             raise CompileError(
-                f"{ref}: example input {name!r} is a {type(example).__name__}; forward's inputs must be "
-                "tensors or dicts of tensors: give a list's tensors as inputs of their own (forward(x, y)) "
-                "and a number as a 0-d tensor"
+                f"{ref}: example input {name!r} is a {type(example).__name__} holding more than tensors; "
+                "forward's inputs must be tensors, or dicts, lists or tuples of tensors: give a number as a "
+                "0-d tensor, and keep other values out of the inputs (on the model, or as forward's defaults)"
             )
     # A 0-d input (a scale, a temperature) has no batch dim: every micro-batch shares it.
     dims = {name: {0: "b"} if x.dim() else {} for name, x in zip(input_names, spec.example_inputs)}

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ppcompile.runtime.masks import is_causal_mask
+from ppcompile.runtime.spec import regrouped
 from ppcompile.runtime.stage import plain_tensor_attributes
 
 # nn.Module's own call and attribute lookup: while fx traces it swaps in versions that record
@@ -87,8 +88,9 @@ class PipelineTracer(fx.Tracer):
             name: t.to("meta") if isinstance(t, torch.Tensor) else t
             for name, t in (example_inputs or {}).items()
         }
-        # forward's inputs given as dicts of tensors: name -> keys (ModelSpec.input_groups).
-        self.input_groups = dict(input_groups)
+        # forward's inputs given as dicts, lists or tuples of tensors: name -> (keys, kind), as
+        # ModelSpec.input_groups records them.
+        self.input_groups = {name: (keys, kind) for name, keys, kind in input_groups}
         self.model_path = model_path
         self.decided: list[tuple[str, bool | int]] = []
         self._values: dict[fx.Node, object] = {}
@@ -247,12 +249,15 @@ class PipelineTracer(fx.Tracer):
         }
 
     def _proxy_placeholder(self, name, *args, **kwargs):
-        keys = self.input_groups.get(name)
-        if keys is None:
+        if name not in self.input_groups:
             return super()._proxy_placeholder(name, *args, **kwargs)
-        # A dict input (forward(self, batch), batch["x"]): forward gets a dict of one placeholder
-        # per entry, named as ModelSpec names the entry (batch_x), so the graph's inputs are flat.
-        return {key: self.create_proxy("placeholder", f"{name}_{key}", (), {}) for key in keys}
+        # A dict or list input (forward(self, batch), batch["x"] or x, y = batch): forward gets one
+        # of placeholders, one per entry named as ModelSpec names it (batch_x, batch_0), so the
+        # graph's inputs are flat.
+        keys, kind = self.input_groups[name]
+        return regrouped(
+            kind, {key: self.create_proxy("placeholder", f"{name}_{key}", (), {}) for key in keys}
+        )
 
     def _traced_parameters(
         self, module: nn.Module, prefix: str, recurse: bool, remove_duplicate: bool, caller

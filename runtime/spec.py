@@ -81,11 +81,13 @@ class ModelSpec:
     # example inputs or a dict by name.
     data: Callable[[int, int], Iterator[tuple[torch.Tensor, ...] | Mapping[str, torch.Tensor]]] | None = None
     # The names of forward's inputs the example inputs give, in forward's order (set by as_spec).
-    # An input given as a dict of tensors (``forward(self, batch)``, ``batch["x"]``) counts as one
-    # input per entry, named ``batch_x``; ``dims`` and the data function's dicts name them so.
+    # An input given as a dict, list or tuple of tensors (``forward(self, batch)``, ``batch["x"]``
+    # or ``x, y = batch``) counts as one input per entry, named ``batch_x`` or ``batch_0``, as
+    # ``dims`` names them.
     input_names: tuple[str, ...] = ()
-    # Per forward input given as a dict of tensors: its name and its keys, in order (set by as_spec).
-    input_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Per forward input given as a dict, list or tuple of tensors: its name, its keys (indices for
+    # a list or tuple) in order, and which of the three it is (set by as_spec).
+    input_groups: tuple[tuple[str, tuple, str], ...] = ()
 
 
 def as_spec(made: ModelSpec | tuple) -> ModelSpec:
@@ -100,9 +102,17 @@ def as_spec(made: ModelSpec | tuple) -> ModelSpec:
             f"a factory must return (module, example_inputs) or a ModelSpec, got {type(made).__name__}"
         )
     names, inputs = _forward_inputs(spec.module, spec.example_inputs)
-    groups = tuple((name, tuple(value)) for name, value in zip(names, inputs) if _is_tensor_dict(value))
-    for name, keys in groups:
-        odd = [key for key in keys if not isinstance(key, str) or not key.isidentifier()]
+    groups = tuple(
+        (name, tuple(value) if isinstance(value, Mapping) else tuple(range(len(value))), type(value).__name__)
+        for name, value in zip(names, inputs)
+        if _is_tensor_group(value)
+    )
+    for name, keys, _ in groups:
+        odd = [
+            key
+            for key in keys
+            if not isinstance(key, int) and not (isinstance(key, str) and key.isidentifier())
+        ]
         if odd:
             raise SpecError(
                 f"example input {name!r} is a dict with keys {', '.join(map(repr, odd))}; each entry "
@@ -119,41 +129,50 @@ def as_spec(made: ModelSpec | tuple) -> ModelSpec:
 
 def batch_by_name(spec: ModelSpec, batch) -> dict:
     """A batch as a data function yields it (a tuple like the example inputs, or a dict by forward's
-    input names, either holding a dict input as a dict) as a dict by :attr:`ModelSpec.input_names`."""
+    input names, either holding a dict or list input as the example does) as a dict by
+    :attr:`ModelSpec.input_names`."""
     if isinstance(batch, Mapping):
         given = dict(batch)
     else:
         given = dict(zip(_given_names(spec), batch))
-    for name, keys in spec.input_groups:
-        if isinstance(given.get(name), Mapping):
-            group = given.pop(name)
-            given.update({f"{name}_{key}": group[key] for key in keys if key in group})
+    for name, keys, _ in spec.input_groups:
+        group = given.get(name)
+        if isinstance(group, (Mapping, list, tuple)):
+            del given[name]
+            given.update({f"{name}_{key}": group[key] for key in keys if _has(group, key)})
     return given
+
+
+def _has(group, key) -> bool:
+    return key in group if isinstance(group, Mapping) else key < len(group)
 
 
 def _given_names(spec: ModelSpec) -> list[str]:
     """Forward's inputs as the example gave them, a dict input by its own name."""
-    first = {f"{name}_{keys[0]}": name for name, keys in spec.input_groups}
-    entries = {f"{name}_{key}" for name, keys in spec.input_groups for key in keys}
+    first = {f"{name}_{keys[0]}": name for name, keys, _ in spec.input_groups}
+    entries = {f"{name}_{key}" for name, keys, _ in spec.input_groups for key in keys}
     return [first.get(n, n) for n in spec.input_names if n in first or n not in entries]
 
 
-def _is_tensor_dict(value) -> bool:
+def _is_tensor_group(value) -> bool:
+    """A non-empty dict, list or tuple of tensors."""
+    if isinstance(value, Mapping):
+        value = list(value.values())
     return (
-        isinstance(value, Mapping)
-        and bool(value)
-        and all(isinstance(v, torch.Tensor) for v in value.values())
+        isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, torch.Tensor) for v in value)
     )
 
 
 def flatten_inputs(names, inputs, groups) -> tuple[tuple[str, ...], tuple]:
-    """Forward's inputs with each dict of tensors among them (``groups``: its name and keys) as
-    one input per entry, named ``NAME_KEY``.
+    """Forward's inputs with each dict, list or tuple of tensors among them (``groups``: its name,
+    keys and kind) as one input per entry, named ``NAME_KEY``.
 
-    >>> flatten_inputs(["batch", "t"], [{"x": 1, "y": 2}, 3], [("batch", ("x", "y"))])
+    >>> flatten_inputs(["batch", "t"], [{"x": 1, "y": 2}, 3], [("batch", ("x", "y"), "dict")])
     (('batch_x', 'batch_y', 't'), (1, 2, 3))
+    >>> flatten_inputs(["batch"], [[1, 2]], [("batch", (0, 1), "list")])
+    (('batch_0', 'batch_1'), (1, 2))
     """
-    keys_of = dict(groups)
+    keys_of = {name: keys for name, keys, _ in groups}
     flat_names, flat_inputs = [], []
     for name, value in zip(names, inputs):
         if name in keys_of:
@@ -192,18 +211,30 @@ def _forward_inputs(module: nn.Module, given) -> tuple[tuple[str, ...], tuple]:
 
 def call_forward(module: nn.Module, names, inputs, groups=()):
     """``module`` run on ``inputs``, each passed by its name, so inputs forward leaves at their
-    defaults may sit between them; the entries of a dict input (``groups``: its name and keys, as
-    :class:`ModelSpec` records them) gathered into their dict again.
+    defaults may sit between them; the entries of a dict, list or tuple input (``groups``: its
+    name, keys and kind, as :class:`ModelSpec` records them) gathered into one again.
 
     >>> call_forward(nn.Identity(), ["input"], [torch.ones(1)])
     tensor([1.])
-    >>> call_forward(nn.Identity(), ["input_x"], [torch.ones(1)], [("input", ("x",))])
+    >>> call_forward(nn.Identity(), ["input_x"], [torch.ones(1)], [("input", ("x",), "dict")])
     {'x': tensor([1.])}
     """
     given = dict(zip(names, inputs))
-    for name, keys in groups:
-        given[name] = {key: given.pop(f"{name}_{key}") for key in keys}
+    for name, keys, kind in groups:
+        given[name] = regrouped(kind, {key: given.pop(f"{name}_{key}") for key in keys})
     return module(**given)
+
+
+def regrouped(kind: str, entries: dict):
+    """``entries`` (key -> value, in order) as the ``kind`` of container the example gave:
+    ``"dict"``, ``"list"`` or ``"tuple"``.
+
+    >>> regrouped("tuple", {0: "x", 1: "y"})
+    ('x', 'y')
+    """
+    if kind == "dict":
+        return entries
+    return list(entries.values()) if kind == "list" else tuple(entries.values())
 
 
 class SpecError(ValueError):

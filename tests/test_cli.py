@@ -18,9 +18,12 @@ from tests.helpers import assert_user_error, ppcompile
             ["untraceable.py:28: `kept = h[h > 0]", "cannot be computed from the input shapes"],
         ),
         (
-            "tests/fixtures/untraceable.py:list_input",
+            "tests/fixtures/untraceable.py:mixed_batch",
             "2",
-            ["example input 'batch' is a list", "inputs of their own (forward(x, y))"],
+            [
+                "example input 'batch' is a dict holding more than tensors",
+                "dicts, lists or tuples of tensors",
+            ],
         ),
         (
             "tests/fixtures/keyword_inputs.py:unknown_name",

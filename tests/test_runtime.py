@@ -640,17 +640,20 @@ def test_inputs_given_by_name_train_like_eager(tmp_path, factory, stages):
 
 
 @pytest.mark.parametrize("stages", [2, 3])
-def test_a_batch_given_as_one_dict_trains_like_eager(tmp_path, stages):
-    # forward(self, batch) reads batch["input_ids"], ...: each entry is an input of the program,
-    # named batch_input_ids, ..., loaded by the ranks that read it; the eager reference gets the dict.
-    program_dir = compile_to(tmp_path, "tests/fixtures/keyword_inputs.py:batch_dict", stages, microbatches=4)
+@pytest.mark.parametrize(
+    "factory, names",
+    [
+        ("batch_dict", ["batch_input_ids", "batch_attention_mask", "batch_labels"]),
+        ("batch_list", ["batch_0", "batch_1", "batch_2"]),
+    ],
+)
+def test_a_batch_given_as_one_dict_or_list_trains_like_eager(tmp_path, factory, names, stages):
+    # forward(self, batch) reads batch["input_ids"], ... or unpacks a list: each entry is an input
+    # of the program, loaded by the ranks that read it; the eager reference gets the dict or list.
+    program_dir = compile_to(tmp_path, f"tests/fixtures/keyword_inputs.py:{factory}", stages, microbatches=4)
     program = json.loads((program_dir / "program.json").read_text())
-    assert [i["name"] for i in program["inputs"]] == [
-        "batch_input_ids",
-        "batch_attention_mask",
-        "batch_labels",
-    ]
-    assert "def forward(self, batch_input_ids" in stage_codes(program_dir)[0]
+    assert [i["name"] for i in program["inputs"]] == names
+    assert f"def forward(self, {names[0]}" in stage_codes(program_dir)[0]
     trains_as_eager(program_dir)
 
 

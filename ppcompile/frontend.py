@@ -6,6 +6,7 @@ import dataclasses
 import linecache
 import traceback
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 import sympy
@@ -46,10 +47,17 @@ def load_context(ref_text: str, config: CompileConfig) -> CompileContext:
     input_names = list(spec.input_names)
     for name, example in zip(input_names, spec.example_inputs):
         if not isinstance(example, torch.Tensor):
+            items = list(example.values()) if isinstance(example, Mapping) else example
+            held = (
+                next((v for v in items if not isinstance(v, torch.Tensor)), None)
+                if isinstance(items, (list, tuple))
+                else None
+            )
+            what = type(example).__name__ + (f" holding a {type(held).__name__}" if held is not None else "")
             raise CompileError(
-                f"{ref}: example input {name!r} is a {type(example).__name__} holding more than tensors; "
-                "forward's inputs must be tensors, or dicts, lists or tuples of tensors: give a number as a "
-                "0-d tensor, and keep other values out of the inputs (on the model, or as forward's defaults)"
+                f"{ref}: example input {name!r} is a {what}; forward's inputs must be tensors, or dicts, "
+                "lists or tuples of tensors: give a number as a 0-d tensor, and keep other values out of "
+                "the inputs (on the model, or as forward's defaults)"
             )
     # A 0-d input (a scale, a temperature) has no batch dim: every micro-batch shares it.
     dims = {name: {0: "b"} if x.dim() else {} for name, x in zip(input_names, spec.example_inputs)}

@@ -103,7 +103,9 @@ def as_spec(made: ModelSpec | tuple) -> ModelSpec:
         )
     names, inputs = _forward_inputs(spec.module, spec.example_inputs)
     groups = tuple(
-        (name, tuple(value) if isinstance(value, Mapping) else tuple(range(len(value))), type(value).__name__)
+        (name, tuple(value), "dict")
+        if isinstance(value, Mapping)
+        else (name, tuple(range(len(value))), type(value).__name__)
         for name, value in zip(names, inputs)
         if _is_tensor_group(value)
     )
@@ -155,9 +157,11 @@ def _given_names(spec: ModelSpec) -> list[str]:
 
 
 def _is_tensor_group(value) -> bool:
-    """A non-empty dict, list or tuple of tensors."""
+    """A non-empty dict (any mapping), list or tuple (not a named one) of tensors."""
     if isinstance(value, Mapping):
         value = list(value.values())
+    elif type(value) not in (list, tuple):
+        return False
     return (
         isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, torch.Tensor) for v in value)
     )

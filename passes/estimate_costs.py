@@ -228,35 +228,13 @@ def device_layouts(gm: fx.GraphModule, ctx: CompileContext, device_values: dict)
             continue
         key = (_signature(gm, node, layouts), node.meta.get("ppc.regions"))
         if key not in cache:
-            cache[key] = _real_layout(gm, node, dict(zip((n.name for n in input_nodes), inputs)), runs_as)
+            module = gm.get_submodule(node.target) if node.op == "call_module" else None
+            try:
+                cache[key] = _as_meta(_run_alone_on_cpu(gm, node, module, layouts, runs_as)[1])
+            except Exception:  # noqa: BLE001 - an op that rejects zeros as data
+                cache[key] = None
         layouts[node.name] = _as_meta(fake) if cache[key] is None else cache[key]
     return layouts
-
-
-def _real_layout(gm: fx.GraphModule, node: fx.Node, inputs: dict, runs_as: dict):
-    """The node's output run on CPU zeros laid out as ``inputs`` (meta tensors), as meta tensors of
-    its strides; None where the op rejects zeros."""
-
-    def zeros(v):
-        if not isinstance(v, torch.Tensor):
-            return v
-        t = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="cpu").zero_()
-        return t.requires_grad_(v.requires_grad) if v.requires_grad else t
-
-    module = gm.get_submodule(node.target) if node.op == "call_module" else None
-    try:
-        on_cpu = copy.deepcopy(module).to_empty(device="cpu") if module is not None else None
-        by_name = {name: zeros(v) for name, v in inputs.items()}
-        # A leaf that requires grad cannot be changed in place: pass a copy laid out as it is.
-        by_name = {
-            n: v.clone() if isinstance(v, torch.Tensor) and v.requires_grad else v for n, v in by_name.items()
-        }
-        args = fx.node.map_arg(node.args, lambda n: by_name[n.name])
-        kwargs = fx.node.map_arg(node.kwargs, lambda n: by_name[n.name])
-        with under_regions(node, runs_as):
-            return _as_meta(_call(gm, node, on_cpu, args, kwargs))
-    except Exception:  # noqa: BLE001 - an op that rejects zeros as data
-        return None
 
 
 def _holds_tensor(value) -> bool:
@@ -392,29 +370,15 @@ def _saved_on_device(
     its grad-mode and autocast regions, ``runs_as`` as ``tracer.under_regions`` takes it): for real with
     ``real`` (zeros as data) where the op accepts zeros, else on fake tensors (nothing is
     allocated). None where an op cannot run on fake tensors (a data-dependent one)."""
-    input_nodes = _arg_nodes(node)
     saved: list[torch.Tensor] = []
 
     def pack(t):
         saved.append(t)
         return t
 
-    def make(v: torch.Tensor) -> torch.Tensor:
-        t = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="cpu").zero_()
-        t.requires_grad_(v.requires_grad and v.is_floating_point())
-        return t.clone() if t.requires_grad else t  # a non-leaf, so in-place ops are allowed
-
     def run():
-        # The model was built on meta: the module runs as a CPU copy with uninitialised weights.
-        on_device = copy.deepcopy(module).to_empty(device="cpu") if module is not None else None
-        inputs = [
-            make(v) if isinstance(v, torch.Tensor) else v for v in (values.get(n.name) for n in input_nodes)
-        ]
-        by_name = dict(zip((n.name for n in input_nodes), inputs))
-        args = fx.node.map_arg(node.args, lambda n: by_name[n.name])
-        kwargs = fx.node.map_arg(node.kwargs, lambda n: by_name[n.name])
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), under_regions(node, runs_as):
-            out = _call(gm, node, on_device, args, kwargs)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            inputs, out, on_device = _run_alone_on_cpu(gm, node, module, values, runs_as)
         return classify_saved(saved, inputs, out, held_storages([on_device] if on_device is not None else []))
 
     if real:
@@ -427,6 +391,33 @@ def _saved_on_device(
             return run()
     except Exception:  # noqa: BLE001 - a data-dependent op; the meta run's answer stands
         return None
+
+
+def _run_alone_on_cpu(
+    gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, values: dict, runs_as: dict
+):
+    """The node run alone on CPU zeros shaped and strided as its inputs' ``values`` (by node name),
+    under its grad-mode and autocast regions (``runs_as`` as ``tracer.under_regions`` takes it):
+    (its inputs, its output, its module's copy or None). The model was built on meta: the module
+    runs as a CPU copy with uninitialised weights. Under ``FakeTensorMode`` nothing is allocated."""
+    on_device = copy.deepcopy(module).to_empty(device="cpu") if module is not None else None
+    input_nodes = _arg_nodes(node)
+    inputs = [_zeros_laid_out(values.get(n.name)) for n in input_nodes]
+    by_name = dict(zip((n.name for n in input_nodes), inputs))
+    args = fx.node.map_arg(node.args, lambda n: by_name[n.name])
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: by_name[n.name])
+    with under_regions(node, runs_as):
+        return inputs, _call(gm, node, on_device, args, kwargs), on_device
+
+
+def _zeros_laid_out(value):
+    """CPU zeros of a tensor's shape, strides and dtype (other values as they are); a non-leaf
+    where it requires grad, so in-place ops are allowed."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    t = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="cpu").zero_()
+    t.requires_grad_(value.requires_grad and value.is_floating_point())
+    return t.clone() if t.requires_grad else t
 
 
 def fresh_inputs(

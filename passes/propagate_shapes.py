@@ -298,7 +298,7 @@ def _one_element_loss_as_scalar(gm: fx.GraphModule, ctx: CompileContext) -> None
     with gm.graph.inserting_after(loss):
         scalar = gm.graph.create_node("call_method", "reshape", (loss, ()), name="scalar_loss")
     scalar.meta.update(loss.meta)
-    scalar.meta.update({"ppc.shape": (), "ppc.concrete": (), "ppc.nbytes": loss.meta["ppc.nbytes"]})
+    scalar.meta.update({"ppc.shape": (), "ppc.concrete": ()})
     output.args = (scalar,)
     ctx.notes.append(
         f"the loss has shape {list(concrete)}: the program trains on its one element, as backward() does"

@@ -47,12 +47,9 @@ def load_context(ref_text: str, config: CompileConfig) -> CompileContext:
     input_names = list(spec.input_names)
     for name, example in zip(input_names, spec.example_inputs):
         if not isinstance(example, torch.Tensor):
-            items = list(example.values()) if isinstance(example, Mapping) else example
-            held = (
-                next((v for v in items if not isinstance(v, torch.Tensor)), None)
-                if isinstance(items, (list, tuple))
-                else None
-            )
+            items = example.values() if isinstance(example, Mapping) else example
+            items = items if isinstance(example, (Mapping, list, tuple)) else ()
+            held = next((v for v in items if not isinstance(v, torch.Tensor)), None)
             what = type(example).__name__ + (f" holding a {type(held).__name__}" if held is not None else "")
             raise CompileError(
                 f"{ref}: example input {name!r} is a {what}; forward's inputs must be tensors, or dicts, "

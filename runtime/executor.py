@@ -500,6 +500,8 @@ class RankExecutor:
         self.stages = {s: program.stage_class(s)(model).to(self.device) for s in self.stage_ids}
         self.actions: list[Action] = parse_rank_actions(program.data["schedule"]["ranks"][str(rank)])
         self.boundaries = {b["name"]: b for b in program.data["boundaries"]}
+        # Per boundary tensor, its dims outermost first in memory (() for their own order).
+        self._dim_order = {name: tuple(b.get("dim_order", ())) for name, b in self.boundaries.items()}
         self.rank_of_stage = program.rank_of_stage
         self.microbatches = program.data["schedule"]["microbatches"]
         self.track_memory = track_memory
@@ -722,7 +724,7 @@ class RankExecutor:
     def _dim_orders(self, names) -> tuple[tuple[int, ...], ...]:
         """Per boundary tensor, its dims outermost first in memory, which its message keeps (a
         gradient's too: autograd lays a tensor's gradient out like the tensor)."""
-        return tuple(tuple(self.boundaries[n].get("dim_order", ())) for n in names)
+        return tuple(self._dim_order[n] for n in names)
 
     def _make_receive_keys(self, action: Action) -> tuple[list[Receive], list[tuple[str, ...]]]:
         """The receive action's messages, and per message the boundary tensors it carries."""

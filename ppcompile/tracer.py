@@ -88,7 +88,7 @@ class PipelineTracer(fx.Tracer):
             name: t.to("meta") if isinstance(t, torch.Tensor) else t
             for name, t in (example_inputs or {}).items()
         }
-        # forward's inputs given as dicts, lists or tuples of tensors: name -> (keys, kind), as
+        # forward's inputs given as dicts, lists, tuples or named tuples of tensors: name -> (keys, kind), as
         # ModelSpec.input_groups records them.
         self.input_groups = {name: (keys, kind) for name, keys, kind in input_groups}
         self.model_path = model_path
@@ -251,9 +251,9 @@ class PipelineTracer(fx.Tracer):
     def _proxy_placeholder(self, name, *args, **kwargs):
         if name not in self.input_groups:
             return super()._proxy_placeholder(name, *args, **kwargs)
-        # A dict or list input (forward(self, batch), batch["x"] or x, y = batch): forward gets one
-        # of placeholders, one per entry named as ModelSpec names it (batch_x, batch_0), so the
-        # graph's inputs are flat.
+        # A dict, list or named tuple input (forward(self, batch), batch["x"], x, y = batch or
+        # batch.x): forward gets one of placeholders, one per entry named as ModelSpec names it
+        # (batch_x, batch_0), so the graph's inputs are flat.
         keys, kind = self.input_groups[name]
         return regrouped(
             kind, {key: self.create_proxy("placeholder", f"{name}_{key}", (), {}) for key in keys}

@@ -81,13 +81,14 @@ class ModelSpec:
     # example inputs or a dict by name.
     data: Callable[[int, int], Iterator[tuple[torch.Tensor, ...] | Mapping[str, torch.Tensor]]] | None = None
     # The names of forward's inputs the example inputs give, in forward's order (set by as_spec).
-    # An input given as a dict, list or tuple of tensors (``forward(self, batch)``, ``batch["x"]``
-    # or ``x, y = batch``) counts as one input per entry, named ``batch_x`` or ``batch_0``, as
-    # ``dims`` names them.
+    # An input given as a dict, list, tuple or named tuple of tensors (``forward(self, batch)``,
+    # ``batch["x"]``, ``x, y = batch`` or ``batch.x``) counts as one input per entry, named
+    # ``batch_x`` or ``batch_0``, as ``dims`` names them.
     input_names: tuple[str, ...] = ()
-    # Per forward input given as a dict, list or tuple of tensors: its name, its keys (indices for
-    # a list or tuple) in order, and which of the three it is (set by as_spec).
-    input_groups: tuple[tuple[str, tuple, str], ...] = ()
+    # Per forward input given as a dict, list, tuple or named tuple of tensors: its name, its keys
+    # (indices for a list or tuple, fields for a named tuple) in order, and its kind: "dict",
+    # "list", "tuple", or the named tuple's class (set by as_spec).
+    input_groups: tuple[tuple[str, tuple, str | type], ...] = ()
 
 
 def as_spec(made: ModelSpec | tuple) -> ModelSpec:
@@ -105,6 +106,8 @@ def as_spec(made: ModelSpec | tuple) -> ModelSpec:
     groups = tuple(
         (name, tuple(value), "dict")
         if isinstance(value, Mapping)
+        else (name, value._fields, type(value))
+        if _is_named_tuple(value)
         else (name, tuple(range(len(value))), type(value).__name__)
         for name, value in zip(names, inputs)
         if _is_tensor_group(value)
@@ -131,7 +134,7 @@ def as_spec(made: ModelSpec | tuple) -> ModelSpec:
 
 def batch_by_name(spec: ModelSpec, batch) -> dict:
     """A batch as a data function yields it (a tuple like the example inputs, or a dict by forward's
-    input names, either holding a dict or list input as the example does) as a dict by
+    input names, either holding a dict, list or named tuple input as the example does) as a dict by
     :attr:`ModelSpec.input_names`."""
     if isinstance(batch, Mapping):
         given = dict(batch)
@@ -141,12 +144,23 @@ def batch_by_name(spec: ModelSpec, batch) -> dict:
         group = given.get(name)
         if isinstance(group, (Mapping, list, tuple)):
             del given[name]
-            given.update({f"{name}_{key}": group[key] for key in keys if _has(group, key)})
+            given.update({f"{name}_{key}": _entry(group, key) for key in keys if _has(group, key)})
     return given
 
 
 def _has(group, key) -> bool:
-    return key in group if isinstance(group, Mapping) else key < len(group)
+    if isinstance(group, Mapping):
+        return key in group
+    return key in group._fields if isinstance(key, str) else key < len(group)
+
+
+def _entry(group, key):
+    """``group[key]``, or a named tuple's field ``key`` by name."""
+    return getattr(group, key) if isinstance(key, str) and not isinstance(group, Mapping) else group[key]
+
+
+def _is_named_tuple(value) -> bool:
+    return isinstance(value, tuple) and isinstance(getattr(type(value), "_fields", None), tuple)
 
 
 def _given_names(spec: ModelSpec) -> list[str]:
@@ -157,10 +171,10 @@ def _given_names(spec: ModelSpec) -> list[str]:
 
 
 def _is_tensor_group(value) -> bool:
-    """A non-empty dict (any mapping), list or tuple (not a named one) of tensors."""
+    """A non-empty dict (any mapping), list, tuple or named tuple of tensors."""
     if isinstance(value, Mapping):
         value = list(value.values())
-    elif type(value) not in (list, tuple):
+    elif type(value) not in (list, tuple) and not _is_named_tuple(value):
         return False
     return (
         isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, torch.Tensor) for v in value)
@@ -168,8 +182,8 @@ def _is_tensor_group(value) -> bool:
 
 
 def flatten_inputs(names, inputs, groups) -> tuple[tuple[str, ...], tuple]:
-    """Forward's inputs with each dict, list or tuple of tensors among them (``groups``: its name,
-    keys and kind) as one input per entry, named ``NAME_KEY``.
+    """Forward's inputs with each dict, list, tuple or named tuple of tensors among them
+    (``groups``: its name, keys and kind) as one input per entry, named ``NAME_KEY``.
 
     >>> flatten_inputs(["batch", "t"], [{"x": 1, "y": 2}, 3], [("batch", ("x", "y"), "dict")])
     (('batch_x', 'batch_y', 't'), (1, 2, 3))
@@ -181,7 +195,7 @@ def flatten_inputs(names, inputs, groups) -> tuple[tuple[str, ...], tuple]:
     for name, value in zip(names, inputs):
         if name in keys_of:
             flat_names += [f"{name}_{key}" for key in keys_of[name]]
-            flat_inputs += [value[key] for key in keys_of[name]]
+            flat_inputs += [_entry(value, key) for key in keys_of[name]]
         else:
             flat_names.append(name)
             flat_inputs.append(value)
@@ -215,8 +229,9 @@ def _forward_inputs(module: nn.Module, given) -> tuple[tuple[str, ...], tuple]:
 
 def call_forward(module: nn.Module, names, inputs, groups=()):
     """``module`` run on ``inputs``, each passed by its name, so inputs forward leaves at their
-    defaults may sit between them; the entries of a dict, list or tuple input (``groups``: its
-    name, keys and kind, as :class:`ModelSpec` records them) gathered into one again.
+    defaults may sit between them; the entries of a dict, list, tuple or named tuple input
+    (``groups``: its name, keys and kind, as :class:`ModelSpec` records them) gathered into one
+    again.
 
     >>> call_forward(nn.Identity(), ["input"], [torch.ones(1)])
     tensor([1.])
@@ -229,13 +244,15 @@ def call_forward(module: nn.Module, names, inputs, groups=()):
     return module(**given)
 
 
-def regrouped(kind: str, entries: dict):
+def regrouped(kind: str | type, entries: dict):
     """``entries`` (key -> value, in order) as the ``kind`` of container the example gave:
-    ``"dict"``, ``"list"`` or ``"tuple"``.
+    ``"dict"``, ``"list"``, ``"tuple"``, or a named tuple's class.
 
     >>> regrouped("tuple", {0: "x", 1: "y"})
     ('x', 'y')
     """
+    if isinstance(kind, type):
+        return kind(**entries)
     if kind == "dict":
         return entries
     return list(entries.values()) if kind == "list" else tuple(entries.values())

@@ -20,7 +20,10 @@ from tests.helpers import assert_user_error, ppcompile
         (
             "tests/fixtures/untraceable.py:mixed_batch",
             "2",
-            ["example input 'batch' is a dict holding a float", "dicts, lists or tuples of tensors"],
+            [
+                "example input 'batch' is a dict holding a float",
+                "dicts, lists, tuples or named tuples of tensors",
+            ],
         ),
         (
             "tests/fixtures/keyword_inputs.py:unknown_name",

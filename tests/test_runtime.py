@@ -645,11 +645,13 @@ def test_inputs_given_by_name_train_like_eager(tmp_path, factory, stages):
     [
         ("batch_dict", ["batch_input_ids", "batch_attention_mask", "batch_labels"]),
         ("batch_list", ["batch_0", "batch_1", "batch_2"]),
+        ("batch_named_tuple", ["batch_input_ids", "batch_attention_mask", "batch_labels"]),
     ],
 )
 def test_a_batch_given_as_one_dict_or_list_trains_like_eager(tmp_path, factory, names, stages):
-    # forward(self, batch) reads batch["input_ids"], ... or unpacks a list: each entry is an input
-    # of the program, loaded by the ranks that read it; the eager reference gets the dict or list.
+    # forward(self, batch) reads batch["input_ids"], ... unpacks a list, or reads a named tuple's
+    # fields: each entry is an input of the program, loaded by the ranks that read it; the eager
+    # reference gets the dict, list or named tuple.
     program_dir = compile_to(tmp_path, f"tests/fixtures/keyword_inputs.py:{factory}", stages, microbatches=4)
     program = json.loads((program_dir / "program.json").read_text())
     assert [i["name"] for i in program["inputs"]] == names

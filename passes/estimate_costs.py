@@ -29,7 +29,6 @@ Keys written on each node:
 
 from __future__ import annotations
 
-import copy
 import operator
 from dataclasses import dataclass
 
@@ -41,9 +40,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ppcompile.context import CompileContext
-from ppcompile.passes.propagate_shapes import autocast_on_cpu, masks_without_values, run_fake_cpu, run_meta
+from ppcompile.passes.propagate_shapes import (
+    as_meta,
+    autocast_on_cpu,
+    call_node,
+    reads_values,
+    run_alone_on_cpu,
+    run_fake_cpu,
+    run_meta,
+    zeroed_cpu_copy,
+    zeros_laid_out,
+)
 from ppcompile.runtime.executor import held_storages
-from ppcompile.tracer import is_effect, rebind_buffer, under_regions
+from ppcompile.tracer import is_effect, rebind_buffer
 
 
 @dataclass(frozen=True)
@@ -201,7 +210,7 @@ def writes_buffers(gm: fx.GraphModule, node: fx.Node, values: dict, buffers: set
     recorder = _BufferWrites()
     try:
         with torch.device("meta"), torch.no_grad(), recorder:
-            _call(gm, node, module, args, kwargs)
+            call_node(gm, node, module, args, kwargs)
     except Exception:  # noqa: BLE001 - an op meta cannot run; a module with buffers may write them
         return module is not None
     owned = {StorageWeakRef(b.untyped_storage()) for b in module.buffers()} if module is not None else set()
@@ -224,31 +233,21 @@ def device_layouts(gm: fx.GraphModule, ctx: CompileContext, device_values: dict)
         inputs = [layouts.get(n.name) for n in input_nodes]
         touched = sum(t.numel() * t.element_size() for t in [*inputs, fake] if isinstance(t, torch.Tensor))
         if costs_nothing(node) or touched > REAL_RUN_BYTES or not _holds_tensor(fake):
-            layouts[node.name] = _as_meta(fake)
+            layouts[node.name] = as_meta(fake)
             continue
         key = (_signature(gm, node, layouts), node.meta.get("ppc.regions"))
         if key not in cache:
             module = gm.get_submodule(node.target) if node.op == "call_module" else None
             try:
-                cache[key] = _as_meta(_run_alone_on_cpu(gm, node, module, layouts, runs_as)[1])
+                cache[key] = as_meta(run_alone_on_cpu(gm, node, module, layouts, runs_as)[1])
             except Exception:  # noqa: BLE001 - an op that rejects zeros as data
                 cache[key] = None
-        layouts[node.name] = _as_meta(fake) if cache[key] is None else cache[key]
+        layouts[node.name] = as_meta(fake) if cache[key] is None else cache[key]
     return layouts
 
 
 def _holds_tensor(value) -> bool:
     return any(isinstance(v, torch.Tensor) for v in _flatten(value))
-
-
-def _as_meta(value):
-    """``value`` with each tensor replaced by a meta tensor of its shape, strides and dtype."""
-    if isinstance(value, torch.Tensor):
-        meta = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
-        return meta.requires_grad_(value.requires_grad) if value.requires_grad else meta
-    if isinstance(value, (tuple, list)):
-        return type(value)(_as_meta(v) for v in value) if not hasattr(value, "_fields") else value
-    return value
 
 
 def memory_order(value) -> tuple[int, ...]:
@@ -327,11 +326,37 @@ def _measure(
     ``y.transpose(1, 2).reshape(B, T, C)`` a view. The run is real (zeros as data) when the program
     runs on CPU and the node is small, else on fake tensors."""
     input_nodes = _arg_nodes(node)
-    leaves, fresh = fresh_inputs(input_nodes, values)
     module = gm.get_submodule(node.target) if node.op == "call_module" else None
-    params = list(module.parameters()) if module is not None else []
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    param_bytes = sum(p.numel() * p.element_size() for p in module.parameters()) if module is not None else 0
+    try:
+        counted_module = module
+        counted = _count_flops(gm, node, module, values, "meta")
+    except Exception as e:
+        if not reads_values(e):
+            raise
+        # A value read inside torch (F.gaussian_nll_loss checks its variance) or a backward with no
+        # meta kernel (F.multi_margin_loss's): counted on CPU zeros instead.
+        counted_module = zeroed_cpu_copy(module)
+        zeros = {n.name: zeros_laid_out(values.get(n.name)) for n in input_nodes}
+        counted = _count_flops(gm, node, counted_module, zeros, "cpu")
+    forward_flops, backward_flops, saved, inputs, out = counted
 
+    tensors = [values.get(n.name) for n in [*input_nodes, node]]
+    touched = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)) + param_bytes
+    real = runs_on_cpu(ctx) and touched <= REAL_RUN_BYTES
+    held = held_storages([counted_module] if counted_module is not None else [])
+    saved_on_meta = classify_saved(saved, inputs, out, held)
+    runs_as = autocast_on_cpu(ctx)
+    saved_on_device = _saved_on_device(gm, node, module, device_values, real, runs_as) or saved_on_meta
+    return (forward_flops, backward_flops, *saved_on_device, param_bytes, saved_on_device != saved_on_meta)
+
+
+def _count_flops(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, values: dict, device: str):
+    """The node run alone on ``values`` (tensors on ``device``) under the flop counter: (forward
+    FLOPs, backward FLOPs, the tensors autograd saved, the inputs it was given, its output)."""
+    input_nodes = _arg_nodes(node)
+    leaves, fresh = fresh_inputs(input_nodes, values)
+    params = list(module.parameters()) if module is not None else []
     saved: list[torch.Tensor] = []
 
     def pack(t):
@@ -340,27 +365,19 @@ def _measure(
 
     args = fx.node.map_arg(node.args, lambda n: fresh[n.name])
     kwargs = fx.node.map_arg(node.kwargs, lambda n: fresh[n.name])
-    with torch.device("meta"), FlopCounterMode(display=False) as counter:
+    with torch.device(device), FlopCounterMode(display=False) as counter:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = _call(gm, node, module, args, kwargs)
+            out = call_node(gm, node, module, args, kwargs)
     forward_flops = counter.get_total_flops()
 
     outputs = [o for o in _flatten(out) if isinstance(o, torch.Tensor) and o.requires_grad]
     wrt = [leaf for leaf in leaves.values() if leaf.requires_grad] + [p for p in params if p.requires_grad]
     backward_flops = 0
     if outputs and wrt:
-        with torch.device("meta"), FlopCounterMode(display=False) as counter:
+        with torch.device(device), FlopCounterMode(display=False) as counter:
             torch.autograd.grad(outputs, wrt, [torch.ones_like(o) for o in outputs], allow_unused=True)
         backward_flops = counter.get_total_flops()
-
-    tensors = [values.get(n.name) for n in [*input_nodes, node]]
-    touched = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)) + param_bytes
-    real = runs_on_cpu(ctx) and touched <= REAL_RUN_BYTES
-    held = held_storages([module] if module is not None else [])
-    saved_on_meta = classify_saved(saved, [fresh[n.name] for n in input_nodes], out, held)
-    runs_as = autocast_on_cpu(ctx)
-    saved_on_device = _saved_on_device(gm, node, module, device_values, real, runs_as) or saved_on_meta
-    return (forward_flops, backward_flops, *saved_on_device, param_bytes, saved_on_device != saved_on_meta)
+    return forward_flops, backward_flops, saved, [fresh[n.name] for n in input_nodes], out
 
 
 def _saved_on_device(
@@ -378,7 +395,7 @@ def _saved_on_device(
 
     def run():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            inputs, out, on_device = _run_alone_on_cpu(gm, node, module, values, runs_as)
+            inputs, out, on_device = run_alone_on_cpu(gm, node, module, values, runs_as)
         return classify_saved(saved, inputs, out, held_storages([on_device] if on_device is not None else []))
 
     if real:
@@ -391,33 +408,6 @@ def _saved_on_device(
             return run()
     except Exception:  # noqa: BLE001 - a data-dependent op; the meta run's answer stands
         return None
-
-
-def _run_alone_on_cpu(
-    gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, values: dict, runs_as: dict
-):
-    """The node run alone on CPU zeros shaped and strided as its inputs' ``values`` (by node name),
-    under its grad-mode and autocast regions (``runs_as`` as ``tracer.under_regions`` takes it):
-    (its inputs, its output, its module's copy or None). The model was built on meta: the module
-    runs as a CPU copy with uninitialised weights. Under ``FakeTensorMode`` nothing is allocated."""
-    on_device = copy.deepcopy(module).to_empty(device="cpu") if module is not None else None
-    input_nodes = _arg_nodes(node)
-    inputs = [_zeros_laid_out(values.get(n.name)) for n in input_nodes]
-    by_name = dict(zip((n.name for n in input_nodes), inputs))
-    args = fx.node.map_arg(node.args, lambda n: by_name[n.name])
-    kwargs = fx.node.map_arg(node.kwargs, lambda n: by_name[n.name])
-    with under_regions(node, runs_as):
-        return inputs, _call(gm, node, on_device, args, kwargs), on_device
-
-
-def _zeros_laid_out(value):
-    """CPU zeros of a tensor's shape, strides and dtype (other values as they are); a non-leaf
-    where it requires grad, so in-place ops are allowed."""
-    if not isinstance(value, torch.Tensor):
-        return value
-    t = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="cpu").zero_()
-    t.requires_grad_(value.requires_grad and value.is_floating_point())
-    return t.clone() if t.requires_grad else t
 
 
 def fresh_inputs(
@@ -482,16 +472,6 @@ def _tensor_paths(value, path: tuple = ()) -> list[tuple[tuple, torch.Tensor]]:
     if isinstance(value, (tuple, list)):
         return [p for i, v in enumerate(value) for p in _tensor_paths(v, (*path, i))]
     return [(path, value)] if isinstance(value, torch.Tensor) else []
-
-
-def _call(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, args, kwargs):
-    with masks_without_values():
-        if node.op == "call_module":
-            return module(*args, **kwargs)
-        if node.op == "call_method":
-            self_obj, *rest = args
-            return getattr(self_obj, node.target)(*rest, **kwargs)
-        return node.target(*args, **kwargs)
 
 
 def _flatten(value) -> list:

@@ -40,14 +40,13 @@ from ppcompile.context import CompileContext
 from ppcompile.devices import check_device
 from ppcompile.passes.estimate_costs import (
     _arg_nodes,
-    _call,
     _flatten,
     _signature,
     classify_saved,
     costs_nothing,
     fresh_inputs,
 )
-from ppcompile.passes.propagate_shapes import ValueRecorder
+from ppcompile.passes.propagate_shapes import ValueRecorder, call_node
 from ppcompile.program import write_atomically
 from ppcompile.runtime.executor import held_storages
 from ppcompile.runtime.heap import keep_freed_memory
@@ -253,9 +252,9 @@ def _time_node(real: fx.GraphModule, node: fx.Node, values: dict, device: torch.
         kwargs = fx.node.map_arg(node.kwargs, lambda n: fresh[n.name])
         with under_regions(node):
             if hooks is None:
-                return _call(real, node, module, args, kwargs)
+                return call_node(real, node, module, args, kwargs)
             with torch.autograd.graph.saved_tensors_hooks(*hooks):
-                return _call(real, node, module, args, kwargs)
+                return call_node(real, node, module, args, kwargs)
 
     def sync():
         if device.type == "cuda":

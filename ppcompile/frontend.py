@@ -24,7 +24,7 @@ def load_context(ref_text: str, config: CompileConfig) -> CompileContext:
     """Build the model on the meta device (no weights allocated) and set up the context."""
     try:
         ref = ModelRef.parse(ref_text)
-        spec = ref.build("meta")
+        spec = _build_on_meta(ref)
     except SpecError as e:
         raise CompileError(str(e)) from None
     except Exception as e:
@@ -65,6 +65,7 @@ def load_context(ref_text: str, config: CompileConfig) -> CompileContext:
             )
         dims[name] = dict(named)
     symbol_values: dict[str, int] = {}
+    sized_by: dict[str, str] = {}  # symbol -> the input that gave its size first
     for name, example in zip(input_names, spec.example_inputs):
         for dim, symbol in dims[name].items():
             if not -example.dim() <= dim < example.dim():
@@ -73,18 +74,20 @@ def load_context(ref_text: str, config: CompileConfig) -> CompileContext:
                     f"has {example.dim()} dims; name dims 0..{example.dim() - 1}"
                 )
             size = int(example.shape[dim])
+            first = sized_by.setdefault(symbol, name)
             if symbol_values.setdefault(symbol, size) != size:
-                unnamed = (
-                    ""
-                    if name in spec.dims
-                    else (
-                        f"; dim 0 of every input is taken as the batch b, which micro-batches split: where "
-                        f"{name!r} has no batch dim, give ModelSpec(dims={{{name!r}: {{}}}})"
-                    )
+                unnamed = [n for n in (first, name) if n not in spec.dims]
+                hint = (
+                    "; dim 0 of every input is taken as the batch b, which micro-batches split: where "
+                    + " or ".join(f"{n!r}" for n in unnamed)
+                    + " has no batch dim, give "
+                    + " or ".join(f"ModelSpec(dims={{{n!r}: {{}}}})" for n in unnamed)
+                    if unnamed
+                    else ""
                 )
                 raise CompileError(
-                    f"{ref}: symbol {symbol!r} is {symbol_values[symbol]} in one input and {size} in "
-                    f"{name!r}{unnamed}"
+                    f"{ref}: symbol {symbol!r} is {symbol_values[symbol]} in {first!r} and {size} in "
+                    f"{name!r}{hint}"
                 )
     symbols = {s: sympy.Symbol(s, integer=True, positive=True) for s in symbol_values}
     return CompileContext(
@@ -97,6 +100,25 @@ def load_context(ref_text: str, config: CompileConfig) -> CompileContext:
         symbols=symbols,
         symbol_values=symbol_values,
     )
+
+
+def _build_on_meta(ref: ModelRef):
+    """The model and its example inputs on the meta device. A model whose construction reads a
+    tensor's values (``parametrizations.orthogonal`` compares its weight with itself) is built on
+    CPU instead, where it can, and moved to meta."""
+    try:
+        return ref.build("meta")
+    except Exception as e:  # noqa: BLE001 - built again on CPU, or the first error is the user's
+        if "meta" not in str(e):
+            raise
+        try:
+            spec = ref.build("cpu")
+        except Exception:  # noqa: BLE001 - the meta error says what the compiler needs
+            raise e from None
+    with torch.no_grad():
+        spec.module.to("meta")
+    inputs = tuple(t.to("meta") if isinstance(t, torch.Tensor) else t for t in spec.example_inputs)
+    return dataclasses.replace(spec, example_inputs=inputs)
 
 
 DECIDED_NOTE = "control flow on shapes, decided for the example's"

@@ -119,6 +119,11 @@ class PipelineTracer(fx.Tracer):
             # checkpoint(lambda t: block(t), x) in a loop: eager recomputes with the last block.
             self._checkpointed: list[tuple[object, tuple]] = []  # (function, its closure's values)
             patches.enter_context(_replaced(torch.utils.checkpoint, "checkpoint", self._checkpoint))
+            # torch.distributions check their parameters' values as they are built (Normal's scale
+            # positive), which a traced value has none of. A check only ever raises, so the stages
+            # compute without it what eager computes with it; a distribution given
+            # validate_args=True still asks, and is refused naming its line.
+            patches.enter_context(_replaced(torch.distributions.Distribution, "_validate_args", False))
             patches.enter_context(
                 _replaced(fx.Proxy, "__int__", lambda proxy: proxy.tracer.decide(proxy, int))
             )

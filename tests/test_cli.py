@@ -74,12 +74,7 @@ from tests.helpers import assert_user_error, ppcompile
         (
             "tests/fixtures/untraceable.py:edge_list",
             "2",
-            ["symbol 'b' is 20 in one input and 2 in 'edge_index'", "ModelSpec(dims={'edge_index': {}})"],
-        ),
-        (
-            "tests/fixtures/untraceable.py:value_in_init",
-            "2",
-            ["building the model failed", "Tensor.item()", "builds the model on the meta device"],
+            ["symbol 'b' is 20 in 'x' and 2 in 'edge_index'", "ModelSpec(dims={'edge_index': {}})"],
         ),
         (
             "tests/fixtures/untraceable.py:logged_loss",

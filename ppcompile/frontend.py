@@ -52,9 +52,9 @@ def load_context(ref_text: str, config: CompileConfig) -> CompileContext:
             held = next((v for v in items if not isinstance(v, torch.Tensor)), None)
             what = type(example).__name__ + (f" holding a {type(held).__name__}" if held is not None else "")
             raise CompileError(
-                f"{ref}: example input {name!r} is a {what}; forward's inputs must be tensors, or dicts, "
-                "lists, tuples or named tuples of tensors: give a number as a 0-d tensor, and keep other values out of "
-                "the inputs (on the model, or as forward's defaults)"
+                f"{ref}: example input {name!r} is a {what}; forward's inputs must be tensors, or "
+                "dicts, lists, tuples or named tuples of tensors: give a number as a 0-d tensor, and keep "
+                "other values out of the inputs (on the model, or as forward's defaults)"
             )
     # A 0-d input (a scale, a temperature) has no batch dim: every micro-batch shares it.
     dims = {name: {0: "b"} if x.dim() else {} for name, x in zip(input_names, spec.example_inputs)}

@@ -58,27 +58,9 @@ class ValueRecorder(fx.Interpreter):
             with under_regions(node, self.runs_as):
                 result = super().run_node(node)
         except Exception as e:
-            inputs = [self.values.get(n.name) for n in node.all_input_nodes]
-            result = self._on_cpu_zeros(node, e, inputs)
-            if result is None:
-                raise NodeFailed(node.name, e, inputs) from e
+            raise NodeFailed(node.name, e, [self.values.get(n.name) for n in node.all_input_nodes]) from e
         self.values[node.name] = result
         return result
-
-    def _on_cpu_zeros(self, node: fx.Node, error: Exception, inputs: list):
-        """A leaf that reads values inside torch (F.gaussian_nll_loss checks its variance,
-        nn.AdaptiveLogSoftmaxWithLoss picks each cluster's rows with nonzero) yet makes shapes
-        from shapes alone: its output run once on CPU zeros, as meta tensors. None where the node
-        fails for another reason, or on zeros too."""
-        on_meta = [v for v in inputs if isinstance(v, torch.Tensor)]
-        if not reads_values(error) or not on_meta or not all(v.is_meta for v in on_meta):
-            return None
-        module = self.module.get_submodule(node.target) if node.op == "call_module" else None
-        try:
-            with torch.device("cpu"):
-                return as_meta(run_alone_on_cpu(self.module, node, module, self.values, self.runs_as)[1])
-        except Exception:  # noqa: BLE001 - the original error says more
-            return None
 
 
 def reads_values(error: Exception) -> bool:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
@@ -44,7 +44,6 @@ from ppcompile.passes.propagate_shapes import (
     as_meta,
     autocast_on_cpu,
     call_node,
-    reads_values,
     run_alone_on_cpu,
     run_fake_cpu,
     run_meta,
@@ -328,14 +327,14 @@ def _measure(
     input_nodes = _arg_nodes(node)
     module = gm.get_submodule(node.target) if node.op == "call_module" else None
     param_bytes = sum(p.numel() * p.element_size() for p in module.parameters()) if module is not None else 0
+    counted_module = module
     try:
-        counted_module = module
         counted = _count_flops(gm, node, module, values, "meta")
     except Exception as e:
-        if not reads_values(e):
+        if not _needs_real_tensors(e):
             raise
-        # A value read inside torch (F.gaussian_nll_loss checks its variance) or a backward with no
-        # meta kernel (F.multi_margin_loss's): counted on CPU zeros instead.
+        # propagate_shapes ran every forward on meta, so this is a backward with no meta kernel
+        # (F.multi_margin_loss's): counted on CPU zeros instead.
         counted_module = zeroed_cpu_copy(module)
         zeros = {n.name: zeros_laid_out(values.get(n.name)) for n in input_nodes}
         counted = _count_flops(gm, node, counted_module, zeros, "cpu")
@@ -349,6 +348,16 @@ def _measure(
     runs_as = autocast_on_cpu(ctx)
     saved_on_device = _saved_on_device(gm, node, module, device_values, real, runs_as) or saved_on_meta
     return (forward_flops, backward_flops, *saved_on_device, param_bytes, saved_on_device != saved_on_meta)
+
+
+def _needs_real_tensors(error: Exception) -> bool:
+    """Whether ``error`` is a meta tensor asked for values it does not have, or an op with no meta
+    kernel: what a run on real tensors does not meet."""
+    text = str(error)
+    return isinstance(error, DataDependentOutputException) or any(
+        phrase in text
+        for phrase in ("cannot be called on meta tensors", "Meta kernel", "register_meta", "data-dependent")
+    )
 
 
 def _count_flops(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, values: dict, device: str):

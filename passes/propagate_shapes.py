@@ -35,7 +35,7 @@ from contextlib import contextmanager
 import sympy
 import torch
 from torch import fx, nn
-from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from ppcompile.context import CompileContext, KnownValue
@@ -61,16 +61,6 @@ class ValueRecorder(fx.Interpreter):
             raise NodeFailed(node.name, e, [self.values.get(n.name) for n in node.all_input_nodes]) from e
         self.values[node.name] = result
         return result
-
-
-def reads_values(error: Exception) -> bool:
-    """Whether ``error`` is a meta tensor asked for values it does not have, or an op with no meta
-    kernel: what a run on real tensors does not meet."""
-    text = str(error)
-    return isinstance(error, DataDependentOutputException) or any(
-        phrase in text
-        for phrase in ("cannot be called on meta tensors", "Meta kernel", "register_meta", "data-dependent")
-    )
 
 
 class NodeFailed(RuntimeError):

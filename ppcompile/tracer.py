@@ -88,8 +88,8 @@ class PipelineTracer(fx.Tracer):
             name: t.to("meta") if isinstance(t, torch.Tensor) else t
             for name, t in (example_inputs or {}).items()
         }
-        # forward's inputs given as dicts, lists, tuples or named tuples of tensors: name -> (keys, kind), as
-        # ModelSpec.input_groups records them.
+        # forward's inputs given as dicts, lists, tuples or named tuples of tensors: name -> (keys,
+        # kind), as ModelSpec.input_groups records them.
         self.input_groups = {name: (keys, kind) for name, keys, kind in input_groups}
         self.model_path = model_path
         self.decided: list[tuple[str, bool | int]] = []

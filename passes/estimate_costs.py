@@ -296,7 +296,8 @@ def _signature(gm: fx.GraphModule, node: fx.Node, values: dict) -> tuple:
     inputs = tuple(describe(n) for n in node.all_input_nodes)
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        params = tuple((n, tuple(p.shape), p.dtype) for n, p in module.named_parameters())
+        # A frozen layer's backward computes no weight gradient: it is not a trained one's twin.
+        params = tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in module.named_parameters())
         target = (type(module).__qualname__, repr(module), params, module.training)
     else:
         target = node.target if node.op == "call_method" else id(node.target)

@@ -616,17 +616,18 @@ def segment_memory(gm: fx.GraphModule, ctx: CompileContext, order: list[fx.Node]
     nodes = {node.name: node for node in gm.graph.nodes}
     position = {node.name: i for i, node in enumerate(order)}
     optimizer = ctx.config.optimizer
-    held: dict[int, tuple[list[int], float, float]] = {}  # id -> (users, bytes held, parameter bytes)
+    held: dict[int, tuple[list[int], float, float]] = {}  # id -> (users, bytes held, trained bytes)
     largest_parameter = torch.zeros(n, dtype=torch.float64)
     temp = torch.zeros(n + 1, dtype=torch.float64)
     working = torch.zeros(n, dtype=torch.float64)
     items = []
     for i, node in enumerate(order):
-        for t, is_param in held_tensors(ctx.spec.module, node):
+        for t, role in held_tensors(ctx.spec.module, node):
             nbytes = t.numel() * t.element_size()
-            weight = nbytes * parameter_bytes_held(optimizer) if is_param else nbytes
-            held.setdefault(id(t), ([], weight, nbytes if is_param else 0.0))[0].append(i)
-            if is_param:
+            trained = role == "trained"
+            weight = nbytes * parameter_bytes_held(optimizer) if trained else nbytes
+            held.setdefault(id(t), ([], weight, nbytes if trained else 0.0))[0].append(i)
+            if trained:
                 largest_parameter[i] = max(float(largest_parameter[i]), nbytes)
         temp[i + 1] = node.meta["ppc.cost"].saved_temp_bytes
         working[i] = working_bytes(nodes, node)

@@ -301,11 +301,12 @@ def stage_memory(
     ctx: CompileContext, nodes, own: list[fx.Node], live: int, regions: list[Region]
 ) -> StageMemory:
     own_names = {n.name for n in own}
-    params, buffers = {}, {}
+    held: dict[str, dict[int, int]] = {"trained": {}, "frozen": {}, "buffer": {}}
     for node in own:
-        for t, is_param in held_tensors(ctx.spec.module, node):
-            (params if is_param else buffers)[id(t)] = t.numel() * t.element_size()
-    param_bytes = float(sum(params.values()))
+        for t, role in held_tensors(ctx.spec.module, node):
+            held[role][id(t)] = t.numel() * t.element_size()
+    trained = held["trained"]
+    trained_bytes = float(sum(trained.values()))
     activations, recompute = activation_bytes(nodes, own, regions)
     # Messages (ppcompile.memory): per tensor sent, to each stage it goes to; per tensor received.
     M = ctx.config.microbatches
@@ -328,16 +329,16 @@ def stage_memory(
     optimizer = ctx.config.optimizer
     at_once = steps_every_parameter_at_once(ctx.profile.name, ctx.profiled_on)
     return StageMemory(
-        parameters=param_bytes,
-        gradients=param_bytes,
-        optimizer=param_bytes * OPTIMIZER_STATE_FACTOR[optimizer],
-        buffers=float(sum(buffers.values())),
+        parameters=trained_bytes + sum(held["frozen"].values()),
+        gradients=trained_bytes,
+        optimizer=trained_bytes * OPTIMIZER_STATE_FACTOR[optimizer],
+        buffers=float(sum(held["buffer"].values())),
         activations_per_microbatch=activations,
         live_microbatches=live,
         transfers=transfers,
         recompute=recompute,
         working=max((working_bytes(nodes, n) for n in own), default=0.0),
-        update=optimizer_step_bytes(optimizer, params.values(), at_once),
+        update=optimizer_step_bytes(optimizer, trained.values(), at_once),
     )
 
 

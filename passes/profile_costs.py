@@ -148,6 +148,8 @@ def profile_key(gm: fx.GraphModule, ctx: CompileContext, device: torch.device) -
         gm.code,
         repr(sorted(ctx.symbol_values.items())),
         repr([(n.name, n.meta.get("ppc.concrete"), str(n.meta.get("ppc.dtype"))) for n in gm.graph.nodes]),
+        # Freezing layers for fine-tuning changes their backward, not the graph's code.
+        repr([name for name, p in gm.named_parameters() if not p.requires_grad]),
         torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         str(ctx.config.profile_threads),
         str(profile_concurrency(ctx.config, device)),

@@ -150,20 +150,29 @@ class StageMemory:
         }
 
 
-def held_tensors(model: nn.Module, node: fx.Node) -> list[tuple[torch.Tensor, bool]]:
-    """The parameters and buffers a node reads, each with whether it is a parameter: a leaf module's
-    own, and those it gets as ``get_attr`` inputs."""
+def held_tensors(model: nn.Module, node: fx.Node) -> list[tuple[torch.Tensor, str]]:
+    """The parameters and buffers a node reads, each with its role: ``"trained"`` (a parameter that
+    gets a gradient, optimizer state and an update), ``"frozen"`` (a parameter with
+    ``requires_grad`` off, held and nothing more, as in fine-tuning) or ``"buffer"``. A leaf
+    module's own, and those it gets as ``get_attr`` inputs.
+
+    Example: for ``lora_B(lora_A(x)) + base(x)`` with ``base`` frozen, the ``base`` node holds
+    ``[(base.weight, "frozen"), (base.bias, "frozen")]``."""
     held = []
     if node.op == "call_module":
         module = model.get_submodule(node.target)
-        held += [(p, True) for p in module.parameters()]
-        held += [(b, False) for b in module.buffers()]
+        held += [(p, parameter_role(p)) for p in module.parameters()]
+        held += [(b, "buffer") for b in module.buffers()]
     for dep in node.all_input_nodes:
         if dep.op == "get_attr":
             owner, _, name = dep.target.rpartition(".")
             value = getattr(model.get_submodule(owner) if owner else model, name)
-            held.append((value, value.requires_grad))
+            held.append((value, parameter_role(value) if isinstance(value, nn.Parameter) else "buffer"))
     return held
+
+
+def parameter_role(parameter: torch.Tensor) -> str:
+    return "trained" if parameter.requires_grad else "frozen"
 
 
 def storage_root(nodes: dict[str, fx.Node], name: str, own: set[str] | None = None) -> fx.Node | None:

@@ -17,6 +17,7 @@ from ppcompile.errors import CompileError
 from ppcompile.measure import measure_stages
 from ppcompile.memory import format_bytes, parse_bytes
 from ppcompile.passes import partition_stages as partition_module
+from ppcompile.passes.profile_costs import profile_key
 from ppcompile.program import write_program
 from ppcompile.runtime.loader import load_program
 from ppcompile.runtime.train import InProcessPipeline, batches, build_spec
@@ -287,6 +288,40 @@ def test_cost_formulas_rescale_tuple_outputs():
         assert [m[key] for m in a] == pytest.approx([m[key] for m in b], rel=1e-9), key
 
 
+def test_a_frozen_layer_computes_no_weight_gradient():
+    # Costs are measured once per distinct node; a frozen Linear took the cost of its trained twin
+    # of the same shape (or the other way round) when trainability was not part of what is alike.
+    result = compile_model("tests/fixtures/fine_tuning.py:alternate_blocks_frozen", CompileConfig(stages=1))
+    costs = {n.target: n.meta["ppc.cost"] for n in result.gm.graph.nodes if n.op == "call_module"}
+    for block in range(6):
+        linear = costs[f"blocks.{block}.1"]
+        # The input's gradient costs as much as the forward; a trained layer's weight gradient again.
+        assert linear.backward_flops == linear.forward_flops * (1 if block % 2 else 2), block
+
+
+def test_a_profile_is_measured_again_when_layers_are_frozen():
+    result = compile_model("tests/fixtures/fine_tuning.py:alternate_blocks_frozen", CompileConfig(stages=1))
+    key = profile_key(result.gm, result.ctx, torch.device("cpu"))
+    result.gm.get_submodule("blocks.0").requires_grad_(False)
+    assert profile_key(result.gm, result.ctx, torch.device("cpu")) != key
+
+
+def test_frozen_parameters_are_held_without_gradients_or_optimizer_state():
+    result = compile_model("tests/fixtures/fine_tuning.py:frozen_backbone", CompileConfig(stages=2))
+    model, _ = build_model("tests/fixtures/fine_tuning.py:frozen_backbone")
+    trained = {name: p.numel() * p.element_size() for name, p in model.named_parameters() if p.requires_grad}
+    assert set(trained) == {"head.weight", "head.bias"}
+    first, last = result.ctx.memory
+    assert first.gradients == first.optimizer == first.update == 0 < first.parameters
+    assert last.gradients == sum(trained.values())
+    # Counted with gradients and AdamW's moments, the frozen backbone's rank needed 2.86 MiB.
+    budget = 1500 * 1024
+    fitted = compile_model(
+        "tests/fixtures/fine_tuning.py:frozen_backbone", CompileConfig(stages=2, memory_per_device=budget)
+    )
+    assert max(m.total for m in fitted.ctx.memory) <= budget
+
+
 def test_dims_must_name_known_symbols(tmp_path):
     assert_user_error(
         ppcompile("compile", "models/mlp.py:mlp", "-k", "2", "--dims", "s=4", "-o", str(tmp_path / "x")),
@@ -360,24 +395,32 @@ def test_stage_frees_each_value_after_its_last_use(tmp_path):
         "tests/fixtures/unseen_wide.py:factory",
         # nn.LSTM returns a tuple, which was counted as allocating nothing: its backward sets the peak.
         "tests/fixtures/unseen_rnn.py:lstm",
+        # Frozen parameters are held, with no gradient, no AdamW moments and no step temporaries.
+        "tests/fixtures/fine_tuning.py:frozen_backbone",
+        "tests/fixtures/fine_tuning.py:lora",
     ],
 )
 def test_predicted_peak_matches_the_allocations_of_a_step(tmp_path, ref):
     # One rank, so the in-process step's allocations are that rank's: the static bytes held before
-    # the step (parameters, AdamW's two moments, buffers; the gradients were set to None) plus the
-    # most the step's tensors held at once against the model's total, working tensors included.
+    # the step (parameters, AdamW's two moments of the trained ones, buffers; the gradients were set
+    # to None) plus the most the step's tensors held at once against the model's total, working
+    # tensors included.
     program = load_program(compile_to(tmp_path, ref, 1, microbatches=4))
     pipeline = InProcessPipeline(program, optimizer="adamw")
     microbatches = next(batches(program, pipeline.spec, 0))
     pipeline.step(microbatches)  # AdamW's moments exist from here on
     executor = pipeline.executors[0]
-    held = sum(3 * p.numel() * p.element_size() for p in executor.parameters())
+    held = sum((3 if p.requires_grad else 1) * p.numel() * p.element_size() for p in executor.parameters())
     held += sum(b.numel() * b.element_size() for m in executor.stages.values() for b in m.buffers())
     measured = held + _peak_allocated(lambda: pipeline.step(microbatches))
-    # nn.LSTM's CPU kernels do not allocate the same from one process to the next: its step
-    # measured 466.1 KB alone and 443.6 KB after the rest of the suite, against 466.0 predicted.
-    tolerance = 0.08 if "unseen_rnn" in ref else 0.05
-    assert program.data["costs"]["memory"][0]["total"] == pytest.approx(measured, rel=tolerance)
+    predicted = program.data["costs"]["memory"][0]["total"]
+    if "unseen_rnn" in ref:
+        # nn.LSTM's CPU kernels do not allocate the same from one step or process to the next: its
+        # step measured 465.0 KB, then 408.4 KB on every later step of one process, and 399.5 and
+        # 443.6 KB after other tests, against 466.0 predicted. The plan must cover the largest.
+        assert measured <= predicted * 1.02 and predicted <= measured * 1.18, (predicted, measured)
+    else:
+        assert predicted == pytest.approx(measured, rel=0.05)
 
 
 def test_optimizer_step_temporaries_can_set_the_peak(tmp_path):

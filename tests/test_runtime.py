@@ -652,6 +652,18 @@ def test_torch_code_that_reads_values_on_meta_trains_like_eager(tmp_path, factor
     trains_as_eager(compile_to(tmp_path, ref, stages, microbatches=4))
 
 
+@pytest.mark.parametrize("stages", [2, 4])
+@pytest.mark.parametrize("factory", ["frozen_backbone", "alternate_blocks_frozen", "lora"])
+def test_fine_tuning_with_frozen_parameters_trains_like_eager(tmp_path, factory, stages):
+    # The frozen parameters stay as eager leaves them (verify compares every parameter after the
+    # steps). Before the trained head, nothing needs a gradient: no gradient is sent back to them.
+    program_dir = compile_to(tmp_path, f"tests/fixtures/fine_tuning.py:{factory}", stages, microbatches=4)
+    if factory == "frozen_backbone":
+        boundaries = json.loads((program_dir / "program.json").read_text())["boundaries"]
+        assert not any(b["requires_grad"] for b in boundaries)
+    trains_as_eager(program_dir)
+
+
 @pytest.mark.parametrize("stages", [2, 3])
 @pytest.mark.parametrize(
     "factory, names",

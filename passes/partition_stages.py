@@ -617,7 +617,7 @@ def segment_memory(gm: fx.GraphModule, ctx: CompileContext, order: list[fx.Node]
     position = {node.name: i for i, node in enumerate(order)}
     optimizer = ctx.config.optimizer
     held: dict[int, tuple[list[int], float, float]] = {}  # id -> (users, bytes held, trained bytes)
-    largest_parameter = torch.zeros(n, dtype=torch.float64)
+    largest_trained = torch.zeros(n, dtype=torch.float64)
     temp = torch.zeros(n + 1, dtype=torch.float64)
     working = torch.zeros(n, dtype=torch.float64)
     items = []
@@ -628,14 +628,14 @@ def segment_memory(gm: fx.GraphModule, ctx: CompileContext, order: list[fx.Node]
             weight = nbytes * parameter_bytes_held(optimizer) if trained else nbytes
             held.setdefault(id(t), ([], weight, nbytes if trained else 0.0))[0].append(i)
             if trained:
-                largest_parameter[i] = max(float(largest_parameter[i]), nbytes)
+                largest_trained[i] = max(float(largest_trained[i]), nbytes)
         temp[i + 1] = node.meta["ppc.cost"].saved_temp_bytes
         working[i] = working_bytes(nodes, node)
         for name in saved_values(nodes, node):
             items += storage_items(nodes, position, name, i)
     static = exists_in_segment(n, [(sorted(set(users)), w) for users, w, _ in held.values()])
     activations = storage_union_bytes(n, nodes, items) + span_sums(temp)
-    # The step's temporaries scale with every parameter (at once) or with the largest (one at a time).
+    # The step's temporaries scale with every trained parameter (at once) or the largest (one at a time).
     at_once = steps_every_parameter_at_once(ctx.profile.name, ctx.profiled_on)
     per_byte = optimizer_step_bytes(optimizer, [1.0], at_once)
     if at_once:
@@ -643,7 +643,7 @@ def segment_memory(gm: fx.GraphModule, ctx: CompileContext, order: list[fx.Node]
             exists_in_segment(n, [(sorted(set(users)), p) for users, _, p in held.values() if p]) * per_byte
         )
     else:
-        update = range_max(largest_parameter) * per_byte
+        update = range_max(largest_trained) * per_byte
     return SegmentMemory(
         fixed=static + transfer_buffers(gm, ctx, order),
         activations=activations,

@@ -161,17 +161,18 @@ def held_tensors(model: nn.Module, node: fx.Node) -> list[tuple[torch.Tensor, st
     held = []
     if node.op == "call_module":
         module = model.get_submodule(node.target)
-        held += [(p, parameter_role(p)) for p in module.parameters()]
+        held += [(p, _parameter_role(p)) for p in module.parameters()]
         held += [(b, "buffer") for b in module.buffers()]
     for dep in node.all_input_nodes:
         if dep.op == "get_attr":
             owner, _, name = dep.target.rpartition(".")
             value = getattr(model.get_submodule(owner) if owner else model, name)
-            held.append((value, parameter_role(value) if isinstance(value, nn.Parameter) else "buffer"))
+            held.append((value, _parameter_role(value) if isinstance(value, nn.Parameter) else "buffer"))
     return held
 
 
-def parameter_role(parameter: torch.Tensor) -> str:
+def _parameter_role(parameter: torch.Tensor) -> str:
+    # What the runtime's optimizer steps: the parameters that get a gradient.
     return "trained" if parameter.requires_grad else "frozen"
 
 

@@ -29,6 +29,7 @@ Keys written on each node:
 
 from __future__ import annotations
 
+import copy
 import operator
 from dataclasses import dataclass
 
@@ -40,18 +41,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ppcompile.context import CompileContext
-from ppcompile.passes.propagate_shapes import (
-    as_meta,
-    autocast_on_cpu,
-    call_node,
-    run_alone_on_cpu,
-    run_fake_cpu,
-    run_meta,
-    zeroed_cpu_copy,
-    zeros_laid_out,
-)
+from ppcompile.passes.propagate_shapes import autocast_on_cpu, masks_without_values, run_fake_cpu, run_meta
 from ppcompile.runtime.executor import held_storages
-from ppcompile.tracer import is_effect, rebind_buffer
+from ppcompile.tracer import is_effect, rebind_buffer, under_regions
 
 
 @dataclass(frozen=True)
@@ -482,6 +474,67 @@ def _tensor_paths(value, path: tuple = ()) -> list[tuple[tuple, torch.Tensor]]:
     if isinstance(value, (tuple, list)):
         return [p for i, v in enumerate(value) for p in _tensor_paths(v, (*path, i))]
     return [(path, value)] if isinstance(value, torch.Tensor) else []
+
+
+def run_alone_on_cpu(
+    gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, values: dict, runs_as: dict
+):
+    """The node run alone on CPU zeros shaped and strided as its inputs' ``values`` (by node name),
+    under its grad-mode and autocast regions (``runs_as`` as ``tracer.under_regions`` takes it):
+    (its inputs, its output, its module's copy or None). The model was built on meta: the module
+    runs as a CPU copy with zeros for weights. Under ``FakeTensorMode`` nothing is allocated."""
+    on_device = zeroed_cpu_copy(module)
+    input_nodes = list(node.all_input_nodes)
+    inputs = [zeros_laid_out(values.get(n.name)) for n in input_nodes]
+    by_name = dict(zip((n.name for n in input_nodes), inputs))
+    args = fx.node.map_arg(node.args, lambda n: by_name[n.name])
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: by_name[n.name])
+    with under_regions(node, runs_as):
+        return inputs, call_node(gm, node, on_device, args, kwargs), on_device
+
+
+def zeroed_cpu_copy(module: nn.Module | None) -> nn.Module | None:
+    """A copy of a module built on meta, on CPU with zeros for its weights and buffers."""
+    if module is None:
+        return None
+    on_cpu = copy.deepcopy(module).to_empty(device="cpu")
+    with torch.no_grad():
+        for t in [*on_cpu.parameters(), *on_cpu.buffers()]:
+            t.zero_()
+    return on_cpu
+
+
+def zeros_laid_out(value):
+    """CPU zeros of a tensor's shape, strides and dtype (other values as they are); a non-leaf
+    where it requires grad, so in-place ops are allowed."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    t = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="cpu").zero_()
+    t.requires_grad_(value.requires_grad and value.is_floating_point())
+    return t.clone() if t.requires_grad else t
+
+
+def call_node(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, args, kwargs):
+    with masks_without_values():
+        if node.op == "call_module":
+            return module(*args, **kwargs)
+        if node.op == "call_method":
+            self_obj, *rest = args
+            return getattr(self_obj, node.target)(*rest, **kwargs)
+        return node.target(*args, **kwargs)
+
+
+def as_meta(value):
+    """``value`` with each tensor replaced by a meta tensor of its shape, strides and dtype."""
+    if isinstance(value, torch.Tensor):
+        meta = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+        return meta.requires_grad_(value.requires_grad) if value.requires_grad else meta
+    if isinstance(value, (tuple, list)):
+        items = [as_meta(v) for v in value]
+        if hasattr(type(value), "_make"):  # a named tuple
+            return type(value)._make(items)
+        return type(value)(items)  # a list, a tuple, or torch.return_types (max's values, indices)
+    return value
 
 
 def _flatten(value) -> list:

@@ -42,11 +42,12 @@ from ppcompile.passes.estimate_costs import (
     _arg_nodes,
     _flatten,
     _signature,
+    call_node,
     classify_saved,
     costs_nothing,
     fresh_inputs,
 )
-from ppcompile.passes.propagate_shapes import ValueRecorder, call_node
+from ppcompile.passes.propagate_shapes import ValueRecorder
 from ppcompile.program import write_atomically
 from ppcompile.runtime.executor import held_storages
 from ppcompile.runtime.heap import keep_freed_memory

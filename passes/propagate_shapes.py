@@ -34,7 +34,7 @@ from contextlib import contextmanager
 
 import sympy
 import torch
-from torch import fx, nn
+from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 
@@ -102,67 +102,6 @@ def masks_without_values() -> Iterator[None]:
     finally:
         transformer._detect_is_causal_mask = compare
         torch.backends.mha.set_fastpath_enabled(fast_path)
-
-
-def run_alone_on_cpu(
-    gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, values: dict, runs_as: dict
-):
-    """The node run alone on CPU zeros shaped and strided as its inputs' ``values`` (by node name),
-    under its grad-mode and autocast regions (``runs_as`` as ``tracer.under_regions`` takes it):
-    (its inputs, its output, its module's copy or None). The model was built on meta: the module
-    runs as a CPU copy with zeros for weights. Under ``FakeTensorMode`` nothing is allocated."""
-    on_device = zeroed_cpu_copy(module)
-    input_nodes = list(node.all_input_nodes)
-    inputs = [zeros_laid_out(values.get(n.name)) for n in input_nodes]
-    by_name = dict(zip((n.name for n in input_nodes), inputs))
-    args = fx.node.map_arg(node.args, lambda n: by_name[n.name])
-    kwargs = fx.node.map_arg(node.kwargs, lambda n: by_name[n.name])
-    with under_regions(node, runs_as):
-        return inputs, call_node(gm, node, on_device, args, kwargs), on_device
-
-
-def zeroed_cpu_copy(module: nn.Module | None) -> nn.Module | None:
-    """A copy of a module built on meta, on CPU with zeros for its weights and buffers."""
-    if module is None:
-        return None
-    on_cpu = copy.deepcopy(module).to_empty(device="cpu")
-    with torch.no_grad():
-        for t in [*on_cpu.parameters(), *on_cpu.buffers()]:
-            t.zero_()
-    return on_cpu
-
-
-def zeros_laid_out(value):
-    """CPU zeros of a tensor's shape, strides and dtype (other values as they are); a non-leaf
-    where it requires grad, so in-place ops are allowed."""
-    if not isinstance(value, torch.Tensor):
-        return value
-    t = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="cpu").zero_()
-    t.requires_grad_(value.requires_grad and value.is_floating_point())
-    return t.clone() if t.requires_grad else t
-
-
-def call_node(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, args, kwargs):
-    with masks_without_values():
-        if node.op == "call_module":
-            return module(*args, **kwargs)
-        if node.op == "call_method":
-            self_obj, *rest = args
-            return getattr(self_obj, node.target)(*rest, **kwargs)
-        return node.target(*args, **kwargs)
-
-
-def as_meta(value):
-    """``value`` with each tensor replaced by a meta tensor of its shape, strides and dtype."""
-    if isinstance(value, torch.Tensor):
-        meta = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
-        return meta.requires_grad_(value.requires_grad) if value.requires_grad else meta
-    if isinstance(value, (tuple, list)):
-        items = [as_meta(v) for v in value]
-        if hasattr(type(value), "_make"):  # a named tuple
-            return type(value)._make(items)
-        return type(value)(items)  # a list, a tuple, or torch.return_types (max's values, indices)
-    return value
 
 
 def run_meta(gm: fx.GraphModule, ctx: CompileContext, symbol_values: dict[str, int]) -> dict[str, object]:

@@ -193,8 +193,12 @@ def _does_not_fit(
     else:
         what = "and it has no layer to recompute"
     # Every part of the total, so that they add up to it.
+    trains = memory.gradients > 0  # nothing trains for inference, or with every layer frozen
     parts = [
-        ("parameters+gradients+optimizer", memory.parameters + memory.gradients + memory.optimizer),
+        (
+            "parameters+gradients+optimizer" if trains else "parameters",
+            memory.parameters + memory.gradients + memory.optimizer,
+        ),
         ("buffers", memory.buffers),
         ("transfers", memory.transfers),
     ]
@@ -326,6 +330,12 @@ def stage_memory(
     transfers += sum(
         receive_buffer_bytes(d.meta["ppc.nbytes"], d.meta["ppc.requires_grad"], M) for d in received
     )
+    if not ctx.config.trains and own and own[0].meta["ppc.stage"] == ctx.num_stages - 1:
+        # An inference step keeps what forward returns for each of its micro-batches until it ends.
+        output = next(n for n in nodes.values() if n.op == "output")
+        transfers += M * sum(
+            d.meta["ppc.nbytes"] for d in output.all_input_nodes if d.meta.get("ppc.kind") == "tensor"
+        )
     optimizer = ctx.config.optimizer
     at_once = steps_every_parameter_at_once(ctx.profile.name, ctx.profiled_on)
     return StageMemory(

@@ -73,7 +73,9 @@ def profile_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         cached = {"nodes": measure(gm, ctx, device), "contention": None}
         ranks = profile_concurrency(config, device)
         if ranks > 1:
-            cached["contention"] = asdict(measure_contention(ctx.ref, ranks, config.profile_threads))
+            cached["contention"] = asdict(
+                measure_contention(ctx.ref, ranks, config.profile_threads, config.trains)
+            )
         ctx.notes.append(f"profile: measured {len(cached['nodes'])} nodes on {device}")
         if cache_file is not None:
             write_atomically(cache_file, json.dumps(cached, indent=0, sort_keys=True))
@@ -166,6 +168,8 @@ def measure(gm: fx.GraphModule, ctx: CompileContext, device: torch.device) -> di
         torch.set_num_threads(ctx.config.profile_threads)
     try:
         spec = ctx.ref.build(device, seed=0)
+        if not ctx.config.trains:
+            spec.module.requires_grad_(False)  # as the compiler's own copy: inference runs no backward
         real = fx.GraphModule(spec.module, gm.graph)
         recorder = ValueRecorder(real)
         with torch.enable_grad():  # a model's torch.no_grad() switches it inside the run
@@ -198,7 +202,8 @@ def measure(gm: fx.GraphModule, ctx: CompileContext, device: torch.device) -> di
 
 
 def _time_whole(real: fx.GraphModule, inputs, device: torch.device) -> float:
-    """Forward + backward of the whole traced model on the example micro-batch, median seconds."""
+    """Forward + backward of the whole traced model on the example micro-batch, median seconds
+    (forward alone where nothing trains)."""
     params = [p for p in real.parameters() if p.requires_grad]
     # The graph's own code leaves out the regions the model ran its nodes in (a frozen teacher
     # under torch.no_grad(), blocks under torch.autocast); ValueRecorder runs each node inside them.
@@ -206,7 +211,8 @@ def _time_whole(real: fx.GraphModule, inputs, device: torch.device) -> float:
 
     def step():
         loss = forward(*inputs)
-        torch.autograd.grad([loss], params, allow_unused=True)
+        if params and isinstance(loss, torch.Tensor) and loss.requires_grad:  # not for inference
+            torch.autograd.grad([loss], params, allow_unused=True)
 
     def sync():
         if device.type == "cuda":

@@ -280,8 +280,26 @@ def propagate_shapes(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         node.meta["ppc.nbytes"] = value.numel() * value.element_size()
     _items_after_their_tuple(gm)
     _refuse_batch_along_sequence(gm, ctx)
-    _one_element_loss_as_scalar(gm, ctx)
+    if ctx.config.trains:
+        _one_element_loss_as_scalar(gm, ctx)
+        _refuse_a_loss_not_scalar(gm, ctx)
     return gm
+
+
+def _refuse_a_loss_not_scalar(gm: fx.GraphModule, ctx: CompileContext) -> None:
+    """Training needs the scalar loss: said before the costly passes run, and for a model that
+    returns no loss at all (logits to serve), where the other way lies."""
+    loss = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
+    if isinstance(loss, fx.Node) and loss.meta.get("ppc.kind") == "tensor" and loss.meta["ppc.shape"] == ():
+        return
+    shape = loss.meta.get("ppc.concrete") if isinstance(loss, fx.Node) else None
+    raise CompileError(
+        f"{ctx.ref}: forward must return the scalar loss for training (a 0-d tensor, (loss, ...) or "
+        f"{{'loss': loss, ...}}); its loss is "
+        + (f"a tensor of shape {list(shape)}" if shape is not None else "not a tensor")
+        + "; reduce it with .mean() or .sum(), or compile the model for inference with "
+        "--schedule forward-only"
+    )
 
 
 def _one_element_loss_as_scalar(gm: fx.GraphModule, ctx: CompileContext) -> None:

@@ -25,17 +25,8 @@ def split_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     K = ctx.num_stages
     nodes = list(gm.graph.nodes)
     output = next(n for n in nodes if n.op == "output")
-    loss = output.args[0]
-    if not isinstance(loss, fx.Node) or loss.meta.get("ppc.kind") != "tensor" or loss.meta["ppc.shape"] != ():
-        shape = loss.meta.get("ppc.concrete") if isinstance(loss, fx.Node) else None
-        raise CompileError(
-            f"{ctx.ref}: forward must return the scalar loss for training (a 0-d tensor, (loss, ...) or "
-            f"{{'loss': loss, ...}}); its loss is "
-            + (f"a tensor of shape {list(shape)}" if shape is not None else "not a tensor")
-            + "; reduce it with .mean() or .sum()"
-        )
-    if loss.meta["ppc.stage"] != K - 1:
-        raise CompileError(f"{ctx.ref}: the loss {loss.name} must be computed by the last stage")
+    if ctx.config.trains:
+        _check_loss(ctx, output.args[0])
 
     # Boundary tensors: compute values used by a later stage.
     boundaries: dict[str, BoundaryTensor] = {}
@@ -43,7 +34,8 @@ def split_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         stage = node.meta.get("ppc.stage")
         if stage is None or node.op == "output":
             continue
-        consumers = sorted({u.meta["ppc.stage"] for u in node.users if u.op != "output"} - {stage})
+        # The output node sits on the last stage: an inference program returns values made earlier.
+        consumers = sorted({u.meta["ppc.stage"] for u in node.users} - {stage})
         if not consumers:
             continue
         if node.meta["ppc.kind"] != "tensor":
@@ -61,12 +53,18 @@ def split_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         )
     ctx.boundaries = boundaries
 
-    ctx.stage_graphs = [_stage_graph(gm, ctx, s, nodes, loss) for s in range(K)]
+    ctx.stage_graphs = [_stage_graph(gm, ctx, s, nodes, output) for s in range(K)]
     ctx.tied_groups = _tied_groups(gm, ctx)
     return gm
 
 
-def _stage_graph(gm, ctx, stage: int, nodes: list[fx.Node], loss: fx.Node) -> StageGraph:
+def _check_loss(ctx: CompileContext, loss: fx.Node) -> None:
+    # propagate_shapes refused a loss that is not a scalar tensor.
+    if loss.meta["ppc.stage"] != ctx.num_stages - 1:
+        raise CompileError(f"{ctx.ref}: the loss {loss.name} must be computed by the last stage")
+
+
+def _stage_graph(gm, ctx, stage: int, nodes: list[fx.Node], output: fx.Node) -> StageGraph:
     graph = fx.Graph()
     env: dict[str, fx.Node] = {}
     graph_inputs, receives, sizes, modules, tensors, node_names = [], [], [], [], [], []
@@ -83,8 +81,10 @@ def _stage_graph(gm, ctx, stage: int, nodes: list[fx.Node], loss: fx.Node) -> St
                 need(dep)
             needed_free.append(node)
 
+    last = stage == ctx.num_stages - 1
     received = []
-    for node in own:
+    # The last stage returns the output: the loss, or for inference all that forward returns.
+    for node in own + ([output] if last else []):
         for dep in node.all_input_nodes:
             if dep.meta.get("ppc.stage") is not None and dep.name not in own_names:
                 if dep not in received:
@@ -119,9 +119,10 @@ def _stage_graph(gm, ctx, stage: int, nodes: list[fx.Node], loss: fx.Node) -> St
             node_names.append(node.name)
     sends = [n.name for n in own if n.name in ctx.boundaries]
     outputs = {name: env[name] for name in sends}
-    returns_loss = stage == ctx.num_stages - 1
-    if returns_loss:
-        outputs["loss"] = env[loss.name]
+    if last and ctx.config.trains:
+        outputs["loss"] = env[output.args[0].name]
+    elif last:
+        outputs["output"] = fx.map_arg(output.args[0], lambda n: env[n.name])
     graph.output(outputs)
     graph.lint()
     return StageGraph(
@@ -131,7 +132,8 @@ def _stage_graph(gm, ctx, stage: int, nodes: list[fx.Node], loss: fx.Node) -> St
         receives=receives,
         sizes=sizes,
         sends=sends,
-        returns_loss=returns_loss,
+        returns_loss=last and ctx.config.trains,
+        returns_output=last and not ctx.config.trains,
         modules=sorted(set(modules), key=modules.index),
         tensors=sorted(set(tensors), key=tensors.index),
         node_names=node_names,

@@ -97,9 +97,12 @@ def calibrate(
                 microbatches = [{k: v.to(device) for k, v in mb.items()} for mb in next(data)]
                 trace = [] if step >= WARMUP_STEPS else None
                 start = time.perf_counter()
-                pipeline.step(microbatches, update=False, trace=trace)
+                if loaded.trains:
+                    pipeline.step(microbatches, update=False, trace=trace)
+                else:  # compiled for inference: forward only, and no optimizer step to time
+                    pipeline.evaluate(microbatches, trace=trace)
                 step_seconds.append(time.perf_counter() - start)
-                for rank, opt in enumerate(pipeline.optimizers):
+                for rank, opt in enumerate(pipeline.optimizers if loaded.trains else ()):
                     start = time.perf_counter()
                     opt.step()
                     if device.startswith("cuda"):
@@ -118,12 +121,13 @@ def calibrate(
                 )
                 costs, around = traced_stage_costs(loaded.root, loaded.num_ranks, optimizer, traced)
                 stage_scale, timed_as = 1.0, f"under torchrun, {loaded.num_ranks} ranks at once"
-                update_seconds = around["update_seconds"]
+                # An inference program's run takes no optimizer step.
+                update_seconds = around["update_seconds"] or [0.0] * loaded.num_ranks
                 cpu = around["cpu"]
             else:
                 costs, around = measured_stage_costs(measured_trace(steps)), {}
                 stage_scale, timed_as = slowdown, "in this process, scaled by the profile's slowdown"
-                update_seconds = [statistics.median(u) * slowdown for u in updates]
+                update_seconds = [statistics.median(u) * slowdown if u else 0.0 for u in updates]
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -249,8 +253,10 @@ def calibration_note(program: dict) -> str:
             for s in calibrated["stages"]
         )
         parts.append(f"the ranks' CPU time in them {cpu} ms")
-    update = ", ".join(f"{u * 1e3:.2f}" for u in calibrated["update_seconds"])
-    parts.append(f"optimizer step per rank {update} ms")
+    trains = program.get("trains", True)
+    if trains:
+        update = ", ".join(f"{u * 1e3:.2f}" for u in calibrated["update_seconds"])
+        parts.append(f"optimizer step per rank {update} ms")
     if calibrated.get("start_seconds"):
         begun = ", ".join(f"{s * 1e3:.2f}" for s in calibrated["start_seconds"])
         parts.append(f"first action per rank {begun} ms into the step")
@@ -263,6 +269,8 @@ def calibration_note(program: dict) -> str:
         tenth, ninetieth = jitter[len(jitter) // 10], jitter[-1 - len(jitter) // 10]
         parts.append(f"actions took {tenth:.2f}-{ninetieth:.2f}x their mean (10th-90th percentile)")
     timed_as = calibrated.get("stages_timed", "in this process")
-    return f"calibrated: stages timed whole in the runtime ({timed_as}), F+B per micro-batch: " + "; ".join(
-        parts
+    timed = "F+B" if trains else "F (inference)"
+    return (
+        f"calibrated: stages timed whole in the runtime ({timed_as}), {timed} per micro-batch: "
+        + "; ".join(parts)
     )

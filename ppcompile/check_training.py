@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ppcompile.runtime.loader import Program
+from ppcompile.runtime.outputs import as_returned, output_leaves
 from ppcompile.runtime.spec import call_forward, loss_of
 from ppcompile.runtime.stage import plain_tensor_attributes
 from ppcompile.runtime.train import InProcessPipeline, batches, build_spec, make_optimizer
@@ -383,8 +384,9 @@ def compare(
         n: relative_difference(p, ref_params[n], GRADIENT_SCALE_FLOOR * largest_update)
         for n, p in params.items()
     }
-    worst_grad = max(grad_diffs, key=grad_diffs.get)
-    worst_param = max(param_diffs, key=param_diffs.get)
+    # A model with nothing to train (every parameter frozen) has no gradient or parameter to compare.
+    worst_grad = max(grad_diffs, key=grad_diffs.get, default="(none)")
+    worst_param = max(param_diffs, key=param_diffs.get, default="(none)")
     buffer_fields = {}
     if buffers and reference_buffers is not None:
         buffer_fields = _worst_buffer(buffers, reference_buffers, rtol)
@@ -392,9 +394,9 @@ def compare(
         steps=len(losses),
         first_step_losses_equal=losses[0] == ref_losses[0],
         max_loss_difference=loss_diff,
-        max_gradient_difference=grad_diffs[worst_grad],
+        max_gradient_difference=grad_diffs.get(worst_grad, 0.0),
         worst_gradient=worst_grad,
-        max_parameter_difference=param_diffs[worst_param],
+        max_parameter_difference=param_diffs.get(worst_param, 0.0),
         worst_parameter=worst_param,
         rtol=rtol,
         bitwise_losses_expected=bitwise_losses_expected,
@@ -493,4 +495,127 @@ def verify_in_process(
         random_ops_left_on=(left_on or ("an op verify cannot name",))
         if drew or eager.drew_random_numbers
         else (),
+    )
+
+
+@dataclass(frozen=True)
+class InferenceComparison:
+    """An inference program's outputs against the eager model's forward, micro-batch by micro-batch."""
+
+    steps: int
+    outputs_bitwise_equal: bool
+    max_output_difference: float  # relative, over every step, micro-batch and returned tensor
+    worst_output: str  # its path, ``output['logits']``
+    rtol: float
+    max_buffer_difference: float = 0.0
+    worst_buffer: str | None = None
+    worst_buffer_is_integer: bool = False
+    random_ops_switched_off: tuple[str, ...] = ()
+    random_ops_left_on: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        allowed = 0.0 if self.worst_buffer_is_integer else self.rtol
+        buffers_agree = self.worst_buffer is None or self.max_buffer_difference <= allowed
+        return self.max_output_difference <= self.rtol and buffers_agree
+
+    def lines(self) -> list[str]:
+        lines = []
+        if self.random_ops_switched_off:
+            lines.append(
+                f"the model draws random numbers ({'; '.join(self.random_ops_switched_off)}): compared with "
+                "them switched off on both sides, since each stage draws from a stream of its own, not eager's"
+            )
+        if self.random_ops_left_on:
+            lines.append(
+                f"the model draws random numbers verify cannot switch off ({'; '.join(self.random_ops_left_on)})"
+            )
+        lines += [
+            f"outputs bitwise equal over {self.steps} steps: {self.outputs_bitwise_equal}",
+            f"largest output difference: {self.max_output_difference:.2e} ({self.worst_output}; rtol {self.rtol:g})",
+        ]
+        if self.worst_buffer is not None:
+            lines.append(
+                f"largest buffer difference after step {self.steps}: {self.max_buffer_difference:.2e} "
+                f"({self.worst_buffer})"
+            )
+        return lines
+
+    def verdict(self) -> str:
+        if self.ok:
+            return "OK: the compiled program computes the eager model's forward"
+        if self.random_ops_left_on:
+            return (
+                "FAILED: outside the bar; the difference may come from the random numbers the model draws "
+                f"({'; '.join(self.random_ops_left_on)}), which each stage draws from a stream of its own, not eager's"
+            )
+        return "FAILED: outside the bar"
+
+
+def _output_differences(got, expected) -> tuple[bool, dict[str, float]]:
+    """(every leaf bitwise equal, each leaf's relative difference by path) of two outputs."""
+    equal, differences = True, {}
+    expected_leaves = dict(output_leaves(as_returned(expected)))
+    for path, value in output_leaves(got):
+        want = expected_leaves.get(path)
+        if isinstance(want, torch.Tensor) and isinstance(value, torch.Tensor):
+            same = value.shape == want.shape and torch.equal(value.cpu(), want.cpu())
+            if not same and value.shape == want.shape and want.numel():
+                difference = buffer_difference(value.cpu(), want.cpu())
+            else:
+                difference = 0.0 if same else float("inf")
+        else:
+            same = value == want
+            difference = 0.0 if same else float("inf")
+        equal &= same
+        differences[path] = difference
+    return equal, differences
+
+
+def verify_inference_in_process(
+    program: Program, steps: int = 3, seed: int = 0, rtol: float | None = None, device: str = "cpu"
+) -> InferenceComparison:
+    """Evaluate an inference program (``--schedule forward-only``) for ``steps`` batches on the
+    in-process transport and compare what it returns for each micro-batch with the eager model's
+    forward on it, both without autograd and with dropout switched off; buffers forward updates
+    (a BatchNorm's running statistics in training mode) are compared after the last batch."""
+    names = [i["name"] for i in program.data["inputs"]]
+    with dropout_switched_off() as dropped:
+        pipeline = InProcessPipeline(program, seed=seed, device=device)
+        if rtol is None:
+            rtol, _ = precision_rtol({p.dtype for p in pipeline.named_parameters().values()})
+        spec = build_spec(program, seed)
+        model = spec.module.to(device)
+        data = batches(program, pipeline.spec, seed)
+        equal, worst, drew = True, (0.0, "output"), False
+        with torch.no_grad():
+            for _ in range(steps):
+                microbatches = next(data)
+                before = pipeline.random_states() + rng_states(device)
+                pipeline.evaluate(microbatches)
+                for mb, got in zip(microbatches, pipeline.results()):
+                    inputs = [mb[n].to(device) for n in names]
+                    expected = call_forward(model, names, inputs, spec.input_groups)
+                    same, differences = _output_differences(got, expected)
+                    equal &= same
+                    worst = max([worst, *((d, path) for path, d in differences.items())])
+                drew |= moved(before, pipeline.random_states() + rng_states(device))
+        buffers = {
+            n: {rank: b.detach().cpu().clone() for rank, b in copies.items()}
+            for n, copies in pipeline.named_buffers().items()
+        }
+        reference = {n: b.detach().cpu().clone() for n, b in buffers_and_plain_tensors(model).items()}
+    buffer_fields = _worst_buffer(buffers, reference, rtol) if buffers else {}
+    switched_off, left_on = random_ops(program, pipeline.spec.module)
+    return InferenceComparison(
+        steps=steps,
+        outputs_bitwise_equal=equal,
+        max_output_difference=worst[0],
+        worst_output=worst[1],
+        rtol=rtol,
+        random_ops_switched_off=(switched_off or ("dropout called where verify cannot place it",))
+        if dropped
+        else (),
+        random_ops_left_on=(left_on or ("an op verify cannot name",)) if drew else (),
+        **buffer_fields,
     )

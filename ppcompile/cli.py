@@ -40,7 +40,7 @@ def main():
     "--schedule",
     default="1f1b",
     show_default=True,
-    help="Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1, forward-only, or auto (fastest that fits).",
+    help="Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1, forward-only (inference), or auto (fastest that fits).",
 )
 @click.option(
     "--virtual-stages", "-v", type=int, default=1, show_default=True, help="Stages per rank (interleaved)."
@@ -287,19 +287,19 @@ def _measured_costs(path: str, program: dict):
 )
 @user_errors
 def verify(program_dir, steps, optimizer, lr, seed, rtol, device):
-    """Train PROGRAM_DIR in one process beside the eager model; exit 0 only if they agree."""
-    from ppcompile.check_training import verify_in_process
+    """Train PROGRAM_DIR in one process beside the eager model (or, compiled for inference, compare
+    its outputs with the eager forward's); exit 0 only if they agree."""
+    from ppcompile.check_training import verify_in_process, verify_inference_in_process
     from ppcompile.devices import check_device
 
-    result = verify_in_process(
-        _load(program_dir),
-        steps=steps,
-        optimizer=optimizer,
-        lr=lr,
-        seed=seed,
-        rtol=rtol,
-        device=str(check_device(device, "--device")),
-    )
+    program = _load(program_dir)
+    device = str(check_device(device, "--device"))
+    if program.trains:
+        result = verify_in_process(
+            program, steps=steps, optimizer=optimizer, lr=lr, seed=seed, rtol=rtol, device=device
+        )
+    else:  # compiled for inference: its outputs against the eager forward's
+        result = verify_inference_in_process(program, steps=steps, seed=seed, rtol=rtol, device=device)
     for line in result.lines():
         click.echo(line)
     click.echo(result.verdict())

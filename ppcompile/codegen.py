@@ -21,6 +21,7 @@ from torch import fx
 from ppcompile.context import CompileContext, StageGraph
 from ppcompile.errors import CompileError
 from ppcompile.passes.order_mutations import is_in_place, storage_of, written_buffers
+from ppcompile.runtime.outputs import output_leaves
 from ppcompile.runtime.spec import MODEL_FILE, MODEL_MODULE_PREFIX
 from ppcompile.runtime.stage import function_attribute
 from ppcompile.tracer import assign_items, autograd_function, rebind_buffer
@@ -67,6 +68,16 @@ def format_dtype(dtype: torch.dtype) -> str:
 def describe(meta: dict) -> str:
     """``[b, s, 64] float32`` for a tensor value."""
     return f"{format_shape(meta['ppc.shape'])} {format_dtype(meta['ppc.dtype'])}"
+
+
+def _describe_leaf(leaf) -> str:
+    """A returned value: ``[b, 10] float32`` for a tensor, ``int s`` for a size, a constant as it is."""
+    if not isinstance(leaf, fx.Node):
+        return repr(leaf)
+    if leaf.meta.get("ppc.kind") == "tensor":
+        return describe(leaf.meta)
+    known = leaf.meta.get("ppc.value")
+    return known.text() if known is not None else str(leaf.meta.get("ppc.kind", "a value"))
 
 
 class _Emitter:
@@ -236,9 +247,11 @@ def generate_stage(ctx: CompileContext, sg: StageGraph, version: str) -> str:
         if state_sent
         else []
     )
+    output = next(n for n in sg.graph.nodes if n.op == "output")
     if sg.returns_loss:
-        output = next(n for n in sg.graph.nodes if n.op == "output")
         returns.append(f'"loss": {emitter.value(output.args[0]["loss"])}')
+    if sg.returns_output:
+        returns.append(f'"output": {emitter.value(output.args[0]["output"])}')
 
     port_lines = []
     for name in sg.graph_inputs:
@@ -263,6 +276,12 @@ def generate_stage(ctx: CompileContext, sg: StageGraph, version: str) -> str:
         )
     if sg.returns_loss:
         send_lines.append("            loss: [] float32, the training loss (this stage owns it)")
+    if sg.returns_output:
+        send_lines.append("            output: what the model's forward returns (inference):")
+        send_lines += [
+            f"                {path}: {_describe_leaf(leaf)}"
+            for path, leaf in output_leaves(output.args[0]["output"])
+        ]
 
     lines = [
         f'"""Stage {sg.stage} of {K} (rank {ctx.rank_of(sg.stage)}): {_fqn_range(ctx, sg)}.',

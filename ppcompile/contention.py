@@ -72,8 +72,9 @@ class Contention:
     spare_core_speedup: float = 1.0  # one rank alone on every core over one alone on its own threads
 
 
-def measure_contention(ref: ModelRef, ranks: int, threads: int = 1) -> Contention:
-    """Start ``ranks`` worker processes on this machine's CPU and measure what they cost each other."""
+def measure_contention(ref: ModelRef, ranks: int, threads: int = 1, trains: bool = True) -> Contention:
+    """Start ``ranks`` worker processes on this machine's CPU and measure what they cost each other
+    (``trains`` False: each runs the forward alone, as inference does)."""
     with tempfile.TemporaryDirectory(prefix="ppc-contention-") as tmp:
         store = Path(tmp) / "store"
         workers = [
@@ -89,6 +90,7 @@ def measure_contention(ref: ModelRef, ranks: int, threads: int = 1) -> Contentio
                     str(threads),
                     str(store),
                     str(Path(tmp) / f"rank{rank}.json"),
+                    "train" if trains else "infer",
                 ],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -137,7 +139,9 @@ def measure_contention(ref: ModelRef, ranks: int, threads: int = 1) -> Contentio
 # The worker ----------------------------------------------------------------------------------
 
 
-def _worker(path: str, factory: str, rank: int, ranks: int, threads: int, store: str, out: str) -> None:
+def _worker(
+    path: str, factory: str, rank: int, ranks: int, threads: int, store: str, out: str, trains: bool
+) -> None:
     torch.set_num_threads(threads)
     keep_freed_memory()  # run.py's heap on CPU
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=ranks)
@@ -145,8 +149,11 @@ def _worker(path: str, factory: str, rank: int, ranks: int, threads: int, store:
     params = [p for p in spec.module.parameters() if p.requires_grad]
 
     def step():
-        loss = loss_of(call_forward(spec.module, spec.input_names, spec.example_inputs, spec.input_groups))
-        torch.autograd.grad([loss], params, allow_unused=True)
+        with torch.set_grad_enabled(trains):
+            returned = call_forward(spec.module, spec.input_names, spec.example_inputs, spec.input_groups)
+        loss = loss_of(returned) if trains else None
+        if params and isinstance(loss, torch.Tensor) and loss.requires_grad:
+            torch.autograd.grad([loss], params, allow_unused=True)
 
     for _ in range(2):
         step()  # warm-up
@@ -275,5 +282,5 @@ def _exchange(rank: int, burst) -> dict:
 
 
 if __name__ == "__main__":
-    path, factory, rank, ranks, threads, store, out = sys.argv[1:8]
-    _worker(path, factory, int(rank), int(ranks), int(threads), store, out)
+    path, factory, rank, ranks, threads, store, out, mode = sys.argv[1:9]
+    _worker(path, factory, int(rank), int(ranks), int(threads), store, out, mode == "train")

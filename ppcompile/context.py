@@ -45,6 +45,12 @@ class CompileConfig:
     # (passes/divide_layers.py), where that evens the stages; off: every node whole on one stage.
     divide_layers: bool = True
 
+    @property
+    def trains(self) -> bool:
+        """Whether the program trains; ``--schedule forward-only`` compiles one for inference, which
+        returns what forward returns and holds no gradients, optimizer state or saved activations."""
+        return self.schedule != "forward-only"
+
 
 @dataclass(frozen=True)
 class BoundaryTensor:
@@ -100,7 +106,8 @@ class StageGraph:
     receives: list[str]  # boundary tensors it receives, in forward-argument order
     sizes: list[str]  # non-tensor values made on earlier stages that it computes (ppc.value), last
     sends: list[str]  # boundary tensors it sends
-    returns_loss: bool
+    returns_loss: bool  # the last stage of a training program
+    returns_output: bool  # the last stage of an inference program: what forward returns
     modules: list[str]  # leaf submodules it owns, by FQN
     tensors: list[str]  # parameters and buffers it uses directly, by FQN
     node_names: list[str]  # the original graph's compute nodes it runs

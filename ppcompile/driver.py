@@ -93,6 +93,11 @@ def compile_model(ref: str, config: CompileConfig) -> CompileResult:
         )
     ctx = load_context(ref, config)
     schedule = _schedule(config)  # fail on a bad schedule before the expensive passes
+    if config.fuse_loss and not config.trains:
+        raise CompileError(
+            "--fuse-loss computes the loss without its logits, but --schedule forward-only compiles the "
+            "model for inference, returning what forward returns; leave out one of the two"
+        )
     if config.optimizer not in OPTIMIZER_STATE_FACTOR:
         raise CompileError(
             f"--optimizer {config.optimizer!r}: use one of {', '.join(OPTIMIZER_STATE_FACTOR)}"
@@ -357,6 +362,8 @@ def compile_auto(ref: str, config: CompileConfig) -> CompileResult:
         if best is None or costs["simulated_step_seconds"] < best.program["costs"]["simulated_step_seconds"]:
             best = result
     if best is None:
+        if len({t["rejected"] for t in tried}) == 1:  # the model's fault, whatever the schedule
+            raise CompileError(tried[0]["rejected"])
         reasons = "; ".join(f"{t['schedule']} V={t['virtual_stages']}: {t['rejected']}" for t in tried)
         raise CompileError(f"--schedule auto: no schedule fits ({reasons})")
     best.program["costs"]["auto"] = tried

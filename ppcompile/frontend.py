@@ -44,6 +44,10 @@ def load_context(ref_text: str, config: CompileConfig) -> CompileContext:
             f"{ref}: layer {', '.join(lazy)} is not initialised (a lazy layer such as nn.LazyLinear takes "
             "its size from its first input); call the model once on the example inputs in the factory"
         )
+    if not config.trains:
+        # Inference runs without autograd: nothing gets a gradient, nothing is saved for backward,
+        # and the costs and the memory plan follow from that as they do for a frozen layer.
+        spec.module.requires_grad_(False)
     input_names = list(spec.input_names)
     for name, example in zip(input_names, spec.example_inputs):
         if not isinstance(example, torch.Tensor):
@@ -148,7 +152,10 @@ def trace(ctx: CompileContext) -> fx.GraphModule:
                     f"--dims {_point(ctx.config.dims)}: the traced branch would be wrong there; give an "
                     "example input of that shape instead"
                 )
-    _return_only_the_loss(ctx, graph)
+    if ctx.config.trains:
+        _return_only_the_loss(ctx, graph)
+    else:
+        _return_outputs(ctx, graph)
     gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
     return gm
 
@@ -171,20 +178,40 @@ def _return_only_the_loss(ctx: CompileContext, graph: fx.Graph) -> None:
         graph.erase_node(returned)
 
 
-def _constructed_loss(node: fx.Node) -> fx.Node | None:
-    """The ``loss`` field's node where ``node`` builds a dataclass or named tuple that has one: fx
-    records returning one as a call of its class on its fields' nodes."""
+def _return_outputs(ctx: CompileContext, graph: fx.Graph) -> None:
+    """For inference: the graph returns what forward returns, a dataclass or named tuple as a dict
+    of its fields (the runtime holds no class of the model's)."""
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    returned = output.args[0]
+    fields = _constructed_fields(returned) if isinstance(returned, fx.Node) else None
+    if fields is None:
+        return
+    ctx.notes.append(
+        f"forward returns {returned.target.__name__}: the program returns its fields as a dict "
+        f"({', '.join(fields)})"
+    )
+    output.args = (fields,)
+    graph.erase_node(returned)
+
+
+def _constructed_fields(node: fx.Node) -> dict | None:
+    """The fields by name where ``node`` builds a dataclass or named tuple: fx records returning
+    one as a call of its class on its fields' nodes."""
     cls = node.target
     if node.op != "call_function" or not isinstance(cls, type):
         return None
     if dataclasses.is_dataclass(cls):
         names = [f.name for f in dataclasses.fields(cls) if f.init]
-    elif issubclass(cls, tuple):
-        names = list(getattr(cls, "_fields", ()))
+    elif issubclass(cls, tuple) and hasattr(cls, "_fields"):
+        names = list(cls._fields)
     else:
         return None
-    given = {**dict(zip(names, node.args)), **node.kwargs}
-    loss = given.get("loss")
+    return {**dict(zip(names, node.args)), **node.kwargs}
+
+
+def _constructed_loss(node: fx.Node) -> fx.Node | None:
+    """The ``loss`` field's node where ``node`` builds a dataclass or named tuple that has one."""
+    loss = (_constructed_fields(node) or {}).get("loss")
     return loss if isinstance(loss, fx.Node) else None
 
 
@@ -217,7 +244,9 @@ def _picked_loss(ctx: CompileContext, returned) -> tuple[fx.Node, str, str, str]
 def _trace_at(ctx: CompileContext, example_inputs, dims: str = "") -> tuple[PipelineTracer, fx.Graph]:
     """The tracer (with the conditions it decided) and graph for these example inputs; ``dims``
     names the --dims they stand for, where they are not the factory's."""
-    tracer = PipelineTracer(dict(zip(ctx.input_names, example_inputs)), ctx.ref.path, ctx.spec.input_groups)
+    tracer = PipelineTracer(
+        dict(zip(ctx.input_names, example_inputs)), ctx.ref.path, ctx.spec.input_groups, ctx.config.trains
+    )
     try:
         graph = tracer.trace(ctx.spec.module)
         tracer.drop_conditions(graph)
@@ -241,7 +270,10 @@ def source_line(ctx: CompileContext, node_name: str) -> str:
     with fx's stack traces on (too slow to keep on for every compile); the model file alone where
     none is found."""
     tracer = PipelineTracer(
-        dict(zip(ctx.input_names, ctx.spec.example_inputs)), ctx.ref.path, ctx.spec.input_groups
+        dict(zip(ctx.input_names, ctx.spec.example_inputs)),
+        ctx.ref.path,
+        ctx.spec.input_groups,
+        ctx.config.trains,
     )
     tracer.record_stack_traces = True
     try:

@@ -114,7 +114,9 @@ class StageMemory:
     buffers: float  # model buffers (masks, running statistics)
     activations_per_microbatch: float  # saved for backward, one micro-batch, after recomputation
     live_microbatches: int  # micro-batches in flight at once under the schedule
-    transfers: float  # receive buffers for every micro-batch, and one micro-batch of sends
+    # receive buffers for every micro-batch, and one micro-batch of sends; for inference, on the last
+    # stage, what forward returns for every micro-batch of the step
+    transfers: float
     recompute: float  # the largest recomputed region's activations, alive during its backward
     working: float  # the operation running at the peak: the largest working_bytes of the stage's nodes
     update: float  # the optimizer step's temporaries, once the step's activations are freed

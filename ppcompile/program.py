@@ -23,6 +23,7 @@ from ppcompile.context import CompileContext
 from ppcompile.errors import CompileError
 from ppcompile.passes.plan_memory import activation_bytes
 from ppcompile.runtime.actions import format_rank_actions
+from ppcompile.runtime.outputs import output_leaves
 from ppcompile.schedules import Schedule, format_schedule_grid
 
 FORMAT_VERSION = 1
@@ -77,6 +78,28 @@ def _stage_formulas(ctx: CompileContext, own) -> dict[str, str]:
         total = [sum(c) for c in zip(*(n.meta["ppc.cost_poly"][quantity] for n in own))] if own else []
         result[quantity] = str(formula(tuple(total), ctx.cost_basis, ctx.symbols)) if total else "0"
     return result
+
+
+def _outputs_json(ctx: CompileContext, gm: fx.GraphModule) -> list[dict]:
+    """An inference program's returned values by path: a tensor's shape, dtype and batch dim (the
+    first whose size involves ``b``, along which ``run.py --outputs`` joins the micro-batches)."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    described = []
+    for path, leaf in output_leaves(output.args[0]):
+        if isinstance(leaf, fx.Node) and leaf.meta.get("ppc.kind") == "tensor":
+            shape = leaf.meta["ppc.shape"]
+            batch = next((d for d, e in enumerate(shape) if ctx.symbols.get("b") in e.free_symbols), None)
+            described.append(
+                {
+                    "path": path,
+                    "shape": shape_text(shape),
+                    "dtype": format_dtype(leaf.meta["ppc.dtype"]),
+                    "batch_dim": batch,
+                }
+            )
+        else:
+            described.append({"path": path, "batch_dim": None})
+    return described
 
 
 def _schedule_json(schedule: Schedule, virtual_stages: int) -> dict:
@@ -147,6 +170,7 @@ def build_program(
                 ],
                 "sends": sg.sends,
                 "returns_loss": sg.returns_loss,
+                "returns_output": sg.returns_output,
                 "parameters": stat["parameter_names"],
             }
             for sg, stat in zip(ctx.stage_graphs, stats)
@@ -166,6 +190,9 @@ def build_program(
             for b in ctx.boundaries.values()
         ],
         "tied_parameters": ctx.tied_groups,
+        # False for an inference program (--schedule forward-only): it returns forward's outputs.
+        "trains": ctx.config.trains,
+        **({} if ctx.config.trains else {"outputs": _outputs_json(ctx, gm)}),
         # Linear layers computed together with their cross-entropy (--fuse-loss): losses then
         # match eager to float rounding, not bitwise.
         "fused_losses": list(ctx.fused_losses),

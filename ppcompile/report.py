@@ -58,11 +58,13 @@ def render_report(program: dict) -> str:
     heaviest = stages[slowest]
     share = heaviest["heaviest_seconds"] / times[slowest]
     floor = costs.get("compute_floor_seconds")
+    trains = program.get("trains", True)
     divides = program["config"].get("divide_layers", False)
     if floor:
         bound = (
             f"no partition's slowest stage computes less than {max(floor) * 1e3:.2f} ms (the best cut by "
-            f"forward + backward alone, communication left out: imbalance {max(floor) * K / sum(floor):.3f})"
+            f"{'forward + backward' if trains else 'forward'} alone, communication left out: imbalance "
+            f"{max(floor) * K / sum(floor):.3f})"
         )
     else:  # a program.json from before the floor was kept: the mean stage or the heaviest node
         heaviest_node = max(s["heaviest_seconds"] for s in stages)
@@ -73,7 +75,9 @@ def render_report(program: dict) -> str:
     lines = [
         f"# ppcompile partition report: {model['source']}:{model['factory']}",
         "",
-        f"{K} stages, {M} micro-batches, schedule {program['schedule']['name']}, "
+        f"{K} stages, {M} micro-batches, schedule {program['schedule']['name']}"
+        + ("" if trains else " (inference: forward only, without autograd)")
+        + ", "
         + (
             f"costs measured on {program['config']['costs_measured_on']} (--profile)"
             if program["config"].get("costs_measured_on")
@@ -115,7 +119,8 @@ def render_report(program: dict) -> str:
         + f", so {bound}",
         f"- predicted bubble (K-1)/(M+K-1): {bubble:.3f}",
         f"- simulated step ({program['schedule']['name']}, transfers included"
-        f"{', stages timed whole, optimizer update included' if 'calibrated' in costs else ''}): "
+        f"{', stages timed whole' if 'calibrated' in costs else ''}"
+        f"{', optimizer update included' if 'calibrated' in costs and trains else ''}): "
         f"{costs['simulated_step_seconds'] * 1e3:.1f} ms, bubble {costs['simulated_bubble']:.3f}",
     ]
     formulas = [s.get("formulas") for s in stages]
@@ -126,12 +131,18 @@ def render_report(program: dict) -> str:
         ]
     lines += _memory_section(program)
     lines += _auto_section(program)
-    if program["tied_parameters"]:
-        for group in program["tied_parameters"]:
-            lines.append(
-                f"- tied parameters {', '.join(group['parameters'])} on stages "
-                f"{', '.join(map(str, group['stages']))}: gradients summed across them"
-            )
+    for group in program["tied_parameters"]:
+        lines.append(
+            f"- tied parameters {', '.join(group['parameters'])} on stages "
+            f"{', '.join(map(str, group['stages']))}: "
+            + ("gradients summed across them" if trains else "each holds a copy")
+        )
+    if not trains:
+        returned = "; ".join(
+            f"{o['path']} {'[' + ', '.join(o['shape']) + '] ' + o['dtype'] if 'shape' in o else '(not a tensor)'}"
+            for o in program.get("outputs", [])
+        )
+        lines.append(f"- stage {K - 1} returns what forward returns: {returned}")
     return "\n".join(lines) + "\n"
 
 
@@ -155,9 +166,10 @@ def _memory_section(program: dict) -> list[str]:
                 format_bytes(m["total"]),
             ]
         )
+    trains = program.get("trains", True)
     headers = [
         "rank",
-        "params+grads+optimizer",
+        "params+grads+optimizer" if trains else "params+buffers",
         "activations x in flight",
         "transfers",
         "recompute",
@@ -167,7 +179,9 @@ def _memory_section(program: dict) -> list[str]:
     limit = f"budget {format_bytes(budget)} per rank" if budget else "no budget given (--memory-per-device)"
     lines = [
         "",
-        f"Predicted peak memory per rank ({costs.get('optimizer', 'adamw')} state; {limit}):",
+        f"Predicted peak memory per rank ({costs.get('optimizer', 'adamw')} state; {limit}):"
+        if trains
+        else f"Predicted peak memory per rank (inference: no gradients, optimizer state or saved activations; {limit}):",
         "",
         tabulate(rows, headers=headers, tablefmt="github"),
         "",
@@ -197,7 +211,7 @@ def _memory_section(program: dict) -> list[str]:
                 f"- recomputed in backward on stage {stage}: {', '.join(regions)} "
                 f"(frees {format_bytes(freed)} per micro-batch, costs {extra * 1e3:.2f} ms per micro-batch)"
             )
-    else:
+    elif trains:
         lines.append("- nothing is recomputed in backward")
     return lines
 

@@ -44,6 +44,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from ppcompile.runtime.masks import is_causal_mask
@@ -82,8 +83,12 @@ class PipelineTracer(fx.Tracer):
         example_inputs: dict[str, object] | None = None,
         model_path: str | None = None,
         input_groups=(),
+        trains: bool = True,
     ):
         super().__init__()
+        # False when compiling for inference, which runs without autograd: what only matters to
+        # gradients (a reentrant checkpoint's) is not refused then.
+        self.trains = trains
         self.example_inputs = {
             name: t.to("meta") if isinstance(t, torch.Tensor) else t
             for name, t in (example_inputs or {}).items()
@@ -210,6 +215,9 @@ class PipelineTracer(fx.Tracer):
                 _erase_constant_inputs(graph, set(self.example_inputs), set(concrete_args or ()))
                 # A tuple default or a dict input makes fx flatten forward's inputs through a
                 # pytree spec; with the constants gone the inputs are the example's tensors, flat.
+                # It flattens what forward returns too: the output gets its structure back, so a
+                # dict's "loss" is found by its key, not by its place.
+                _unflatten_output(graph)
                 graph._codegen = fx.graph.CodeGen()
             return graph
 
@@ -225,7 +233,9 @@ class PipelineTracer(fx.Tracer):
         """Eager runs a checkpointed function again in backward, reading its closure then: where
         forward has since rebound a name it reads (``for block in blocks: checkpoint(lambda t:
         block(t), x)``), every recomputation runs with the last value, which the program, making
-        each call's own graph, would not copy."""
+        each call's own graph, would not copy. Inference has no backward to recompute in."""
+        if not self.trains:
+            return
         for function, values in self._checkpointed:
             names = function.__code__.co_freevars
             for name, cell, old in zip(names, function.__closure__, values):
@@ -707,7 +717,8 @@ def _custom_function_apply(cls, *args, **kwargs):
     into its forward would lose its custom backward."""
     proxies = [a for a in (*args, *kwargs.values()) if isinstance(a, fx.Proxy)]
     if proxies and cls.__module__ == "torch.utils.checkpoint" and cls.__name__ == "CheckpointFunction":
-        _refuse_reentrant_without_gradient(proxies)
+        if proxies[0].tracer.trains:
+            _refuse_reentrant_without_gradient(proxies)
     if not cls.__module__.startswith("torch.") and proxies:
         tracer = proxies[0].tracer
         # One node calling the class's apply (cls.apply is this stand-in while tracing).
@@ -1099,6 +1110,15 @@ def _untraced():
         for owner, name, original in _ORIGINALS:
             originals.enter_context(_replaced(owner, name, original))
         yield
+
+
+def _unflatten_output(graph: fx.Graph) -> None:
+    """The output as forward returns it, where fx's pytree code generation holds it flattened."""
+    out_spec = getattr(getattr(graph._codegen, "pytree_info", None), "out_spec", None)
+    if out_spec is None:
+        return
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    output.args = (pytree.tree_unflatten(list(output.args[0]), out_spec),)
 
 
 def _erase_constant_inputs(graph: fx.Graph, given: set[str], constant: set[str]) -> None:

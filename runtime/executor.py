@@ -33,6 +33,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from ppcompile.runtime.actions import Action, ActionKind, format_rank_actions, parse_rank_actions
 from ppcompile.runtime.loader import Program
+from ppcompile.runtime.outputs import loss_in
 from ppcompile.runtime.randomness import RandomStream, stage_seed
 from ppcompile.runtime.trace import ActionTiming
 from ppcompile.runtime.transport import MessageKey, Receive
@@ -519,6 +520,8 @@ class RankExecutor:
         if plan and self.spare_core_threads > self.own_threads:
             self.spare_core_actions = set(parse_rank_actions(plan["ranks"].get(str(rank), "")))
         self.losses: dict[int, torch.Tensor] = {}
+        # An inference program's last stage: per micro-batch, what the model's forward returns.
+        self.results: dict[int, object] = {}
         # The stages' distinct parameters: fixed for the executor's life, asked for at every I.
         self._params = list({id(p): p for m in self.stages.values() for p in m.parameters()}.values())
         self._held_storages = held_storages(self.stages.values())
@@ -555,6 +558,7 @@ class RankExecutor:
         self.output_grads: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self.input_grads: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self.losses = {}
+        self.results = {}
         self._live: dict[int, dict[int, int]] = {s: {} for s in self.stage_ids}
         self._saved: dict[tuple[int, int], SavedActivations] = {}
         self._pending_w: dict[tuple[int, int], PendingWeightGrads] = {}
@@ -627,6 +631,10 @@ class RankExecutor:
                 self.outputs[(stage, m)] = out
             if info["returns_loss"]:
                 self.losses[m] = out["loss"].detach()
+            if info.get("returns_output"):
+                self.results[m] = out["output"]
+                if (loss := loss_in(out["output"])) is not None:
+                    self.losses[m] = loss.detach()
         elif action.kind == ActionKind.SEND_F:
             # Training keeps the outputs for backward; forward-only drops them once sent.
             out = self.outputs[(stage, m)] if torch.is_grad_enabled() else self.outputs.pop((stage, m))

@@ -37,6 +37,17 @@ class Program:
     def num_ranks(self) -> int:
         return len({s["rank"] for s in self.data["stages"]})
 
+    @property
+    def trains(self) -> bool:
+        """False for an inference program (compiled with ``--schedule forward-only``), which returns
+        what the model's forward returns instead of a loss to train on."""
+        return self.data.get("trains", True)
+
+    def output_batch_dims(self) -> dict[str, int | None]:
+        """An inference program's returned values by path, each with the dim its micro-batches join
+        along (None: kept per micro-batch)."""
+        return {o["path"]: o["batch_dim"] for o in self.data.get("outputs", [])}
+
     def stage(self, stage_id: int) -> dict:
         return self.data["stages"][stage_id]
 

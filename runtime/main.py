@@ -3,10 +3,12 @@
     torchrun --nproc-per-node 2 build/mini/run.py --steps 50 --lr 3e-3 --optimizer adamw
     torchrun --nproc-per-node 2 build/mini/run.py --steps 5 --trace trace.json --trace-steps 2
     torchrun --nproc-per-node 2 build/mini/run.py --steps 5 --infer
+    torchrun --nproc-per-node 2 build/classify/run.py --steps 5 --outputs outputs.pt
 
 One line per step on the rank that owns the loss: mean loss over the step's micro-batches,
 step time and tokens/s. ``--infer`` runs the forward-only inference schedule without autograd
-or optimizer instead. ``--trace`` writes, from rank 0, a Chrome trace of every rank's actions
+or optimizer instead; a program compiled for inference (``--schedule forward-only``) always
+does, and ``--outputs FILE`` saves what its forward returned. ``--trace`` writes, from rank 0, a Chrome trace of every rank's actions
 in the last ``--trace-steps`` steps (see ``ppcompile.runtime.trace``). A user error (wrong
 world size, an edited stage file, a lost peer) ends every rank with one line and exit code 2.
 """
@@ -30,6 +32,7 @@ from ppcompile.runtime.actions import Action, ActionKind
 from ppcompile.runtime.executor import RankExecutor, inference_actions, inference_schedule
 from ppcompile.runtime.heap import keep_freed_memory
 from ppcompile.runtime.loader import ProgramError, load_program
+from ppcompile.runtime.outputs import joined
 from ppcompile.runtime.trace import ActionTiming, measured_trace, shift_timings, write_trace
 from ppcompile.runtime.train import batches, build_spec, make_optimizer, tied_parameters
 from ppcompile.runtime.transport import DistTransport, PeerError
@@ -55,6 +58,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--infer", action="store_true", help="evaluate: forward only, no autograd, no optimizer"
+    )
+    parser.add_argument(
+        "--outputs",
+        type=Path,
+        help="a program compiled for inference (--schedule forward-only): save what forward returned for "
+        "each batch here (torch.save, a list per batch), the micro-batches joined along the batch dim",
     )
     parser.add_argument(
         "--trace", type=Path, help="write a Chrome trace (Perfetto) of every rank's actions to this file"
@@ -149,6 +158,13 @@ def train(program, rank: int, world: int, args) -> int:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=args.timeout))
     # Every rank builds the model from the same factory and seed, then keeps only its stages.
     spec = build_spec(program, args.seed)
+    if not program.trains:
+        args.infer = True  # compiled for inference: it has no loss to train on
+    elif args.outputs:
+        raise ProgramError(
+            "--outputs saves what an inference program returns; this program trains on its loss "
+            "(compile it with --schedule forward-only for its outputs)"
+        )
     if args.infer and rank == 0 and (note := training_mode_note(spec.module)):
         print(note, flush=True)
     transport = DistTransport(
@@ -207,7 +223,7 @@ def training_mode_note(model: nn.Module) -> str | None:
     The stage files are the forward traced from that model, ``self.training`` branches decided.
 
     >>> training_mode_note(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)))[:60]
-    'note: --infer runs the forward as compiled, in training mode'
+    'note: inference runs the forward as compiled, in training mode'
     >>> training_mode_note(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)).eval()) is None
     True
     """
@@ -221,7 +237,7 @@ def training_mode_note(model: nn.Module) -> str | None:
     if not kinds:
         return None
     return (
-        f"note: --infer runs the forward as compiled, in training mode ({', '.join(kinds)} as in "
+        f"note: inference runs the forward as compiled, in training mode ({', '.join(kinds)} as in "
         "training), only without autograd; to evaluate, compile a factory that returns model.eval()"
     )
 
@@ -230,10 +246,12 @@ def _peak_memory_line(program, rank: int, device: torch.device, args) -> str:
     """The most GPU memory this rank's tensors held at once, beside the compiler's prediction of it."""
     line = f"rank {rank}: peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated"
     predicted = program.data["costs"].get("memory")
-    if predicted and not args.infer:
+    # The prediction is for the mode compiled: a training program's with its optimizer state.
+    if predicted and (not args.infer or not program.trains):
         optimizer = program.data["costs"].get("optimizer", "adamw")
         total = sum(predicted[stage]["total"] for stage in program.stages_of_rank(rank))
-        line += f" (the compiler predicted {total / 2**30:.2f} GiB with {optimizer} state)"
+        what = f"with {optimizer} state" if program.trains else "for inference"
+        line += f" (the compiler predicted {total / 2**30:.2f} GiB {what})"
     return line
 
 
@@ -292,7 +310,8 @@ def _evaluate(program, executor: RankExecutor, data, args) -> tuple[dict, list[l
     """``--steps`` batches through the forward-only schedule, with autograd off and weights unchanged."""
     actions = inference_actions(program, executor.rank)
     record = _empty_record()
-    traced = []
+    traced, results = [], []
+    batch_dims = program.output_batch_dims()
     with torch.no_grad():
         for step in range(args.steps):
             microbatches = next(data)
@@ -304,7 +323,20 @@ def _evaluate(program, executor: RankExecutor, data, args) -> tuple[dict, list[l
             if timings is not None:
                 traced.append(shift_timings(timings, start))
             _report(program, executor, microbatches, record, f"eval step {step + 1}/{args.steps}", seconds)
+            if executor.results:
+                results.append(joined([executor.results[m] for m in sorted(executor.results)], batch_dims))
+    if args.outputs and results:
+        _save_outputs(args.outputs, results)
     return record, traced
+
+
+def _save_outputs(path: Path, results: list) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(results, path)
+    except OSError as e:
+        raise ProgramError(f"cannot write --outputs {path}: {e.strerror}") from None
+    print(f"wrote {path}: what forward returned for {len(results)} batches", flush=True)
 
 
 def _step_timing(stage: int, kind: ActionKind, start: float, end: float) -> ActionTiming:
@@ -326,18 +358,16 @@ def _start_traced_step(executor: RankExecutor) -> list[ActionTiming]:
 
 
 def _report(program, executor: RankExecutor, microbatches, record: dict, label: str, seconds: float) -> None:
-    """On the rank that owns the loss: keep the step's losses and print its line."""
-    if not executor.losses:
+    """On the rank that owns the loss (or an inference program's outputs): keep the step's losses
+    and print its line."""
+    if not executor.losses and not executor.results:
         return
     losses = [float(executor.losses[m]) for m in sorted(executor.losses)]
     record["losses"].append(losses)
     record["step_seconds"].append(seconds)
     tokens = sum(mb[program.data["inputs"][0]["name"]].numel() for mb in microbatches)
-    print(
-        f"{label} | loss {sum(losses) / len(losses):.4f} | "
-        f"{seconds * 1e3:.0f} ms | {tokens / seconds:,.0f} tokens/s",
-        flush=True,
-    )
+    loss = f" | loss {sum(losses) / len(losses):.4f}" if losses else ""
+    print(f"{label}{loss} | {seconds * 1e3:.0f} ms | {tokens / seconds:,.0f} tokens/s", flush=True)
 
 
 def _write_trace(program, rank: int, world: int, traced: list[list[ActionTiming]], args) -> None:

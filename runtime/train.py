@@ -163,6 +163,11 @@ class InProcessPipeline:
         seconds since the step began (for :func:`ppcompile.runtime.trace.measured_trace`). The ranks
         take turns in this process, so the timeline shows the order of actions, not their overlap.
         """
+        if not self.program.trains:
+            raise ProgramError(
+                "this program was compiled for inference (--schedule forward-only) and returns forward's "
+                "outputs, not a loss to train on; evaluate it, or compile it with a training schedule"
+            )
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         self._run([None] * len(self.executors), microbatches, trace)
@@ -208,6 +213,12 @@ class InProcessPipeline:
             active = sorted(waiting)
         if trace is not None:
             trace.append([shift_timings(t, start) for t in timings])
+
+    def results(self) -> list:
+        """What the model's forward returned for each micro-batch of the last :meth:`evaluate`, in
+        order, for a program compiled for inference (``--schedule forward-only``)."""
+        last = self.executors[self.program.rank_of_stage[self.program.num_stages - 1]]
+        return [last.results[m] for m in sorted(last.results)]
 
     def _losses(self) -> list[float]:
         losses = {}

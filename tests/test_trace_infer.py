@@ -292,7 +292,7 @@ def test_infer_says_when_the_program_evaluates_as_its_model_trains():
     from tests.fixtures.verify_batchnorm import evaluated, model
 
     note = training_mode_note(model()[0])
-    assert note.startswith("note: --infer runs the forward as compiled, in training mode (BatchNorm1d")
+    assert note.startswith("note: inference runs the forward as compiled, in training mode (BatchNorm1d")
     assert note.endswith("compile a factory that returns model.eval()")
     assert training_mode_note(evaluated()[0]) is None
     assert training_mode_note(build_model("models/gpt.py:gpt_mini")[0]) is None  # dropout 0: no change

@@ -160,6 +160,11 @@ def test_a_random_op_verify_cannot_switch_off_is_named_beside_the_failure(tmp_pa
     [
         ("returns_tuple", "forward returns a tuple of 3: the program trains on its first element, the loss"),
         ("returns_dict", "forward returns a dict: the program trains on its 'loss', the loss"),
+        # Its loss is third, behind a scalar: found by its key, not by the place fx flattened it to.
+        (
+            "returns_dict_with_tuple_default",
+            "forward returns a dict: the program trains on its 'loss', the loss",
+        ),
         (
             "returns_dataclass",
             "forward returns Output (a dataclass): the program trains on its loss, the loss",

@@ -16,6 +16,7 @@ from torch import fx, nn
 from ppcompile.context import CompileConfig, CompileContext
 from ppcompile.devices import get_profile
 from ppcompile.errors import CompileError
+from ppcompile.runtime.outputs import as_returned
 from ppcompile.runtime.spec import ModelRef, SpecError, loss_of
 from ppcompile.tracer import LIBRARY_DIRS, ForwardError, PipelineTracer
 
@@ -185,6 +186,8 @@ def _return_outputs(ctx: CompileContext, graph: fx.Graph) -> None:
     returned = output.args[0]
     fields = _constructed_fields(returned) if isinstance(returned, fx.Node) else None
     if fields is None:
+        # A named tuple fx's pytree spec built again (a tuple default, a dict input) is one too.
+        output.args = (as_returned(returned),)
         return
     ctx.notes.append(
         f"forward returns {returned.target.__name__}: the program returns its fields as a dict "

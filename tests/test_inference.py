@@ -35,7 +35,7 @@ def _assert_bitwise_equal(got, expected):
 
 
 @pytest.mark.parametrize("stages", [2, 3])
-@pytest.mark.parametrize("factory", ["classifier", "detector", "tagger", "tiny_lm", "checkpointed"])
+@pytest.mark.parametrize("factory", ["classifier", "detector", "ranker", "tagger", "tiny_lm", "checkpointed"])
 def test_outputs_equal_the_eager_forward_bitwise(tmp_path, factory, stages):
     program_dir = compile_to(
         tmp_path, f"{FIXTURE}:{factory}", stages, microbatches=4, schedule="forward-only"
@@ -77,7 +77,13 @@ def test_a_value_made_on_the_first_stage_is_sent_to_the_last_to_be_returned(tmp_
     assert "output[1]: [b, 32] float32" in stage
 
 
-def test_a_dataclass_is_returned_as_a_dict_of_its_fields(tmp_path):
+def test_a_dataclass_or_named_tuple_is_returned_as_a_dict_of_its_fields(tmp_path):
+    ranker = compile_to(tmp_path / "r", f"{FIXTURE}:ranker", 2, microbatches=2, schedule="forward-only")
+    outputs = json.loads((ranker / "program.json").read_text())["outputs"]
+    assert [(o["path"], o["dtype"]) for o in outputs] == [
+        ("output['logits']", "float32"),
+        ("output['top']", "int64"),
+    ]
     program_dir = compile_to(tmp_path, f"{FIXTURE}:detector", 2, microbatches=2, schedule="forward-only")
     program = json.loads((program_dir / "program.json").read_text())
     assert [o["path"] for o in program["outputs"]] == ["output['scores']", "output['boxes']"]

@@ -108,7 +108,12 @@ def estimate_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         output_bytes = node.meta.get("ppc.nbytes", 0) if node.meta["ppc.kind"] == "tensor" else 0
         # A view (transpose, split, reshape of contiguous data) moves no bytes.
         moved = 0 if is_view else input_bytes + output_bytes + param_bytes
-        differentiable = bool(node.meta.get("ppc.requires_grad")) or node.meta["ppc.kind"] == "tuple"
+        # A tuple (an LSTM's, an attention's) is differentiable where an item read from it is: not
+        # in a frozen layer fed by frozen ones, nor for inference.
+        differentiable = bool(node.meta.get("ppc.requires_grad")) or (
+            node.meta["ppc.kind"] == "tuple"
+            and any(u.meta.get("ppc.requires_grad", True) for u in node.users)
+        )
         dtype = node.meta.get("ppc.dtype", torch.float32)
         profile = ctx.profile
         node.meta["ppc.cost"] = NodeCost(

@@ -34,6 +34,31 @@ from ppcompile.runtime.stage import plain_tensor_attributes
 from ppcompile.runtime.train import InProcessPipeline, batches, build_spec, make_optimizer
 
 
+def random_ops_lines(switched_off: tuple[str, ...], left_on: tuple[str, ...]) -> list[str]:
+    """What verify says first about the random numbers a model draws."""
+    lines = []
+    if switched_off:
+        lines.append(
+            f"the model draws random numbers ({'; '.join(switched_off)}): compared with "
+            "them switched off on both sides, since each stage draws from a stream of its own, not eager's"
+        )
+    if left_on:
+        lines.append(
+            f"the model draws random numbers verify cannot switch off ({'; '.join(left_on)}): "
+            "each stage draws them from a stream of its own, not eager's"
+        )
+    return lines
+
+
+def failed_verdict(left_on: tuple[str, ...]) -> str:
+    if left_on:
+        return (
+            "FAILED: outside the bar; the difference may come from the random numbers the model draws "
+            f"({'; '.join(left_on)}), which each stage draws from a stream of its own, not eager's"
+        )
+    return "FAILED: outside the bar"
+
+
 @dataclass(frozen=True)
 class TrainingComparison:
     steps: int
@@ -69,17 +94,7 @@ class TrainingComparison:
         )
 
     def lines(self) -> list[str]:
-        lines = []
-        if self.random_ops_switched_off:
-            lines.append(
-                f"the model draws random numbers ({'; '.join(self.random_ops_switched_off)}): compared with "
-                "them switched off on both sides, since each stage draws from a stream of its own, not eager's"
-            )
-        if self.random_ops_left_on:
-            lines.append(
-                f"the model draws random numbers verify cannot switch off ({'; '.join(self.random_ops_left_on)}): "
-                "each stage draws them from a stream of its own, not eager's"
-            )
+        lines = random_ops_lines(self.random_ops_switched_off, self.random_ops_left_on)
         if self.precision is not None:
             lines.append(
                 f"rtol {self.rtol:.2e}: two epsilons of {str(self.precision).removeprefix('torch.')}, the model's "
@@ -110,12 +125,7 @@ class TrainingComparison:
     def verdict(self) -> str:
         if self.ok:
             return "OK: the compiled program trains as the eager model"
-        if self.random_ops_left_on:
-            return (
-                "FAILED: outside the bar; the difference may come from the random numbers the model draws "
-                f"({'; '.join(self.random_ops_left_on)}), which each stage draws from a stream of its own, not eager's"
-            )
-        return "FAILED: outside the bar"
+        return failed_verdict(self.random_ops_left_on)
 
 
 # A gradient is compared relative to its own largest entry, but never to less than this share of
@@ -520,16 +530,7 @@ class InferenceComparison:
         return self.max_output_difference <= self.rtol and buffers_agree
 
     def lines(self) -> list[str]:
-        lines = []
-        if self.random_ops_switched_off:
-            lines.append(
-                f"the model draws random numbers ({'; '.join(self.random_ops_switched_off)}): compared with "
-                "them switched off on both sides, since each stage draws from a stream of its own, not eager's"
-            )
-        if self.random_ops_left_on:
-            lines.append(
-                f"the model draws random numbers verify cannot switch off ({'; '.join(self.random_ops_left_on)})"
-            )
+        lines = random_ops_lines(self.random_ops_switched_off, self.random_ops_left_on)
         lines += [
             f"outputs bitwise equal over {self.steps} steps: {self.outputs_bitwise_equal}",
             f"largest output difference: {self.max_output_difference:.2e} ({self.worst_output}; rtol {self.rtol:g})",
@@ -544,12 +545,7 @@ class InferenceComparison:
     def verdict(self) -> str:
         if self.ok:
             return "OK: the compiled program computes the eager model's forward"
-        if self.random_ops_left_on:
-            return (
-                "FAILED: outside the bar; the difference may come from the random numbers the model draws "
-                f"({'; '.join(self.random_ops_left_on)}), which each stage draws from a stream of its own, not eager's"
-            )
-        return "FAILED: outside the bar"
+        return failed_verdict(self.random_ops_left_on)
 
 
 def _output_differences(got, expected) -> tuple[bool, dict[str, float]]:

@@ -222,7 +222,7 @@ def training_mode_note(model: nn.Module) -> str | None:
     factory built it in training mode and it holds layers that compute otherwise in evaluation.
     The stage files are the forward traced from that model, ``self.training`` branches decided.
 
-    >>> training_mode_note(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)))[:60]
+    >>> training_mode_note(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)))[:62]
     'note: inference runs the forward as compiled, in training mode'
     >>> training_mode_note(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)).eval()) is None
     True

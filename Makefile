@@ -35,6 +35,7 @@ bench: install
 	$(PYTHON) bench/vs_pippy.py --layers 10 --d 288 --heads 4 --vocab 24576
 	$(PYTHON) bench/overhead.py
 	$(PYTHON) bench/sends.py
+	$(PYTHON) bench/inference.py
 
 clean:
 	rm -rf build .installed .pytest_cache .ruff_cache *.egg-info

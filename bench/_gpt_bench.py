@@ -242,7 +242,13 @@ def check_run(command: list[str], what: str) -> subprocess.CompletedProcess:
 
 
 def compile_program(
-    model_spec: str, stages: int, microbatches: int, out: Path, profile: bool, fuse_loss: bool = False
+    model_spec: str,
+    stages: int,
+    microbatches: int,
+    out: Path,
+    profile: bool,
+    fuse_loss: bool = False,
+    schedule: str = "1f1b",
 ) -> float:
     """``ppcompile compile`` into ``out``; returns the compile's wall time in seconds."""
     command = [sys.executable, "-m", "ppcompile", "compile", model_spec, "--stages", str(stages)]
@@ -250,7 +256,7 @@ def compile_program(
         "--microbatches",
         str(microbatches),
         "--schedule",
-        "1f1b",
+        schedule,
         "--optimizer",
         "sgd",
         "-o",
@@ -322,9 +328,12 @@ def run_peer(
     search_warmup: int = 1,
     search_steps: int = 2,
     lr: float = 0.0,
+    infer: bool = False,
 ) -> dict:
-    """One torchrun launch: optionally a search for the fastest split, then ``steps`` steps per split."""
+    """One torchrun launch: optionally a search for the fastest split, then ``steps`` steps per split
+    (forward-only ones with ``infer``)."""
     command = torchrun(stages, Path(__file__), "peer", "--model", model_spec, "--microbatches", microbatches)
+    command += ["--infer"] if infer else []
     command += ["--steps", steps, "--out", str(out_json), "--lr", repr(lr), "--search", search]
     command += ["--search-warmup", search_warmup, "--search-steps", search_steps]
     for split in splits:
@@ -471,6 +480,33 @@ class _Peer:
         self.results.append(result)
         return result
 
+    def measure_inference(self, split: list[int], steps: int) -> dict:
+        """``steps`` forward-only steps (GPipe without a loss, under ``torch.no_grad()``) cut as
+        ``split``; the last rank's per-micro-batch losses are computed from the logits after timing."""
+        from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+        M, K = self.args.microbatches, self.world
+        module = _stage_modules(self.parts, split)[self.rank]
+        stage = PipelineStage(module, self.rank, K, torch.device("cpu"))
+        schedule = ScheduleGPipe(stage, M)
+        data = batches(self.spec, M)
+        times, losses = [], []
+        with torch.no_grad():
+            for _ in range(steps):
+                inputs, targets = next(data)
+                start = time.perf_counter()
+                output = schedule.step(inputs) if self.rank == 0 else schedule.step()
+                times.append(time.perf_counter() - start)
+                if self.rank == K - 1:
+                    losses.append(
+                        [float(self.parts.loss_fn(o, t)) for o, t in zip(output.chunk(M), targets.chunk(M))]
+                    )
+        every = [None] * K
+        self.dist.all_gather_object(every, {"times": times, "losses": losses})
+        result = {"split": list(split), "phase": "infer", **every[K - 1]}
+        self.results.append(result)
+        return result
+
     def search_time(self, split: list[int]) -> float:
         a = self.args
         result = self.measure(split, a.search_warmup + a.search_steps, "search")
@@ -516,6 +552,9 @@ def peer_main(argv: list[str]) -> int:
     parser.add_argument("--search-warmup", type=int, default=1)
     parser.add_argument("--search-steps", type=int, default=2)
     parser.add_argument("--search-limit", type=int, default=16, help="most splits the hill search times")
+    parser.add_argument(
+        "--infer", action="store_true", help="forward-only steps (GPipe, no loss, no autograd)"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     dist.init_process_group("gloo")
@@ -523,7 +562,11 @@ def peer_main(argv: list[str]) -> int:
     n_layer = len(peer.parts.layers)
     best = peer.search(n_layer) if args.search != "none" else None
     for text in args.split:
-        peer.measure([int(n) for n in text.split(",")], args.steps, "measure")
+        split = [int(n) for n in text.split(",")]
+        if args.infer:
+            peer.measure_inference(split, args.steps)
+        else:
+            peer.measure(split, args.steps, "measure")
     if peer.rank == 0:
         args.out.write_text(json.dumps({"best": best, "results": peer.results}))
     dist.barrier()

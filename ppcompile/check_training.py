@@ -560,8 +560,10 @@ def _output_differences(got, expected) -> tuple[bool, dict[str, float]]:
                 difference = buffer_difference(value.cpu(), want.cpu())
             else:
                 difference = 0.0 if same else float("inf")
-        else:
-            same = value == want
+        else:  # a size, a constant; or a tensor where the other holds none
+            same = (
+                not isinstance(value, torch.Tensor) and not isinstance(want, torch.Tensor) and value == want
+            )
             difference = 0.0 if same else float("inf")
         equal &= same
         differences[path] = difference

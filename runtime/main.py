@@ -8,9 +8,10 @@
 One line per step on the rank that owns the loss: mean loss over the step's micro-batches,
 step time and tokens/s. ``--infer`` runs the forward-only inference schedule without autograd
 or optimizer instead; a program compiled for inference (``--schedule forward-only``) always
-does, and ``--outputs FILE`` saves what its forward returned. ``--trace`` writes, from rank 0, a Chrome trace of every rank's actions
-in the last ``--trace-steps`` steps (see ``ppcompile.runtime.trace``). A user error (wrong
-world size, an edited stage file, a lost peer) ends every rank with one line and exit code 2.
+does, and ``--outputs FILE`` saves what its forward returned. ``--trace`` writes, from rank 0,
+a Chrome trace of every rank's actions in the last ``--trace-steps`` steps (see
+``ppcompile.runtime.trace``). A user error (wrong world size, an edited stage file, a lost
+peer) ends every rank with one line and exit code 2.
 """
 
 from __future__ import annotations

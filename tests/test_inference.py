@@ -134,6 +134,8 @@ def test_verify_cli_compares_outputs_and_an_output_difference_is_found(tmp_path)
     assert not equal and differences == {"output['tags']": 0.5, "output['length']": 0.0}
     equal, differences = _output_differences({"tags": torch.ones(2, 3), "length": 11}, expected)
     assert not equal and differences["output['length']"] == float("inf")
+    equal, differences = _output_differences({"tags": torch.ones(2, 3), "length": torch.tensor(12)}, expected)
+    assert not equal and differences["output['length']"] == float("inf")
 
 
 def test_an_inference_program_cannot_train(tmp_path):

@@ -91,6 +91,30 @@ def gpt_spec(
     return gpt.make_spec(config)
 
 
+def add_gpt_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark GPT's sizes and the pipeline's K and M, as the GPT benchmarks take them."""
+    parser.add_argument("--layers", type=int, default=8, help="transformer blocks")
+    parser.add_argument("--d", type=int, default=256, help="model width")
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128, help="sequence length T (and block size)")
+    parser.add_argument("--vocab", type=int, default=16384)
+    parser.add_argument("--batch", type=int, default=32, help="rows per step; micro-batch = batch / M")
+    parser.add_argument("--stages", type=int, default=2, help="pipeline stages K, one rank each")
+    parser.add_argument("--microbatches", type=int, default=8, help="M")
+
+
+def gpt_config(args: argparse.Namespace) -> dict:
+    """``gpt_spec``'s keyword arguments from :func:`add_gpt_arguments`' options."""
+    return dict(
+        n_layer=args.layers,
+        n_embd=args.d,
+        n_head=args.heads,
+        vocab_size=args.vocab,
+        seq_len=args.seq,
+        micro_batch=args.batch // args.microbatches,
+    )
+
+
 class GPTEmbed(nn.Module):
     """GPT.forward up to the first block, with the model's own modules."""
 

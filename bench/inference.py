@@ -39,14 +39,7 @@ LOSS_RTOL = 1e-5
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="ppcompile inference vs torch.distributed.pipelining, CPU/gloo")
-    p.add_argument("--layers", type=int, default=8, help="transformer blocks")
-    p.add_argument("--d", type=int, default=256, help="model width")
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seq", type=int, default=128, help="sequence length T")
-    p.add_argument("--vocab", type=int, default=16384)
-    p.add_argument("--batch", type=int, default=32, help="rows per step; micro-batch = batch / M")
-    p.add_argument("--stages", type=int, default=2, help="pipeline stages K, one rank each")
-    p.add_argument("--microbatches", type=int, default=8, help="M")
+    gb.add_gpt_arguments(p)
     p.add_argument("--steps", type=int, default=6, help="steps per system per round, warm-up included")
     p.add_argument("--warmup", type=int, default=2, help="steps of each run left out of the times")
     p.add_argument("--rounds", type=int, default=3)
@@ -97,14 +90,7 @@ def run_eager(model_spec: str, microbatches: int, steps: int, threads: int) -> d
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     K, M = args.stages, args.microbatches
-    config = dict(
-        n_layer=args.layers,
-        n_embd=args.d,
-        n_head=args.heads,
-        vocab_size=args.vocab,
-        seq_len=args.seq,
-        micro_batch=args.batch // M,
-    )
+    config = gb.gpt_config(args)
     with tempfile.TemporaryDirectory(prefix="bench_inference_") as tmp:
         work = Path(tmp)
         spec = gb.write_model_file(work, "gpt", config)

@@ -49,14 +49,7 @@ FINALISTS = 2  # splits from the search that run in every round
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="ppcompile vs torch.distributed.pipelining on a GPT, CPU/gloo")
-    p.add_argument("--layers", type=int, default=8, help="transformer blocks")
-    p.add_argument("--d", type=int, default=256, help="model width")
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seq", type=int, default=128, help="sequence length T (and block size)")
-    p.add_argument("--vocab", type=int, default=16384)
-    p.add_argument("--batch", type=int, default=32, help="rows per step; micro-batch = batch / M")
-    p.add_argument("--stages", type=int, default=2, help="pipeline stages K, one rank each")
-    p.add_argument("--microbatches", type=int, default=8, help="M")
+    gb.add_gpt_arguments(p)
     p.add_argument("--steps", type=int, default=4, help="steps per system per round, warm-up included")
     p.add_argument("--warmup", type=int, default=1, help="steps per launch left out of the median")
     p.add_argument("--rounds", type=int, default=2, help="rounds of every system in turn")
@@ -147,14 +140,7 @@ def split_layers(split: list[int]) -> list[list[int]]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     K, M = args.stages, args.microbatches
-    config = dict(
-        n_layer=args.layers,
-        n_embd=args.d,
-        n_head=args.heads,
-        vocab_size=args.vocab,
-        seq_len=args.seq,
-        micro_batch=args.batch // M,
-    )
+    config = gb.gpt_config(args)
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vs_pippy_") as tmp:
         work = args.keep or Path(tmp)

@@ -2,7 +2,9 @@
 
 ``measure_stages`` chains the stages once on one micro-batch to get each stage's real inputs,
 then times each stage's forward + backward alone (median of repeats after warm-up) and counts
-the bytes autograd saves for its backward through ``saved_tensors_hooks``.
+the bytes autograd saves for its backward through ``saved_tensors_hooks``. An inference program
+(``--schedule forward-only``) is timed as its runtime runs it: forward alone under
+``torch.no_grad()``, nothing saved.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from ppcompile.runtime.train import batches, build_spec
 
 @dataclass(frozen=True)
 class StageMeasurement:
-    seconds: float  # forward + backward of one micro-batch, median
-    saved_bytes: int  # activations autograd keeps for backward, one micro-batch
+    seconds: float  # forward + backward of one micro-batch (forward alone for inference), median
+    saved_bytes: int  # activations autograd keeps for backward, one micro-batch (0 for inference)
 
 
 def measure_stages(
@@ -48,6 +50,10 @@ def measure_stages(
                     for n in info["receives"]
                 }
                 args = stage_arguments(info, microbatch, received, size_arguments(info, symbols))
+                if not program.trains:
+                    with torch.no_grad():
+                        stage(*args)
+                    return
                 if count is None:
                     out = stage(*args)
                 else:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ppcompile.check_training import _output_differences, verify_inference_in_process
+from ppcompile.measure import measure_stages
 from ppcompile.runtime.loader import ProgramError, load_program
 from ppcompile.runtime.outputs import as_returned, joined, output_leaves
 from ppcompile.runtime.spec import ModelRef, call_forward
@@ -112,6 +113,10 @@ def test_inference_holds_no_gradients_optimizer_state_or_saved_activations(tmp_p
     tagger = json.loads((tagger_dir / "program.json").read_text())
     for stage in inference["costs"]["stages"] + tagger["costs"]["stages"]:
         assert stage["backward_seconds"] == 0 and stage["backward_flops"] == 0
+    # Measured as the runtime runs it: forward alone, nothing saved for a backward.
+    program = load_program(inference_dir)
+    measured = measure_stages(program, repeats=1)
+    assert [m.saved_bytes for m in measured] == [0, 0] and all(m.seconds > 0 for m in measured)
     report = (inference_dir / "report.md").read_text()
     assert "(inference: forward only, without autograd)" in report
     assert "| params+buffers" in report and "recomputed in backward" not in report

@@ -56,6 +56,10 @@ class NodeCost:
     saved_temp_bytes: float  # bytes kept for backward that belong to no graph value
     forward_time: float  # seconds on the device profile
     backward_time: float
+    # Backward's memory traffic in multiples of bytes_moved: a layer with parameters moves about
+    # bytes_moved once per gradient it computes (its input's, its weights'), so a frozen layer, or
+    # the first layer fed by data, moves it once; any other op is taken to move it twice.
+    backward_traffic: float = 2.0
 
     @property
     def time(self) -> float:
@@ -114,6 +118,7 @@ def estimate_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             node.meta["ppc.kind"] == "tuple"
             and any(u.meta.get("ppc.requires_grad", True) for u in node.users)
         )
+        traffic = backward_traffic(gm, node, values)
         dtype = node.meta.get("ppc.dtype", torch.float32)
         profile = ctx.profile
         node.meta["ppc.cost"] = NodeCost(
@@ -124,9 +129,26 @@ def estimate_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             saved_inputs=tuple(dict.fromkeys(saved)),
             saved_temp_bytes=temp_bytes,
             forward_time=profile.compute_time(fwd_flops, moved, dtype),
-            backward_time=profile.compute_time(bwd_flops, 2 * moved, dtype) if differentiable else 0.0,
+            backward_time=profile.compute_time(bwd_flops, traffic * moved, dtype) if differentiable else 0.0,
+            backward_traffic=traffic,
         )
     return gm
+
+
+def backward_traffic(gm: fx.GraphModule, node: fx.Node, values: dict) -> float:
+    """``NodeCost.backward_traffic`` of ``node``: for a layer with parameters (a module's, or
+    weights read with ``get_attr``), 1 for each gradient its backward computes, the input's and
+    the weights'; 2 for any other op."""
+    if node.op == "call_module":
+        params = list(gm.get_submodule(node.target).parameters())
+    else:
+        params = [values.get(n.name) for n in node.all_input_nodes if n.op == "get_attr"]
+    params = [p for p in params if isinstance(p, torch.Tensor)]
+    if not params:
+        return 2.0
+    input_grad = any(n.op != "get_attr" and n.meta.get("ppc.requires_grad") for n in node.all_input_nodes)
+    weight_grad = any(p.requires_grad for p in params)
+    return float(input_grad + weight_grad)
 
 
 def costs_nothing(node: fx.Node) -> bool:

@@ -219,7 +219,9 @@ def _evaluate_at(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             bytes_moved=q["bytes_moved"],
             saved_temp_bytes=q["saved_temp_bytes"],
             forward_time=profile.compute_time(q["forward_flops"], q["bytes_moved"], dtype),
-            backward_time=profile.compute_time(q["backward_flops"], 2 * q["bytes_moved"], dtype)
+            backward_time=profile.compute_time(
+                q["backward_flops"], cost.backward_traffic * q["bytes_moved"], dtype
+            )
             if cost.backward_time
             else 0.0,
         )

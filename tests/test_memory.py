@@ -297,6 +297,10 @@ def test_a_frozen_layer_computes_no_weight_gradient():
         linear = costs[f"blocks.{block}.1"]
         # The input's gradient costs as much as the forward; a trained layer's weight gradient again.
         assert linear.backward_flops == linear.forward_flops * (1 if block % 2 else 2), block
+        # Its backward's memory traffic counts the same gradients: the input's, then the weights'.
+        assert linear.backward_traffic == (1 if block % 2 else 2), block
+    # The first layer, fed by data, computes its weights' gradient alone.
+    assert costs["inp"].backward_traffic == 1 and costs["head"].backward_traffic == 2
 
 
 def test_a_profile_is_measured_again_when_layers_are_frozen():

@@ -137,8 +137,8 @@ def estimate_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
 
 def backward_traffic(gm: fx.GraphModule, node: fx.Node, values: dict) -> float:
     """``NodeCost.backward_traffic`` of ``node``: for a layer with parameters (a module's, or
-    weights read with ``get_attr``), 1 for each gradient its backward computes, the input's and
-    the weights'; 2 for any other op."""
+    tensors read with ``get_attr``: weights, and buffers such as a mask, which take no gradient),
+    1 for each gradient its backward computes, the input's and the weights'; 2 for any other op."""
     if node.op == "call_module":
         params = list(gm.get_submodule(node.target).parameters())
     else:

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 
 import torch
 
+from ppcompile.runtime.spec import SpecError, loss_of
+
 
 def output_leaves(structure, path: str = "output") -> list[tuple[str, object]]:
     """Every leaf of ``structure`` with its path, in a fixed order (a dict's in its own).
@@ -56,21 +58,21 @@ def as_returned(structure):
 
 
 def loss_in(output) -> torch.Tensor | None:
-    """The scalar loss an inference program's output holds, by the rule training picks it
-    (``spec.loss_of``), or None where it holds none: the loss itself, ``output['loss']``, or the
-    first element of a tuple or list, where that is a 0-d floating tensor.
+    """The scalar loss an inference program's output holds, picked by the rule training picks it
+    by (:func:`ppcompile.runtime.spec.loss_of`), or None where it holds none or the value picked is
+    not a 0-d floating tensor.
 
     >>> loss_in((torch.tensor(0.5), torch.zeros(2)))
     tensor(0.5000)
     >>> loss_in({"logits": torch.zeros(2)}) is None
     True
     """
-    if isinstance(output, Mapping):
-        output = output.get("loss")
-    elif isinstance(output, (tuple, list)):
-        output = output[0] if output else None
-    if isinstance(output, torch.Tensor) and output.dim() == 0 and output.is_floating_point():
-        return output
+    try:
+        loss = loss_of(output)
+    except SpecError:  # a dict without "loss", an empty tuple
+        return None
+    if isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.is_floating_point():
+        return loss
     return None
 
 

@@ -36,6 +36,7 @@ bench: install
 	$(PYTHON) bench/overhead.py
 	$(PYTHON) bench/sends.py
 	$(PYTHON) bench/inference.py
+	$(PYTHON) bench/microbatches.py
 
 clean:
 	rm -rf build .installed .pytest_cache .ruff_cache *.egg-info

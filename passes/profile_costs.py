@@ -38,6 +38,7 @@ from torch import fx
 from ppcompile.contention import Contention, measure_contention
 from ppcompile.context import CompileContext
 from ppcompile.devices import check_device
+from ppcompile.frontend import input_shapes_at
 from ppcompile.passes.estimate_costs import (
     _arg_nodes,
     _flatten,
@@ -51,6 +52,7 @@ from ppcompile.passes.propagate_shapes import ValueRecorder
 from ppcompile.program import write_atomically
 from ppcompile.runtime.executor import held_storages
 from ppcompile.runtime.heap import keep_freed_memory
+from ppcompile.runtime.train import resized
 from ppcompile.tracer import under_regions
 
 MIN_SECONDS = 0.004  # time each node for at least this long
@@ -74,7 +76,13 @@ def profile_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         ranks = profile_concurrency(config, device)
         if ranks > 1:
             cached["contention"] = asdict(
-                measure_contention(ctx.ref, ranks, config.profile_threads, config.trains)
+                measure_contention(
+                    ctx.ref,
+                    ranks,
+                    config.profile_threads,
+                    config.trains,
+                    input_shapes_at(ctx, ctx.symbol_values),
+                )
             )
         ctx.notes.append(f"profile: measured {len(cached['nodes'])} nodes on {device}")
         if cache_file is not None:
@@ -156,7 +164,7 @@ def profile_key(gm: fx.GraphModule, ctx: CompileContext, device: torch.device) -
         torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         str(ctx.config.profile_threads),
         str(profile_concurrency(ctx.config, device)),
-        "contention-v8, kept heap, sender thread",  # the cache layout, and how nodes and sends were timed
+        "contention-v9, kept heap, sender thread, at --dims",  # the cache layout, and how nodes and sends were timed
         torch.__version__,
     ]
     return hashlib.sha256("\n".join(what).encode()).hexdigest()[:24]
@@ -172,8 +180,14 @@ def measure(gm: fx.GraphModule, ctx: CompileContext, device: torch.device) -> di
             spec.module.requires_grad_(False)  # as the compiler's own copy: inference runs no backward
         real = fx.GraphModule(spec.module, gm.graph)
         recorder = ValueRecorder(real)
+        # The micro-batch the program is compiled for: the example's rows repeated where --dims
+        # (or --global-batch) asks for more.
+        microbatch = [
+            resized(t, shape)
+            for t, shape in zip(spec.example_inputs, input_shapes_at(ctx, ctx.symbol_values))
+        ]
         with torch.enable_grad():  # a model's torch.no_grad() switches it inside the run
-            recorder.run(*spec.example_inputs)
+            recorder.run(*microbatch)
         values = recorder.values
         result, by_signature = {}, {}
         for node in gm.graph.nodes:
@@ -190,7 +204,7 @@ def measure(gm: fx.GraphModule, ctx: CompileContext, device: torch.device) -> di
             result[node.name] = [forward, backward, saved, temp]
         # Timed alone, nodes miss what they share in a real run (one autograd engine pass, caches
         # warmed by the previous node): scale every node by whole-model time over the nodes' sum.
-        whole = _time_whole(real, spec.example_inputs, device)
+        whole = _time_whole(real, microbatch, device)
         total = sum(f + b for f, b, _, _ in result.values())
         scale = whole / total if total > 0 else 1.0
         for entry in result.values():
@@ -202,7 +216,7 @@ def measure(gm: fx.GraphModule, ctx: CompileContext, device: torch.device) -> di
 
 
 def _time_whole(real: fx.GraphModule, inputs, device: torch.device) -> float:
-    """Forward + backward of the whole traced model on the example micro-batch, median seconds
+    """Forward + backward of the whole traced model on one micro-batch, median seconds
     (forward alone where nothing trains)."""
     params = [p for p in real.parameters() if p.requires_grad]
     # The graph's own code leaves out the regions the model ran its nodes in (a frozen teacher

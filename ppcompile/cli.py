@@ -35,7 +35,18 @@ def main():
 @main.command()
 @click.argument("spec")
 @click.option("--stages", "-k", type=int, required=True, help="Pipeline stages K (one per rank).")
-@click.option("--microbatches", "-m", type=int, default=8, show_default=True, help="Micro-batches per step.")
+@click.option(
+    "--microbatches",
+    "-m",
+    default="8",
+    show_default=True,
+    help="Micro-batches M per step, or auto (with --global-batch): the split with the shortest predicted step that fits.",
+)
+@click.option(
+    "--global-batch",
+    type=int,
+    help="Rows per optimizer step, split into M micro-batches of N/M rows (the example's b otherwise).",
+)
 @click.option(
     "--schedule",
     default="1f1b",
@@ -103,6 +114,7 @@ def compile(
     spec,
     stages,
     microbatches,
+    global_batch,
     schedule,
     virtual_stages,
     device_profile,
@@ -127,7 +139,8 @@ def compile(
 
     config = CompileConfig(
         stages=stages,
-        microbatches=microbatches,
+        microbatches=_parse_microbatches(microbatches),
+        global_batch=global_batch,
         schedule=schedule,
         virtual_stages=virtual_stages,
         device_profile=device_profile,
@@ -152,6 +165,14 @@ def compile(
         f"wrote {out}/ ({len(times)} stages on {stages} ranks, schedule {result.program['schedule']['name']}, imbalance {max(times) / (sum(times) / len(times)):.3f}); "
         f"see `ppcompile report {output}`"
     )
+
+
+def _parse_microbatches(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    if not text.strip().lstrip("-").isdigit():
+        raise CompileError(f"--microbatches {text!r}: give a count such as 8, or auto with --global-batch N")
+    return int(text)
 
 
 def _parse_dims(text: str) -> dict[str, int]:

@@ -48,6 +48,7 @@ from ppcompile.errors import CompileError
 from ppcompile.runtime.executor import available_cores
 from ppcompile.runtime.heap import keep_freed_memory
 from ppcompile.runtime.spec import ModelRef, call_forward, loss_of
+from ppcompile.runtime.train import resized
 from ppcompile.runtime.transport import DistTransport, MessageKey
 
 SMALL_MESSAGE = 4 * 1024  # bytes: latency
@@ -72,9 +73,12 @@ class Contention:
     spare_core_speedup: float = 1.0  # one rank alone on every core over one alone on its own threads
 
 
-def measure_contention(ref: ModelRef, ranks: int, threads: int = 1, trains: bool = True) -> Contention:
+def measure_contention(
+    ref: ModelRef, ranks: int, threads: int = 1, trains: bool = True, shapes: list[list[int]] | None = None
+) -> Contention:
     """Start ``ranks`` worker processes on this machine's CPU and measure what they cost each other
-    (``trains`` False: each runs the forward alone, as inference does)."""
+    (``trains`` False: each runs the forward alone, as inference does), each on the example
+    inputs at ``shapes`` (None: as the factory makes them)."""
     with tempfile.TemporaryDirectory(prefix="ppc-contention-") as tmp:
         store = Path(tmp) / "store"
         workers = [
@@ -91,6 +95,7 @@ def measure_contention(ref: ModelRef, ranks: int, threads: int = 1, trains: bool
                     str(store),
                     str(Path(tmp) / f"rank{rank}.json"),
                     "train" if trains else "infer",
+                    json.dumps(shapes),
                 ],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -140,17 +145,30 @@ def measure_contention(ref: ModelRef, ranks: int, threads: int = 1, trains: bool
 
 
 def _worker(
-    path: str, factory: str, rank: int, ranks: int, threads: int, store: str, out: str, trains: bool
+    path: str,
+    factory: str,
+    rank: int,
+    ranks: int,
+    threads: int,
+    store: str,
+    out: str,
+    trains: bool,
+    shapes: list[list[int]] | None,
 ) -> None:
     torch.set_num_threads(threads)
     keep_freed_memory()  # run.py's heap on CPU
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=ranks)
     spec = ModelRef(path, factory).build("cpu", seed=0)
     params = [p for p in spec.module.parameters() if p.requires_grad]
+    inputs = (
+        spec.example_inputs
+        if shapes is None
+        else [resized(t, s) for t, s in zip(spec.example_inputs, shapes)]
+    )
 
     def step():
         with torch.set_grad_enabled(trains):
-            returned = call_forward(spec.module, spec.input_names, spec.example_inputs, spec.input_groups)
+            returned = call_forward(spec.module, spec.input_names, inputs, spec.input_groups)
         loss = loss_of(returned) if trains else None
         if params and isinstance(loss, torch.Tensor) and loss.requires_grad:
             torch.autograd.grad([loss], params, allow_unused=True)
@@ -282,5 +300,7 @@ def _exchange(rank: int, burst) -> dict:
 
 
 if __name__ == "__main__":
-    path, factory, rank, ranks, threads, store, out, mode = sys.argv[1:9]
-    _worker(path, factory, int(rank), int(ranks), int(threads), store, out, mode == "train")
+    path, factory, rank, ranks, threads, store, out, mode, shapes = sys.argv[1:10]
+    _worker(
+        path, factory, int(rank), int(ranks), int(threads), store, out, mode == "train", json.loads(shapes)
+    )

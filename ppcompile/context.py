@@ -21,7 +21,7 @@ from ppcompile.runtime.spec import ModelRef, ModelSpec
 @dataclass(frozen=True)
 class CompileConfig:
     stages: int  # pipeline ranks K; each holds virtual_stages stages
-    microbatches: int = 8  # micro-batches M per training step
+    microbatches: int | str = 8  # micro-batches M per training step; "auto" with global_batch
     schedule: str = "1f1b"  # pipeline schedule name
     device_profile: str = "cpu"  # roofline profile used to cost nodes
     check: bool = False  # run the verifier after every pass
@@ -34,6 +34,9 @@ class CompileConfig:
     profile_concurrency: int | None = None  # processes busy while profiling; None: K on cpu, 1 on cuda
     profile_cache: str | None = "~/.cache/ppcompile/profiles"  # None: always measure afresh
     dims: dict[str, int] | None = None  # balance for this micro-batch shape instead of the example's
+    # Rows per optimizer step, split into M micro-batches of b = global_batch / M rows each (the
+    # batch dim b at that size, as --dims b=... would set it); None: b is the example's.
+    global_batch: int | None = None
     # Fuse the last linear layer with its cross-entropy (passes/fuse_loss.py): faster and smaller,
     # but the loss sums run in another order, so losses match eager to float rounding, not bitwise.
     fuse_loss: bool = False

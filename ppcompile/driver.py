@@ -80,18 +80,27 @@ AUTO_CANDIDATES = [("gpipe", 1), ("1f1b", 1), ("zb-h1", 1), ("interleaved-1f1b",
 
 
 def compile_model(ref: str, config: CompileConfig) -> CompileResult:
+    if config.microbatches == "auto":
+        return compile_microbatch_choice(ref, config)
+    if config.global_batch is not None:
+        config = split_global_batch(config)
     if config.schedule == "auto":
         return compile_auto(ref, config)
     if config.stages < 1:
         raise CompileError(f"--stages must be at least 1, got {config.stages}")
-    if config.microbatches < 1:
-        raise CompileError(f"--microbatches must be at least 1, got {config.microbatches}")
+    if not isinstance(config.microbatches, int) or config.microbatches < 1:
+        raise CompileError(f"--microbatches must be a count of at least 1 or auto, got {config.microbatches}")
     if config.profile_concurrency is not None and config.profile_concurrency < 1:
         raise CompileError(
             f"--profile-concurrency must be at least 1, got {config.profile_concurrency}; "
             "1 times every node alone"
         )
     ctx = load_context(ref, config)
+    if config.global_batch is not None and "b" not in ctx.symbol_values:
+        raise CompileError(
+            f"--global-batch splits the batch dim b, but {ref}'s inputs name no dim b (its dims: "
+            f"{', '.join(sorted(ctx.symbol_values)) or 'none'}); name the batch dim b in ModelSpec.dims"
+        )
     schedule = _schedule(config)  # fail on a bad schedule before the expensive passes
     if config.fuse_loss and not config.trains:
         raise CompileError(
@@ -367,5 +376,80 @@ def compile_auto(ref: str, config: CompileConfig) -> CompileResult:
         reasons = "; ".join(f"{t['schedule']} V={t['virtual_stages']}: {t['rejected']}" for t in tried)
         raise CompileError(f"--schedule auto: no schedule fits ({reasons})")
     best.program["costs"]["auto"] = tried
+    best.files["report.md"] = render_report(best.program)
+    return best
+
+
+def split_global_batch(config: CompileConfig) -> CompileConfig:
+    """``config`` with the micro-batch size b that splits ``--global-batch`` into ``--microbatches``,
+    as ``--dims b=...`` gives it.
+
+    >>> split_global_batch(CompileConfig(stages=2, microbatches=4, global_batch=32)).dims
+    {'b': 8}
+    """
+    N, M = config.global_batch, config.microbatches
+    if N < 1:
+        raise CompileError(f"--global-batch must be at least 1 row, got {N}")
+    if not isinstance(M, int) or M < 1 or N % M:
+        raise CompileError(
+            f"--global-batch {N} does not split into {M} micro-batches of equal size; use --microbatches "
+            f"{', '.join(map(str, _divisors(N)))} or auto"
+        )
+    given = (config.dims or {}).get("b")
+    if given is not None and given != N // M:
+        raise CompileError(
+            f"--dims b={given} but --global-batch {N} in {M} micro-batches makes b={N // M}; give one of the two"
+        )
+    return dataclasses.replace(config, dims={**(config.dims or {}), "b": N // M})
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def compile_microbatch_choice(ref: str, config: CompileConfig) -> CompileResult:
+    """With ``--microbatches auto``: compile ``--global-batch`` split into every number of equal
+    micro-batches M, each of b = N / M rows, and return the program with the shortest predicted
+    step among those that fit the memory budget (fewer micro-batches on a tie); the program
+    records every split. More micro-batches shrink the pipeline's bubble and the activations in
+    flight, but run each layer on fewer rows, where its fixed costs (reading the weights, the
+    per-operator overhead, each message's latency) weigh more."""
+    if config.global_batch is None:
+        raise CompileError(
+            "--microbatches auto chooses how to split a batch of a given size: give --global-batch N, "
+            "the rows of one optimizer step (e.g. --global-batch 64)"
+        )
+    if config.global_batch < 1:
+        raise CompileError(f"--global-batch must be at least 1 row, got {config.global_batch}")
+    tried, best = [], None
+    for M in _divisors(config.global_batch):
+        try:
+            result = compile_model(ref, dataclasses.replace(config, microbatches=M))
+        except CompileError as e:
+            tried.append({"microbatches": M, "rejected": str(e)})
+            continue
+        costs, schedule = result.program["costs"], result.program["schedule"]
+        tried.append(
+            {
+                "microbatches": M,
+                "micro_batch_rows": config.global_batch // M,
+                "schedule": schedule["name"],
+                "virtual_stages": schedule["virtual_stages"],
+                "step_seconds": costs["simulated_step_seconds"],
+                "bubble": costs["simulated_bubble"],
+                "peak_bytes": max(m["total"] for m in costs["memory"]),
+                "recomputed": len(costs["recomputed"]),
+            }
+        )
+        if best is None or costs["simulated_step_seconds"] < best.program["costs"]["simulated_step_seconds"]:
+            best = result
+    if best is None:
+        if len({t["rejected"] for t in tried}) == 1:  # the model's fault, however the batch is split
+            raise CompileError(tried[0]["rejected"])
+        reasons = "; ".join(f"M={t['microbatches']}: {t['rejected']}" for t in tried)
+        raise CompileError(
+            f"--microbatches auto: no split of --global-batch {config.global_batch} fits ({reasons})"
+        )
+    best.program["costs"]["microbatch_choice"] = tried
     best.files["report.md"] = render_report(best.program)
     return best

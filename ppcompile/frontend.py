@@ -299,13 +299,22 @@ def source_line(ctx: CompileContext, node_name: str) -> str:
 
 def _inputs_at(ctx: CompileContext, point: dict[str, int]) -> list:
     """The example inputs as meta tensors, their symbolic dims at ``point``."""
-    inputs = []
+    return [
+        torch.empty(shape, dtype=example.dtype, device="meta")
+        for shape, example in zip(input_shapes_at(ctx, point), ctx.spec.example_inputs)
+    ]
+
+
+def input_shapes_at(ctx: CompileContext, point: dict[str, int]) -> list[list[int]]:
+    """Each example input's shape with its symbolic dims at ``point`` (``ctx.symbol_values`` is the
+    shape the program is compiled for: the example's, or --dims')."""
+    shapes = []
     for name, example in zip(ctx.input_names, ctx.spec.example_inputs):
         shape = list(example.shape)
         for dim, symbol in ctx.input_dims[name].items():
             shape[dim] = point[symbol]
-        inputs.append(torch.empty(shape, dtype=example.dtype, device="meta"))
-    return inputs
+        shapes.append(shape)
+    return shapes
 
 
 def _point(values: dict[str, int]) -> str:

@@ -136,6 +136,7 @@ def build_program(
             "stages": ctx.config.stages,
             "virtual_stages": ctx.config.virtual_stages,
             "microbatches": ctx.config.microbatches,
+            "global_batch": ctx.config.global_batch,
             "schedule": ctx.config.schedule,
             "device_profile": ctx.profile.name,
             "costs_measured_on": ctx.profiled_on,

@@ -131,6 +131,7 @@ def render_report(program: dict) -> str:
         ]
     lines += _memory_section(program)
     lines += _auto_section(program)
+    lines += _microbatch_section(program)
     for group in program["tied_parameters"]:
         lines.append(
             f"- tied parameters {', '.join(group['parameters'])} on stages "
@@ -244,4 +245,44 @@ def _auto_section(program: dict) -> list[str]:
         "among the schedules that fit the memory budget.",
         "",
         tabulate(rows, headers=["schedule", "V", "step ms", "bubble", "peak memory", ""], tablefmt="github"),
+    ]
+
+
+def _microbatch_section(program: dict) -> list[str]:
+    """``--microbatches auto``'s table: each split of the global batch it compiled."""
+    tried = program["costs"].get("microbatch_choice")
+    if not tried:
+        return []
+    chosen = program["schedule"]["microbatches"]
+    rows = []
+    for t in tried:
+        if "rejected" in t:
+            rows.append([t["microbatches"], "", "", "", "", "", f"rejected: {t['rejected'][:90]}"])
+            continue
+        schedule = t["schedule"] + (f" V={t['virtual_stages']}" if t["virtual_stages"] > 1 else "")
+        note = "<- chosen" if t["microbatches"] == chosen else ""
+        if t["recomputed"]:
+            note = "; ".join(filter(None, [note, f"{t['recomputed']} layers recomputed"]))
+        rows.append(
+            [
+                t["microbatches"],
+                t["micro_batch_rows"],
+                schedule,
+                f"{t['step_seconds'] * 1e3:.1f}",
+                f"{t['bubble']:.3f}",
+                format_bytes(t["peak_bytes"]),
+                note,
+            ]
+        )
+    return [
+        "",
+        f"--microbatches auto split the global batch of {program['config']['global_batch']} rows into {chosen} "
+        "micro-batches: the shortest simulated step among the splits that fit the memory budget.",
+        "",
+        tabulate(
+            rows,
+            headers=["M", "rows (b)", "schedule", "step ms", "bubble", "peak memory", ""],
+            tablefmt="github",
+            disable_numparse=True,
+        ),
     ]

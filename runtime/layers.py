@@ -4,8 +4,8 @@ Where a cut falls inside a linear layer (``passes/divide_layers.py``), the stage
 computes the first output features and the stage after it the rest; both hold the whole
 weight, and each reads only its rows of it:
 
-    >>> x, w, b = torch.randn(3, 4), torch.randn(6, 4), torch.randn(6)
-    >>> parts = [linear_columns(x, w, b, 0, 2), linear_columns(x, w, b, 2, 6)]
+    >>> x, w, b = torch.randn(8, 32), torch.randn(64, 32), torch.randn(64)
+    >>> parts = [linear_columns(x, w, b, 0, 24), linear_columns(x, w, b, 24, 64)]
     >>> torch.equal(torch.cat(parts, -1), torch.nn.functional.linear(x, w, b))
     True
 """

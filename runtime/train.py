@@ -10,14 +10,14 @@ from __future__ import annotations
 import itertools
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ppcompile.runtime.actions import Action
-from ppcompile.runtime.executor import MemoryStats, RankExecutor, inference_actions
+from ppcompile.runtime.executor import MemoryStats, RankExecutor, evaluate_dim, inference_actions
 from ppcompile.runtime.loader import Program, ProgramError
 from ppcompile.runtime.randomness import drawn_apart
 from ppcompile.runtime.spec import ModelRef, ModelSpec, batch_by_name
@@ -61,6 +61,19 @@ def batch_dims(program: Program) -> list[int | None]:
     return dims
 
 
+def resized(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``t`` at ``shape``: along each dim whose size differs, its items taken in turn, so the example's
+    rows repeat to make a larger batch (or the first rows make a smaller one).
+
+    >>> resized(torch.tensor([[1, 2], [3, 4]]), (3, 2)).tolist()
+    [[1, 2], [3, 4], [1, 2]]
+    """
+    for dim, size in enumerate(shape):
+        if t.shape[dim] != size:
+            t = t.index_select(dim, torch.arange(size, device=t.device) % t.shape[dim])
+    return t
+
+
 def batches(program: Program, spec: ModelSpec, seed: int) -> Iterator[list[dict[str, torch.Tensor]]]:
     """Steps of M micro-batches, each a dict of inputs by name. Every rank makes the same ones."""
     M = program.data["schedule"]["microbatches"]
@@ -71,7 +84,14 @@ def batches(program: Program, spec: ModelSpec, seed: int) -> Iterator[list[dict[
         # Drawn apart from the stages' dropout, so every rank gets the same batches (``randomness``).
         source = drawn_apart(lambda: spec.data(M * micro, seed), seed)
     else:
-        example = tuple(t if d is None else torch.cat([t] * M, d) for t, d in zip(spec.example_inputs, dims))
+        # The example at the sizes the program was compiled for (--dims, --global-batch), M times.
+        symbols = program.data["symbols"]
+        example = tuple(
+            resized(
+                t, [evaluate_dim(str(e), symbols) * (M if k == d else 1) for k, e in enumerate(i["shape"])]
+            )
+            for t, d, i in zip(spec.example_inputs, dims, program.data["inputs"])
+        )
         source = itertools.repeat(example)
     for batch in source:
         if spec.data is not None:  # a tuple like the example inputs, or a dict as model(**batch) takes

@@ -14,7 +14,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("bench", ["vs_pippy.py", "overhead.py", "schedules.py", "sends.py", "inference.py"])
+@pytest.mark.parametrize(
+    "bench", ["vs_pippy.py", "overhead.py", "schedules.py", "sends.py", "inference.py", "microbatches.py"]
+)
 def test_bench_runs_quick(bench):
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / bench), "--quick"],

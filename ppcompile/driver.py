@@ -349,19 +349,42 @@ def _schedule(config: CompileConfig) -> Schedule:
 def compile_auto(ref: str, config: CompileConfig) -> CompileResult:
     """Compile every schedule (and V) the simulator can evaluate, keep those within the memory
     budget, and return the one with the shortest predicted step; the program records why."""
+    candidates = [
+        (
+            {"schedule": name, "virtual_stages": V},
+            dataclasses.replace(config, schedule=name, virtual_stages=V),
+        )
+        for name, V in AUTO_CANDIDATES
+    ]
+    best, tried = _fastest(ref, candidates)
+    if best is None:
+        raise _none_fits(
+            tried, "--schedule auto: no schedule fits", lambda t: f"{t['schedule']} V={t['virtual_stages']}"
+        )
+    best.program["costs"]["auto"] = tried
+    best.files["report.md"] = render_report(best.program)
+    return best
+
+
+def _fastest(
+    ref: str, candidates: list[tuple[dict, CompileConfig]]
+) -> tuple[CompileResult | None, list[dict]]:
+    """Compile each candidate config; the one with the shortest predicted step (the first of a tie),
+    or None where none compiled, and per candidate its label with what it was predicted to take
+    (step, bubble, peak memory, layers recomputed) or why it was rejected."""
     tried, best = [], None
-    for name, V in AUTO_CANDIDATES:
-        candidate = dataclasses.replace(config, schedule=name, virtual_stages=V)
+    for label, candidate in candidates:
         try:
             result = compile_model(ref, candidate)
         except CompileError as e:
-            tried.append({"schedule": name, "virtual_stages": V, "rejected": str(e)})
+            tried.append({**label, "rejected": str(e)})
             continue
-        costs = result.program["costs"]
+        costs, schedule = result.program["costs"], result.program["schedule"]
         tried.append(
             {
-                "schedule": name,
-                "virtual_stages": V,
+                **label,
+                "schedule": schedule["name"],
+                "virtual_stages": schedule["virtual_stages"],
                 "step_seconds": costs["simulated_step_seconds"],
                 "bubble": costs["simulated_bubble"],
                 "peak_bytes": max(m["total"] for m in costs["memory"]),
@@ -370,14 +393,16 @@ def compile_auto(ref: str, config: CompileConfig) -> CompileResult:
         )
         if best is None or costs["simulated_step_seconds"] < best.program["costs"]["simulated_step_seconds"]:
             best = result
-    if best is None:
-        if len({t["rejected"] for t in tried}) == 1:  # the model's fault, whatever the schedule
-            raise CompileError(tried[0]["rejected"])
-        reasons = "; ".join(f"{t['schedule']} V={t['virtual_stages']}: {t['rejected']}" for t in tried)
-        raise CompileError(f"--schedule auto: no schedule fits ({reasons})")
-    best.program["costs"]["auto"] = tried
-    best.files["report.md"] = render_report(best.program)
-    return best
+    return best, tried
+
+
+def _none_fits(tried: list[dict], message: str, label) -> CompileError:
+    """The error where no candidate compiled: the one reason where all share it (the model's fault,
+    whatever was tried), else each candidate's."""
+    if len({t["rejected"] for t in tried}) == 1:
+        return CompileError(tried[0]["rejected"])
+    reasons = "; ".join(f"{label(t)}: {t['rejected']}" for t in tried)
+    return CompileError(f"{message} ({reasons})")
 
 
 def split_global_batch(config: CompileConfig) -> CompileConfig:
@@ -421,34 +446,22 @@ def compile_microbatch_choice(ref: str, config: CompileConfig) -> CompileResult:
         )
     if config.global_batch < 1:
         raise CompileError(f"--global-batch must be at least 1 row, got {config.global_batch}")
-    tried, best = [], None
-    for M in _divisors(config.global_batch):
-        try:
-            result = compile_model(ref, dataclasses.replace(config, microbatches=M))
-        except CompileError as e:
-            tried.append({"microbatches": M, "rejected": str(e)})
-            continue
-        costs, schedule = result.program["costs"], result.program["schedule"]
-        tried.append(
-            {
-                "microbatches": M,
-                "micro_batch_rows": config.global_batch // M,
-                "schedule": schedule["name"],
-                "virtual_stages": schedule["virtual_stages"],
-                "step_seconds": costs["simulated_step_seconds"],
-                "bubble": costs["simulated_bubble"],
-                "peak_bytes": max(m["total"] for m in costs["memory"]),
-                "recomputed": len(costs["recomputed"]),
-            }
-        )
-        if best is None or costs["simulated_step_seconds"] < best.program["costs"]["simulated_step_seconds"]:
-            best = result
-    if best is None:
-        if len({t["rejected"] for t in tried}) == 1:  # the model's fault, however the batch is split
-            raise CompileError(tried[0]["rejected"])
-        reasons = "; ".join(f"M={t['microbatches']}: {t['rejected']}" for t in tried)
+    if "b" in (config.dims or {}):
         raise CompileError(
-            f"--microbatches auto: no split of --global-batch {config.global_batch} fits ({reasons})"
+            f"--microbatches auto gives b its size in each split (--global-batch / M), but --dims sets "
+            f"b={config.dims['b']}; leave b out of --dims"
+        )
+    N = config.global_batch
+    candidates = [
+        ({"microbatches": M, "micro_batch_rows": N // M}, dataclasses.replace(config, microbatches=M))
+        for M in _divisors(N)
+    ]
+    best, tried = _fastest(ref, candidates)
+    if best is None:
+        raise _none_fits(
+            tried,
+            f"--microbatches auto: no split of --global-batch {N} fits",
+            lambda t: f"M={t['microbatches']}",
         )
     best.program["costs"]["microbatch_choice"] = tried
     best.files["report.md"] = render_report(best.program)

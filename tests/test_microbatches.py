@@ -115,6 +115,10 @@ def test_auto_under_a_budget_takes_more_micro_batches():
         (["--microbatches", "lots"], ["--microbatches 'lots'", "or auto"]),
         (["--global-batch", "32", "--microbatches", "4", "--dims", "b=4"], ["--dims b=4", "makes b=8"]),
         (["--global-batch", "0", "--microbatches", "auto"], ["--global-batch must be at least 1"]),
+        (
+            ["--global-batch", "8", "--microbatches", "auto", "--dims", "b=2"],
+            ["--dims sets b=2", "leave b out"],
+        ),
     ],
 )
 def test_bad_splits_are_one_line(tmp_path, args, needles):

@@ -589,10 +589,12 @@ def verify_inference_in_process(
         with torch.no_grad():
             for _ in range(steps):
                 microbatches = next(data)
+                # A forward that updates an input in place (x.mul_(2)) would hand the eager model
+                # the pipeline's updated inputs: it gets them as they came.
+                as_drawn = [[mb[n].to(device, copy=True) for n in names] for mb in microbatches]
                 before = pipeline.random_states() + rng_states(device)
                 pipeline.evaluate(microbatches)
-                for mb, got in zip(microbatches, pipeline.results()):
-                    inputs = [mb[n].to(device) for n in names]
+                for inputs, got in zip(as_drawn, pipeline.results()):
                     expected = call_forward(model, names, inputs, spec.input_groups)
                     same, differences = _output_differences(got, expected)
                     equal &= same

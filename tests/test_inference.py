@@ -233,3 +233,14 @@ def test_a_budget_inference_cannot_fit_names_parameters_alone(tmp_path):
         result, "rank 0 needs", "no layer to recompute", "short (parameters ", "use more --stages"
     )
     assert "gradients" not in result.stderr
+
+
+def test_verify_gives_the_eager_model_the_inputs_before_the_program_updated_them(tmp_path):
+    """verify handed the eager forward the micro-batches the program's forward had already
+    doubled in place, and reported a correct program as differing."""
+    for stages in (2, 3):
+        program = load_program(
+            compile_to(tmp_path / str(stages), f"{FIXTURE}:rescales_input", stages, schedule="forward-only")
+        )
+        comparison = verify_inference_in_process(program, steps=2)
+        assert comparison.ok and comparison.outputs_bitwise_equal, comparison.lines()

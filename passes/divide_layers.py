@@ -56,9 +56,12 @@ MAX_PIECES = 16
 # from there by a few percent of a stage; dividing every layer of a 96-layer GPT-3 would double
 # the partitioner's nodes for cuts that never fall among most of them.
 WINDOW_SHARE = 0.2
-# Bands start at multiples of this many columns where the layer is wide enough: GPU matrix
-# kernels tile output features by 8 and more.
-COLUMN_ALIGN = 8
+# Bands start at multiples of this many columns, and none is narrower: a product whose output
+# features fill whole vectors of the widest CPU kernels (16 float32 lanes of AVX-512) and GPU
+# tiles gives each column the bits the whole layer's product gives it. A narrower band, or one
+# that starts mid-vector, takes another kernel there, a rounding apart, which AdamW's
+# normalisation can blow up to the size of a step where a gradient is near zero.
+COLUMN_ALIGN = 16
 
 
 @dataclass(frozen=True)
@@ -104,17 +107,23 @@ def divide_layers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
 
 
 def column_bounds(width: int, count: int) -> list[int]:
-    """Where ``count`` bands of ``width`` output features start, and ``width``: as even as
-    COLUMN_ALIGN allows, fewer bands where the layer is too narrow.
+    """Where ``count`` bands of ``width`` output features start, and ``width``: each band starts at
+    a multiple of COLUMN_ALIGN and is at least that wide, so there are fewer bands where the
+    layer is too narrow (one, undivided, below two aligned bands).
 
     >>> column_bounds(256, 4)
     [0, 64, 128, 192, 256]
+    >>> column_bounds(100, 4)
+    [0, 32, 48, 80, 100]
     >>> column_bounds(20, 4)
-    [0, 5, 10, 15, 20]
+    [0, 20]
     """
-    count = min(count, width)
-    align = COLUMN_ALIGN if width >= COLUMN_ALIGN * count else 1
-    return sorted({round(i * width / count / align) * align for i in range(count)} | {width})
+    count = min(count, width // COLUMN_ALIGN)
+    if count < 2:
+        return [0, width]
+    last_start = (width - COLUMN_ALIGN) // COLUMN_ALIGN  # in vectors: the last band is a vector or more
+    starts = {min(round(i * width / count / COLUMN_ALIGN), last_start) * COLUMN_ALIGN for i in range(count)}
+    return sorted(starts | {width})
 
 
 def _linear_parts(gm: fx.GraphModule, node: fx.Node) -> tuple | None:

@@ -83,8 +83,9 @@ def test_layers_no_cut_divides_compile_to_the_code_whole_layers_give():
 
 def test_bands_are_aligned_and_sum_to_the_layer():
     assert column_bounds(4096, 16) == list(range(0, 4097, 256))
-    assert column_bounds(100, 16)[-1] == 100 and len(column_bounds(100, 16)) == 17
-    assert column_bounds(3, 16) == [0, 1, 2, 3]
+    # Bands start on 16-column vectors and none is narrower: 100 columns hold at most 6.
+    assert column_bounds(100, 16) == [0, 16, 32, 48, 64, 80, 100]
+    assert column_bounds(20, 2) == [0, 20] and column_bounds(3, 16) == [0, 3]
     # Bands as column_bounds cuts them, of a layer wide enough to be divided: on x86 CPUs with
     # AVX-512, a product as small as 5x8 by 8x12 takes another kernel than its 5-column band, one
     # float32 rounding apart.
@@ -119,7 +120,7 @@ def test_a_divided_layer_before_batchnorm_meets_the_bar(tmp_path):
     """Bands sum their input's gradient band by band, not in the whole layer's order: on a bias
     BatchNorm cancels (zero in exact arithmetic) that leaves rounding noise of about one float32
     epsilon of the model's gradient scale, which the bar allows."""
-    program = load_program(compile_to(tmp_path, "tests/fixtures/unseen_norm_blocks.py:mixed", 4))
+    program = load_program(compile_to(tmp_path, "tests/fixtures/unseen_norm_blocks.py:mixed_wide", 4))
     assert [d["layer"] for d in program.data["divided_layers"]] == ["blocks_3_fc"]
     result = verify_in_process(program, steps=2)
     assert result.ok, "\n".join(result.lines())

@@ -151,6 +151,12 @@ class _Emitter:
                 return target.__name__
             self.imports.add("operator")
             return f"operator.{target.__name__}"
+        if isinstance(target, type) and issubclass(target, tuple) and hasattr(target, "_fields"):
+            # A named tuple of the model's, which fx builds as a call where one is handed on (inside
+            # a returned dict): the stage file cannot import the model's module, so it builds one
+            # with the same name and fields, which the program returns as the same record.
+            self.imports.add("collections")
+            return f"collections.namedtuple({target.__name__!r}, {tuple(target._fields)!r})"
         name = fx.node._get_qualified_name(target)
         if name.startswith("ppcompile.runtime."):  # the runtime's own ops, such as the fused loss
             self.imports.add(name.rsplit(".", 1)[0])

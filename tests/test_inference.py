@@ -244,3 +244,13 @@ def test_verify_gives_the_eager_model_the_inputs_before_the_program_updated_them
         )
         comparison = verify_inference_in_process(program, steps=2)
         assert comparison.ok and comparison.outputs_bitwise_equal, comparison.lines()
+
+
+def test_a_named_tuple_inside_a_returned_dict_is_built_in_the_stage_file(tmp_path):
+    """The stage file cannot import the model's module: it was refused as 'stage code cannot call
+    ppc_model_<hash>.Spread'."""
+    program_dir = compile_to(tmp_path, f"{FIXTURE}:summarizer", 2, schedule="forward-only")
+    assert "collections.namedtuple('Spread', ('mean', 'std'))(" in (program_dir / "stage_1.py").read_text()
+    comparison = verify_inference_in_process(load_program(program_dir), steps=2)
+    assert comparison.ok and comparison.outputs_bitwise_equal, comparison.lines()
+    assert comparison.worst_output.startswith("output['")

@@ -80,6 +80,8 @@ AUTO_CANDIDATES = [("gpipe", 1), ("1f1b", 1), ("zb-h1", 1), ("interleaved-1f1b",
 
 
 def compile_model(ref: str, config: CompileConfig) -> CompileResult:
+    if config.global_batch is not None and config.global_batch < 1:
+        raise CompileError(f"--global-batch must be at least 1 row, got {config.global_batch}")
     if config.microbatches == "auto":
         return compile_microbatch_choice(ref, config)
     if config.global_batch is not None:
@@ -413,8 +415,6 @@ def split_global_batch(config: CompileConfig) -> CompileConfig:
     {'b': 8}
     """
     N, M = config.global_batch, config.microbatches
-    if N < 1:
-        raise CompileError(f"--global-batch must be at least 1 row, got {N}")
     if not isinstance(M, int) or M < 1 or N % M:
         raise CompileError(
             f"--global-batch {N} does not split into {M} micro-batches of equal size; use --microbatches "
@@ -444,8 +444,6 @@ def compile_microbatch_choice(ref: str, config: CompileConfig) -> CompileResult:
             "--microbatches auto chooses how to split a batch of a given size: give --global-batch N, "
             "the rows of one optimizer step (e.g. --global-batch 64)"
         )
-    if config.global_batch < 1:
-        raise CompileError(f"--global-batch must be at least 1 row, got {config.global_batch}")
     if "b" in (config.dims or {}):
         raise CompileError(
             f"--microbatches auto gives b its size in each split (--global-batch / M), but --dims sets "

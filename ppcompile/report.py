@@ -232,9 +232,7 @@ def _auto_section(program: dict) -> list[str]:
                 [
                     t["schedule"],
                     t["virtual_stages"],
-                    f"{t['step_seconds'] * 1e3:.1f}",
-                    f"{t['bubble']:.3f}",
-                    format_bytes(t["peak_bytes"]),
+                    *_predicted_cells(t),
                     mark or (f"{t['recomputed']} layers recomputed" if t["recomputed"] else ""),
                 ]
             )
@@ -246,6 +244,11 @@ def _auto_section(program: dict) -> list[str]:
         "",
         tabulate(rows, headers=["schedule", "V", "step ms", "bubble", "peak memory", ""], tablefmt="github"),
     ]
+
+
+def _predicted_cells(tried: dict) -> list[str]:
+    """What an auto choice's candidate was predicted to take: step ms, bubble, peak memory."""
+    return [f"{tried['step_seconds'] * 1e3:.1f}", f"{tried['bubble']:.3f}", format_bytes(tried["peak_bytes"])]
 
 
 def _microbatch_section(program: dict) -> list[str]:
@@ -268,9 +271,7 @@ def _microbatch_section(program: dict) -> list[str]:
                 t["microbatches"],
                 t["micro_batch_rows"],
                 schedule,
-                f"{t['step_seconds'] * 1e3:.1f}",
-                f"{t['bubble']:.3f}",
-                format_bytes(t["peak_bytes"]),
+                *_predicted_cells(t),
                 note,
             ]
         )

@@ -5,8 +5,9 @@ shapes around the example and fitted exactly: degree 1 in the batch dim ``b`` (c
 in the rows) and degree 2 in one other dim such as ``s`` (attention is quadratic in sequence
 length); with several other dims, degree 1 in each. Six meta runs suffice for a GPT.
 
-The report prints each stage's cost as a formula, and ``--dims b=8,s=512`` re-balances the
-partition for another micro-batch shape from these formulas, without tracing again.
+The report prints each stage's cost as a formula, and the next pass (cost_at_dims) costs the
+graph at another micro-batch shape (``--dims b=8,s=512``, each split of ``--microbatches auto``)
+from these formulas, without tracing again.
 
 Keys written on each node:
   ppc.cost_poly    {quantity: coefficients} over ctx.cost_basis (exact fractions)
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import replace
 from fractions import Fraction
 
 import sympy
@@ -47,7 +47,7 @@ def fit_cost_formulas(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule
         for node in gm.graph.nodes:
             cost = node.meta["ppc.cost"]
             node.meta["ppc.cost_poly"] = {q: (Fraction(getattr(cost, q)),) for q in QUANTITIES}
-        return _evaluate_at(gm, ctx)
+        return gm
     failures = []
     for points in grids:
         try:
@@ -85,7 +85,7 @@ def fit_cost_formulas(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule
         node.meta["ppc.nbytes_poly"] = tuple(
             sum(inverse[t][p] * ys[p] for p in range(len(points))) for t in range(len(basis))
         )
-    return _evaluate_at(gm, ctx)
+    return gm
 
 
 def _sample(gm: fx.GraphModule, ctx: CompileContext, points: list[dict[str, int]]):
@@ -183,47 +183,3 @@ def formula(poly: tuple[Fraction, ...], basis: list[dict], symbols: dict[str, sy
                 term *= symbols[s] ** e
             expr += term
     return expr
-
-
-def _evaluate_at(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
-    """With --dims, re-cost every node at that micro-batch shape from its formulas."""
-    target = ctx.config.dims
-    if not target:
-        return gm
-    unknown = set(target) - set(ctx.symbol_values)
-    if unknown:
-        raise CompileError(
-            f"--dims names {', '.join(sorted(unknown))}, but {ctx.ref}'s symbolic dims are {', '.join(sorted(ctx.symbol_values))}"
-        )
-    point = {**ctx.symbol_values, **target}
-    subs = {ctx.symbols[s]: v for s, v in point.items()}
-    profile = ctx.profile
-    for node in gm.graph.nodes:
-        if node.meta.get("ppc.kind") == "tensor":
-            nbytes = (
-                math.prod(int(d.subs(subs)) for d in node.meta["ppc.shape"]) * node.meta["ppc.dtype"].itemsize
-            )
-            node.meta["ppc.nbytes"] = nbytes
-        elif "ppc.nbytes_poly" in node.meta:
-            node.meta["ppc.nbytes"] = round(evaluate(node.meta["ppc.nbytes_poly"], ctx.cost_basis, point))
-        cost = node.meta["ppc.cost"]
-        if cost.forward_time == 0 and cost.backward_time == 0:
-            continue
-        poly = node.meta["ppc.cost_poly"]
-        q = {name: evaluate(poly[name], ctx.cost_basis, point) for name in QUANTITIES}
-        dtype = node.meta.get("ppc.dtype", torch.float32)
-        node.meta["ppc.cost"] = replace(
-            cost,
-            forward_flops=q["forward_flops"],
-            backward_flops=q["backward_flops"],
-            bytes_moved=q["bytes_moved"],
-            saved_temp_bytes=q["saved_temp_bytes"],
-            forward_time=profile.compute_time(q["forward_flops"], q["bytes_moved"], dtype),
-            backward_time=profile.compute_time(
-                q["backward_flops"], cost.backward_traffic * q["bytes_moved"], dtype
-            )
-            if cost.backward_time
-            else 0.0,
-        )
-    ctx.symbol_values = point
-    return gm

@@ -161,6 +161,9 @@ class CompileContext:
     # Linear layers a cut divides (passes/join_layers.py): {"layer": name, "columns": [[stage, start, stop], ...]}
     divided: list[dict[str, Any]] = field(default_factory=list)
     cost_basis: list[dict[str, int]] = field(default_factory=list)  # monomials of the cost formulas
+    # Conditions on shapes the trace decided for the example's (where, value): another micro-batch
+    # shape is compiled only where each comes out the same (frontend.check_decided_at).
+    decided: list[tuple[str, Any]] = field(default_factory=list)
 
     @property
     def num_stages(self) -> int:

@@ -21,6 +21,7 @@ from ppcompile.context import CompileConfig, CompileContext
 from ppcompile.errors import CompileError, PassError
 from ppcompile.frontend import load_context, trace
 from ppcompile.memory import OPTIMIZER_STATE_FACTOR
+from ppcompile.passes.cost_at_dims import cost_at_dims
 from ppcompile.passes.divide_layers import divide_layers
 from ppcompile.passes.estimate_costs import estimate_costs
 from ppcompile.passes.fit_cost_formulas import fit_cost_formulas
@@ -50,8 +51,10 @@ PASSES = [
     ("fuse_loss", fuse_loss),
     # FLOPs, bytes, activations saved for backward and roofline time per node.
     ("estimate_costs", estimate_costs),
-    # The same costs as polynomials in b, s; with --dims, costs at that micro-batch shape.
+    # The same costs as polynomials in b, s.
     ("fit_cost_formulas", fit_cost_formulas),
+    # With --dims (or a split of --global-batch), the costs at that micro-batch shape.
+    ("cost_at_dims", cost_at_dims),
     # With --profile: forward and backward time of every node measured on the real device.
     ("profile_costs", profile_costs),
     # Linear layers near where even stages would meet as bands of columns, so cuts may divide them.
@@ -79,44 +82,25 @@ class CompileResult:
 AUTO_CANDIDATES = [("gpipe", 1), ("1f1b", 1), ("zb-h1", 1), ("interleaved-1f1b", 2), ("interleaved-1f1b", 4)]
 
 
-def compile_model(ref: str, config: CompileConfig) -> CompileResult:
-    if config.global_batch is not None and config.global_batch < 1:
-        raise CompileError(f"--global-batch must be at least 1 row, got {config.global_batch}")
+def compile_model(ref: str, config: CompileConfig, traced: Traced | None = None) -> CompileResult:
+    """The program for ``config``; ``traced``, where given, is the model as :func:`trace_and_cost`
+    made it for a config that differs in shape, schedule or split only (the auto choices)."""
+    _check_config(config)
     if config.microbatches == "auto":
-        return compile_microbatch_choice(ref, config)
+        return compile_microbatch_choice(ref, config, traced)
     if config.global_batch is not None:
         config = split_global_batch(config)
     if config.schedule == "auto":
-        return compile_auto(ref, config)
-    if config.stages < 1:
-        raise CompileError(f"--stages must be at least 1, got {config.stages}")
+        return compile_auto(ref, config, traced)
     if not isinstance(config.microbatches, int) or config.microbatches < 1:
         raise CompileError(f"--microbatches must be a count of at least 1 or auto, got {config.microbatches}")
-    if config.profile_concurrency is not None and config.profile_concurrency < 1:
-        raise CompileError(
-            f"--profile-concurrency must be at least 1, got {config.profile_concurrency}; "
-            "1 times every node alone"
-        )
-    ctx = load_context(ref, config)
-    if config.global_batch is not None and "b" not in ctx.symbol_values:
-        raise CompileError(
-            f"--global-batch splits the batch dim b, but {ref}'s inputs name no dim b (its dims: "
-            f"{', '.join(sorted(ctx.symbol_values)) or 'none'}); name the batch dim b in ModelSpec.dims"
-        )
     schedule = _schedule(config)  # fail on a bad schedule before the expensive passes
-    if config.fuse_loss and not config.trains:
-        raise CompileError(
-            "--fuse-loss computes the loss without its logits, but --schedule forward-only compiles the "
-            "model for inference, returning what forward returns; leave out one of the two"
-        )
-    if config.optimizer not in OPTIMIZER_STATE_FACTOR:
-        raise CompileError(
-            f"--optimizer {config.optimizer!r}: use one of {', '.join(OPTIMIZER_STATE_FACTOR)}"
-        )
+    traced = traced or trace_and_cost(ref, config)
+    ctx = traced.context_for(config)
     ctx.live_microbatches = list(
         simulate(schedule, {s: StageCosts(0, 0) for s in range(ctx.num_stages)}, set()).peak_live_microbatches
     )
-    uncut = _run_passes(trace(ctx), ctx, PASSES[:REPARTITION_FROM])
+    uncut = _run_passes(_graph_copy(traced.gm), ctx, PASSES[SHARED_UNTIL:REPARTITION_FROM])
     gm = _run_passes(_graph_copy(uncut), ctx, PASSES[REPARTITION_FROM:])
     lowered, program, files = _build(gm, ctx, schedule)
     if config.profile:
@@ -132,6 +116,66 @@ def compile_model(ref: str, config: CompileConfig) -> CompileResult:
     add_simulation(program, simulate_program(program))
     files["report.md"] = render_report(program)
     return CompileResult(ctx, gm, lowered, program, files)
+
+
+def _check_config(config: CompileConfig) -> None:
+    """The errors a config has whatever the model: before anything is traced."""
+    if config.global_batch is not None and config.global_batch < 1:
+        raise CompileError(f"--global-batch must be at least 1 row, got {config.global_batch}")
+    if config.stages < 1:
+        raise CompileError(f"--stages must be at least 1, got {config.stages}")
+    if config.profile_concurrency is not None and config.profile_concurrency < 1:
+        raise CompileError(
+            f"--profile-concurrency must be at least 1, got {config.profile_concurrency}; "
+            "1 times every node alone"
+        )
+    if config.fuse_loss and not config.trains:
+        raise CompileError(
+            "--fuse-loss computes the loss without its logits, but --schedule forward-only compiles the "
+            "model for inference, returning what forward returns; leave out one of the two"
+        )
+    if config.optimizer not in OPTIMIZER_STATE_FACTOR:
+        raise CompileError(
+            f"--optimizer {config.optimizer!r}: use one of {', '.join(OPTIMIZER_STATE_FACTOR)}"
+        )
+
+
+# The passes every shape, schedule and split of one model share: they read none of those.
+SHARED_UNTIL = [name for name, _ in PASSES].index("cost_at_dims")
+
+
+@dataclass(frozen=True)
+class Traced:
+    """The model traced and costed at the example's micro-batch shape, as polynomials in its dims:
+    what the programs ``--schedule auto`` and ``--microbatches auto`` compare all start from, so
+    the model is traced once however many they compile."""
+
+    ctx: CompileContext  # as the passes before SHARED_UNTIL left it
+    gm: fx.GraphModule
+
+    def context_for(self, config: CompileConfig) -> CompileContext:
+        """A context of its own for compiling ``config`` from here: later passes rewrite its lists."""
+        shared = self.ctx
+        return dataclasses.replace(
+            shared,
+            config=config,
+            **{
+                f.name: copy.copy(getattr(shared, f.name))
+                for f in dataclasses.fields(shared)
+                if isinstance(getattr(shared, f.name), (list, dict))
+            },
+        )
+
+
+def trace_and_cost(ref: str, config: CompileConfig) -> Traced:
+    """Build the model on the meta device, trace it and run the passes before SHARED_UNTIL."""
+    ctx = load_context(ref, config)
+    if config.global_batch is not None and "b" not in ctx.symbol_values:
+        raise CompileError(
+            f"--global-batch splits the batch dim b, but {ref}'s inputs name no dim b (its dims: "
+            f"{', '.join(sorted(ctx.symbol_values)) or 'none'}); name the batch dim b in ModelSpec.dims"
+        )
+    return Traced(ctx, _run_passes(trace(ctx), ctx, PASSES[:SHARED_UNTIL]))
 
 
 def _run_passes(gm: fx.GraphModule, ctx: CompileContext, passes) -> fx.GraphModule:
@@ -348,7 +392,7 @@ def _schedule(config: CompileConfig) -> Schedule:
         raise CompileError(str(e)) from None
 
 
-def compile_auto(ref: str, config: CompileConfig) -> CompileResult:
+def compile_auto(ref: str, config: CompileConfig, traced: Traced | None = None) -> CompileResult:
     """Compile every schedule (and V) the simulator can evaluate, keep those within the memory
     budget, and return the one with the shortest predicted step; the program records why."""
     candidates = [
@@ -358,7 +402,7 @@ def compile_auto(ref: str, config: CompileConfig) -> CompileResult:
         )
         for name, V in AUTO_CANDIDATES
     ]
-    best, tried = _fastest(ref, candidates)
+    best, tried = _fastest(ref, candidates, traced or trace_and_cost(ref, config))
     if best is None:
         raise _none_fits(
             tried, "--schedule auto: no schedule fits", lambda t: f"{t['schedule']} V={t['virtual_stages']}"
@@ -369,7 +413,7 @@ def compile_auto(ref: str, config: CompileConfig) -> CompileResult:
 
 
 def _fastest(
-    ref: str, candidates: list[tuple[dict, CompileConfig]]
+    ref: str, candidates: list[tuple[dict, CompileConfig]], traced: Traced
 ) -> tuple[CompileResult | None, list[dict]]:
     """Compile each candidate config; the one with the shortest predicted step (the first of a tie),
     or None where none compiled, and per candidate its label with what it was predicted to take
@@ -377,7 +421,7 @@ def _fastest(
     tried, best = [], None
     for label, candidate in candidates:
         try:
-            result = compile_model(ref, candidate)
+            result = compile_model(ref, candidate, traced)
         except CompileError as e:
             tried.append({**label, "rejected": str(e)})
             continue
@@ -432,7 +476,7 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def compile_microbatch_choice(ref: str, config: CompileConfig) -> CompileResult:
+def compile_microbatch_choice(ref: str, config: CompileConfig, traced: Traced | None = None) -> CompileResult:
     """With ``--microbatches auto``: compile ``--global-batch`` split into every number of equal
     micro-batches M, each of b = N / M rows, and return the program with the shortest predicted
     step among those that fit the memory budget (fewer micro-batches on a tie); the program
@@ -454,7 +498,7 @@ def compile_microbatch_choice(ref: str, config: CompileConfig) -> CompileResult:
         ({"microbatches": M, "micro_batch_rows": N // M}, dataclasses.replace(config, microbatches=M))
         for M in _divisors(N)
     ]
-    best, tried = _fastest(ref, candidates)
+    best, tried = _fastest(ref, candidates, traced or trace_and_cost(ref, config))
     if best is None:
         raise _none_fits(
             tried,

@@ -141,24 +141,29 @@ def trace(ctx: CompileContext) -> fx.GraphModule:
                 for (where, value), count in Counter(tracer.decided).items()
             )
         )
-    if tracer.decided and ctx.config.dims:
-        # --dims runs the program at another shape, on the graph traced at the example's: every
-        # condition must come out as it did there.
-        point = {**ctx.symbol_values, **ctx.config.dims}
-        again, _ = _trace_at(ctx, _inputs_at(ctx, point), f"--dims {_point(ctx.config.dims)}")
-        for (where, value), (_, other) in zip(tracer.decided, again.decided):
-            if value != other:
-                raise CompileError(
-                    f"{where} is {value} for the example's {_point(ctx.symbol_values)} but {other} for "
-                    f"--dims {_point(ctx.config.dims)}: the traced branch would be wrong there; give an "
-                    "example input of that shape instead"
-                )
+    ctx.decided = list(tracer.decided)
     if ctx.config.trains:
         _return_only_the_loss(ctx, graph)
     else:
         _return_outputs(ctx, graph)
     gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
     return gm
+
+
+def check_decided_at(ctx: CompileContext, dims: dict[str, int]) -> None:
+    """Trace again at the micro-batch shape ``--dims`` asks for: every condition the trace decided
+    for the example's shapes must come out as it did there, or the traced graph is wrong there."""
+    point = {**ctx.symbol_values, **dims}
+    if not ctx.decided or point == ctx.symbol_values:
+        return
+    label = f"--dims {_point(dims)}"
+    again, _ = _trace_at(ctx, _inputs_at(ctx, point), label)
+    for (where, value), (_, other) in zip(ctx.decided, again.decided):
+        if value != other:
+            raise CompileError(
+                f"{where} is {value} for the example's {_point(ctx.symbol_values)} but {other} for "
+                f"{label}: the traced branch would be wrong there; give an example input of that shape instead"
+            )
 
 
 def _return_only_the_loss(ctx: CompileContext, graph: fx.Graph) -> None:

@@ -6,6 +6,7 @@ import torch
 
 from ppcompile.check_training import verify_in_process
 from ppcompile.context import CompileConfig
+from ppcompile import driver
 from ppcompile.driver import compile_model
 from ppcompile.program import write_program
 from ppcompile.runtime.loader import load_program
@@ -89,6 +90,33 @@ def test_auto_compiles_every_split_and_keeps_the_fastest(tmp_path):
     assert "--microbatches auto split the global batch of 64 rows into 2 micro-batches" in report
     comparison = verify_in_process(program, steps=2)
     assert comparison.ok and comparison.first_step_losses_equal, "\n".join(comparison.lines())
+
+
+def test_auto_traces_once_for_every_split_and_schedule(monkeypatch):
+    """Every split, and every schedule --schedule auto tries for it, is costed from the formulas of
+    one trace; each comes out as the program its own compile (tracing afresh) makes."""
+    traces = []
+    real_trace = driver.trace
+    monkeypatch.setattr(driver, "trace", lambda ctx: traces.append(ctx) or real_trace(ctx))
+    config = CompileConfig(
+        stages=2, microbatches="auto", schedule="auto", global_batch=16, device_profile="h100"
+    )
+    result = compile_model("models/gpt.py:gpt_mini", config)
+    assert len(traces) == 1
+    tried = _choice(result)
+    assert sorted(tried) == [1, 2, 4, 8, 16]
+    for M in (2, 8):
+        alone = compile_model(
+            "models/gpt.py:gpt_mini", CompileConfig(**{**config.__dict__, "microbatches": M})
+        )
+        assert alone.program["costs"]["simulated_step_seconds"] == tried[M]["step_seconds"]
+        assert alone.program["schedule"]["name"] == tried[M]["schedule"]
+    assert len(traces) == 3
+    chosen = result.program["schedule"]["microbatches"]
+    again = compile_model(
+        "models/gpt.py:gpt_mini", CompileConfig(**{**config.__dict__, "microbatches": chosen})
+    )
+    assert again.files == result.files | {"report.md": again.files["report.md"]}
 
 
 def test_auto_under_a_budget_takes_more_micro_batches():

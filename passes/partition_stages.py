@@ -51,6 +51,7 @@ from torch import fx
 from ppcompile.context import CompileContext, Partition
 from ppcompile.errors import CompileError
 from ppcompile.memory import (
+    accumulated_gradient_bytes,
     held_tensors,
     optimizer_step_bytes,
     parameter_bytes_held,
@@ -630,7 +631,9 @@ def segment_memory(gm: fx.GraphModule, ctx: CompileContext, order: list[fx.Node]
             if trained:
                 largest_trained[i] = max(float(largest_trained[i]), nbytes)
         temp[i + 1] = node.meta["ppc.cost"].saved_temp_bytes
-        working[i] = working_bytes(nodes, node)
+        working[i] = working_bytes(
+            nodes, node, accumulated_gradient_bytes(ctx.spec.module, node, ctx.config.microbatches)
+        )
         for name in saved_values(nodes, node):
             items += storage_items(nodes, position, name, i)
     static = exists_in_segment(n, [(sorted(set(users)), w) for users, w, _ in held.values()])

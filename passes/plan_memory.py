@@ -30,8 +30,9 @@ from torch import fx
 from ppcompile.context import CompileContext
 from ppcompile.errors import CompileError
 from ppcompile.memory import (
-    OPTIMIZER_STATE_FACTOR,
+    OPTIMIZER_MEMORY,
     StageMemory,
+    accumulated_gradient_bytes,
     format_bytes,
     held_tensors,
     optimizer_step_bytes,
@@ -341,13 +342,16 @@ def stage_memory(
     return StageMemory(
         parameters=trained_bytes + sum(held["frozen"].values()),
         gradients=trained_bytes,
-        optimizer=trained_bytes * OPTIMIZER_STATE_FACTOR[optimizer],
+        optimizer=trained_bytes * OPTIMIZER_MEMORY[optimizer].state,
         buffers=float(sum(held["buffer"].values())),
         activations_per_microbatch=activations,
         live_microbatches=live,
         transfers=transfers,
         recompute=recompute,
-        working=max((working_bytes(nodes, n) for n in own), default=0.0),
+        working=max(
+            (working_bytes(nodes, n, accumulated_gradient_bytes(ctx.spec.module, n, M)) for n in own),
+            default=0.0,
+        ),
         update=optimizer_step_bytes(optimizer, trained.values(), at_once),
     )
 

@@ -10,6 +10,7 @@ import click
 
 from ppcompile.context import CompileConfig
 from ppcompile.errors import CompileError
+from ppcompile.runtime.train import OPTIMIZERS
 
 
 def user_errors(fn):
@@ -59,7 +60,10 @@ def main():
 @click.option("--device-profile", default="cpu", show_default=True, help="Cost profile: cpu, a100 or h100.")
 @click.option("--memory-per-device", help="Memory budget per rank, e.g. 16GiB; layers are recomputed to fit.")
 @click.option(
-    "--optimizer", default="adamw", show_default=True, help="Optimizer whose state the memory model counts."
+    "--optimizer",
+    default="adamw",
+    show_default=True,
+    help=f"Optimizer whose state the memory model counts: {', '.join(OPTIMIZERS)}.",
 )
 @click.option(
     "--profile", is_flag=True, help="Measure every node's time on a real device instead of the roofline."
@@ -293,7 +297,7 @@ def _measured_costs(path: str, program: dict):
 @main.command()
 @click.argument("program_dir", type=click.Path())
 @click.option("--steps", default=3, show_default=True, help="Optimizer steps to compare.")
-@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
+@click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default="sgd", show_default=True)
 @click.option("--lr", default=1e-2, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option(

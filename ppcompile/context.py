@@ -27,7 +27,7 @@ class CompileConfig:
     check: bool = False  # run the verifier after every pass
     virtual_stages: int = 1  # V: stages per rank (interleaved schedules); stage i lives on rank i % K
     memory_per_device: int | None = None  # bytes a rank may use; None: no limit
-    optimizer: str = "adamw"  # sizes the optimizer state in the memory model: adamw or sgd
+    optimizer: str = "adamw"  # sizes the optimizer state in the memory model (memory.OPTIMIZER_MEMORY)
     profile: bool = False  # time every node on a real device instead of the roofline
     profile_device: str = "cpu"  # where --profile measures
     profile_threads: int = 1  # CPU threads while profiling: torchrun gives each rank one

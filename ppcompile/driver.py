@@ -20,7 +20,7 @@ from ppcompile.calibrate import cached_calibration, calibration_note
 from ppcompile.context import CompileConfig, CompileContext
 from ppcompile.errors import CompileError, PassError
 from ppcompile.frontend import load_context, trace
-from ppcompile.memory import OPTIMIZER_STATE_FACTOR
+from ppcompile.memory import OPTIMIZER_MEMORY
 from ppcompile.passes.cost_at_dims import cost_at_dims
 from ppcompile.passes.divide_layers import divide_layers
 from ppcompile.passes.estimate_costs import estimate_costs
@@ -134,10 +134,8 @@ def _check_config(config: CompileConfig) -> None:
             "--fuse-loss computes the loss without its logits, but --schedule forward-only compiles the "
             "model for inference, returning what forward returns; leave out one of the two"
         )
-    if config.optimizer not in OPTIMIZER_STATE_FACTOR:
-        raise CompileError(
-            f"--optimizer {config.optimizer!r}: use one of {', '.join(OPTIMIZER_STATE_FACTOR)}"
-        )
+    if config.optimizer not in OPTIMIZER_MEMORY:
+        raise CompileError(f"--optimizer {config.optimizer!r}: use one of {', '.join(OPTIMIZER_MEMORY)}")
 
 
 # The passes every shape, schedule and split of one model share: they read none of those.

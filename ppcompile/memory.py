@@ -1,7 +1,7 @@
 """The memory model: what a rank holds at its peak, and the budget it must fit.
 
-Per rank: parameters, their gradients, optimizer state (AdamW keeps two float32 moments per
-parameter, SGD none), model buffers, activations saved for backward times the micro-batches
+Per rank: parameters, their gradients, optimizer state (AdamW keeps two moments per parameter,
+RMSprop one, SGD none: ``OPTIMIZER_MEMORY``), model buffers, activations saved for backward times the micro-batches
 the schedule keeps in flight on that stage, transfer buffers (a receive buffer per micro-batch:
 the runtime posts a step's receives when it starts; one micro-batch of sends), when regions are
 recomputed the largest region's activations while it is being recomputed, and the working
@@ -24,12 +24,30 @@ from torch import fx, nn
 
 from ppcompile.errors import CompileError
 
-OPTIMIZER_STATE_FACTOR = {"sgd": 0.0, "adamw": 2.0}  # state bytes per parameter byte (float32 params)
+
+@dataclass(frozen=True)
+class OptimizerMemory:
+    """What an optimizer holds and allocates, per byte of a trained parameter (PyTorch's defaults)."""
+
+    state: float  # bytes of state kept between steps: AdamW's two moments are 2.0
+    step_copies: int  # temporaries its step makes of a parameter's size, stepping one at a time
+
+
+# Every optimizer runtime.train.OPTIMIZERS offers, by the name --optimizer takes.
+OPTIMIZER_MEMORY = {
+    "sgd": OptimizerMemory(0.0, 0),  # adds in place
+    "sgd-momentum": OptimizerMemory(1.0, 0),  # the momentum buffer, updated in place
+    # exp_avg and exp_avg_sq; (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps) holds two copies.
+    "adam": OptimizerMemory(2.0, 2),
+    "adamw": OptimizerMemory(2.0, 2),
+    "rmsprop": OptimizerMemory(1.0, 1),  # square_avg; square_avg.sqrt().add_(eps) holds one copy
+    "adagrad": OptimizerMemory(1.0, 1),  # the sum of squares; state_sum.sqrt().add_(eps) holds one
+}
 
 
 def parameter_bytes_held(optimizer: str) -> float:
     """Bytes a rank holds per byte of parameter it owns: the parameter, its gradient, the optimizer's state."""
-    return 2.0 + OPTIMIZER_STATE_FACTOR[optimizer]
+    return 2.0 + OPTIMIZER_MEMORY[optimizer].state
 
 
 def optimizer_step_bytes(optimizer: str, parameter_bytes: Iterable[float], at_once: bool) -> float:
@@ -39,11 +57,17 @@ def optimizer_step_bytes(optimizer: str, parameter_bytes: Iterable[float], at_on
     GPU the foreach kernels take the root of every parameter's moment at once, then work in place:
     one copy of all parameters. On a CPU it steps one parameter at a time, and
     ``(exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)`` holds the root and the quotient
-    together: two copies of the largest parameter. SGD without momentum adds in place."""
-    if optimizer != "adamw":
+    together: two copies of the largest parameter. RMSprop and Adagrad take one root (one copy);
+    SGD, with or without momentum, works in place.
+
+    >>> optimizer_step_bytes("adamw", [4.0, 8.0], at_once=False), optimizer_step_bytes("rmsprop", [4.0, 8.0], at_once=True)
+    (16.0, 12.0)
+    """
+    copies = OPTIMIZER_MEMORY[optimizer].step_copies
+    if not copies:
         return 0.0
     sizes = [float(b) for b in parameter_bytes]
-    return sum(sizes) if at_once else 2.0 * max(sizes, default=0.0)
+    return sum(sizes) if at_once else copies * max(sizes, default=0.0)
 
 
 def send_buffer_bytes(nbytes: float, requires_grad: bool, microbatches: int) -> float:
@@ -231,16 +255,42 @@ def allocated_bytes(nodes: dict[str, fx.Node], node: fx.Node) -> float:
     return float(node.meta.get("ppc.nbytes", 0))
 
 
-def working_bytes(nodes: dict[str, fx.Node], node: fx.Node) -> float:
+def working_bytes(nodes: dict[str, fx.Node], node: fx.Node, new_gradients: float = 0.0) -> float:
     """The tensors alive while ``node`` runs beside what the stage saves for backward: its result
     and its input (forward), or its result's gradient arriving and its input's gradient leaving
     (backward), each about the size of its result; where the operation keeps a larger temporary
     for backward (nn.MultiheadAttention's attention weights, nn.LSTM's workspace), its backward
     makes scratch of about that size instead of the second. The largest over a stage's nodes is
     its working memory. Measured on a CPU, nn.LSTM's backward peaks at its workspace plus its
-    gradients, not at two workspaces."""
+    gradients, not at two workspaces.
+
+    ``new_gradients``: the bytes of the gradients its backward makes for the parameters it trains,
+    where they are new tensors beside the ``.grad`` autograd adds them into
+    (:func:`accumulated_gradient_bytes`). They are made with its inputs' gradients, which are
+    the size of its inputs: a 2048 -> 32 layer's backward holds little beside its weight's
+    gradient, an LM head's its logits' gradient arriving."""
     result = allocated_bytes(nodes, node)
-    return result + max(result, float(node.meta["ppc.cost"].saved_temp_bytes))
+    beside = max(result, float(node.meta["ppc.cost"].saved_temp_bytes))
+    if new_gradients:
+        inputs = sum(
+            d.meta["ppc.nbytes"]
+            for d in node.all_input_nodes
+            if d.op != "get_attr" and d.meta.get("ppc.kind") == "tensor"
+        )
+        beside = max(beside, inputs + new_gradients)
+    return result + beside
+
+
+def accumulated_gradient_bytes(model: nn.Module, node: fx.Node, microbatches: int) -> float:
+    """The gradients ``node``'s backward makes for the parameters it trains, held beside their
+    ``.grad`` until autograd adds them in: the first micro-batch's gradient becomes the ``.grad``
+    itself, each later one is a new tensor the parameter's size (a 512x512 layer's backward held
+    1 MiB more from the second micro-batch on, measured on a CPU)."""
+    if microbatches < 2:
+        return 0.0
+    return float(
+        sum(t.numel() * t.element_size() for t, role in held_tensors(model, node) if role == "trained")
+    )
 
 
 def updates_buffers(node: fx.Node) -> bool:

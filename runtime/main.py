@@ -35,7 +35,7 @@ from ppcompile.runtime.heap import keep_freed_memory
 from ppcompile.runtime.loader import ProgramError, load_program
 from ppcompile.runtime.outputs import joined
 from ppcompile.runtime.trace import ActionTiming, measured_trace, shift_timings, write_trace
-from ppcompile.runtime.train import batches, build_spec, make_optimizer, tied_parameters
+from ppcompile.runtime.train import OPTIMIZERS, batches, build_spec, make_optimizer, tied_parameters
 from ppcompile.runtime.transport import DistTransport, PeerError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -47,7 +47,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--steps", type=int, default=10, help="optimizer steps (batches evaluated with --infer)"
     )
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate")
-    parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw")
+    parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw")
     parser.add_argument(
         "--seed", type=int, default=0, help="weights and data seed (same as the eager model's)"
     )

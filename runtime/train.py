@@ -124,13 +124,27 @@ class _NoParameters:
         pass
 
 
-OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+# By the name --optimizer takes, each with PyTorch's defaults but the learning rate; the compiler's
+# memory model (ppcompile/memory.py: OPTIMIZER_MEMORY) sizes each one's state and step.
+OPTIMIZERS = {
+    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
+    "sgd-momentum": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
+    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
+    "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr),
+    "rmsprop": lambda params, lr: torch.optim.RMSprop(params, lr=lr),
+    "adagrad": lambda params, lr: torch.optim.Adagrad(params, lr=lr),
+}
 
 
 def make_optimizer(name: str, params: list[nn.Parameter], lr: float):
+    """``name``'s optimizer over ``params`` (one that does nothing where there are none).
+
+    >>> type(make_optimizer("sgd-momentum", [nn.Parameter(torch.zeros(2))], 0.1)).__name__
+    'SGD'
+    """
     if name not in OPTIMIZERS:
-        raise ProgramError(f"unknown optimizer {name!r}; use {' or '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[name](params, lr=lr) if params else _NoParameters()
+        raise ProgramError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name](params, lr) if params else _NoParameters()
 
 
 def tied_parameters(program: Program, executor: RankExecutor) -> list[list[nn.Parameter]]:

@@ -4,9 +4,9 @@ that run at the micro-batch size they were compiled for (--dims)."""
 import pytest
 import torch
 
+from ppcompile import driver
 from ppcompile.check_training import verify_in_process
 from ppcompile.context import CompileConfig
-from ppcompile import driver
 from ppcompile.driver import compile_model
 from ppcompile.program import write_program
 from ppcompile.runtime.loader import load_program

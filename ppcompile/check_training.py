@@ -222,6 +222,8 @@ RANDOM_CALLS = frozenset(
     }
 )
 CALL = re.compile(r"([A-Za-z_][\w.]*)\(")
+# A stage's attention call that drops weights: its dropout_p is inlined, as a functional dropout's p is.
+ATTENTION_DROPOUT = re.compile(r"([\w.]*scaled_dot_product_attention)\(.*dropout_p=(?!0\.0\b)[0-9.]+")
 
 
 def _with_p_zero(dropout: Callable, dropped: list[str]) -> Callable:
@@ -240,19 +242,43 @@ def _with_p_zero(dropout: Callable, dropped: list[str]) -> Callable:
     return switched_off
 
 
+def _attention_without_dropout(attention: Callable, dropped: list[str]) -> Callable:
+    """``scaled_dot_product_attention`` with its ``dropout_p`` 0, noting in ``dropped`` every call
+    that would have dropped attention weights."""
+
+    def switched_off(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        if dropout_p > 0:
+            dropped.append("scaled_dot_product_attention")
+        return attention(query, key, value, attn_mask, 0.0, is_causal, **kwargs)
+
+    return switched_off
+
+
+# Where scaled_dot_product_attention is called from: nn.MultiheadAttention (inside
+# F.multi_head_attention_forward, as nn.TransformerEncoderLayer calls it) and models by F's name,
+# stage code by the builtin's.
+ATTENTION_HOMES = (F, torch._C._nn)
+
+
 @contextmanager
 def dropout_switched_off() -> Iterator[list[str]]:
-    """Within, every ``torch.nn.functional`` dropout runs with p = 0, for modules and stage code
-    alike; yields the list of calls that would have dropped. Restored on the way out."""
+    """Within, every ``torch.nn.functional`` dropout runs with p = 0, and scaled dot-product
+    attention with ``dropout_p`` 0, for modules and stage code alike; yields the list of calls that
+    would have dropped. Restored on the way out."""
     originals = {name: getattr(F, name) for name in DROPOUT_FUNCTIONS}
+    attentions = [home.scaled_dot_product_attention for home in ATTENTION_HOMES]
     dropped: list[str] = []
     try:
         for name, dropout in originals.items():
             setattr(F, name, _with_p_zero(dropout, dropped))
+        for home, attention in zip(ATTENTION_HOMES, attentions):
+            home.scaled_dot_product_attention = _attention_without_dropout(attention, dropped)
         yield dropped
     finally:
         for name, dropout in originals.items():
             setattr(F, name, dropout)
+        for home, attention in zip(ATTENTION_HOMES, attentions):
+            home.scaled_dot_product_attention = attention
 
 
 def _first_few(places: list[str], shown: int = 3) -> str:
@@ -268,6 +294,8 @@ def random_ops(program: Program, model: nn.Module) -> tuple[tuple[str, ...], tup
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0 and module.training:
             switched.setdefault(type(module).__name__, []).append(name)
+        elif isinstance(module, nn.MultiheadAttention) and module.dropout > 0 and module.training:
+            switched.setdefault(type(module).__name__, []).append(name)
         elif isinstance(module, nn.RReLU) and module.training:
             left.setdefault(type(module).__name__, []).append(name)
     stages_calling: dict[str, list[str]] = {}
@@ -277,9 +305,12 @@ def random_ops(program: Program, model: nn.Module) -> tuple[tuple[str, ...], tup
             # ``self.blocks[0].drop(x)`` calls a module, found above by its class.
             if not call.startswith("self.") and call.rpartition(".")[2] in RANDOM_CALLS:
                 stages_calling.setdefault(call, []).append(str(stage["id"]))
+        for call in dict.fromkeys(ATTENTION_DROPOUT.findall(code)):
+            stages_calling.setdefault(call, []).append(str(stage["id"]))
     for call, stages in stages_calling.items():
         where = f"stage{'s' if len(stages) > 1 else ''} {', '.join(stages)}"
-        (switched if call in SWITCHED_OFF_CALLS else left)[call] = [where]
+        switched_off = call in SWITCHED_OFF_CALLS or call.endswith("scaled_dot_product_attention")
+        (switched if switched_off else left)[call] = [where]
     return (
         tuple(f"{what} in {_first_few(where)}" for what, where in switched.items()),
         tuple(f"{what} in {_first_few(where)}" for what, where in left.items()),

@@ -143,6 +143,25 @@ def test_dropout_model_verifies_with_dropout_switched_off_on_both_sides(tmp_path
     assert lines[-1] == "OK: the compiled program trains as the eager model"
 
 
+def test_attention_dropout_is_switched_off_on_both_sides(tmp_path):
+    """nn.TransformerEncoderLayer at its default dropout drops attention weights inside
+    scaled_dot_product_attention, which draws its own mask: verify failed such correct programs."""
+    program_dir = compile_to(
+        tmp_path, "tests/fixtures/verify_dropout.py:attention", 2, microbatches=MICROBATCHES
+    )
+    result = ppcompile("verify", program_dir, "--steps", STEPS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(
+        "the model draws random numbers (MultiheadAttention in encoder.0.self_attn, encoder.1.self_attn; "
+        "Dropout in encoder.0.dropout, "
+    )
+    assert (
+        "torch._C._nn.scaled_dot_product_attention in stage 1): compared with them switched off" in lines[0]
+    )
+    assert lines[1] == "first-step losses bitwise equal: True"
+
+
 def test_a_random_op_verify_cannot_switch_off_is_named_beside_the_failure(tmp_path):
     program = load_program(compile_to(tmp_path, NOISY, 2, microbatches=MICROBATCHES))
     result = verify_in_process(program, steps=STEPS)

@@ -45,6 +45,7 @@ def load_context(ref_text: str, config: CompileConfig) -> CompileContext:
             f"{ref}: layer {', '.join(lazy)} is not initialised (a lazy layer such as nn.LazyLinear takes "
             "its size from its first input); call the model once on the example inputs in the factory"
         )
+    _refuse_hooks_on_the_model(ref, spec.module)
     if not config.trains:
         # Inference runs without autograd: nothing gets a gradient, nothing is saved for backward,
         # and the costs and the memory plan follow from that as they do for a frozen layer.
@@ -124,6 +125,25 @@ def _build_on_meta(ref: ModelRef):
         spec.module.to("meta")
     inputs = tuple(t.to("meta") if isinstance(t, torch.Tensor) else t for t in spec.example_inputs)
     return dataclasses.replace(spec, example_inputs=inputs)
+
+
+def _refuse_hooks_on_the_model(ref: ModelRef, model: nn.Module) -> None:
+    """fx traces the model's forward, not its call, which would run the hooks registered on the
+    model itself (those on its submodules run: traced into, or called by the stage code)."""
+    registries = [
+        ("forward pre-hook", model._forward_pre_hooks),
+        ("forward hook", model._forward_hooks),
+        ("backward hook", model._backward_hooks),
+        ("backward pre-hook", model._backward_pre_hooks),
+    ]
+    for kind, hooks in registries:
+        for hook in hooks.values():
+            name = getattr(hook, "__qualname__", type(hook).__name__)
+            raise CompileError(
+                f"{ref}: a {kind} ({name}) is registered on the model itself, and the program runs "
+                f"{type(model).__name__}.forward without it, as fx traces it; register the hook on a "
+                "submodule, or do its work in forward"
+            )
 
 
 DECIDED_NOTE = "control flow on shapes, decided for the example's"

@@ -31,6 +31,14 @@ from tests.helpers import assert_user_error, ppcompile
             ["keyword_inputs.py:unknown_name: example input 'label' is not among forward's inputs", "labels"],
         ),
         (
+            "tests/fixtures/untraceable.py:hooked_model",
+            "2",
+            [
+                "a forward hook (_scale_loss) is registered on the model itself",
+                "register the hook on a submodule",
+            ],
+        ),
+        (
             "tests/fixtures/untraceable.py:large_constant",
             "2",
             [

@@ -960,9 +960,9 @@ SIZED_FACTORIES = ("zeros", "ones", "empty", "rand", "randn")
 
 def _sizes_packed(factory):
     def call(*args, **kwargs):
-        whole_shape = len(args) == 1 and isinstance(args[0], fx.Proxy) and _is_whole_shape(args[0].node)
+        whole_shape = len(args) == 1 and isinstance(args[0], fx.Proxy) and _is_sizes(args[0])
         if (
-            not whole_shape  # torch.zeros(x.shape) is already the tuple
+            not whole_shape  # torch.zeros(x.shape), torch.ones(x.shape[:-1] + (1,)): already the tuple
             and any(isinstance(a, fx.Proxy) for a in args)
             and all(isinstance(a, (int, fx.Proxy)) for a in args)
         ):
@@ -1023,6 +1023,25 @@ def _proxies_in(value):
     elif isinstance(value, (list, tuple)):
         for item in value:
             yield from _proxies_in(item)
+
+
+def _is_sizes(proxy: fx.Proxy) -> bool:
+    """Whether ``proxy`` is a whole size (``x.shape``, ``x.shape[:-1] + (1,)``), not one int."""
+    return _is_sizes_node(proxy.node) or isinstance(_value_if_known(proxy), (tuple, list))
+
+
+def _is_sizes_node(node: fx.Node) -> bool:
+    """A shape, a slice of one, or one joined with a tuple, from how the node was made: for values
+    meta tensors cannot compute (a CPU tensor made without ``device=`` beside meta ones)."""
+    if _is_whole_shape(node):
+        return True
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem and isinstance(node.args[1], slice):
+        return isinstance(node.args[0], fx.Node) and _is_sizes_node(node.args[0])
+    if node.target is operator.add:
+        return any(isinstance(a, tuple) or (isinstance(a, fx.Node) and _is_sizes_node(a)) for a in node.args)
+    return False
 
 
 def _is_whole_shape(node: fx.Node) -> bool:

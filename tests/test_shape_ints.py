@@ -39,6 +39,19 @@ def test_the_ints_follow_each_micro_batch_not_the_example(tmp_path):
         assert torch.equal(chained_forward(program_dir, model, (idx, targets)), model(idx, targets))
 
 
+def test_factories_given_a_size_computed_from_a_shape_follow_each_micro_batch(tmp_path):
+    """torch.ones(x.shape[:-1] + (1,)) and torch.zeros(x.shape[:-1]) were refused: the size, already
+    a tuple, was packed into another tuple."""
+    ref = "tests/fixtures/shape_ints.py:sized_factories"
+    program_dir = compile_to(tmp_path, ref, 3)
+    model, _ = build_model(ref)
+    idx, targets = torch.randint(0, 64, (3, 11)), torch.randint(0, 64, (3, 11))
+    with torch.no_grad():
+        assert torch.equal(chained_forward(program_dir, model, (idx, targets)), model(idx, targets))
+    result = verify_in_process(load_program(program_dir), steps=2, lr=0.05)
+    assert result.ok, "\n".join(result.lines())
+
+
 def test_a_device_taken_from_a_hidden_state_still_forbids_the_cuts_it_spans():
     result = compile_model(LATE, CompileConfig(stages=1))
     order = compute_order(result.gm)

@@ -140,8 +140,7 @@ def autocast_on_cpu(ctx: CompileContext) -> dict[str, str]:
     """``runs_as`` for running the program's nodes on CPU tensors as compiling does: the model's
     autocast regions for the device type the program is compiled for (measured on, with
     --profile) applied to them."""
-    target = torch.device(ctx.config.profile_device).type if ctx.config.profile else ctx.profile.device_type
-    return {target: "cpu"}
+    return {ctx.device_type: "cpu"}
 
 
 def _inputs(ctx: CompileContext, symbol_values: dict[str, int], device: str) -> list[torch.Tensor]:

@@ -172,3 +172,9 @@ class CompileContext:
 
     def rank_of(self, stage: int) -> int:
         return stage % self.config.stages
+
+    @property
+    def device_type(self) -> str:
+        """The device type the program is compiled for: ``--profile``'s device's, else the cost profile's."""
+        config = self.config
+        return torch.device(config.profile_device).type if config.profile else self.profile.device_type

@@ -273,7 +273,11 @@ def _trace_at(ctx: CompileContext, example_inputs, dims: str = "") -> tuple[Pipe
     """The tracer (with the conditions it decided) and graph for these example inputs; ``dims``
     names the --dims they stand for, where they are not the factory's."""
     tracer = PipelineTracer(
-        dict(zip(ctx.input_names, example_inputs)), ctx.ref.path, ctx.spec.input_groups, ctx.config.trains
+        dict(zip(ctx.input_names, example_inputs)),
+        ctx.ref.path,
+        ctx.spec.input_groups,
+        ctx.config.trains,
+        ctx.device_type,
     )
     try:
         graph = tracer.trace(ctx.spec.module)
@@ -302,6 +306,7 @@ def source_line(ctx: CompileContext, node_name: str) -> str:
         ctx.ref.path,
         ctx.spec.input_groups,
         ctx.config.trains,
+        ctx.device_type,
     )
     tracer.record_stack_traces = True
     try:

@@ -84,8 +84,12 @@ class PipelineTracer(fx.Tracer):
         model_path: str | None = None,
         input_groups=(),
         trains: bool = True,
+        device_type: str = "cpu",
     ):
         super().__init__()
+        # The device type the program is compiled for: what torch.autocast(x.device.type) means
+        # (traced on meta tensors, x.device is the meta device).
+        self.device_type = device_type
         # False when compiling for inference, which runs without autograd: what only matters to
         # gradients (a reentrant checkpoint's) is not refused then.
         self.trains = trains
@@ -166,6 +170,13 @@ class PipelineTracer(fx.Tracer):
             patches.enter_context(_replaced(torch._C, "_set_grad_enabled", self._record_grad_mode))
             # torch.autocast(...): entered for real (x.dtype and decided values see it), and
             # recorded on every node made inside it.
+            patches.enter_context(
+                _replaced(
+                    AUTOCAST,
+                    "__init__",
+                    lambda mode, *args, **kwargs: self._init_autocast(mode, *args, **kwargs),
+                )
+            )
             patches.enter_context(_replaced(AUTOCAST, "__enter__", lambda mode: self._enter_autocast(mode)))
             patches.enter_context(
                 _replaced(AUTOCAST, "__exit__", lambda mode, *exc: self._exit_autocast(mode, *exc))
@@ -323,8 +334,20 @@ class PipelineTracer(fx.Tracer):
             node.meta["ppc.regions"] = tuple(self._regions)
         return node
 
+    def _init_autocast(self, mode, device_type, dtype=None, enabled=True, cache_enabled=None):
+        """``torch.autocast(...)``'s constructor while tracing. ``x.device.type`` (a node here, of
+        the meta device) is the device type the program is compiled for; a CUDA autocast compiled
+        on a machine without CUDA is recorded as asked, though it does nothing while tracing."""
+        if isinstance(device_type, fx.Proxy):
+            device_type = self.device_type
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="CUDA is not available")
+            _AUTOCAST_INIT(mode, device_type, dtype, enabled, cache_enabled)
+        mode.ppc_enabled = enabled
+
     def _enter_autocast(self, mode):
-        self._regions.append(AutocastRegion(mode.device, mode.fast_dtype, mode._enabled, mode._cache_enabled))
+        enabled = getattr(mode, "ppc_enabled", mode._enabled)
+        self._regions.append(AutocastRegion(mode.device, mode.fast_dtype, enabled, mode._cache_enabled))
         return _AUTOCAST_ENTER(mode)
 
     def _exit_autocast(self, mode, *exc):
@@ -777,7 +800,7 @@ def autograd_function(target) -> type | None:
 _BUILTIN_LEN, _BUILTIN_RANGE = builtins.len, builtins.range
 _SET_GRAD_ENABLED = torch._C._set_grad_enabled
 AUTOCAST = torch.amp.autocast_mode.autocast  # torch.autocast; torch.cuda.amp.autocast enters through it
-_AUTOCAST_ENTER, _AUTOCAST_EXIT = AUTOCAST.__enter__, AUTOCAST.__exit__
+_AUTOCAST_INIT, _AUTOCAST_ENTER, _AUTOCAST_EXIT = AUTOCAST.__init__, AUTOCAST.__enter__, AUTOCAST.__exit__
 
 
 class AutocastRegion(NamedTuple):
@@ -828,14 +851,16 @@ def under_regions(node: fx.Node, runs_as: dict[str, str] | None = None) -> ExitS
             continue
         device_type = region.device_type if runs_as is None else runs_as.get(region.device_type)
         if device_type is not None:
-            stack.enter_context(
-                torch.autocast(
+            with warnings.catch_warnings():
+                # A GPU program's region, compiled where CUDA is not: it does nothing here, as said.
+                warnings.filterwarnings("ignore", message="CUDA is not available")
+                autocast = torch.autocast(
                     device_type,
                     dtype=region.dtype,
                     enabled=region.enabled,
                     cache_enabled=region.cache_enabled,
                 )
-            )
+            stack.enter_context(autocast)
     return stack
 
 

@@ -625,6 +625,18 @@ def test_autocast_regions_run_on_every_stage_they_span(tmp_path, stages):
     trains_as_eager(program_dir)
 
 
+def test_autocast_for_the_tensors_device_type_is_for_the_device_compiled_for(tmp_path):
+    """torch.autocast(x.device.type, ...) was refused (traced, x.device is a node); it is the
+    autocast of the device type the program is compiled for."""
+    ref = "tests/fixtures/autocast_regions.py:own_device"
+    program_dir = compile_to(tmp_path, ref, 2, microbatches=4)
+    region = 'with torch.autocast("cpu", dtype=torch.bfloat16):'
+    assert all(region in code for code in stage_codes(program_dir))
+    trains_as_eager(program_dir)
+    for_gpus = compile_to(tmp_path / "h100", ref, 2, microbatches=4, device_profile="h100")
+    assert all(region.replace("cpu", "cuda") in code for code in stage_codes(for_gpus))
+
+
 def test_autocast_regions_recompute_as_they_ran(tmp_path):
     # Under a budget that recomputes blocks, checkpoint's recompute enters the regions again.
     ref = "tests/fixtures/autocast_regions.py:model"

@@ -10,17 +10,19 @@ import click
 
 from ppcompile.context import CompileConfig
 from ppcompile.errors import CompileError
+from ppcompile.runtime.loader import ProgramError
 from ppcompile.runtime.train import OPTIMIZERS
 
 
 def user_errors(fn):
-    """Turn a CompileError into one line on stderr and exit code 2."""
+    """Turn a CompileError, or a ProgramError (a program or its model's data the runtime refuses),
+    into one line on stderr and exit code 2."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except CompileError as e:
+        except (CompileError, ProgramError) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
 
@@ -349,12 +351,9 @@ def run(program_dir, run_args):
 
 
 def _load(program_dir):
-    from ppcompile.runtime.loader import ProgramError, load_program
+    from ppcompile.runtime.loader import load_program
 
-    try:
-        return load_program(program_dir)
-    except ProgramError as e:
-        raise CompileError(str(e)) from None
+    return load_program(program_dir)
 
 
 if __name__ == "__main__":

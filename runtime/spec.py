@@ -148,6 +148,28 @@ def batch_by_name(spec: ModelSpec, batch) -> dict:
     return given
 
 
+def inputs_left_out(spec: ModelSpec, batch) -> list[str]:
+    """What a data function's batch gives that forward would read but the example inputs leave out,
+    so the program was compiled without it (an ``attention_mask`` it would silently not apply):
+    the keys of a dict batch that name forward's inputs, or a tuple batch's items past the example's.
+
+    >>> class Net(torch.nn.Module):
+    ...     def forward(self, x, mask=None):
+    ...         return x
+    >>> spec = as_spec((Net(), (torch.zeros(2),)))
+    >>> inputs_left_out(spec, {"x": torch.zeros(2), "mask": torch.ones(2)}), inputs_left_out(spec, (1, 2))
+    (['mask'], ['mask'])
+    """
+    given = set(_given_names(spec))
+    parameters = inspect.signature(spec.module.forward).parameters
+    named = [n for n, p in parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    if isinstance(batch, Mapping):
+        return [k for k in batch if k not in given and (k in named or takes_any)]
+    extra = len(batch) - len(given)
+    return [named[i] if i < len(named) else f"item {i}" for i in range(len(given), len(given) + extra)]
+
+
 def _has(group, key) -> bool:
     if isinstance(group, Mapping):
         return key in group

@@ -20,7 +20,7 @@ from ppcompile.runtime.actions import Action
 from ppcompile.runtime.executor import MemoryStats, RankExecutor, evaluate_dim, inference_actions
 from ppcompile.runtime.loader import Program, ProgramError
 from ppcompile.runtime.randomness import drawn_apart
-from ppcompile.runtime.spec import ModelRef, ModelSpec, batch_by_name
+from ppcompile.runtime.spec import ModelRef, ModelSpec, batch_by_name, inputs_left_out
 from ppcompile.runtime.trace import ActionTiming, shift_timings
 from ppcompile.runtime.transport import InProcessTransport
 
@@ -95,6 +95,13 @@ def batches(program: Program, spec: ModelSpec, seed: int) -> Iterator[list[dict[
         source = itertools.repeat(example)
     for batch in source:
         if spec.data is not None:  # a tuple like the example inputs, or a dict as model(**batch) takes
+            left_out = inputs_left_out(spec, batch)
+            if left_out:
+                raise ProgramError(
+                    f"the data function's batch gives {', '.join(map(repr, left_out))}, which forward takes "
+                    "but the example inputs leave out, so the program was compiled without it; give it in "
+                    "the example inputs too, or leave it out of the batch"
+                )
             batch = batch_by_name(spec, batch)
             missing = [name for name in names if name not in batch]
             if missing:

@@ -162,6 +162,19 @@ def test_attention_dropout_is_switched_off_on_both_sides(tmp_path):
     assert lines[1] == "first-step losses bitwise equal: True"
 
 
+def test_a_batch_giving_an_input_the_example_leaves_out_is_one_line(tmp_path):
+    """The program was compiled without attention_mask: it trained as if no token were padding, and
+    verify, whose eager model took the same inputs, passed."""
+    program_dir = compile_to(tmp_path, "tests/fixtures/keyword_inputs.py:data_gives_mask", 2, microbatches=2)
+    result = ppcompile("verify", program_dir, "--steps", 1)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip() == (
+        "error: the data function's batch gives 'attention_mask', which forward takes but the example "
+        "inputs leave out, so the program was compiled without it; give it in the example inputs too, or "
+        "leave it out of the batch"
+    )
+
+
 def test_a_random_op_verify_cannot_switch_off_is_named_beside_the_failure(tmp_path):
     program = load_program(compile_to(tmp_path, NOISY, 2, microbatches=MICROBATCHES))
     result = verify_in_process(program, steps=STEPS)

@@ -89,6 +89,10 @@ class ModelSpec:
     # (indices for a list or tuple, fields for a named tuple) in order, and its kind: "dict",
     # "list", "tuple", or the named tuple's class (set by as_spec).
     input_groups: tuple[tuple[str, tuple, str | type], ...] = ()
+    # Every input forward takes by name, "**" last where it takes any keyword (set by as_spec): what
+    # a data function's batch may give that the example leaves out (inputs_left_out), known on a
+    # rank that keeps its own stages and drops the module.
+    forward_inputs: tuple[str, ...] = ()
 
 
 def as_spec(made: ModelSpec | tuple) -> ModelSpec:
@@ -129,7 +133,17 @@ def as_spec(made: ModelSpec | tuple) -> ModelSpec:
         raise SpecError(
             f"the dict inputs' entries are named as another input of forward ({taken[0]!r}); rename one"
         )
-    return dataclasses.replace(spec, example_inputs=flat_inputs, input_names=flat_names, input_groups=groups)
+    parameters = inspect.signature(spec.module.forward).parameters.values()
+    forward_inputs = tuple(
+        "**" if p.kind is p.VAR_KEYWORD else p.name for p in parameters if p.kind is not p.VAR_POSITIONAL
+    )
+    return dataclasses.replace(
+        spec,
+        example_inputs=flat_inputs,
+        input_names=flat_names,
+        input_groups=groups,
+        forward_inputs=forward_inputs,
+    )
 
 
 def batch_by_name(spec: ModelSpec, batch) -> dict:
@@ -161,9 +175,8 @@ def inputs_left_out(spec: ModelSpec, batch) -> list[str]:
     (['mask'], ['mask'])
     """
     given = set(_given_names(spec))
-    parameters = inspect.signature(spec.module.forward).parameters
-    named = [n for n, p in parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    named = [n for n in spec.forward_inputs if n != "**"]
+    takes_any = "**" in spec.forward_inputs
     if isinstance(batch, Mapping):
         return [k for k in batch if k not in given and (k in named or takes_any)]
     extra = len(batch) - len(given)

@@ -77,6 +77,9 @@ class TrainingComparison:
     random_ops_switched_off: tuple[str, ...] = ()  # dropout both runs took with p = 0, by place
     random_ops_left_on: tuple[str, ...] = ()  # random draws both runs made, each in its own order
     precision: torch.dtype | None = None  # a low-precision dtype of the model's that set rtol, if one did
+    # Entries an adaptive optimizer moved by the sign of a rounding-noise gradient, which differ
+    # between the runs and were held to the optimizer's step instead (compare's noise_step).
+    noisy_entries: int = 0
 
     @property
     def buffers_agree(self) -> bool:
@@ -110,7 +113,13 @@ class TrainingComparison:
             f"largest loss difference over {self.steps} steps: {self.max_loss_difference:.2e} (rtol {self.rtol:g})",
             f"largest gradient difference, step 1: {self.max_gradient_difference:.2e} ({self.worst_gradient})",
             f"largest parameter difference after step {self.steps}: {self.max_parameter_difference:.2e} "
-            f"({self.worst_parameter})",
+            f"({self.worst_parameter})"
+            + (
+                f"; {self.noisy_entries} entries whose gradient is rounding noise, which the optimizer moves "
+                "by its sign, held to its step size instead"
+                if self.noisy_entries
+                else ""
+            ),
         ]
         if self.worst_buffer is not None:
             if self.worst_buffer_is_integer and not self.buffers_agree:
@@ -140,6 +149,15 @@ class TrainingComparison:
 # such a bias starts at zero (nn.MultiheadAttention's output bias before a BatchNorm), it holds
 # nothing but its noisy updates.
 GRADIENT_SCALE_FLOOR = 1e-1
+# An adaptive optimizer divides a gradient by its own running size, so an entry whose gradient is
+# rounding noise (nn.MultiheadAttention's key bias, which softmax cancels exactly: 4e-10 where the
+# model's largest is 1e-1) moves a full step of the noise's sign, differently in any two correct
+# runs. Entries whose first-step gradient in eager is below this share of the model's largest
+# are held to the most such steps can move them instead: per step, the learning rate times
+# NOISE_STEP (Adam's first step moves lr x g / |g|, later ones at most about 3.2 lr at PyTorch's
+# betas; RMSprop's first, lr x g / sqrt(0.01 g^2), 10 lr; Adagrad's lr).
+NOISE_GRADIENT_SHARE = 1e-6
+NOISE_STEP = {"adam": 3.2, "adamw": 3.2, "rmsprop": 10.0, "adagrad": 1.0}
 
 
 def relative_difference(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:
@@ -387,11 +405,15 @@ def compare(
     buffers: dict[str, dict[int, torch.Tensor]] | None = None,
     reference_buffers: dict[str, torch.Tensor] | None = None,
     initial_parameters: dict[str, torch.Tensor] | None = None,
+    noise_step: float | None = None,
 ) -> TrainingComparison:
     """``buffers``: every buffer the ranks hold, by name then rank (a buffer two ranks read has a copy
     on each, and each must match), against ``reference_buffers``, the eager model's by name.
     ``initial_parameters``, the parameters before training, set the scale of the updates, which a
-    parameter made of nothing else is compared against (see ``GRADIENT_SCALE_FLOOR``)."""
+    parameter made of nothing else is compared against (see ``GRADIENT_SCALE_FLOOR``).
+    ``noise_step``: under an adaptive optimizer, the most one step moves an entry whose gradient is
+    rounding noise (see ``NOISE_GRADIENT_SHARE``); such entries may differ by that much each way
+    per step, and the rest of their parameter is compared as usual."""
     ref_losses, ref_grads, ref_params = reference
     # nn.Embedding(sparse=True) gives sparse gradients, which have no max(): compared dense.
     ref_grads = {n: g.to_dense() if g is not None and g.is_sparse else g for n, g in ref_grads.items()}
@@ -421,10 +443,27 @@ def compare(
         ),
         default=0.0,
     )
-    param_diffs = {
-        n: relative_difference(p, ref_params[n], GRADIENT_SCALE_FLOOR * largest_update)
-        for n, p in params.items()
-    }
+    param_diffs = {}
+    noisy_entries = 0
+    for n, p in params.items():
+        noise = _noise_entries(ref_grads.get(n), p, NOISE_GRADIENT_SHARE * largest) if noise_step else None
+        if noise is None:
+            param_diffs[n] = relative_difference(p, ref_params[n], GRADIENT_SCALE_FLOOR * largest_update)
+            continue
+        moved = (p.to(ref_params[n].dtype) - ref_params[n]).abs()[noise]
+        noisy_entries += int((moved > 0).sum())
+        # Past what noise steps can do, the parameter fails; within it, the other entries decide.
+        within = bool((moved <= 2 * len(losses) * noise_step).all())
+        rest = (
+            relative_difference(
+                p[~noise],
+                ref_params[n][~noise],
+                max(ref_params[n].abs().max().item(), GRADIENT_SCALE_FLOOR * largest_update),
+            )
+            if (~noise).any()
+            else 0.0
+        )
+        param_diffs[n] = rest if within else float("inf")
     # A model with nothing to train (every parameter frozen) has no gradient or parameter to compare.
     worst_grad = max(grad_diffs, key=grad_diffs.get, default="(none)")
     worst_param = max(param_diffs, key=param_diffs.get, default="(none)")
@@ -439,10 +478,20 @@ def compare(
         worst_gradient=worst_grad,
         max_parameter_difference=param_diffs.get(worst_param, 0.0),
         worst_parameter=worst_param,
+        noisy_entries=noisy_entries,
         rtol=rtol,
         bitwise_losses_expected=bitwise_losses_expected,
         **buffer_fields,
     )
+
+
+def _noise_entries(eager_gradient: torch.Tensor | None, parameter: torch.Tensor, below: float):
+    """The entries of ``parameter`` whose eager first-step gradient is under ``below`` in size (a
+    mask), or None where it has none such."""
+    if eager_gradient is None or eager_gradient.shape != parameter.shape or below <= 0:
+        return None
+    mask = eager_gradient.abs() < below
+    return mask if bool(mask.any()) else None
 
 
 def _worst_buffer(
@@ -525,6 +574,7 @@ def verify_in_process(
         buffers,
         eager.buffers,
         eager.initial_parameters,
+        lr * NOISE_STEP[optimizer] if optimizer in NOISE_STEP else None,
     )
     switched_off, left_on = random_ops(program, pipeline.spec.module)
     return replace(

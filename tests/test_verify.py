@@ -175,6 +175,23 @@ def test_a_batch_giving_an_input_the_example_leaves_out_is_one_line(tmp_path):
     )
 
 
+def test_adaptive_optimizers_move_rounding_noise_gradients_by_their_sign(tmp_path, monkeypatch):
+    """The attention's key bias has a gradient that is zero but for rounding; AdamW moves it a full
+    step of the rounding's sign, which two correct runs (the tied embedding's gradient summed in
+    another order) disagree on. Those entries are held to the optimizer's step size."""
+    program = load_program(
+        compile_to(tmp_path, "tests/fixtures/torch_transformer.py:shared_embedding", 4, microbatches=4)
+    )
+    result = verify_in_process(program, steps=3, optimizer="adamw", lr=1e-3)
+    assert result.ok and result.noisy_entries > 0, "\n".join(result.lines())
+    assert "entries whose gradient is rounding noise" in result.lines()[-1]
+    monkeypatch.setattr("ppcompile.check_training.NOISE_STEP", {})
+    strict = verify_in_process(program, steps=3, optimizer="adamw", lr=1e-3)
+    assert not strict.ok and "in_proj_bias" in strict.worst_parameter
+    # SGD moves such an entry by lr x the noise: nothing to hold apart.
+    assert verify_in_process(program, steps=3, optimizer="sgd", lr=0.05).noisy_entries == 0
+
+
 def test_a_random_op_verify_cannot_switch_off_is_named_beside_the_failure(tmp_path):
     program = load_program(compile_to(tmp_path, NOISY, 2, microbatches=MICROBATCHES))
     result = verify_in_process(program, steps=STEPS)

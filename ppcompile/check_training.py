@@ -452,7 +452,8 @@ def compare(
             continue
         moved = (p.to(ref_params[n].dtype) - ref_params[n]).abs()[noise]
         noisy_entries += int((moved > 0).sum())
-        # Past what noise steps can do, the parameter fails; within it, the other entries decide.
+        # Within what noise steps can do, the other entries decide; past it, the whole parameter,
+        # as without the allowance.
         within = bool((moved <= 2 * len(losses) * noise_step).all())
         rest = (
             relative_difference(
@@ -463,7 +464,8 @@ def compare(
             if (~noise).any()
             else 0.0
         )
-        param_diffs[n] = rest if within else float("inf")
+        whole = relative_difference(p, ref_params[n], GRADIENT_SCALE_FLOOR * largest_update)
+        param_diffs[n] = rest if within else whole
     # A model with nothing to train (every parameter frozen) has no gradient or parameter to compare.
     worst_grad = max(grad_diffs, key=grad_diffs.get, default="(none)")
     worst_param = max(param_diffs, key=param_diffs.get, default="(none)")

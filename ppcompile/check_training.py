@@ -283,20 +283,24 @@ def dropout_switched_off() -> Iterator[list[str]]:
     """Within, every ``torch.nn.functional`` dropout runs with p = 0, and scaled dot-product
     attention with ``dropout_p`` 0, for modules and stage code alike; yields the list of calls that
     would have dropped. Restored on the way out."""
-    originals = {name: getattr(F, name) for name in DROPOUT_FUNCTIONS}
-    attentions = [home.scaled_dot_product_attention for home in ATTENTION_HOMES]
     dropped: list[str] = []
+    # (where, name, what replaces it while inside)
+    patches = [(F, name, _with_p_zero(getattr(F, name), dropped)) for name in DROPOUT_FUNCTIONS] + [
+        (
+            home,
+            "scaled_dot_product_attention",
+            _attention_without_dropout(home.scaled_dot_product_attention, dropped),
+        )
+        for home in ATTENTION_HOMES
+    ]
+    originals = [(home, name, getattr(home, name)) for home, name, _ in patches]
     try:
-        for name, dropout in originals.items():
-            setattr(F, name, _with_p_zero(dropout, dropped))
-        for home, attention in zip(ATTENTION_HOMES, attentions):
-            home.scaled_dot_product_attention = _attention_without_dropout(attention, dropped)
+        for home, name, switched_off in patches:
+            setattr(home, name, switched_off)
         yield dropped
     finally:
-        for name, dropout in originals.items():
-            setattr(F, name, dropout)
-        for home, attention in zip(ATTENTION_HOMES, attentions):
-            home.scaled_dot_product_attention = attention
+        for home, name, original in originals:
+            setattr(home, name, original)
 
 
 def _first_few(places: list[str], shown: int = 3) -> str:
@@ -464,8 +468,9 @@ def compare(
             if (~noise).any()
             else 0.0
         )
-        whole = relative_difference(p, ref_params[n], GRADIENT_SCALE_FLOOR * largest_update)
-        param_diffs[n] = rest if within else whole
+        param_diffs[n] = (
+            rest if within else relative_difference(p, ref_params[n], GRADIENT_SCALE_FLOOR * largest_update)
+        )
     # A model with nothing to train (every parameter frozen) has no gradient or parameter to compare.
     worst_grad = max(grad_diffs, key=grad_diffs.get, default="(none)")
     worst_param = max(param_diffs, key=param_diffs.get, default="(none)")

@@ -136,14 +136,14 @@ def _refuse_hooks_on_the_model(ref: ModelRef, model: nn.Module) -> None:
         ("backward hook", model._backward_hooks),
         ("backward pre-hook", model._backward_pre_hooks),
     ]
-    for kind, hooks in registries:
-        for hook in hooks.values():
-            name = getattr(hook, "__qualname__", type(hook).__name__)
-            raise CompileError(
-                f"{ref}: a {kind} ({name}) is registered on the model itself, and the program runs "
-                f"{type(model).__name__}.forward without it, as fx traces it; register the hook on a "
-                "submodule, or do its work in forward"
-            )
+    found = next(((kind, hook) for kind, hooks in registries for hook in hooks.values()), None)
+    if found is not None:
+        kind, hook = found
+        raise CompileError(
+            f"{ref}: a {kind} ({getattr(hook, '__qualname__', type(hook).__name__)}) is registered on the "
+            f"model itself, and the program runs {type(model).__name__}.forward without it, as fx traces "
+            "it; register the hook on a submodule, or do its work in forward"
+        )
 
 
 DECIDED_NOTE = "control flow on shapes, decided for the example's"

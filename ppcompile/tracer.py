@@ -38,6 +38,7 @@ import operator
 import sys
 import traceback
 import warnings
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -340,8 +341,7 @@ class PipelineTracer(fx.Tracer):
         on a machine without CUDA is recorded as asked, though it does nothing while tracing."""
         if isinstance(device_type, fx.Proxy):
             device_type = self.device_type
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="CUDA is not available")
+        with _cuda_autocast_unavailable_quietly():
             _AUTOCAST_INIT(mode, device_type, dtype, enabled, cache_enabled)
         mode.ppc_enabled = enabled
 
@@ -803,6 +803,15 @@ AUTOCAST = torch.amp.autocast_mode.autocast  # torch.autocast; torch.cuda.amp.au
 _AUTOCAST_INIT, _AUTOCAST_ENTER, _AUTOCAST_EXIT = AUTOCAST.__init__, AUTOCAST.__enter__, AUTOCAST.__exit__
 
 
+@contextmanager
+def _cuda_autocast_unavailable_quietly() -> Iterator[None]:
+    """A GPU program's autocast, made where CUDA is not (compiling on a CPU machine), does nothing
+    here, as torch warns: expected, so not said."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="CUDA is not available")
+        yield
+
+
 class AutocastRegion(NamedTuple):
     """One ``torch.autocast(...)`` a node was made inside: a stage runs the node under the same."""
 
@@ -851,9 +860,7 @@ def under_regions(node: fx.Node, runs_as: dict[str, str] | None = None) -> ExitS
             continue
         device_type = region.device_type if runs_as is None else runs_as.get(region.device_type)
         if device_type is not None:
-            with warnings.catch_warnings():
-                # A GPU program's region, compiled where CUDA is not: it does nothing here, as said.
-                warnings.filterwarnings("ignore", message="CUDA is not available")
+            with _cuda_autocast_unavailable_quietly():
                 autocast = torch.autocast(
                     device_type,
                     dtype=region.dtype,

@@ -433,6 +433,13 @@ def test_each_optimizer_state_and_step_are_counted(tmp_path, ref, optimizer):
     assert program.data["costs"]["memory"][0]["total"] == pytest.approx(measured, rel=0.05)
 
 
+def test_every_optimizer_the_runtime_offers_is_sized():
+    from ppcompile.memory import OPTIMIZER_MEMORY
+    from ppcompile.runtime.train import OPTIMIZERS
+
+    assert OPTIMIZER_MEMORY.keys() == OPTIMIZERS.keys()
+
+
 def _measured_step_peak(program, optimizer: str) -> float:
     """A one-rank program's peak in a training step: the static bytes held before the step
     (parameters, the optimizer's state as it holds it, buffers; the gradients were set to None)

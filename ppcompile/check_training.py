@@ -366,7 +366,11 @@ def eager_training(
         step_losses = []
         before = rng_states(device)
         for mb in microbatches:
-            loss = loss_of(call_forward(model, names, [mb[n].to(device) for n in names], spec.input_groups))
+            loss = loss_of(
+                call_forward(
+                    model, names, [mb[n].to(device) for n in names], spec.input_groups, spec.none_inputs
+                )
+            )
             (loss / len(microbatches)).backward()
             step_losses.append(float(loss.detach()))
         drew |= moved(before, rng_states(device))
@@ -683,7 +687,7 @@ def verify_inference_in_process(
                 before = pipeline.random_states() + rng_states(device)
                 pipeline.evaluate(microbatches)
                 for inputs, got in zip(as_drawn, pipeline.results()):
-                    expected = call_forward(model, names, inputs, spec.input_groups)
+                    expected = call_forward(model, names, inputs, spec.input_groups, spec.none_inputs)
                     same, differences = _output_differences(got, expected)
                     equal &= same
                     worst = max([worst, *((d, path) for path, d in differences.items())])

@@ -168,7 +168,9 @@ def _worker(
 
     def step():
         with torch.set_grad_enabled(trains):
-            returned = call_forward(spec.module, spec.input_names, inputs, spec.input_groups)
+            returned = call_forward(
+                spec.module, spec.input_names, inputs, spec.input_groups, spec.none_inputs
+            )
         loss = loss_of(returned) if trains else None
         if params and isinstance(loss, torch.Tensor) and loss.requires_grad:
             torch.autograd.grad([loss], params, allow_unused=True)

@@ -278,6 +278,7 @@ def _trace_at(ctx: CompileContext, example_inputs, dims: str = "") -> tuple[Pipe
         ctx.spec.input_groups,
         ctx.config.trains,
         ctx.device_type,
+        ctx.spec.none_inputs,
     )
     try:
         graph = tracer.trace(ctx.spec.module)
@@ -307,6 +308,7 @@ def source_line(ctx: CompileContext, node_name: str) -> str:
         ctx.spec.input_groups,
         ctx.config.trains,
         ctx.device_type,
+        ctx.spec.none_inputs,
     )
     tracer.record_stack_traces = True
     try:

@@ -86,8 +86,11 @@ class PipelineTracer(fx.Tracer):
         input_groups=(),
         trains: bool = True,
         device_type: str = "cpu",
+        none_inputs=(),
     ):
         super().__init__()
+        # forward's inputs the example gives as None: traced as None, as a default of None is.
+        self.none_inputs = tuple(none_inputs)
         # The device type the program is compiled for: what torch.autocast(x.device.type) means
         # (traced on meta tensors, x.device is the meta device).
         self.device_type = device_type
@@ -215,7 +218,7 @@ class PipelineTracer(fx.Tracer):
                     lambda module, name, value: self._record_setattr(module, name, value),
                 )
             )
-            if concrete_args is None and self.example_inputs:
+            if concrete_args is None and (self.example_inputs or self.none_inputs):
                 concrete_args = self._defaults_not_given(root)
             # fx warns it cannot check a default that is not None, a bool or a number; it is the
             # value forward gets whenever the program runs, as the inputs are always the same.
@@ -273,7 +276,7 @@ class PipelineTracer(fx.Tracer):
             if name not in given
             and p.default is not p.empty
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        }
+        } | dict.fromkeys(self.none_inputs)
 
     def _proxy_placeholder(self, name, *args, **kwargs):
         if name not in self.input_groups:

@@ -93,6 +93,10 @@ class ModelSpec:
     # a data function's batch may give that the example leaves out (inputs_left_out), known on a
     # rank that keeps its own stages and drops the module.
     forward_inputs: tuple[str, ...] = ()
+    # forward's inputs the example gives as None (``model(x, None, y)``, a mask left off): the
+    # program is compiled with them None, as forward's defaults are, and every batch must give None
+    # there too (set by as_spec).
+    none_inputs: tuple[str, ...] = ()
 
 
 def as_spec(made: ModelSpec | tuple) -> ModelSpec:
@@ -107,6 +111,9 @@ def as_spec(made: ModelSpec | tuple) -> ModelSpec:
             f"a factory must return (module, example_inputs) or a ModelSpec, got {type(made).__name__}"
         )
     names, inputs = _forward_inputs(spec.module, spec.example_inputs)
+    none_inputs = tuple(name for name, value in zip(names, inputs) if value is None)
+    kept = [i for i, value in enumerate(inputs) if value is not None]
+    names, inputs = tuple(names[i] for i in kept), tuple(inputs[i] for i in kept)
     groups = tuple(
         (name, tuple(value), "dict")
         if isinstance(value, Mapping)
@@ -143,6 +150,7 @@ def as_spec(made: ModelSpec | tuple) -> ModelSpec:
         input_names=flat_names,
         input_groups=groups,
         forward_inputs=forward_inputs,
+        none_inputs=none_inputs,
     )
 
 
@@ -154,6 +162,8 @@ def batch_by_name(spec: ModelSpec, batch) -> dict:
         given = dict(batch)
     else:
         given = dict(zip(_given_names(spec), batch))
+    for name in spec.none_inputs:
+        given.pop(name, None)
     for name, keys, _ in spec.input_groups:
         group = given.get(name)
         if isinstance(group, (Mapping, list, tuple)):
@@ -163,9 +173,10 @@ def batch_by_name(spec: ModelSpec, batch) -> dict:
 
 
 def inputs_left_out(spec: ModelSpec, batch) -> list[str]:
-    """What a data function's batch gives that forward would read but the example inputs leave out,
-    so the program was compiled without it (an ``attention_mask`` it would silently not apply):
-    the keys of a dict batch that name forward's inputs, or a tuple batch's items past the example's.
+    """What a data function's batch gives that forward would read but the example inputs leave out
+    or give as None, so the program was compiled without it (an ``attention_mask`` it would silently
+    not apply): the keys of a dict batch that name forward's inputs, a tuple batch's items past the
+    example's, and the inputs the example gives as None that the batch does not.
 
     >>> class Net(torch.nn.Module):
     ...     def forward(self, x, mask=None):
@@ -174,13 +185,17 @@ def inputs_left_out(spec: ModelSpec, batch) -> list[str]:
     >>> inputs_left_out(spec, {"x": torch.zeros(2), "mask": torch.ones(2)}), inputs_left_out(spec, (1, 2))
     (['mask'], ['mask'])
     """
-    given = set(_given_names(spec))
+    given = _given_names(spec)
     named = [n for n in spec.forward_inputs if n != "**"]
     takes_any = "**" in spec.forward_inputs
+    by_name = batch if isinstance(batch, Mapping) else dict(zip(given, batch))
+    filled = [name for name in spec.none_inputs if by_name.get(name) is not None]
     if isinstance(batch, Mapping):
-        return [k for k in batch if k not in given and (k in named or takes_any)]
+        return filled + [k for k in batch if k not in given and (k in named or takes_any)]
     extra = len(batch) - len(given)
-    return [named[i] if i < len(named) else f"item {i}" for i in range(len(given), len(given) + extra)]
+    return filled + [
+        named[i] if i < len(named) else f"item {i}" for i in range(len(given), len(given) + extra)
+    ]
 
 
 def _has(group, key) -> bool:
@@ -199,10 +214,15 @@ def _is_named_tuple(value) -> bool:
 
 
 def _given_names(spec: ModelSpec) -> list[str]:
-    """Forward's inputs as the example gave them, a dict input by its own name."""
+    """Forward's inputs as the example gave them, in forward's order: a dict input by its own name,
+    and those it gave as None."""
     first = {f"{name}_{keys[0]}": name for name, keys, _ in spec.input_groups}
     entries = {f"{name}_{key}" for name, keys, _ in spec.input_groups for key in keys}
-    return [first.get(n, n) for n in spec.input_names if n in first or n not in entries]
+    given = [first.get(n, n) for n in spec.input_names if n in first or n not in entries]
+    if not spec.none_inputs:
+        return given
+    order = {name: i for i, name in enumerate(spec.forward_inputs)}
+    return sorted(given + list(spec.none_inputs), key=order.__getitem__)
 
 
 def _is_tensor_group(value) -> bool:
@@ -262,18 +282,18 @@ def _forward_inputs(module: nn.Module, given) -> tuple[tuple[str, ...], tuple]:
     return tuple(positional[: len(given)]), given
 
 
-def call_forward(module: nn.Module, names, inputs, groups=()):
+def call_forward(module: nn.Module, names, inputs, groups=(), nones=()):
     """``module`` run on ``inputs``, each passed by its name, so inputs forward leaves at their
     defaults may sit between them; the entries of a dict, list, tuple or named tuple input
     (``groups``: its name, keys and kind, as :class:`ModelSpec` records them) gathered into one
-    again.
+    again, and the inputs named in ``nones`` given as None.
 
     >>> call_forward(nn.Identity(), ["input"], [torch.ones(1)])
     tensor([1.])
     >>> call_forward(nn.Identity(), ["input_x"], [torch.ones(1)], [("input", ("x",), "dict")])
     {'x': tensor([1.])}
     """
-    given = dict(zip(names, inputs))
+    given = dict(zip(names, inputs)) | dict.fromkeys(nones)
     for name, keys, kind in groups:
         given[name] = regrouped(kind, {key: given.pop(f"{name}_{key}") for key in keys})
     return module(**given)

@@ -671,6 +671,18 @@ def test_inputs_given_by_name_train_like_eager(tmp_path, factory, stages):
     trains_as_eager(program_dir)
 
 
+@pytest.mark.parametrize("factory", ["positional_none", "keyword_none"])
+def test_inputs_given_as_none_train_like_eager(tmp_path, factory):
+    # model(ids, None, labels), or a batch dict holding attention_mask: None: the mask is traced as
+    # None (forward has no default for it in positional_none), so it is no input of the program, and
+    # each batch's None is checked and passed over; the eager reference gets None.
+    program_dir = compile_to(tmp_path, f"tests/fixtures/keyword_inputs.py:{factory}", 2, microbatches=4)
+    program = json.loads((program_dir / "program.json").read_text())
+    assert [i["name"] for i in program["inputs"]] == ["input_ids", "labels"]
+    assert "attention_mask" not in "".join(stage_codes(program_dir))
+    trains_as_eager(program_dir)
+
+
 @pytest.mark.parametrize("stages", [2, 4])
 @pytest.mark.parametrize(
     "factory",

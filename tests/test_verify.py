@@ -175,6 +175,13 @@ def test_a_batch_giving_an_input_the_example_leaves_out_is_one_line(tmp_path):
     )
 
 
+def test_a_batch_giving_an_input_the_example_gives_as_none_is_one_line(tmp_path):
+    program_dir = compile_to(tmp_path, "tests/fixtures/keyword_inputs.py:data_fills_none", 2, microbatches=2)
+    result = ppcompile("verify", program_dir, "--steps", 1)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().startswith("error: the data function's batch gives 'attention_mask', which ")
+
+
 def test_adaptive_optimizers_move_rounding_noise_gradients_by_their_sign(tmp_path, monkeypatch):
     """The attention's key bias has a gradient that is zero but for rounding; AdamW moves it a full
     step of the rounding's sign, which two correct runs (the tied embedding's gradient summed in

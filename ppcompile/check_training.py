@@ -18,6 +18,7 @@ it by a stage's stream moving during training and names it beside a failure.
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -80,6 +81,9 @@ class TrainingComparison:
     # Entries an adaptive optimizer moved by the sign of a rounding-noise gradient, which differ
     # between the runs and were held to the optimizer's step instead (compare's noise_step).
     noisy_entries: int = 0
+    # Where the eager model's own training left finite numbers ("its loss is nan at step 3"), if it
+    # did: the comparison then holds nothing to a bar.
+    eager_diverged: str = ""
 
     @property
     def buffers_agree(self) -> bool:
@@ -89,7 +93,8 @@ class TrainingComparison:
     @property
     def ok(self) -> bool:
         return (
-            (self.first_step_losses_equal or not self.bitwise_losses_expected)
+            not self.eager_diverged
+            and (self.first_step_losses_equal or not self.bitwise_losses_expected)
             and self.max_loss_difference <= self.rtol
             and self.max_gradient_difference <= self.rtol
             and self.max_parameter_difference <= self.rtol
@@ -98,6 +103,11 @@ class TrainingComparison:
 
     def lines(self) -> list[str]:
         lines = random_ops_lines(self.random_ops_switched_off, self.random_ops_left_on)
+        if self.eager_diverged:
+            lines.append(
+                f"the eager model itself diverges: {self.eager_diverged}, so there is nothing sound to "
+                "compare against; verify where eager trains (a lower --lr, parameters in float32)"
+            )
         if self.precision is not None:
             lines.append(
                 f"rtol {self.rtol:.2e}: two epsilons of {str(self.precision).removeprefix('torch.')}, the model's "
@@ -134,6 +144,8 @@ class TrainingComparison:
     def verdict(self) -> str:
         if self.ok:
             return "OK: the compiled program trains as the eager model"
+        if self.eager_diverged:
+            return "FAILED: the eager model itself diverges, so the program cannot be held to it"
         return failed_verdict(self.random_ops_left_on)
 
 
@@ -161,10 +173,42 @@ NOISE_STEP = {"adam": 3.2, "adamw": 3.2, "rmsprop": 10.0, "adagrad": 1.0}
 
 
 def relative_difference(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:
-    """Largest difference over ``expected``'s largest entry (or ``floor``, where that is larger)."""
-    scale = max(expected.abs().max().item(), floor)
-    diff = (actual.to(expected.dtype) - expected).abs().max().item()
+    """Largest difference over ``expected``'s largest finite entry (or ``floor``, where that is
+    larger). Equal entries differ by nothing, NaN and an infinity included; a NaN or infinity
+    where the other holds something else is infinitely far, so it can never hide behind a finite
+    difference (Python's ``max`` passes over a NaN unless it comes first).
+
+    >>> relative_difference(torch.tensor([1.0, float("nan")]), torch.tensor([2.0, float("nan")]))
+    0.5
+    >>> relative_difference(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 3.0]))
+    inf
+    """
+    actual = actual.to(expected.dtype)
+    scale = max(expected.nan_to_num(0.0, 0.0, 0.0).abs().max().item(), floor)
+    difference = (actual - expected).abs()
+    if not is_integer(expected):
+        same = (actual == expected) | (actual.isnan() & expected.isnan())
+        difference = torch.where(same, 0.0, difference.nan_to_num(math.inf))
+    diff = difference.max().item()
     return diff / scale if scale > 0 else diff
+
+
+def loss_difference(actual: float, expected: float) -> float:
+    """One loss's difference relative to eager's, as :func:`relative_difference` counts it."""
+    if actual == expected or (math.isnan(actual) and math.isnan(expected)):
+        return 0.0
+    difference = abs(actual - expected) / max(abs(expected), 1e-30)
+    return math.inf if math.isnan(difference) else difference
+
+
+def _bitwise_equal(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Same shape and entries, NaN where the other holds NaN."""
+    if actual.shape != expected.shape or actual.dtype != expected.dtype:
+        return False
+    same = actual == expected
+    if not is_integer(expected):
+        same |= actual.isnan() & expected.isnan()
+    return bool(same.all())
 
 
 def is_integer(t: torch.Tensor) -> bool:
@@ -426,9 +470,7 @@ def compare(
     # nn.Embedding(sparse=True) gives sparse gradients, which have no max(): compared dense.
     ref_grads = {n: g.to_dense() if g is not None and g.is_sparse else g for n, g in ref_grads.items()}
     grads = {n: g.to_dense() if g is not None and g.is_sparse else g for n, g in grads.items()}
-    loss_diff = max(
-        abs(a - b) / max(abs(b), 1e-30) for got, want in zip(losses, ref_losses) for a, b in zip(got, want)
-    )
+    loss_diff = max(loss_difference(a, b) for got, want in zip(losses, ref_losses) for a, b in zip(got, want))
     largest = max(
         (g.abs().max().item() for g in ref_grads.values() if g is not None and g.numel()), default=0.0
     )
@@ -483,6 +525,7 @@ def compare(
         buffer_fields = _worst_buffer(buffers, reference_buffers, rtol)
     return TrainingComparison(
         steps=len(losses),
+        eager_diverged=_where_diverged(ref_losses, ref_params),
         first_step_losses_equal=losses[0] == ref_losses[0],
         max_loss_difference=loss_diff,
         max_gradient_difference=grad_diffs.get(worst_grad, 0.0),
@@ -494,6 +537,22 @@ def compare(
         bitwise_losses_expected=bitwise_losses_expected,
         **buffer_fields,
     )
+
+
+def _where_diverged(losses: list[list[float]], params: dict[str, torch.Tensor]) -> str:
+    """Where a training run's numbers stopped being finite, or "" if they never did.
+
+    >>> _where_diverged([[1.0, 2.0], [1.5, float("nan")]], {})
+    'its loss is nan at step 2 (micro-batch 2)'
+    """
+    for step, step_losses in enumerate(losses, 1):
+        for microbatch, loss in enumerate(step_losses, 1):
+            if not math.isfinite(loss):
+                return f"its loss is {loss} at step {step} (micro-batch {microbatch})"
+    for name, p in params.items():
+        if p.is_floating_point() and not bool(p.isfinite().all()):
+            return f"its parameter {name} is not finite after step {len(losses)}"
+    return ""
 
 
 def _noise_entries(eager_gradient: torch.Tensor | None, parameter: torch.Tensor, below: float):
@@ -647,7 +706,7 @@ def _output_differences(got, expected) -> tuple[bool, dict[str, float]]:
     for path, value in output_leaves(got):
         want = expected_leaves.get(path)
         if isinstance(want, torch.Tensor) and isinstance(value, torch.Tensor):
-            same = value.shape == want.shape and torch.equal(value.cpu(), want.cpu())
+            same = _bitwise_equal(value.cpu(), want.cpu())
             if not same and value.shape == want.shape and want.numel():
                 difference = buffer_difference(value.cpu(), want.cpu())
             else:

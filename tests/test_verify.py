@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ppcompile.check_training import dropout_switched_off, eager_training, verify_in_process
+from ppcompile.check_training import compare, dropout_switched_off, eager_training, verify_in_process
 from ppcompile.runtime.loader import load_program
 from ppcompile.runtime.train import InProcessPipeline, batches
 from tests.fixtures.torch_encoder import sequence_pairs
@@ -334,3 +334,23 @@ def test_a_channels_last_cnn_trains_bitwise_as_eager(tmp_path):
     result = verify_in_process(program, steps=2)
     assert result.ok, "\n".join(result.lines())
     assert result.first_step_losses_equal and result.max_gradient_difference == 0.0
+
+
+def test_a_diverging_eager_model_is_named_not_compared(tmp_path):
+    # Both runs reach NaN at the same step: equal, and still nothing the bar can vouch for.
+    program = load_program(compile_to(tmp_path, "models/mlp.py:mlp", 2, microbatches=4))
+    result = verify_in_process(program, steps=3, lr=1e3)
+    assert not result.ok and result.eager_diverged == "its loss is nan at step 2 (micro-batch 1)"
+    assert result.lines()[0].startswith("the eager model itself diverges: its loss is nan at step 2")
+    assert result.verdict() == "FAILED: the eager model itself diverges, so the program cannot be held to it"
+
+
+def test_a_nan_cannot_hide_behind_a_finite_difference():
+    # Python's max passes over a NaN that does not come first: a program whose last step left one
+    # parameter (not the first) NaN would have passed.
+    finite = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([3.0, 4.0])}
+    params = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([3.0, float("nan")])}
+    result = compare([[1.0], [float("nan")]], finite, params, ([[1.0], [1.5]], finite, finite))
+    assert not result.ok and not result.eager_diverged
+    assert result.max_loss_difference == result.max_parameter_difference == float("inf")
+    assert result.worst_parameter == "b"

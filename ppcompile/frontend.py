@@ -17,7 +17,7 @@ from ppcompile.context import CompileConfig, CompileContext
 from ppcompile.devices import get_profile
 from ppcompile.errors import CompileError
 from ppcompile.runtime.outputs import as_returned
-from ppcompile.runtime.spec import ModelRef, SpecError, loss_of
+from ppcompile.runtime.spec import ModelRef, SpecError, floating_shape, loss_of
 from ppcompile.tracer import LIBRARY_DIRS, ForwardError, PipelineTracer
 
 
@@ -163,7 +163,7 @@ def trace(ctx: CompileContext) -> fx.GraphModule:
         )
     ctx.decided = list(tracer.decided)
     if ctx.config.trains:
-        _return_only_the_loss(ctx, graph)
+        _return_only_the_loss(ctx, graph, tracer)
     else:
         _return_outputs(ctx, graph)
     gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
@@ -186,7 +186,7 @@ def check_decided_at(ctx: CompileContext, dims: dict[str, int]) -> None:
             )
 
 
-def _return_only_the_loss(ctx: CompileContext, graph: fx.Graph) -> None:
+def _return_only_the_loss(ctx: CompileContext, graph: fx.Graph, tracer: PipelineTracer) -> None:
     """Make the graph return the loss alone, picked out of what forward returns by the rule the
     eager reference uses (``runtime.spec.loss_of``): ``(loss, logits)``, ``{"loss": loss, ...}``.
     The other values are still computed where forward computes them; nothing receives them."""
@@ -194,7 +194,7 @@ def _return_only_the_loss(ctx: CompileContext, graph: fx.Graph) -> None:
     returned = output.args[0]
     if isinstance(returned, fx.Node) and _constructed_loss(returned) is None:
         return
-    loss, shape, held, rest = _picked_loss(ctx, returned)
+    loss, shape, held, rest = _picked_loss(ctx, returned, tracer)
     ctx.notes.append(
         f"forward returns {shape}: the program trains on {held}, the loss; {rest} are computed as forward "
         "computes them, and dropped"
@@ -243,9 +243,10 @@ def _constructed_loss(node: fx.Node) -> fx.Node | None:
     return loss if isinstance(loss, fx.Node) else None
 
 
-def _picked_loss(ctx: CompileContext, returned) -> tuple[fx.Node, str, str, str]:
+def _picked_loss(ctx: CompileContext, returned, tracer: PipelineTracer) -> tuple[fx.Node, str, str, str]:
     """The loss in a returned dataclass or named tuple (a node), dict, tuple or list, and how the
-    note names the container, the loss and the rest."""
+    note names the container, the loss and the rest. Which element of a tuple it is can depend on
+    shapes, which the tracer computes for the example's on meta tensors."""
     if isinstance(returned, fx.Node):
         kind = "a dataclass" if dataclasses.is_dataclass(returned.target) else "a named tuple"
         return (
@@ -254,8 +255,17 @@ def _picked_loss(ctx: CompileContext, returned) -> tuple[fx.Node, str, str, str]
             "its loss",
             "its other fields",
         )
+
+    def float_shape(value):
+        if not isinstance(value, fx.Node):
+            return floating_shape(value)
+        try:
+            return floating_shape(tracer.value_of(value))
+        except Exception:  # noqa: BLE001 - an op meta tensors cannot run: the first element, as before
+            return None
+
     try:
-        loss = loss_of(returned)
+        loss = loss_of(returned, float_shape)
     except SpecError as e:
         raise CompileError(f"{ctx.ref}: {e}") from None
     if not isinstance(loss, fx.Node):
@@ -266,7 +276,20 @@ def _picked_loss(ctx: CompileContext, returned) -> tuple[fx.Node, str, str, str]
     if isinstance(returned, dict):
         return loss, "a dict", "its 'loss'", "the other entries"
     kind = "tuple" if isinstance(returned, tuple) else "list"
-    return loss, f"a {kind} of {len(returned)}", "its first element", "the others"
+    position = next(i for i, value in enumerate(returned) if value is loss)
+    first, scalars = float_shape(returned[0]), [i for i, v in enumerate(returned) if float_shape(v) == ()]
+    if position == 0 and first is not None and any(size != 1 for size in first) and len(scalars) > 1:
+        raise CompileError(
+            f"{ctx.ref}: forward returns a {kind} of {len(returned)} whose first element is a tensor of "
+            f"shape {list(first)} and elements {', '.join(map(str, scalars))} are scalars, so which is the "
+            "loss is unclear; return the loss first, (loss, ...), or as {'loss': loss, ...}"
+        )
+    held = (
+        "its first element"
+        if position == 0
+        else f"its element {position} (the only scalar after a non-scalar)"
+    )
+    return loss, f"a {kind} of {len(returned)}", held, "the others"
 
 
 def _trace_at(ctx: CompileContext, example_inputs, dims: str = "") -> tuple[PipelineTracer, fx.Graph]:

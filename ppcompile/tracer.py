@@ -447,6 +447,10 @@ class PipelineTracer(fx.Tracer):
         self.decided.append((self._caller(), value))
         return value
 
+    def value_of(self, node: fx.Node) -> object:
+        """``node``'s value for the example inputs, on meta tensors (a shape to read)."""
+        return self._value(node)
+
     def _value(self, target: fx.Node) -> object:
         """``target``'s value for the example inputs, on meta tensors, computing what it needs."""
         needed, stack = set(), [target]

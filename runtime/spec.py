@@ -24,13 +24,19 @@ import torch
 from torch import nn
 
 
-def loss_of(returned):
+def loss_of(returned, float_shape=None):
     """The loss in what a model's forward returned: the value itself, unless it is a mapping
     (a dict, a Hugging Face ``ModelOutput``), then its ``"loss"``; a dataclass or named tuple
-    with a ``loss`` field, then that field; or a tuple or list, then its first element. The compiler picks the loss out of the traced graph's output by this rule and
-    the eager reference out of the model's, so both train on the same value.
+    with a ``loss`` field, then that field; or a tuple or list, then its first element, unless
+    that is no one-element tensor and exactly one other element is a 0-d floating tensor
+    (nanoGPT's ``return logits, loss``), then that one. The compiler picks the loss out of the
+    traced graph's output by this rule, telling shapes by ``float_shape`` (a value's shape if it
+    is a floating tensor, else None), and the eager reference out of the model's, so both train on
+    the same value.
 
     >>> loss_of((torch.tensor(2.0), torch.zeros(3)))
+    tensor(2.)
+    >>> loss_of((torch.zeros(3), torch.tensor(2.0)))
     tensor(2.)
     >>> loss_of({"logits": torch.zeros(3), "loss": torch.tensor(1.5)})
     tensor(1.5000)
@@ -49,8 +55,22 @@ def loss_of(returned):
     if isinstance(returned, (tuple, list)):
         if not returned:
             raise SpecError("forward returned an empty tuple; return the loss, or (loss, ...)")
-        return returned[0]
+        return returned[loss_position(returned, float_shape or floating_shape)]
     return returned
+
+
+def loss_position(items, float_shape) -> int:
+    """Where :func:`loss_of` finds the loss in a returned tuple or list ``items``."""
+    first = float_shape(items[0])
+    if first is not None and all(size == 1 for size in first):
+        return 0
+    scalars = [i for i, item in enumerate(items[1:], 1) if float_shape(item) == ()]
+    return scalars[0] if len(scalars) == 1 else 0
+
+
+def floating_shape(value) -> tuple | None:
+    """``value``'s shape if it is a floating tensor, else None."""
+    return tuple(value.shape) if isinstance(value, torch.Tensor) and value.is_floating_point() else None
 
 
 # The name a model file is imported under starts with this; the rest depends on where the file

@@ -147,9 +147,14 @@ from tests.helpers import assert_user_error, ppcompile
             ["returns_dict_without_loss", "keys 'logits', 'ce' and no 'loss'", "put it under 'loss'"],
         ),
         (
-            "tests/fixtures/returns_more.py:returns_logits_first",
+            "tests/fixtures/returns_more.py:returns_logits_only",
             "2",
             ["forward must return the scalar loss", "a tensor of shape [8, 5]", ".mean()"],
+        ),
+        (
+            "tests/fixtures/returns_more.py:returns_logits_before_two_scalars",
+            "2",
+            ["a tuple of 3 whose first element is a tensor of shape [8, 5]", "elements 1, 2 are scalars"],
         ),
         (
             "tests/fixtures/shape_control_flow.py:model",

@@ -230,6 +230,11 @@ def test_a_random_op_verify_cannot_switch_off_is_named_beside_the_failure(tmp_pa
             "forward returns Prediction (a named tuple): the program trains on its loss, the loss",
         ),
         ("returns_one_element_loss", "the loss has shape [1]: the program trains on its one element"),
+        (
+            "returns_logits_first",
+            "forward returns a tuple of 2: the program trains on its element 1 (the only scalar after a "
+            "non-scalar), the loss",
+        ),
     ],
 )
 def test_a_model_returning_its_loss_beside_other_values_trains_on_that_loss(tmp_path, factory, note):

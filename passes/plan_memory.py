@@ -33,15 +33,16 @@ from ppcompile.memory import (
     OPTIMIZER_MEMORY,
     StageMemory,
     accumulated_gradient_bytes,
+    buffer_copy_bytes,
     format_bytes,
     held_tensors,
     optimizer_step_bytes,
     receive_buffer_bytes,
+    recomputable,
     saved_values,
     send_buffer_bytes,
     steps_every_parameter_at_once,
     storage_root,
-    updates_buffers,
     working_bytes,
 )
 from ppcompile.passes.partition_stages import (
@@ -167,8 +168,8 @@ def _plan(gm: fx.GraphModule, ctx: CompileContext, stage_times: list[float]):
 
 
 _BUFFER_NOTE = (
-    "not recomputed in backward, since their forward updates buffers in place "
-    "(BatchNorm's running statistics) and a second forward would update them twice"
+    "not recomputed in backward, since their own code updates buffers in place "
+    "(self.ema.mul_(...), self.steps += 1) and a second forward would update them twice"
 )
 
 
@@ -240,18 +241,19 @@ def layer_runs(own: list[fx.Node]) -> list[tuple[str, list[fx.Node]]]:
 
 
 def buffer_writing_layers(own: list[fx.Node]) -> list[str]:
-    """The layers among ``own`` that may not be recomputed: they update buffers in forward."""
-    return [key for key, run in layer_runs(own) if any(updates_buffers(n) for n in run)]
+    """The layers among ``own`` that may not be recomputed: their own code updates buffers in
+    forward (``memory.recomputable``)."""
+    return [key for key, run in layer_runs(own) if not all(recomputable(n) for n in run)]
 
 
 def candidate_regions(nodes: dict[str, fx.Node], own: list[fx.Node], stage: int) -> list[Region]:
     """The layers of the stage whose recomputation frees memory: what the stage saves with the layer
     recomputed is less than without (a layer's last output, a ReLU's, is often still kept as the
-    next layer's input). Layers that update buffers in forward are left out."""
+    next layer's input). Layers whose own code updates buffers in forward are left out."""
     base, _ = activation_bytes(nodes, own, [])
     regions = []
     for key, run in layer_runs(own):
-        if any(updates_buffers(n) for n in run):
+        if not all(recomputable(n) for n in run):
             continue
         seconds = sum(n.meta["ppc.cost"].forward_time for n in run)
         region = Region(key, stage, tuple(n.name for n in run), 0.0, float(seconds))
@@ -313,6 +315,8 @@ def stage_memory(
     trained = held["trained"]
     trained_bytes = float(sum(trained.values()))
     activations, recompute = activation_bytes(nodes, own, regions)
+    # A recomputed BatchNorm keeps a copy of its running statistics per micro-batch in flight.
+    activations += sum(buffer_copy_bytes(ctx.spec.module, [nodes[name] for name in r.nodes]) for r in regions)
     # Messages (ppcompile.memory): per tensor sent, to each stage it goes to; per tensor received.
     M = ctx.config.microbatches
     transfers, received = 0.0, set()
@@ -507,7 +511,7 @@ def _recomputing_frees(nodes, order, saved_at: dict[str, set[int]], a: int, b: i
     a temporary, or saves a storage that it does not read from outside and that no node outside it
     saves too (the next layer keeps a ReLU's output, wherever the cuts fall)."""
     run = order[a : b + 1]
-    if any(updates_buffers(node) for node in run):
+    if not all(recomputable(node) for node in run):
         return False
     if any(node.meta["ppc.cost"].saved_temp_bytes > 0 for node in run):
         return True

@@ -20,6 +20,7 @@ from torch import fx
 
 from ppcompile.context import CompileContext, StageGraph
 from ppcompile.errors import CompileError
+from ppcompile.memory import updates_buffers
 from ppcompile.passes.order_mutations import is_in_place, storage_of, written_buffers
 from ppcompile.runtime.outputs import output_leaves
 from ppcompile.runtime.spec import MODEL_FILE, MODEL_MODULE_PREFIX
@@ -452,10 +453,20 @@ def _checkpoint_region(
     if info is not None:
         why = f" (frees {info.saved_bytes / 2**20:.1f} MiB per micro-batch for {info.recompute_seconds * 1e3:.2f} ms)"
     emitter.imports.add("torch.utils.checkpoint")
-    call = [
-        f"# {region} is recomputed in backward{why}",
-        f"{results} = torch.utils.checkpoint.checkpoint(self.{method_name}, {args}, use_reentrant=False)",
-    ]
+    call = [f"# {region} is recomputed in backward{why}"]
+    context = ""
+    updating = sorted({n.target for n in nodes if n.op == "call_module" and updates_buffers(n)})
+    if updating:
+        # A BatchNorm's running statistics: the recomputation must not update them a second time.
+        emitter.imports.add("ppcompile.runtime.recompute")
+        modules = ", ".join(f"self.{attribute_path(target)}" for target in updating)
+        context = f", context_fn=lambda: ppcompile.runtime.recompute.buffers_as_in_forward({modules})"
+        call.append(
+            "# the recomputation gets the buffers forward updates as forward found them, and leaves them be"
+        )
+    call.append(
+        f"{results} = torch.utils.checkpoint.checkpoint(self.{method_name}, {args}, use_reentrant=False{context})"
+    )
     if len(outputs) == 1 and outputs[0].meta.get("ppc.kind") == "tensor":
         call[-1] += _comment(outputs[0])
     statements = [_node_statement(emitter, n) for n in nodes]

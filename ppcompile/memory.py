@@ -297,3 +297,20 @@ def updates_buffers(node: fx.Node) -> bool:
     """Whether ``node``'s forward updates a model buffer in place (BatchNorm's running statistics
     in training): recomputing it in backward would apply the update twice."""
     return bool(node.meta.get("ppc.writes_buffers"))  # set by estimate_costs.writes_buffers
+
+
+def recomputable(node: fx.Node) -> bool:
+    """Whether ``node`` may run again in backward: it updates no buffer, or it is a leaf module
+    (a BatchNorm), whose buffers the recomputation gets as forward found them and leaves as it
+    found them (``runtime.recompute.buffers_as_in_forward``). A buffer the model's own code
+    updates (``self.ema.mul_(0.9)``, ``self.steps = self.steps + 1``) keeps its layer from it."""
+    return not updates_buffers(node) or node.op == "call_module"
+
+
+def buffer_copy_bytes(model: nn.Module, nodes: list[fx.Node]) -> float:
+    """The copy of their buffers that recomputing ``nodes`` keeps per micro-batch in flight: those
+    of the leaf modules among them that update theirs."""
+    modules = {n.target for n in nodes if n.op == "call_module" and updates_buffers(n)}
+    return float(
+        sum(b.numel() * b.element_size() for target in modules for b in model.get_submodule(target).buffers())
+    )

@@ -164,6 +164,9 @@ class CompileContext:
     # Conditions on shapes the trace decided for the example's (where, value): another micro-batch
     # shape is compiled only where each comes out the same (frontend.check_decided_at).
     decided: list[tuple[str, Any]] = field(default_factory=list)
+    # Per decided condition, what a micro-batch of other sizes must keep to run as the model would
+    # (PipelineTracer.decision_formulas): checked at run time, on every batch.
+    decided_formulas: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def num_stages(self) -> int:

@@ -162,6 +162,7 @@ def trace(ctx: CompileContext) -> fx.GraphModule:
             )
         )
     ctx.decided = list(tracer.decided)
+    ctx.decided_formulas = tracer.decided_formulas
     if ctx.config.trains:
         _return_only_the_loss(ctx, graph, tracer)
     else:
@@ -305,7 +306,8 @@ def _trace_at(ctx: CompileContext, example_inputs, dims: str = "") -> tuple[Pipe
     )
     try:
         graph = tracer.trace(ctx.spec.module)
-        tracer.drop_conditions(graph)
+        tracer.decided_formulas = tracer.decision_formulas(ctx.input_dims, ctx.symbols)
+        tracer.drop_conditions(graph)  # the conditions' own nodes go: formulas first
     except Exception as e:
         where = _model_frame(e, ctx.ref.path)
         if dims:

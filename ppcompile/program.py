@@ -132,6 +132,12 @@ def build_program(
         "compiler": f"ppcompile {version}",
         "model": {"source": ctx.ref.path, "factory": ctx.ref.factory, "sha256": ctx.ref.sha256()},
         "symbols": {name: ctx.symbol_values[name] for name in sorted(ctx.symbols)},
+        # What a batch of other sizes must keep of the conditions on shapes forward decided.
+        "decided": [
+            {"where": where, "value": value, **kept}
+            for (where, value), kept in zip(ctx.decided, ctx.decided_formulas)
+            if kept
+        ],
         "config": {
             "stages": ctx.config.stages,
             "virtual_stages": ctx.config.virtual_stages,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import builtins
+import dataclasses
 import dis
 import functools
 import inspect
@@ -43,9 +44,11 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
+import sympy
 import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
+from sympy.printing.pycode import pycode
 from torch import fx, nn
 
 from ppcompile.runtime.masks import is_causal_mask
@@ -106,6 +109,8 @@ class PipelineTracer(fx.Tracer):
         self.input_groups = {name: (keys, kind) for name, keys, kind in input_groups}
         self.model_path = model_path
         self.decided: list[tuple[str, bool | int]] = []
+        self._decisions: list[tuple[fx.Node, object]] = []  # per decided: the node, and int, bool or len
+        self.decided_formulas: list[dict] = []  # decision_formulas' answer, set by whoever asks it
         self._values: dict[fx.Node, object] = {}
         self._asked: set[fx.Node] = set()  # what decided values were computed from
 
@@ -445,7 +450,30 @@ class PipelineTracer(fx.Tracer):
                 f"the example's shapes failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             ) from None
         self.decided.append((self._caller(), value))
+        self._decisions.append((proxy.node, convert))
         return value
+
+    def decision_formulas(self, input_dims: dict[str, dict[int, str]], symbols: dict) -> list[dict]:
+        """Per decided condition (in ``decided``'s order), what a micro-batch of other sizes must
+        keep to run as the model would: ``{"formula": "s > 5"}``, the condition in the symbolic
+        dims, where it is shape arithmetic on the inputs' sizes (``x.size(1) > 5``,
+        ``range(x.shape[-2] // 2)``); else ``{"depends_on": ["b", "s"]}``, the dims of the inputs
+        it was computed from (a size of an intermediate tensor), each of which must stay as it was.
+        A condition that depends on no symbolic dim is ``{}``."""
+        found = []
+        for node, convert in self._decisions:
+            try:
+                value = _symbolic_value(node, self.example_inputs, input_dims, symbols, self._values, {})
+                formula = sympy.sympify(_BUILTIN_LEN(value) if convert is _BUILTIN_LEN else value)
+                if convert is int and not formula.is_integer:  # int(x.size(1) / 2) of a positive size
+                    formula = sympy.floor(formula)
+                python = pycode(formula, fully_qualified_modules=False)  # ==, and, not: Python's own
+                found.append({"formula": python} if formula.free_symbols else {})
+            except _NotShapeArithmetic:
+                inputs = {n.target for n in _ancestors(node) if n.op == "placeholder"}
+                depends = sorted({s for name in inputs for s in input_dims.get(name, {}).values()})
+                found.append({"depends_on": depends} if depends else {})
+        return found
 
     def value_of(self, node: fx.Node) -> object:
         """``node``'s value for the example inputs, on meta tensors (a shape to read)."""
@@ -994,6 +1022,104 @@ def _traced_range(*bounds) -> range:
 
 
 _TRACED_BUILTINS = {"len": _traced_len, "range": _traced_range}
+
+
+class _NotShapeArithmetic(Exception):
+    """A decided value computed from more than the inputs' sizes."""
+
+
+# Python's operators on sizes, as sympy computes them on symbolic ones; == and != compare values,
+# which sympy's own == (structural equality) does not.
+_SYMBOLIC_OPERATORS = {
+    operator.add: operator.add,
+    operator.sub: operator.sub,
+    operator.mul: operator.mul,
+    operator.floordiv: operator.floordiv,
+    operator.truediv: lambda a, b: sympy.sympify(a) / sympy.sympify(b),
+    operator.mod: operator.mod,
+    operator.neg: operator.neg,
+    operator.getitem: operator.getitem,
+    operator.gt: operator.gt,
+    operator.ge: operator.ge,
+    operator.lt: operator.lt,
+    operator.le: operator.le,
+    operator.eq: lambda a, b: sympy.Eq(sympy.sympify(a), sympy.sympify(b)),
+    operator.ne: lambda a, b: sympy.Ne(sympy.sympify(a), sympy.sympify(b)),
+    operator.not_: lambda a: sympy.Not(a),
+    _BUILTIN_LEN: _BUILTIN_LEN,
+}
+
+
+def _symbolic_value(
+    node: fx.Node, example_inputs: dict, input_dims: dict, symbols: dict, values: dict, memo: dict
+):
+    """``node``'s value with each input's named dims as their symbols: a size, a tuple of sizes, or a
+    sympy expression or relation of them; of any other tensor (``values``: the example's, on
+    meta) its rank, which no size changes. Raises _NotShapeArithmetic for anything but sizes of
+    the inputs, ranks, and arithmetic on them."""
+    if node in memo:
+        return memo[node]
+    if node.op != "placeholder" and isinstance(values.get(node), torch.Tensor):
+        memo[node] = _SymbolicShape(None, rank=values[node].dim())
+        return memo[node]
+    args = fx.node.map_arg(
+        node.args, lambda n: _symbolic_value(n, example_inputs, input_dims, symbols, values, memo)
+    )
+    if node.op == "placeholder":
+        example = example_inputs.get(node.target)
+        if not isinstance(example, torch.Tensor):
+            raise _NotShapeArithmetic
+        named = {d % example.dim(): symbol for d, symbol in input_dims.get(node.target, {}).items()}
+        value = _SymbolicShape(
+            tuple(symbols[named[d]] if d in named else size for d, size in enumerate(example.shape))
+        )
+    elif node.op == "call_method" and args and isinstance(args[0], _SymbolicShape) and not node.kwargs:
+        if node.target == "dim":
+            value = args[0].dim
+        elif node.target == "size" and args[0].sizes is not None:
+            value = args[0].sizes if len(args) == 1 else args[0].sizes[args[1]]
+        else:
+            raise _NotShapeArithmetic
+    elif node.op == "call_function" and node.target is getattr and isinstance(args[0], _SymbolicShape):
+        if args[1] == "ndim":
+            value = args[0].dim
+        elif args[1] == "shape" and args[0].sizes is not None:
+            value = args[0].sizes
+        else:
+            raise _NotShapeArithmetic
+    elif node.op == "call_function" and node.target in _SYMBOLIC_OPERATORS and not node.kwargs:
+        if any(isinstance(a, _SymbolicShape) for a in args):
+            raise _NotShapeArithmetic
+        value = _SYMBOLIC_OPERATORS[node.target](*args)
+    else:
+        raise _NotShapeArithmetic
+    memo[node] = value
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class _SymbolicShape:
+    """A tensor, as far as shape arithmetic sees it: an input's sizes, symbols where its dims are
+    named; of another tensor, its rank alone (sizes None)."""
+
+    sizes: tuple | None
+    rank: int | None = None
+
+    @property
+    def dim(self) -> int:
+        return len(self.sizes) if self.sizes is not None else self.rank
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.all_input_nodes)
+    return seen
+
+
 SIZED_FACTORIES = ("zeros", "ones", "empty", "rand", "randn")
 
 

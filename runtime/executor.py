@@ -78,6 +78,35 @@ def evaluate_dim(expr: str, symbols: dict[str, int]) -> int:
 _EXPRESSION_NAMES = {"__builtins__": {}, "floor": math.floor, "Mod": operator.mod}
 
 
+def decided_otherwise(program: dict, symbols: dict[str, int]) -> str | None:
+    """Why a micro-batch of these sizes would not run as the model's forward does, or None: a
+    condition on shapes forward decided when the program was traced (a loop over
+    ``range(x.size(1))`` unrolled 4 times, ``if x.size(1) > 5``) comes out otherwise at these sizes,
+    or was computed from a dim that differs here (``program``: program.json's ``decided``).
+
+    >>> decided = [{"where": "m.py:9: `range(x.size(1))`", "value": 4, "formula": "s"}]
+    >>> program = {"symbols": {"b": 4, "s": 4}, "decided": decided}
+    >>> decided_otherwise(program, {"b": 4, "s": 4}) is None, decided_otherwise(program, {"b": 4, "s": 7})
+    (True, 'm.py:9: `range(x.size(1))` is 7 here but 4 where the program was traced')
+    """
+    compiled = program["symbols"]
+    for decided in program.get("decided", ()):
+        where, value = decided["where"], decided["value"]
+        if "formula" in decided:
+            here = eval(decided["formula"], _EXPRESSION_NAMES, dict(symbols))  # noqa: S307 - our own sympy output
+            here = bool(here) if isinstance(value, bool) else int(here)
+            if here != value:
+                return f"{where} is {here} here but {value} where the program was traced"
+        else:
+            moved = [s for s in decided["depends_on"] if symbols.get(s, compiled[s]) != compiled[s]]
+            if moved:
+                return (
+                    f"{where} was decided ({value}) from a size that {' and '.join(moved)} set, "
+                    "which differs here"
+                )
+    return None
+
+
 def size_value(spec: dict, symbols: dict[str, int]) -> object:
     """A stage's non-tensor input from program.json's ``sizes`` at this micro-batch's sizes: an int
     from a shape that an earlier stage made (``T = x.size(1)``) and this one uses, never sent.

@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from ppcompile.runtime.actions import Action
-from ppcompile.runtime.executor import MemoryStats, RankExecutor, evaluate_dim, inference_actions
+from ppcompile.runtime.executor import (
+    MemoryStats,
+    RankExecutor,
+    decided_otherwise,
+    evaluate_dim,
+    inference_actions,
+    symbol_values,
+)
 from ppcompile.runtime.loader import Program, ProgramError
 from ppcompile.runtime.randomness import drawn_apart
 from ppcompile.runtime.spec import ModelRef, ModelSpec, batch_by_name, inputs_left_out
@@ -118,7 +125,18 @@ def batches(program: Program, spec: ModelSpec, seed: int) -> Iterator[list[dict[
                 )
             chunks.append(t.chunk(M, d))
         # A copy per micro-batch: a chunk is a view that would keep the whole batch alive while saved.
-        yield [dict(zip(names, (c[m].clone() for c in chunks))) for m in range(M)]
+        microbatches = [dict(zip(names, (c[m].clone() for c in chunks))) for m in range(M)]
+        sizes = symbol_values(program, microbatches[0])
+        reason = decided_otherwise(program.data, sizes)
+        if reason is not None:
+            at = ", ".join(f"{k}={v}" for k, v in sorted(sizes.items()))
+            traced = ", ".join(f"{k}={v}" for k, v in sorted(program.data["symbols"].items()))
+            raise ProgramError(
+                f"a micro-batch of {at} would not run as the model's forward does: {reason} ({traced}), "
+                "and the stages hold what it decided there; give batches of the shape traced, or compile "
+                "from an example of this one"
+            )
+        yield microbatches
 
 
 class _NoParameters:

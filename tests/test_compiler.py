@@ -121,6 +121,30 @@ def test_control_flow_on_shapes_is_decided_for_the_example(tmp_path):
     assert result.ok, "\n".join(result.lines())
 
 
+def test_a_batch_whose_sizes_decide_a_condition_otherwise_is_refused(tmp_path):
+    """The stages hold what forward decided for the example's sizes; a batch that would decide it
+    otherwise trained silently on the example's branch. program.json keeps each decision's
+    condition in the dims, and every batch is checked against it."""
+    from ppcompile.check_training import verify_in_process
+    from ppcompile.runtime.loader import load_program
+    from tests.helpers import ppcompile
+
+    program_dir = compile_to(tmp_path, "tests/fixtures/shape_control_flow.py:lengths_vary", 2, microbatches=2)
+    decided = json.loads((program_dir / "program.json").read_text())["decided"]
+    # `if x.dim() == 3` holds at every size: nothing to check.
+    assert [(d["formula"], d["value"]) for d in decided] == [("(s <= 8)", True), ("(s > 4)", True)]
+    result = verify_in_process(load_program(program_dir), steps=2)  # s = 6, then 5: as traced
+    assert result.ok, "\n".join(result.lines())
+    failed = ppcompile("verify", program_dir, "--steps", 3)
+    assert failed.returncode == 2, failed.stdout + failed.stderr
+    assert failed.stderr.strip() == (
+        "error: a micro-batch of b=4, s=3 would not run as the model's forward does: "
+        "tests/fixtures/shape_control_flow.py:43: `scale = 2.0 if t > 4 else 3.0` is False here but True "
+        "where the program was traced (b=4, s=6), and the stages hold what it decided there; give batches "
+        "of the shape traced, or compile from an example of this one"
+    )
+
+
 def test_loops_over_a_dim_unroll_and_the_batch_stays_symbolic(tmp_path):
     from ppcompile.check_training import verify_in_process
     from ppcompile.runtime.loader import load_program

@@ -34,6 +34,7 @@ from contextlib import contextmanager
 
 import sympy
 import torch
+import torch.nn.functional as F
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -223,6 +224,12 @@ def propagate_shapes(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                 f"{source_line(ctx, e.name)}: forward reads a tensor's value ({node.target}()), which "
                 "ppcompile cannot: it sizes every value from the input shapes; to log a value, return it "
                 "beside the loss (return loss, {'name': value.detach()})"
+            ) from None
+        if node.target is F.one_hot and len(node.args) < 2 and "num_classes" not in node.kwargs:
+            raise CompileError(
+                f"{source_line(ctx, e.name)}: F.one_hot without num_classes takes its width from the "
+                "largest label, a tensor's value, which ppcompile cannot read: it sizes every value "
+                "from the input shapes; give num_classes (F.one_hot(y, num_classes=10))"
             ) from None
         raise CompileError(
             f"{source_line(ctx, e.name)}: the shape of {e.name} cannot be computed from the input shapes "

@@ -31,6 +31,11 @@ from tests.helpers import assert_user_error, ppcompile
             ["keyword_inputs.py:unknown_name: example input 'label' is not among forward's inputs", "labels"],
         ),
         (
+            "tests/fixtures/untraceable.py:one_hot_without_width",
+            "2",
+            ["untraceable.py:267", "F.one_hot without num_classes", "give num_classes"],
+        ),
+        (
             "tests/fixtures/untraceable.py:hooked_model",
             "2",
             [

@@ -51,6 +51,7 @@ import torch.utils._pytree as pytree
 from sympy.printing.pycode import pycode
 from torch import fx, nn
 
+from ppcompile.runtime.executor import decided_value
 from ppcompile.runtime.masks import is_causal_mask
 from ppcompile.runtime.spec import regrouped
 from ppcompile.runtime.stage import plain_tensor_attributes
@@ -460,16 +461,24 @@ class PipelineTracer(fx.Tracer):
         ``range(x.shape[-2] // 2)``); else ``{"depends_on": ["b", "s"]}``, the dims of the inputs
         it was computed from (a size of an intermediate tensor), each of which must stay as it was.
         A condition that depends on no symbolic dim is ``{}``."""
+        traced_at = {
+            symbol: int(self.example_inputs[name].shape[dim])
+            for name, named in input_dims.items()
+            for dim, symbol in named.items()
+        }
         found = []
-        for node, convert in self._decisions:
+        for (_, decided), (node, convert) in zip(self.decided, self._decisions):
             try:
                 value = _symbolic_value(node, self.example_inputs, input_dims, symbols, self._values, {})
                 formula = sympy.sympify(_BUILTIN_LEN(value) if convert is _BUILTIN_LEN else value)
                 if convert is int and not formula.is_integer:  # int(x.size(1) / 2) of a positive size
                     formula = sympy.floor(formula)
                 python = pycode(formula, fully_qualified_modules=False)  # ==, and, not: Python's own
+                # Kept only where the runtime computes from it what was decided here.
+                if decided_value(python, decided, traced_at) != decided:
+                    raise _NotShapeArithmetic
                 found.append({"formula": python} if formula.free_symbols else {})
-            except _NotShapeArithmetic:
+            except Exception:  # noqa: BLE001 - not a formula the runtime can follow: its dims, held
                 inputs = {n.target for n in _ancestors(node) if n.op == "placeholder"}
                 depends = sorted({s for name in inputs for s in input_dims.get(name, {}).values()})
                 found.append({"depends_on": depends} if depends else {})

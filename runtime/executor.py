@@ -93,8 +93,7 @@ def decided_otherwise(program: dict, symbols: dict[str, int]) -> str | None:
     for decided in program.get("decided", ()):
         where, value = decided["where"], decided["value"]
         if "formula" in decided:
-            here = eval(decided["formula"], _EXPRESSION_NAMES, dict(symbols))  # noqa: S307 - our own sympy output
-            here = bool(here) if isinstance(value, bool) else int(here)
+            here = decided_value(decided["formula"], value, symbols)
             if here != value:
                 return f"{where} is {here} here but {value} where the program was traced"
         else:
@@ -105,6 +104,13 @@ def decided_otherwise(program: dict, symbols: dict[str, int]) -> str | None:
                     "which differs here"
                 )
     return None
+
+
+def decided_value(formula: str, traced: bool | int, symbols: dict[str, int]) -> bool | int:
+    """A decided condition's ``formula`` (program.json's ``decided``) at these sizes, as a bool or
+    an int like the value ``traced``."""
+    value = eval(formula, _EXPRESSION_NAMES, dict(symbols))  # noqa: S307 - our own sympy output
+    return bool(value) if isinstance(traced, bool) else int(value)
 
 
 def size_value(spec: dict, symbols: dict[str, int]) -> object:

@@ -288,6 +288,8 @@ class InProcessPipeline:
     def reduce_tied_gradients(self) -> None:
         for g in range(len(self.program.data["tied_parameters"])):
             params = [p for groups in self._tied for p in groups[g]]
+            if all(p.grad is None for p in params):
+                continue  # frozen, or used by no stage: eager leaves it None, and AdamW then skips it
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             total = grads[0].clone()
             for grad in grads[1:]:

@@ -708,6 +708,22 @@ def test_fine_tuning_with_frozen_parameters_trains_like_eager(tmp_path, factory,
     trains_as_eager(program_dir)
 
 
+def test_a_frozen_tied_parameter_stays_as_it_was_under_adamw(tmp_path):
+    # The tied groups' reduction once gave it a zero gradient, which AdamW's weight decay moves.
+    program_dir = compile_to(
+        tmp_path, "tests/fixtures/fine_tuning.py:tied_frozen_embedding", 2, microbatches=4
+    )
+    assert json.loads((program_dir / "program.json").read_text())["tied_parameters"]
+    program = load_program(program_dir)
+    result = verify_in_process(program, steps=3, optimizer="adamw", lr=1e-2)
+    assert result.ok, "\n".join(result.lines())
+    pipeline = InProcessPipeline(program, seed=0, optimizer="adamw", lr=1e-2)
+    before = {n: p.detach().clone() for n, p in pipeline.named_parameters().items() if not p.requires_grad}
+    pipeline.step(next(batches(program, pipeline.spec, 0)))
+    after = pipeline.named_parameters()
+    assert before and all(torch.equal(after[n], value) for n, value in before.items())
+
+
 @pytest.mark.parametrize("stages", [2, 3])
 @pytest.mark.parametrize(
     "factory, names",

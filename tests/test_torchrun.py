@@ -167,3 +167,20 @@ def test_torchrun_keeps_a_sent_tensors_memory_layout(tmp_path):
     losses, reference, comparison = compare_record(program_dir, record, 2)
     assert comparison.ok, "\n".join(comparison.lines())
     assert losses[0] == reference[0][0] and comparison.max_gradient_difference == 0.0
+
+
+def test_torchrun_leaves_a_frozen_tied_parameter_as_it_was_under_adamw(tmp_path):
+    # Each rank once gave its copy a zero gradient for the all-reduce, and AdamW decayed it.
+    from tests.fixtures.fine_tuning import tied_frozen_embedding
+
+    program_dir = compile_to(
+        tmp_path, "tests/fixtures/fine_tuning.py:tied_frozen_embedding", 2, microbatches=4
+    )
+    record = tmp_path / "record"
+    result = run(
+        program_dir, 2, "--steps", "2", "--optimizer", "adamw", "--lr", "0.01", "--record", str(record)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    initial = tied_frozen_embedding().module.embed.weight
+    held = {n: p for r in range(2) for n, p in torch.load(record / f"rank{r}.pt")["params"].items()}
+    assert torch.equal(held["embed.weight"], initial) and torch.equal(held["head.weight"], initial)

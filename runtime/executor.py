@@ -21,12 +21,14 @@ from __future__ import annotations
 import math
 import operator
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge, saved_tensors_hooks
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -247,6 +249,14 @@ class _Box:
         self.tensor: torch.Tensor | None = tensor
 
 
+def _unpacked_for_a_recomputation() -> bool:
+    """Whether a recomputed region (``torch.utils.checkpoint``) is unpacking its inputs to run again:
+    it does so in I for the first node inside it that I reaches, and again in W for a node inside it
+    that W runs, however I reached it, so they must outlive I."""
+    caller = sys._getframe(2)  # past _unpack: the Python code whose saved_tensors access called it
+    return caller.f_code.co_filename == torch.utils.checkpoint.__file__
+
+
 class SavedActivations:
     """``saved_tensors_hooks`` for one micro-batch of one stage whose backward is split.
 
@@ -274,7 +284,7 @@ class SavedActivations:
     def _unpack(self, box: _Box) -> torch.Tensor:
         if box.tensor is None:
             raise RuntimeError("W read an activation that I freed; the split backward kept too little")
-        if self.log is not None and not self.in_rerun_node:
+        if self.log is not None and not self.in_rerun_node and not _unpacked_for_a_recomputation():
             self.log.append(box)
         return box.tensor
 

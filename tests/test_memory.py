@@ -597,6 +597,20 @@ def test_batchnorm_layers_recomputed_update_their_statistics_once(tmp_path, ref,
     assert f"context_fn=lambda: ppcompile.runtime.recompute.buffers_as_in_forward({module})" in code
 
 
+def test_recomputed_blocks_train_as_eager_when_backward_is_split(tmp_path):
+    """zb-h1 splits each backward into I and W; a block ending in a ReLU was recomputed in I from
+    the ReLU and its inputs freed there, so W's recomputation of its linear layer failed."""
+    budget = 1_550_000
+    result = compile_model(
+        f"{NORM_BLOCKS}:layernorm",
+        CompileConfig(stages=2, schedule="zb-h1", microbatches=4, memory_per_device=budget),
+    )
+    assert len(result.ctx.regions) >= 4 and all(m.total <= budget for m in result.ctx.memory)
+    program = load_program(write_program(tmp_path / "p", result.program, result.files))
+    outcome = verify_in_process(program, steps=2, lr=0.05)
+    assert outcome.ok, "\n".join(outcome.lines())
+
+
 def test_recomputed_regions_report_what_they_free(tmp_path):
     """A block's ReLU saves its output, which the next block keeps as its input: recomputing the
     block does not free it. Each region records what it freed beside those chosen before it, so a

@@ -102,8 +102,7 @@ def decided_otherwise(program: dict, symbols: dict[str, int]) -> str | None:
             moved = [s for s in decided["depends_on"] if symbols.get(s, compiled[s]) != compiled[s]]
             if moved:
                 return (
-                    f"{where} was decided ({value}) from a size that {' and '.join(moved)} set, "
-                    "which differs here"
+                    f"{where} was decided ({value}) from a size that {' and '.join(moved)} set, which differs"
                 )
     return None
 

@@ -178,6 +178,7 @@ def batch_by_name(spec: ModelSpec, batch) -> dict:
     """A batch as a data function yields it (a tuple like the example inputs, or a dict by forward's
     input names, either holding a dict, list or named tuple input as the example does) as a dict by
     :attr:`ModelSpec.input_names`."""
+    batch = _as_given(spec, batch)
     if isinstance(batch, Mapping):
         given = dict(batch)
     else:
@@ -205,6 +206,7 @@ def inputs_left_out(spec: ModelSpec, batch) -> list[str]:
     >>> inputs_left_out(spec, {"x": torch.zeros(2), "mask": torch.ones(2)}), inputs_left_out(spec, (1, 2))
     (['mask'], ['mask'])
     """
+    batch = _as_given(spec, batch)
     given = _given_names(spec)
     named = [n for n in spec.forward_inputs if n != "**"]
     takes_any = "**" in spec.forward_inputs
@@ -216,6 +218,16 @@ def inputs_left_out(spec: ModelSpec, batch) -> list[str]:
     return filled + [
         named[i] if i < len(named) else f"item {i}" for i in range(len(given), len(given) + extra)
     ]
+
+
+def _as_given(spec: ModelSpec, batch):
+    """``(batch,)`` where ``batch`` is the one dict forward takes (``forward(self, batch)``, the
+    example ``(batch,)``), handed over bare as a data loader does; else ``batch``."""
+    given = _given_names(spec)
+    if not isinstance(batch, Mapping) or len(given) != 1 or given[0] in batch:
+        return batch
+    keys = next((keys for name, keys, kind in spec.input_groups if name == given[0] and kind == "dict"), None)
+    return (batch,) if keys is not None and set(keys) <= set(batch) else batch
 
 
 def _has(group, key) -> bool:

@@ -132,9 +132,9 @@ def batches(program: Program, spec: ModelSpec, seed: int) -> Iterator[list[dict[
             at = ", ".join(f"{k}={v}" for k, v in sorted(sizes.items()))
             traced = ", ".join(f"{k}={v}" for k, v in sorted(program.data["symbols"].items()))
             raise ProgramError(
-                f"a micro-batch of {at} would not run as the model's forward does: {reason} ({traced}), "
-                "and the stages hold what it decided there; give batches of the shape traced, or compile "
-                "from an example of this one"
+                f"a micro-batch of {at} would not run as the model's forward does: {reason}; the stages "
+                f"hold what forward decided at the sizes traced ({traced}): give batches of those sizes, "
+                "or compile from an example of these"
             )
         yield microbatches
 

@@ -729,6 +729,7 @@ def test_a_frozen_tied_parameter_stays_as_it_was_under_adamw(tmp_path):
     "factory, names",
     [
         ("batch_dict", ["batch_input_ids", "batch_attention_mask", "batch_labels"]),
+        ("batch_dict_bare", ["batch_input_ids", "batch_attention_mask", "batch_labels"]),
         ("batch_list", ["batch_0", "batch_1", "batch_2"]),
         ("batch_named_tuple", ["batch_input_ids", "batch_attention_mask", "batch_labels"]),
     ],

@@ -41,7 +41,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from ppcompile.context import CompileContext, KnownValue
 from ppcompile.errors import CompileError
-from ppcompile.frontend import source_line
+from ppcompile.frontend import DECIDED_NOTE, source_line
 from ppcompile.tracer import has_autocast, is_effect, under_regions
 
 
@@ -179,14 +179,17 @@ def sample_values(name: str, value: int, count: int) -> list[list[int]]:
     return [o for o in options if o is not None and min(o) >= smallest and len(set(o)) == count]
 
 
-def run_meta_somewhere(gm: fx.GraphModule, ctx: CompileContext, points: list[dict[str, int]], run=None):
+def run_meta_somewhere(
+    gm: fx.GraphModule, ctx: CompileContext, points: list[dict[str, int]], run=None, failures=None
+):
     """``run_meta`` (or ``run``) at the first of ``points`` where the model runs: (point, values),
-    else None."""
+    else None; ``failures`` gets each point's error, in order."""
     for point in points:
         try:
             return point, (run or run_meta)(gm, ctx, point)
-        except Exception:
-            continue
+        except Exception as e:  # noqa: BLE001 - a size the model refuses: the next one
+            if failures is not None:
+                failures.append(e)
     return None
 
 
@@ -241,11 +244,24 @@ def propagate_shapes(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     for name, value in base.items():
         # A second size for each symbol, one the model accepts, tells which dims scale with it.
         tries = [{**base, name: values[1]} for values in sample_values(name, value, 2)]
-        found = run_meta_somewhere(gm, ctx, tries, run)
+        failures: list[Exception] = []
+        found = run_meta_somewhere(gm, ctx, tries, run, failures)
         if found is None:
+            first = failures[0]
+            why = str(first.error if isinstance(first, NodeFailed) else first).splitlines() or [""]
+            where = source_line(ctx, first.name) + ": " if isinstance(first, NodeFailed) else ""
+            # A loop or branch decided for the example's shapes is the usual reason.
+            decided = next((n for n in ctx.notes if n.startswith(DECIDED_NOTE)), None)
             raise CompileError(
                 f"{ctx.ref} runs only at its example's {name}={value}: tried {name} = "
-                f"{', '.join(str(t[name]) for t in tries)}; give an example whose dims can change"
+                f"{', '.join(dict.fromkeys(str(t[name]) for t in tries))}; at {name}={tries[0][name]}, {where}"
+                f"{type(first.error if isinstance(first, NodeFailed) else first).__name__}: {why[0][:160]}"
+                + (
+                    f"; the graph was traced with {decided}, which holds at that size only: leave {name} out "
+                    "of ModelSpec.dims"
+                    if decided
+                    else "; give an example whose dims can change"
+                )
             )
         scaled_runs[name] = (found[0][name], found[1])
     # Every symbol at its second size at once: a fit that held for one symbol alone but not

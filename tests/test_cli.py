@@ -162,6 +162,15 @@ from tests.helpers import assert_user_error, ppcompile
             ["a tuple of 3 whose first element is a tensor of shape [8, 5]", "elements 1, 2 are scalars"],
         ),
         (
+            "tests/fixtures/shape_control_flow.py:stepped_per_token",
+            "2",
+            [
+                "runs only at its example's s=5: tried s = 4, 10; at s=4, ",
+                "shape_control_flow.py:102: `h = self.norm(self.cell(x[:, t], h))`: IndexError",
+                "`for t in range(x.size(1)):` -> 5, which holds at that size only: leave s out of ModelSpec.dims",
+            ],
+        ),
+        (
             "tests/fixtures/shape_control_flow.py:model",
             "2 --dims s=3",
             ["shape_control_flow.py:43", "is True for the example's b=4, s=6 but False for --dims s=3"],

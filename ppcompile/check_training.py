@@ -30,7 +30,7 @@ from torch import nn
 
 from ppcompile.runtime.loader import Program
 from ppcompile.runtime.outputs import as_returned, output_leaves
-from ppcompile.runtime.spec import call_forward, loss_of
+from ppcompile.runtime.spec import ModelSpec, call_forward, loss_of
 from ppcompile.runtime.stage import plain_tensor_attributes
 from ppcompile.runtime.train import InProcessPipeline, batches, build_spec, make_optimizer
 
@@ -394,10 +394,17 @@ class EagerTraining:
 
 
 def eager_training(
-    program: Program, steps: int, optimizer: str, lr: float, seed: int, device: str = "cpu"
+    program: Program,
+    steps: int,
+    optimizer: str,
+    lr: float,
+    seed: int,
+    device: str = "cpu",
+    spec: ModelSpec | None = None,
 ) -> EagerTraining:
-    """The single-process eager model trained for ``steps`` steps on the program's data."""
-    spec = build_spec(program, seed)
+    """The single-process eager model trained for ``steps`` steps on the program's data; ``spec``:
+    the model as ``build_spec`` makes it, where it was built already."""
+    spec = spec or build_spec(program, seed)
     model = spec.module.to(device)  # built on the CPU, as the pipeline's ranks are: the same weights
     opt = make_optimizer(optimizer, list(model.parameters()), lr)
     names = [i["name"] for i in program.data["inputs"]]
@@ -614,8 +621,11 @@ def verify_in_process(
     and compare it with the eager model trained there too (see :func:`compare`), both with dropout
     switched off (see the module's docstring). ``rtol`` None: 1e-5, or for a model with
     parameters in lower precision, :func:`precision_rtol`'s."""
+    # Built before dropout is switched off: a factory that runs its model (to warm BatchNorm's
+    # statistics) runs it as written, and its dropout is not the forward's.
+    pipeline = InProcessPipeline(program, seed=seed, optimizer=optimizer, lr=lr, device=device)
+    reference = build_spec(program, seed)
     with dropout_switched_off() as dropped:
-        pipeline = InProcessPipeline(program, seed=seed, optimizer=optimizer, lr=lr, device=device)
         precision = None
         if rtol is None:
             rtol, precision = precision_rtol({p.dtype for p in pipeline.named_parameters().values()})
@@ -633,7 +643,7 @@ def verify_in_process(
             n: {rank: b.detach().cpu().clone() for rank, b in copies.items()}
             for n, copies in pipeline.named_buffers().items()
         }
-        eager = eager_training(program, steps, optimizer, lr, seed, device)
+        eager = eager_training(program, steps, optimizer, lr, seed, device, reference)
     result = compare(
         losses,
         grads,
@@ -729,11 +739,11 @@ def verify_inference_in_process(
     forward on it, both without autograd and with dropout switched off; buffers forward updates
     (a BatchNorm's running statistics in training mode) are compared after the last batch."""
     names = [i["name"] for i in program.data["inputs"]]
+    pipeline = InProcessPipeline(program, seed=seed, device=device)  # as verify_in_process's
+    spec = build_spec(program, seed)
     with dropout_switched_off() as dropped:
-        pipeline = InProcessPipeline(program, seed=seed, device=device)
         if rtol is None:
             rtol, _ = precision_rtol({p.dtype for p in pipeline.named_parameters().values()})
-        spec = build_spec(program, seed)
         model = spec.module.to(device)
         data = batches(program, pipeline.spec, seed)
         equal, worst, drew = True, (0.0, "output"), False

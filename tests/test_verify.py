@@ -199,6 +199,16 @@ def test_adaptive_optimizers_move_rounding_noise_gradients_by_their_sign(tmp_pat
     assert verify_in_process(program, steps=3, optimizer="sgd", lr=0.05).noisy_entries == 0
 
 
+def test_dropout_the_factory_runs_is_not_the_forwards(tmp_path):
+    # The factory ran the model in training mode before returning it in eval mode: that dropout
+    # ran while verify built the models, not in forward, which draws nothing to switch off.
+    program = load_program(
+        compile_to(tmp_path, "tests/fixtures/verify_dropout.py:evaluated", 2, microbatches=2)
+    )
+    result = verify_in_process(program, steps=2)
+    assert result.ok and result.random_ops_switched_off == (), "\n".join(result.lines())
+
+
 def test_a_random_op_verify_cannot_switch_off_is_named_beside_the_failure(tmp_path):
     program = load_program(compile_to(tmp_path, NOISY, 2, microbatches=MICROBATCHES))
     result = verify_in_process(program, steps=STEPS)

@@ -228,7 +228,9 @@ def _layer_list(names: list[str]) -> str:
 
 
 def layer_runs(own: list[fx.Node]) -> list[tuple[str, list[fx.Node]]]:
-    """Maximal runs of consecutive nodes of one layer (``h.3``), each with the layer's FQN."""
+    """Maximal runs of consecutive nodes of one layer (``h.3``), each with the layer's FQN; a layer
+    forward calls again (ALBERT's one block, run six times) has a run per call, the later ones
+    named by their call (``block.1 call 2``), as each is a region of its own."""
     runs: list[tuple[str | None, list[fx.Node]]] = []
     for node in own:
         found = layer_of(node)
@@ -237,7 +239,13 @@ def layer_runs(own: list[fx.Node]) -> list[tuple[str, list[fx.Node]]]:
             runs[-1][1].append(node)
         else:
             runs.append((key, [node]))
-    return [(key, run) for key, run in runs if key is not None]
+    calls: dict[str, int] = {}
+    named = []
+    for key, run in runs:
+        if key is not None:
+            calls[key] = calls.get(key, 0) + 1
+            named.append((key if calls[key] == 1 else f"{key} call {calls[key]}", run))
+    return named
 
 
 def buffer_writing_layers(own: list[fx.Node]) -> list[str]:

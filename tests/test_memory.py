@@ -611,6 +611,16 @@ def test_recomputed_blocks_train_as_eager_when_backward_is_split(tmp_path):
     assert outcome.ok, "\n".join(outcome.lines())
 
 
+def test_each_call_of_a_shared_layer_is_a_region_of_its_own(tmp_path):
+    """Two calls of one block, both recomputed, once made one region of that name: the stage code
+    recomputed both calls in one checkpoint at the first, before the second's input existed."""
+    result = compile_model(f"{NORM_BLOCKS}:shared", CompileConfig(stages=2, memory_per_device=1_388_748))
+    assert [r.name for r in result.ctx.regions] == ["blocks.0", "blocks.0 call 2"]
+    program = load_program(write_program(tmp_path / "p", result.program, result.files))
+    outcome = verify_in_process(program, steps=2, lr=0.05)
+    assert outcome.ok, "\n".join(outcome.lines())
+
+
 def test_recomputed_regions_report_what_they_free(tmp_path):
     """A block's ReLU saves its output, which the next block keeps as its input: recomputing the
     block does not free it. Each region records what it freed beside those chosen before it, so a

@@ -89,7 +89,7 @@ def decided_otherwise(program: dict, symbols: dict[str, int]) -> str | None:
     >>> decided = [{"where": "m.py:9: `range(x.size(1))`", "value": 4, "formula": "s"}]
     >>> program = {"symbols": {"b": 4, "s": 4}, "decided": decided}
     >>> decided_otherwise(program, {"b": 4, "s": 4}) is None, decided_otherwise(program, {"b": 4, "s": 7})
-    (True, 'm.py:9: `range(x.size(1))` is 7 here but 4 where the program was traced')
+    (True, 'm.py:9: `range(x.size(1))` decides 7 here but 4 where the program was traced')
     """
     compiled = program["symbols"]
     for decided in program.get("decided", ()):
@@ -97,7 +97,7 @@ def decided_otherwise(program: dict, symbols: dict[str, int]) -> str | None:
         if "formula" in decided:
             here = decided_value(decided["formula"], value, symbols)
             if here != value:
-                return f"{where} is {here} here but {value} where the program was traced"
+                return f"{where} decides {here} here but {value} where the program was traced"
         else:
             moved = [s for s in decided["depends_on"] if symbols.get(s, compiled[s]) != compiled[s]]
             if moved:

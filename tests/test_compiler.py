@@ -139,7 +139,7 @@ def test_a_batch_whose_sizes_decide_a_condition_otherwise_is_refused(tmp_path):
     assert failed.returncode == 2, failed.stdout + failed.stderr
     assert failed.stderr.strip() == (
         "error: a micro-batch of b=4, s=3 would not run as the model's forward does: "
-        "tests/fixtures/shape_control_flow.py:43: `scale = 2.0 if t > 4 else 3.0` is False here but True "
+        "tests/fixtures/shape_control_flow.py:43: `scale = 2.0 if t > 4 else 3.0` decides False here but True "
         "where the program was traced; the stages hold what forward decided at the sizes traced (b=4, s=6): "
         "give batches of those sizes, or compile from an example of these"
     )

@@ -248,14 +248,15 @@ def propagate_shapes(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         found = run_meta_somewhere(gm, ctx, tries, run, failures)
         if found is None:
             first = failures[0]
-            why = str(first.error if isinstance(first, NodeFailed) else first).splitlines() or [""]
+            error = first.error if isinstance(first, NodeFailed) else first
+            why = str(error).splitlines() or [""]
             where = source_line(ctx, first.name) + ": " if isinstance(first, NodeFailed) else ""
             # A loop or branch decided for the example's shapes is the usual reason.
             decided = next((n for n in ctx.notes if n.startswith(DECIDED_NOTE)), None)
             raise CompileError(
                 f"{ctx.ref} runs only at its example's {name}={value}: tried {name} = "
                 f"{', '.join(dict.fromkeys(str(t[name]) for t in tries))}; at {name}={tries[0][name]}, {where}"
-                f"{type(first.error if isinstance(first, NodeFailed) else first).__name__}: {why[0][:160]}"
+                f"{type(error).__name__}: {why[0][:160]}"
                 + (
                     f"; the graph was traced with {decided}, which holds at that size only: leave {name} out "
                     "of ModelSpec.dims"

@@ -404,7 +404,8 @@ def eager_training(
 ) -> EagerTraining:
     """The single-process eager model trained for ``steps`` steps on the program's data; ``spec``:
     the model as ``build_spec`` makes it, where it was built already."""
-    spec = spec or build_spec(program, seed)
+    if spec is None:
+        spec = build_spec(program, seed)
     model = spec.module.to(device)  # built on the CPU, as the pipeline's ranks are: the same weights
     opt = make_optimizer(optimizer, list(model.parameters()), lr)
     names = [i["name"] for i in program.data["inputs"]]
@@ -504,26 +505,23 @@ def compare(
     noisy_entries = 0
     for n, p in params.items():
         noise = _noise_entries(ref_grads.get(n), p, NOISE_GRADIENT_SHARE * largest) if noise_step else None
-        if noise is None:
-            param_diffs[n] = relative_difference(p, ref_params[n], GRADIENT_SCALE_FLOOR * largest_update)
-            continue
-        moved = (p.to(ref_params[n].dtype) - ref_params[n]).abs()[noise]
-        noisy_entries += int((moved > 0).sum())
-        # Within what noise steps can do, the other entries decide; past it, the whole parameter,
-        # as without the allowance.
-        within = bool((moved <= 2 * len(losses) * noise_step).all())
-        rest = (
-            relative_difference(
-                p[~noise],
-                ref_params[n][~noise],
-                max(ref_params[n].abs().max().item(), GRADIENT_SCALE_FLOOR * largest_update),
-            )
-            if (~noise).any()
-            else 0.0
-        )
-        param_diffs[n] = (
-            rest if within else relative_difference(p, ref_params[n], GRADIENT_SCALE_FLOOR * largest_update)
-        )
+        if noise is not None:
+            moved = (p.to(ref_params[n].dtype) - ref_params[n]).abs()[noise]
+            noisy_entries += int((moved > 0).sum())
+            # Within what noise steps can do, the other entries decide; past it, the whole
+            # parameter, as without the allowance.
+            if bool((moved <= 2 * len(losses) * noise_step).all()):
+                param_diffs[n] = (
+                    relative_difference(
+                        p[~noise],
+                        ref_params[n][~noise],
+                        max(ref_params[n].abs().max().item(), GRADIENT_SCALE_FLOOR * largest_update),
+                    )
+                    if (~noise).any()
+                    else 0.0
+                )
+                continue
+        param_diffs[n] = relative_difference(p, ref_params[n], GRADIENT_SCALE_FLOOR * largest_update)
     # A model with nothing to train (every parameter frozen) has no gradient or parameter to compare.
     worst_grad = max(grad_diffs, key=grad_diffs.get, default="(none)")
     worst_param = max(param_diffs, key=param_diffs.get, default="(none)")

@@ -20,7 +20,7 @@ from torch import fx
 
 from ppcompile.context import CompileContext, StageGraph
 from ppcompile.errors import CompileError
-from ppcompile.memory import updates_buffers
+from ppcompile.memory import updates_own_buffers
 from ppcompile.passes.order_mutations import is_in_place, storage_of, written_buffers
 from ppcompile.runtime.outputs import output_leaves
 from ppcompile.runtime.spec import MODEL_FILE, MODEL_MODULE_PREFIX
@@ -455,7 +455,7 @@ def _checkpoint_region(
     emitter.imports.add("torch.utils.checkpoint")
     call = [f"# {region} is recomputed in backward{why}"]
     context = ""
-    updating = sorted({n.target for n in nodes if n.op == "call_module" and updates_buffers(n)})
+    updating = sorted({n.target for n in nodes if updates_own_buffers(n)})
     if updating:
         # A BatchNorm's running statistics: the recomputation must not update them a second time.
         emitter.imports.add("ppcompile.runtime.recompute")

@@ -299,18 +299,24 @@ def updates_buffers(node: fx.Node) -> bool:
     return bool(node.meta.get("ppc.writes_buffers"))  # set by estimate_costs.writes_buffers
 
 
+def updates_own_buffers(node: fx.Node) -> bool:
+    """Whether ``node`` is a leaf module (a BatchNorm) that updates its buffers in forward: a
+    recomputation of it gets them as forward found them and leaves them as it found them
+    (``runtime.recompute.buffers_as_in_forward``)."""
+    return node.op == "call_module" and updates_buffers(node)
+
+
 def recomputable(node: fx.Node) -> bool:
-    """Whether ``node`` may run again in backward: it updates no buffer, or it is a leaf module
-    (a BatchNorm), whose buffers the recomputation gets as forward found them and leaves as it
-    found them (``runtime.recompute.buffers_as_in_forward``). A buffer the model's own code
-    updates (``self.ema.mul_(0.9)``, ``self.steps = self.steps + 1``) keeps its layer from it."""
-    return not updates_buffers(node) or node.op == "call_module"
+    """Whether ``node`` may run again in backward: it updates no buffer, or only its own
+    (:func:`updates_own_buffers`). A buffer the model's own code updates (``self.ema.mul_(0.9)``,
+    ``self.steps = self.steps + 1``) keeps its layer from it."""
+    return not updates_buffers(node) or updates_own_buffers(node)
 
 
 def buffer_copy_bytes(model: nn.Module, nodes: list[fx.Node]) -> float:
     """The copy of their buffers that recomputing ``nodes`` keeps per micro-batch in flight: those
     of the leaf modules among them that update theirs."""
-    modules = {n.target for n in nodes if n.op == "call_module" and updates_buffers(n)}
+    modules = {n.target for n in nodes if updates_own_buffers(n)}
     return float(
         sum(b.numel() * b.element_size() for target in modules for b in model.get_submodule(target).buffers())
     )

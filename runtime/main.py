@@ -280,9 +280,6 @@ def _train(program, executor: RankExecutor, data, args) -> tuple[dict, list[list
         reduce_start = time.perf_counter()
         reduced = False
         for params, (group, where) in zip(tied, groups):
-            if not any(p.requires_grad for p in params):
-                # A frozen tied group: a zero gradient would still have AdamW decay it.
-                continue
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)

@@ -173,7 +173,8 @@ def make_optimizer(name: str, params: list[nn.Parameter], lr: float):
 
 
 def tied_parameters(program: Program, executor: RankExecutor) -> list[list[nn.Parameter]]:
-    """Per tied group: the distinct parameter objects this rank holds for it."""
+    """Per tied group: the distinct parameter objects this rank holds for it that train. A frozen one
+    gets no gradient to sum: a zero one in its place would still have AdamW's weight decay move it."""
     named = {}
     for module in executor.stages.values():
         named.update(dict(module.named_parameters(remove_duplicate=False)))
@@ -182,7 +183,7 @@ def tied_parameters(program: Program, executor: RankExecutor) -> list[list[nn.Pa
         params, seen = [], set()
         for fqn in group["parameters"]:
             p = named.get(fqn)
-            if p is not None and id(p) not in seen:
+            if p is not None and p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
         groups.append(params)
@@ -288,8 +289,8 @@ class InProcessPipeline:
     def reduce_tied_gradients(self) -> None:
         for g in range(len(self.program.data["tied_parameters"])):
             params = [p for groups in self._tied for p in groups[g]]
-            if all(p.grad is None for p in params):
-                continue  # frozen, or used by no stage: eager leaves it None, and AdamW then skips it
+            if not params:
+                continue  # frozen
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             total = grads[0].clone()
             for grad in grads[1:]:

@@ -127,7 +127,7 @@ def test_a_batch_whose_sizes_decide_a_condition_otherwise_is_refused(tmp_path):
     condition in the dims, and every batch is checked against it."""
     from ppcompile.check_training import verify_in_process
     from ppcompile.runtime.loader import load_program
-    from tests.helpers import ppcompile
+    from tests.helpers import assert_user_error, ppcompile
 
     program_dir = compile_to(tmp_path, "tests/fixtures/shape_control_flow.py:lengths_vary", 2, microbatches=2)
     decided = json.loads((program_dir / "program.json").read_text())["decided"]
@@ -135,13 +135,12 @@ def test_a_batch_whose_sizes_decide_a_condition_otherwise_is_refused(tmp_path):
     assert [(d["formula"], d["value"]) for d in decided] == [("(s <= 8)", True), ("(s > 4)", True)]
     result = verify_in_process(load_program(program_dir), steps=2)  # s = 6, then 5: as traced
     assert result.ok, "\n".join(result.lines())
-    failed = ppcompile("verify", program_dir, "--steps", 3)
-    assert failed.returncode == 2, failed.stdout + failed.stderr
-    assert failed.stderr.strip() == (
+    assert_user_error(
+        ppcompile("verify", program_dir, "--steps", 3),
         "error: a micro-batch of b=4, s=3 would not run as the model's forward does: "
         "tests/fixtures/shape_control_flow.py:43: `scale = 2.0 if t > 4 else 3.0` decides False here but True "
         "where the program was traced; the stages hold what forward decided at the sizes traced (b=4, s=6): "
-        "give batches of those sizes, or compile from an example of these"
+        "give batches of those sizes, or compile from an example of these",
     )
 
 

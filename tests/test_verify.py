@@ -8,7 +8,7 @@ from ppcompile.check_training import compare, dropout_switched_off, eager_traini
 from ppcompile.runtime.loader import load_program
 from ppcompile.runtime.train import InProcessPipeline, batches
 from tests.fixtures.torch_encoder import sequence_pairs
-from tests.helpers import build_model, compile_to, ppcompile
+from tests.helpers import assert_user_error, build_model, compile_to, ppcompile
 
 BATCHNORM = "tests/fixtures/verify_batchnorm.py:model"
 DROPOUT = "tests/fixtures/verify_dropout.py:model"
@@ -166,20 +166,20 @@ def test_a_batch_giving_an_input_the_example_leaves_out_is_one_line(tmp_path):
     """The program was compiled without attention_mask: it trained as if no token were padding, and
     verify, whose eager model took the same inputs, passed."""
     program_dir = compile_to(tmp_path, "tests/fixtures/keyword_inputs.py:data_gives_mask", 2, microbatches=2)
-    result = ppcompile("verify", program_dir, "--steps", 1)
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert result.stderr.strip() == (
+    assert_user_error(
+        ppcompile("verify", program_dir, "--steps", 1),
         "error: the data function's batch gives 'attention_mask', which forward takes but the example "
         "inputs leave out, so the program was compiled without it; give it in the example inputs too, or "
-        "leave it out of the batch"
+        "leave it out of the batch",
     )
 
 
 def test_a_batch_giving_an_input_the_example_gives_as_none_is_one_line(tmp_path):
     program_dir = compile_to(tmp_path, "tests/fixtures/keyword_inputs.py:data_fills_none", 2, microbatches=2)
-    result = ppcompile("verify", program_dir, "--steps", 1)
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert result.stderr.strip().startswith("error: the data function's batch gives 'attention_mask', which ")
+    assert_user_error(
+        ppcompile("verify", program_dir, "--steps", 1),
+        "error: the data function's batch gives 'attention_mask', which ",
+    )
 
 
 def test_adaptive_optimizers_move_rounding_noise_gradients_by_their_sign(tmp_path, monkeypatch):

@@ -79,8 +79,10 @@ class TrainingComparison:
     random_ops_left_on: tuple[str, ...] = ()  # random draws both runs made, each in its own order
     precision: torch.dtype | None = None  # a low-precision dtype of the model's that set rtol, if one did
     # Entries an adaptive optimizer moved by the sign of a rounding-noise gradient, which differ
-    # between the runs and were held to the optimizer's step instead (compare's noise_step).
+    # between the runs (see NoiseHeld): how many did in some step, and the most they did in one
+    # step, in optimizer steps (NOISE_STEP); two at most, one each way.
     noisy_entries: int = 0
+    noise_steps_apart: float = 0.0
     # Where the eager model's own training left finite numbers ("its loss is nan at step 3"), if it
     # did: the comparison then holds nothing to a bar.
     eager_diverged: str = ""
@@ -98,6 +100,7 @@ class TrainingComparison:
             and self.max_loss_difference <= self.rtol
             and self.max_gradient_difference <= self.rtol
             and self.max_parameter_difference <= self.rtol
+            and self.noise_steps_apart <= 2.0
             and self.buffers_agree
         )
 
@@ -126,7 +129,8 @@ class TrainingComparison:
             f"({self.worst_parameter})"
             + (
                 f"; {self.noisy_entries} entries whose gradient is rounding noise, which the optimizer moves "
-                "by its sign, held to its step size instead"
+                f"by its sign: at most {self.noise_steps_apart:.2f} of its steps apart in a step (2 allowed), "
+                "then set equal"
                 if self.noisy_entries
                 else ""
             ),
@@ -164,10 +168,13 @@ GRADIENT_SCALE_FLOOR = 1e-1
 # An adaptive optimizer divides a gradient by its own running size, so an entry whose gradient is
 # rounding noise (nn.MultiheadAttention's key bias, which softmax cancels exactly: 4e-10 where the
 # model's largest is 1e-1) moves a full step of the noise's sign, differently in any two correct
-# runs. Entries whose first-step gradient in eager is below this share of the model's largest
-# are held to the most such steps can move them instead: per step, the learning rate times
-# NOISE_STEP (Adam's first step moves lr x g / |g|, later ones at most about 3.2 lr at PyTorch's
-# betas; RMSprop's first, lr x g / sqrt(0.01 g^2), 10 lr; Adagrad's lr).
+# runs; whatever reads it then differs too (the running mean of a BatchNorm after that bias, and
+# at the next step the loss), by far more than rounding. Entries whose first-step gradient in
+# eager is below this share of the model's largest are held, per step, to the most two such steps
+# can put them apart: the learning rate times NOISE_STEP each way (Adam's first step moves
+# lr x g / |g|, later ones at most about 3.2 lr at PyTorch's betas; RMSprop's first,
+# lr x g / sqrt(0.01 g^2), 10 lr; Adagrad's lr); then eager's are set to the pipeline's, so the
+# next step starts both from the same numbers and everything else is held to the bar (NoiseHeld).
 NOISE_GRADIENT_SHARE = 1e-6
 NOISE_STEP = {"adam": 3.2, "adamw": 3.2, "rmsprop": 10.0, "adagrad": 1.0}
 
@@ -401,9 +408,11 @@ def eager_training(
     seed: int,
     device: str = "cpu",
     spec: ModelSpec | None = None,
+    after_step: Callable[[int, nn.Module], None] | None = None,
 ) -> EagerTraining:
     """The single-process eager model trained for ``steps`` steps on the program's data; ``spec``:
-    the model as ``build_spec`` makes it, where it was built already."""
+    the model as ``build_spec`` makes it, where it was built already; ``after_step(step, model)``
+    is called after each optimizer step, its gradients still in place (see :class:`NoiseHeld`)."""
     if spec is None:
         spec = build_spec(program, seed)
     model = spec.module.to(device)  # built on the CPU, as the pipeline's ranks are: the same weights
@@ -433,6 +442,8 @@ def eager_training(
                 if p.grad is not None
             }
         opt.step()
+        if after_step is not None:
+            after_step(step, model)
         losses.append(step_losses)
     params = {n: p.detach().cpu().clone() for n, p in model.named_parameters(remove_duplicate=False)}
     buffers = {n: b.detach().cpu().clone() for n, b in buffers_and_plain_tensors(model).items()}
@@ -465,15 +476,11 @@ def compare(
     buffers: dict[str, dict[int, torch.Tensor]] | None = None,
     reference_buffers: dict[str, torch.Tensor] | None = None,
     initial_parameters: dict[str, torch.Tensor] | None = None,
-    noise_step: float | None = None,
 ) -> TrainingComparison:
     """``buffers``: every buffer the ranks hold, by name then rank (a buffer two ranks read has a copy
     on each, and each must match), against ``reference_buffers``, the eager model's by name.
     ``initial_parameters``, the parameters before training, set the scale of the updates, which a
-    parameter made of nothing else is compared against (see ``GRADIENT_SCALE_FLOOR``).
-    ``noise_step``: under an adaptive optimizer, the most one step moves an entry whose gradient is
-    rounding noise (see ``NOISE_GRADIENT_SHARE``); such entries may differ by that much each way
-    per step, and the rest of their parameter is compared as usual."""
+    parameter made of nothing else is compared against (see ``GRADIENT_SCALE_FLOOR``)."""
     ref_losses, ref_grads, ref_params = reference
     # nn.Embedding(sparse=True) gives sparse gradients, which have no max(): compared dense.
     ref_grads = {n: g.to_dense() if g is not None and g.is_sparse else g for n, g in ref_grads.items()}
@@ -501,27 +508,10 @@ def compare(
         ),
         default=0.0,
     )
-    param_diffs = {}
-    noisy_entries = 0
-    for n, p in params.items():
-        noise = _noise_entries(ref_grads.get(n), p, NOISE_GRADIENT_SHARE * largest) if noise_step else None
-        if noise is not None:
-            moved = (p.to(ref_params[n].dtype) - ref_params[n]).abs()[noise]
-            noisy_entries += int((moved > 0).sum())
-            # Within what noise steps can do, the other entries decide; past it, the whole
-            # parameter, as without the allowance.
-            if bool((moved <= 2 * len(losses) * noise_step).all()):
-                param_diffs[n] = (
-                    relative_difference(
-                        p[~noise],
-                        ref_params[n][~noise],
-                        max(ref_params[n].abs().max().item(), GRADIENT_SCALE_FLOOR * largest_update),
-                    )
-                    if (~noise).any()
-                    else 0.0
-                )
-                continue
-        param_diffs[n] = relative_difference(p, ref_params[n], GRADIENT_SCALE_FLOOR * largest_update)
+    param_diffs = {
+        n: relative_difference(p, ref_params[n], GRADIENT_SCALE_FLOOR * largest_update)
+        for n, p in params.items()
+    }
     # A model with nothing to train (every parameter frozen) has no gradient or parameter to compare.
     worst_grad = max(grad_diffs, key=grad_diffs.get, default="(none)")
     worst_param = max(param_diffs, key=param_diffs.get, default="(none)")
@@ -537,7 +527,6 @@ def compare(
         worst_gradient=worst_grad,
         max_parameter_difference=param_diffs.get(worst_param, 0.0),
         worst_parameter=worst_param,
-        noisy_entries=noisy_entries,
         rtol=rtol,
         bitwise_losses_expected=bitwise_losses_expected,
         **buffer_fields,
@@ -560,13 +549,54 @@ def _where_diverged(losses: list[list[float]], params: dict[str, torch.Tensor]) 
     return ""
 
 
-def _noise_entries(eager_gradient: torch.Tensor | None, parameter: torch.Tensor, below: float):
-    """The entries of ``parameter`` whose eager first-step gradient is under ``below`` in size (a
-    mask), or None where it has none such."""
-    if eager_gradient is None or eager_gradient.shape != parameter.shape or below <= 0:
-        return None
-    mask = eager_gradient.abs() < below
-    return mask if bool(mask.any()) else None
+class NoiseHeld:
+    """An ``eager_training`` ``after_step`` that holds the entries whose gradient is rounding noise
+    (see ``NOISE_GRADIENT_SHARE``) to the pipeline's: after each eager step, it measures how far
+    each such entry is from the pipeline's after the same step, in optimizer steps, then sets it to
+    the pipeline's, so that what reads it in the next step reads the same numbers in both runs.
+
+    ``pipeline_steps``: the pipeline's parameters after each step, by name; ``step_size``: the most
+    one optimizer step moves such an entry (the learning rate times NOISE_STEP).
+    """
+
+    def __init__(self, pipeline_steps: list[dict[str, torch.Tensor]], step_size: float):
+        self.pipeline_steps = pipeline_steps
+        self.step_size = step_size
+        self.masks: dict[str, torch.Tensor] = {}
+        self.apart: dict[str, torch.Tensor] = {}  # per name, the entries that differed in some step
+        self.steps_apart = 0.0
+
+    def __call__(self, step: int, model: nn.Module) -> None:
+        named = dict(model.named_parameters(remove_duplicate=False))
+        if step == 0:  # the first step's gradients are still in place
+            largest = max(
+                (p.grad.abs().max().item() for p in named.values() if _has_gradient(p)), default=0.0
+            )
+            seen = set()  # a tied parameter is held once, under its first name
+            for n, p in named.items():
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                if _has_gradient(p) and n in self.pipeline_steps[0] and largest > 0:
+                    mask = p.grad.abs() < NOISE_GRADIENT_SHARE * largest
+                    if bool(mask.any()):
+                        self.masks[n] = mask
+        with torch.no_grad():
+            for n, mask in self.masks.items():
+                p, theirs = named[n], self.pipeline_steps[step][n].to(named[n].device, named[n].dtype)
+                difference = (p - theirs).abs().where(mask, 0.0)
+                self.steps_apart = max(self.steps_apart, difference.max().item() / self.step_size)
+                self.apart[n] = self.apart.get(n, torch.zeros_like(mask)) | (difference > 0)
+                p.copy_(torch.where(mask, theirs, p))
+
+    @property
+    def entries(self) -> int:
+        """How many entries differed between the runs in some step."""
+        return int(sum(int(a.sum()) for a in self.apart.values()))
+
+
+def _has_gradient(p: torch.Tensor) -> bool:
+    return p.grad is not None and p.grad.numel() > 0 and not p.grad.is_sparse
 
 
 def _worst_buffer(
@@ -628,7 +658,7 @@ def verify_in_process(
         if rtol is None:
             rtol, precision = precision_rtol({p.dtype for p in pipeline.named_parameters().values()})
         data = batches(program, pipeline.spec, seed)
-        losses, grads, drew = [], {}, False
+        losses, grads, drew, stepped = [], {}, False, []
         for step in range(steps):
             microbatches = next(data)
             before = pipeline.random_states()
@@ -636,12 +666,14 @@ def verify_in_process(
             drew |= moved(before, pipeline.random_states())
             if step == 0:
                 grads = {n: g.cpu().clone() for n, g in pipeline.named_gradients().items() if g is not None}
-        params = {n: p.detach().cpu().clone() for n, p in pipeline.named_parameters().items()}
+            stepped.append({n: p.detach().cpu().clone() for n, p in pipeline.named_parameters().items()})
+        params = stepped[-1]
         buffers = {
             n: {rank: b.detach().cpu().clone() for rank, b in copies.items()}
             for n, copies in pipeline.named_buffers().items()
         }
-        eager = eager_training(program, steps, optimizer, lr, seed, device, reference)
+        noise = NoiseHeld(stepped, lr * NOISE_STEP[optimizer]) if optimizer in NOISE_STEP else None
+        eager = eager_training(program, steps, optimizer, lr, seed, device, reference, noise)
     result = compare(
         losses,
         grads,
@@ -652,11 +684,12 @@ def verify_in_process(
         buffers,
         eager.buffers,
         eager.initial_parameters,
-        lr * NOISE_STEP[optimizer] if optimizer in NOISE_STEP else None,
     )
     switched_off, left_on = random_ops(program, pipeline.spec.module)
     return replace(
         result,
+        noisy_entries=noise.entries if noise else 0,
+        noise_steps_apart=noise.steps_apart if noise else 0.0,
         precision=precision,
         random_ops_switched_off=(switched_off or ("dropout called where verify cannot place it",))
         if dropped

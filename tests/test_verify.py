@@ -1,10 +1,18 @@
 """``ppcompile verify`` compares buffers, and switches dropout off on both sides, saying so."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ppcompile.check_training import compare, dropout_switched_off, eager_training, verify_in_process
+from ppcompile.check_training import (
+    NoiseHeld,
+    compare,
+    dropout_switched_off,
+    eager_training,
+    verify_in_process,
+)
 from ppcompile.runtime.loader import load_program
 from ppcompile.runtime.train import InProcessPipeline, batches
 from tests.fixtures.torch_encoder import sequence_pairs
@@ -197,6 +205,36 @@ def test_adaptive_optimizers_move_rounding_noise_gradients_by_their_sign(tmp_pat
     assert not strict.ok and "in_proj_bias" in strict.worst_parameter
     # SGD moves such an entry by lr x the noise: nothing to hold apart.
     assert verify_in_process(program, steps=3, optimizer="sgd", lr=0.05).noisy_entries == 0
+
+
+def test_what_reads_a_rounding_noise_entry_is_held_to_the_bar_under_adamw(tmp_path, monkeypatch):
+    """A bias before a BatchNorm in a backbone run twice per forward: AdamW moves its noise
+    gradient's entries by a step of the noise's sign, differently in eager and on the pipeline's
+    rank, and the running mean reads the bias. The noise entries are set equal after each step, so
+    the running mean and the next step's loss are held to the bar, not left to drift apart."""
+    program = load_program(
+        compile_to(tmp_path, "tests/fixtures/verify_batchnorm.py:two_views", 2, microbatches=4)
+    )
+    result = verify_in_process(program, steps=3, optimizer="adamw", lr=1e-2)
+    assert result.ok and result.noisy_entries > 0, "\n".join(result.lines())
+    assert result.worst_buffer is not None and result.max_buffer_difference <= 1e-5
+    monkeypatch.setattr("ppcompile.check_training.NOISE_STEP", {})
+    drifting = verify_in_process(program, steps=3, optimizer="adamw", lr=1e-2)
+    assert not drifting.ok and "running_mean" in drifting.worst_buffer, "\n".join(drifting.lines())
+
+
+def test_a_noise_entry_moved_past_two_optimizer_steps_fails():
+    model = torch.nn.Linear(2, 1)
+    model.weight.grad = torch.tensor([[1.0, 0.0]])  # the second entry's gradient is noise (zero)
+    model.bias.grad = torch.tensor([0.5])
+    moved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    moved["weight"][0, 1] += 0.3  # three steps of 0.1 from eager's
+    held = NoiseHeld([moved], step_size=0.1)
+    held(0, model)
+    assert held.entries == 1 and held.steps_apart == pytest.approx(3.0)
+    assert torch.equal(model.weight.detach(), moved["weight"])  # set to the pipeline's
+    comparison = compare([[1.0]], {}, {}, ([[1.0]], {}, {}))
+    assert comparison.ok and not replace(comparison, noise_steps_apart=held.steps_apart).ok
 
 
 def test_dropout_the_factory_runs_is_not_the_forwards(tmp_path):

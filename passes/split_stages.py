@@ -30,6 +30,7 @@ def split_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
 
     # Boundary tensors: compute values used by a later stage.
     boundaries: dict[str, BoundaryTensor] = {}
+    reached = gradient_reaches(nodes, output.args[0]) if ctx.config.trains else None
     for node in nodes:
         stage = node.meta.get("ppc.stage")
         if stage is None or node.op == "output":
@@ -46,7 +47,11 @@ def split_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             name=node.name,
             shape=node.meta["ppc.shape"],
             dtype=node.meta["ppc.dtype"],
-            requires_grad=node.meta["ppc.requires_grad"],
+            # A value forward made with autograd on, whose consumers only detach it or read it
+            # (argmax, a comparison), gets no gradient: its producer must not run backward from
+            # a zero one, which would give its parameters zero gradients where eager gives None
+            # (and AdamW would decay them).
+            requires_grad=node.meta["ppc.requires_grad"] and (reached is None or node.name in reached),
             producer=stage,
             consumers=tuple(consumers),
             dim_order=node.meta.get("ppc.dim_order", ()),
@@ -56,6 +61,16 @@ def split_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     ctx.stage_graphs = [_stage_graph(gm, ctx, s, nodes, output) for s in range(K)]
     ctx.tied_groups = _tied_groups(gm, ctx)
     return gm
+
+
+def gradient_reaches(nodes: list[fx.Node], loss: fx.Node) -> set[str]:
+    """The nodes the loss's gradient flows back to: the loss, and every node with a user it
+    reaches whose output requires a gradient (``.detach()``, ``argmax`` and comparisons stop it)."""
+    reached = {loss.name}
+    for node in reversed(nodes):
+        if any(u.name in reached and u.meta.get("ppc.requires_grad", True) for u in node.users):
+            reached.add(node.name)
+    return reached
 
 
 def _check_loss(ctx: CompileContext, loss: fx.Node) -> None:

@@ -165,6 +165,11 @@ class PipelineTracer(fx.Tracer):
             patches.enter_context(
                 _replaced(torch.autograd.Function, "apply", classmethod(_custom_function_apply))
             )
+            # grad_reverse = GradReverse.apply, bound before tracing (as pytorch-revgrad does): it
+            # runs torch's own apply, which calls forward with proxies; that call becomes the node.
+            for function in _model_functions(torch.autograd.Function):
+                for name, value in _forward_as_node(function).items():
+                    patches.enter_context(_replaced(function, name, value))
             patches.enter_context(_replaced(fx.Proxy, "__len__", _traced_proxy_len))
             # torch.zeros(b, d) with a proxy first is refused by torch's argument parser, where
             # torch.zeros((b, d)) traces: the same call, its sizes packed into one tuple.
@@ -791,6 +796,50 @@ def _custom_function_apply(cls, *args, **kwargs):
         # One node calling the class's apply (cls.apply is this stand-in while tracing).
         return tracer.create_proxy("call_function", FunctionApply.of(cls), args, kwargs)
     return _FUNCTION_APPLY.__func__(cls, *args, **kwargs)
+
+
+def _model_functions(base: type) -> list[type]:
+    """Every ``torch.autograd.Function`` subclass defined outside torch, with its own forward."""
+    found, pending = [], list(base.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if not cls.__module__.startswith("torch") and "forward" in vars(cls):
+            found.append(cls)
+    return found
+
+
+def _forward_as_node(cls: type) -> dict:
+    """Stand-ins for ``cls.forward`` (and ``setup_context``) while tracing: called by torch's own
+    ``apply`` with proxies, they make the one node ``_custom_function_apply`` makes, instead of
+    tracing through forward and losing the custom backward."""
+    forward = vars(cls)["forward"]
+    plain = forward.__func__ if isinstance(forward, (staticmethod, classmethod)) else forward
+    takes_ctx = not _is_setup_context_defined(cls)
+
+    def traced_forward(*args, **kwargs):
+        given = args[1:] if takes_ctx else args
+        proxies = [a for a in (*given, *kwargs.values()) if isinstance(a, fx.Proxy)]
+        if not proxies:
+            return plain(*args, **kwargs)
+        return proxies[0].tracer.create_proxy("call_function", FunctionApply.of(cls), given, kwargs)
+
+    stand_ins = {"forward": staticmethod(traced_forward)}
+    if not takes_ctx:
+        setup_context = cls.setup_context  # as resolved before the stand-in
+
+        def traced_setup_context(ctx, inputs, output):
+            if isinstance(output, fx.Proxy):
+                return None  # the node's own apply sets its context up when it runs
+            return setup_context(ctx, inputs, output)
+
+        stand_ins["setup_context"] = staticmethod(traced_setup_context)
+    return stand_ins
+
+
+def _is_setup_context_defined(cls: type) -> bool:
+    """Whether ``cls`` sets its context up in ``setup_context`` (forward then takes no ctx)."""
+    return cls.setup_context is not torch.autograd.function._SingleLevelFunction.setup_context
 
 
 def _refuse_reentrant_without_gradient(proxies: list[fx.Proxy]) -> None:

@@ -536,6 +536,16 @@ def test_custom_autograd_functions_keep_their_backward(tmp_path, stages):
     trains_as_eager(program_dir)
 
 
+def test_custom_functions_bound_before_tracing_keep_their_backward(tmp_path):
+    # Bound before tracing, apply once ran torch's own code on the tracer's proxies, which traced
+    # into forward: the reversal and the round's straight-through gradient were lost.
+    program_dir = compile_to(tmp_path, "tests/fixtures/custom_functions.py:bound_early", 2, microbatches=4)
+    code = "\n".join(stage_codes(program_dir))
+    for function in ("GradReverse", "Quantise_StraightThrough", "Scaled"):
+        assert f"self.functions.{function}.apply(" in code
+    trains_as_eager(program_dir)
+
+
 @pytest.mark.parametrize("fixture", ["custom_functions", "inplace"])
 def test_profile_times_custom_functions_and_in_place_layers(tmp_path, fixture):
     # --profile runs fx's own code for the graph, which must hold a Function's apply itself; and it

@@ -734,6 +734,23 @@ def test_a_frozen_tied_parameter_stays_as_it_was_under_adamw(tmp_path):
     assert before and all(torch.equal(after[n], value) for n, value in before.items())
 
 
+@pytest.mark.parametrize("factory", ["detached_features", "pseudo_labels"])
+def test_a_value_no_gradient_reaches_leaves_its_stage_without_gradients(tmp_path, factory):
+    """The backbone's output crosses the cut but the loss's gradient never reaches it (detached, or
+    read through argmax): the cut sends nothing back, so the backbone's gradients stay None as in
+    eager. A zero gradient sent back once gave them zeros, which AdamW's weight decay moved."""
+    program_dir = compile_to(tmp_path, f"tests/fixtures/fine_tuning.py:{factory}", 2, microbatches=4)
+    boundaries = json.loads((program_dir / "program.json").read_text())["boundaries"]
+    assert boundaries and not any(b["requires_grad"] for b in boundaries)
+    program = load_program(program_dir)
+    result = verify_in_process(program, steps=3, optimizer="adamw", lr=1e-2)
+    assert result.ok and result.max_parameter_difference == 0.0, "\n".join(result.lines())
+    pipeline = InProcessPipeline(program, seed=0, optimizer="adamw", lr=1e-2)
+    pipeline.step(next(batches(program, pipeline.spec, 0)))
+    gradients = pipeline.named_gradients()
+    assert gradients["inp.weight"] is None and gradients["blocks.0.1.weight"] is None
+
+
 @pytest.mark.parametrize("stages", [2, 3])
 @pytest.mark.parametrize(
     "factory, names",

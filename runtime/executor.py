@@ -434,6 +434,14 @@ def backward_input(
             rerun |= between
             clamped[idxs[0]] = lower
 
+    # Groups whose weight gradients I takes itself, beside the inputs' (see UNSPLIT_BACKWARDS).
+    taken = {
+        root
+        for root, idxs in members.items()
+        if any(i < len(intermediates) and intermediates[i].name() in UNSPLIT_BACKWARDS for i in idxs)
+    }
+    taken_params = [p for root in taken for i in members[root] for p in found[i]]
+
     captured: dict[Node, tuple] = {}
     handles = [n.register_prehook(lambda g, n=n: captured.__setitem__(n, g)) for n in intermediates]
     if saved is not None:
@@ -445,15 +453,18 @@ def backward_input(
         needed = [(r, g) for (r, g), e in zip(rooted, edges) if input_side(e.node)]
         input_grads: list[torch.Tensor | None] = [None] * len(inputs)
         if needed and inputs:
-            input_grads = list(
-                torch.autograd.grad(
-                    [r for r, _ in needed],
-                    inputs,
-                    [g for _, g in needed],
-                    retain_graph=bool(starts),
-                    allow_unused=True,
-                )
+            found_grads = torch.autograd.grad(
+                [r for r, _ in needed],
+                [*inputs, *taken_params],
+                [g for _, g in needed],
+                retain_graph=len(taken) < len(members),
+                allow_unused=True,
             )
+            input_grads = list(found_grads[: len(inputs)])
+            for param, grad in zip(taken_params, found_grads[len(inputs) :]):
+                if grad is not None:
+                    # What AccumulateGrad does, in the same micro-batch order as under B.
+                    param.grad = grad if param.grad is None else param.grad + grad
     finally:
         for handle in handles:
             handle.remove()
@@ -463,7 +474,9 @@ def backward_input(
             saved.log = None
 
     groups = []
-    for idxs in members.values():
+    for root, idxs in members.items():
+        if root in taken:
+            continue
         restart, restart_grads = [], []
         for i in idxs:
             if i < len(intermediates):
@@ -481,6 +494,13 @@ def backward_input(
             clamp = [(n, captured[n]) for n in clamped.get(idxs[0], ()) if n in captured]
             groups.append(_WeightGroup(restart, restart_grads, group_params, clamp))
     return input_grads, PendingWeightGrads(groups, saved)
+
+
+# Backward nodes whose kernels must be asked for their input's gradient whenever they run: W
+# would restart them for their weight's alone, which torch's CPU GroupNorm backward on a
+# channels-last input does not survive (a segmentation fault, torch 2.13), so I takes those
+# layers' weight gradients with the inputs'.
+UNSPLIT_BACKWARDS = frozenset({"NativeGroupNormBackward0"})
 
 
 def _input_side_between(

@@ -267,3 +267,25 @@ def test_checkpointed_region_is_recomputed_for_i_and_for_w(ends_in):
 
     params = [*block.parameters(), *head.parameters()]
     split_versus_full(forward, [torch.randn(4, 8, requires_grad=True)], params)
+
+
+def test_group_norm_weights_are_taken_in_i_on_a_channels_last_input():
+    """W would restart GroupNorm's backward for its weight and bias alone, which torch's CPU kernel
+    on a channels-last input does not survive (a segmentation fault); I takes them beside the
+    input's gradient, and the gradients are the full backward's."""
+    torch.manual_seed(0)
+    conv, norm = nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(4, 8)
+    conv, norm = conv.to(memory_format=torch.channels_last), norm.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    params = [*conv.parameters(), *norm.parameters()]
+
+    def loss():
+        return norm(conv(x)).square().mean()
+
+    want = torch.autograd.grad(loss(), [x, *params])
+    (dx,), pending = backward_input([loss()], None, [x], params)
+    assert all(p.grad is not None for p in norm.parameters())  # taken in I
+    backward_weight(pending)
+    assert torch.equal(dx, want[0])
+    for p, g in zip(params, want[1:]):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=1e-6)

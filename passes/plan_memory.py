@@ -159,12 +159,98 @@ def _plan(gm: fx.GraphModule, ctx: CompileContext, stage_times: list[float]):
                 if memory.total <= budget:
                     break
             if memory.total > budget:
+                chosen, memory = _merged_until_fits(ctx, nodes, own, stage, live, budget, chosen, memory)
+            if memory.total > budget:
                 raise StageDoesNotFit(stage, _does_not_fit(stage, memory, budget, bool(chosen), left_out))
         times[stage] += sum(r.recompute_seconds for r in chosen)
         memories.append(memory)
         order = ctx.partition.compute_order
         regions.extend(sorted(chosen, key=lambda r: order.index(r.nodes[0])))
     return times, memories, regions, notes
+
+
+def _merged_until_fits(
+    ctx: CompileContext,
+    nodes,
+    own: list[fx.Node],
+    stage: int,
+    live: int,
+    budget: int,
+    chosen: list[Region],
+    memory: StageMemory,
+) -> tuple[list[Region], StageMemory]:
+    """Where recomputing every layer one by one is not enough, neighbouring layers recomputed as
+    one region: each layer keeps its input for backward, and two layers recomputed together keep
+    only the first's, so the value passed between them is freed (what ``torch.utils.checkpoint``
+    of a run of an ``nn.Sequential`` gains; a flat ``nn.Sequential``'s single items free nothing
+    alone). Starting from every recomputable layer of the stage as a region, the pair whose
+    merging lowers the stage's peak most is merged, until the stage fits or no merge lowers it.
+    Root code between two layers (a residual sum) joins their region."""
+    position = {node.name: i for i, node in enumerate(own)}
+    spans = [
+        Region(key, stage, tuple(n.name for n in run), 0.0, sum(n.meta["ppc.cost"].forward_time for n in run))
+        for key, run in layer_runs(own)
+        if all(recomputable(n) for n in run)
+    ]
+    if len(spans) < 2:
+        return chosen, memory
+    best_regions, best = chosen, memory
+    regions, current = spans, stage_memory(ctx, nodes, own, live, spans)
+    while current.total > budget and len(regions) > 1:
+        trials = []
+        for i in range(len(regions) - 1):
+            merged = _merged(regions[i], regions[i + 1], own, position)
+            if merged is not None:
+                trial = [*regions[:i], merged, *regions[i + 2 :]]
+                trials.append((stage_memory(ctx, nodes, own, live, trial).total, i, trial))
+        if not trials:
+            break
+        total, _, trial = min(trials, key=lambda t: t[:2])
+        if total >= current.total:
+            break
+        regions, current = trial, stage_memory(ctx, nodes, own, live, trial)
+    # A layer that frees nothing alone and joined no neighbour is left out where that costs nothing.
+    for region in list(regions):
+        trial = [r for r in regions if r is not region]
+        if " .. " not in region.name:
+            memory_without = stage_memory(ctx, nodes, own, live, trial)
+            if memory_without.total <= current.total:
+                regions, current = trial, memory_without
+    if current.total < best.total:
+        best_regions, best = _with_saved_bytes(ctx, nodes, own, live, regions), current
+    return best_regions, best
+
+
+def _merged(first: Region, second: Region, own: list[fx.Node], position: dict[str, int]) -> Region | None:
+    """``first`` and ``second`` as one region, with the root code between them; None where a node
+    between them belongs to a layer or may not be recomputed."""
+    between = own[position[first.nodes[-1]] + 1 : position[second.nodes[0]]]
+    if not all(recomputable(n) for n in between):
+        return None
+    if any(region_layer(n, set())[0] is not None for n in between):
+        return None
+    first_name = first.name.split(" .. ")[0]
+    last_name = second.name.split(" .. ")[-1]
+    return Region(
+        f"{first_name} .. {last_name}",
+        first.stage,
+        (*first.nodes, *(n.name for n in between), *second.nodes),
+        0.0,
+        first.recompute_seconds
+        + second.recompute_seconds
+        + sum(n.meta["ppc.cost"].forward_time for n in between),
+    )
+
+
+def _with_saved_bytes(ctx, nodes, own, live, regions: list[Region]) -> list[Region]:
+    """``regions`` each with the activation bytes it frees beside those before it, as the plan
+    reports them."""
+    counted, before = [], stage_memory(ctx, nodes, own, live, []).activations_per_microbatch
+    for region in regions:
+        after = stage_memory(ctx, nodes, own, live, [*counted, region]).activations_per_microbatch
+        counted.append(dataclasses.replace(region, saved_bytes=before - after))
+        before = after
+    return counted
 
 
 _BUFFER_NOTE = (
@@ -228,24 +314,62 @@ def _layer_list(names: list[str]) -> str:
 
 
 def layer_runs(own: list[fx.Node]) -> list[tuple[str, list[fx.Node]]]:
-    """Maximal runs of consecutive nodes of one layer (``h.3``), each with the layer's FQN; a layer
-    forward calls again (ALBERT's one block, run six times) has a run per call, the later ones
-    named by their call (``block.1 call 2``), as each is a region of its own."""
-    runs: list[tuple[str | None, list[fx.Node]]] = []
+    """Maximal runs of consecutive nodes of one layer call (:func:`region_layer`), each named by
+    its layer and, where forward calls the layer more than once, by its call (``block call 3``:
+    ALBERT's one block, run six times): the regions that recomputation chooses among. A run its
+    call makes again after another layer's nodes is named by its part (``head part 2``)."""
+    shared = called_more_than_once(own)
+    runs: list[tuple[tuple[str, int] | None, list[fx.Node]]] = []
     for node in own:
-        found = layer_of(node)
-        key = f"{found[0]}.{found[1]}" if found else None
+        layer, call = region_layer(node, shared)
+        key = None if layer is None else (layer, call)
         if key is not None and runs and runs[-1][0] == key:
             runs[-1][1].append(node)
         else:
             runs.append((key, [node]))
-    calls: dict[str, int] = {}
+    parts: dict[str, int] = {}
     named = []
     for key, run in runs:
-        if key is not None:
-            calls[key] = calls.get(key, 0) + 1
-            named.append((key if calls[key] == 1 else f"{key} call {calls[key]}", run))
+        if key is None:
+            continue
+        name = key[0] if key[1] == 1 else f"{key[0]} call {key[1]}"
+        parts[name] = parts.get(name, 0) + 1
+        named.append((name if parts[name] == 1 else f"{name} part {parts[name]}", run))
     return named
+
+
+def called_more_than_once(nodes: list[fx.Node]) -> set[str]:
+    """The modules forward calls more than once (ALBERT's one block, a siamese backbone), by
+    name: fx keys each later call's module stack entry ``name@call``."""
+    if not nodes:
+        return set()
+    return {
+        name
+        for node in nodes[0].graph.nodes
+        for key, (name, _) in (node.meta.get("nn_module_stack") or {}).items()
+        if "@" in key
+    }
+
+
+def region_layer(node: fx.Node, shared: set[str]) -> tuple[str | None, int]:
+    """The layer a node belongs to as recomputation sees it, and which call of it (1 for the
+    first): a repeated layer (``h.3``) where the module path has one; inside a module forward
+    calls more than once, that module (ALBERT's one ``nn.Sequential``, whose children are its
+    parts), or the repeated layer inside it (``backbone.layers.2``); otherwise the root's child
+    the node runs in (``encoder``, ``down1``), so that a model of named blocks has layers too.
+    None: the root's own code, and the leaf modules it calls itself (its embedding, its head)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    found = layer_of(node)
+    layer = f"{found[0]}.{found[1]}" if found else None
+    for key, (name, _) in stack.items():
+        if name in shared:
+            if not (found and found[0].startswith(name + ".")):
+                layer = name
+            return layer, int(key.split("@", 1)[1]) + 1 if "@" in key else 1
+    if layer is not None or node.op == "call_module" and "." not in node.target:
+        return layer, 1  # a leaf the root calls itself (its embedding, its head) is no block
+    path = node.target if node.op == "call_module" else next(iter(stack.values()), ("",))[0]
+    return path.split(".", 1)[0] or None, 1
 
 
 def buffer_writing_layers(own: list[fx.Node]) -> list[str]:
@@ -372,9 +496,11 @@ def stage_memory(
 
 
 def _search_under_recomputation(gm: fx.GraphModule, ctx: CompileContext):
-    """(cuts, plan) of the fastest partition that fits with every layer it may recompute
-    recomputed (stage times counting all that recomputation), its recomputation then planned as
-    for any cuts; None when no partition fits so."""
+    """(cuts, plan) of the fastest partition found that fits with every layer it may recompute
+    recomputed, its recomputation then planned as for any cuts; None when no partition fits so.
+    Two partitions are planned: the fastest counting all that recomputation, and the fastest
+    counting none of it (a plan recomputes only what its stages need, so the second can be the
+    faster: a shared block's six calls, two of which must be recomputed)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     order = [nodes[name] for name in ctx.partition.compute_order]
     n, K = len(order), ctx.num_stages
@@ -383,7 +509,6 @@ def _search_under_recomputation(gm: fx.GraphModule, ctx: CompileContext):
     budget = ctx.config.memory_per_device
     within = memory.fits(budget, ctx.live_microbatches)
     del memory  # n x n matrices each: a 4,000-node graph's are 128 MB apiece
-    recomputing = cost + seconds
     ruled_out: dict[int, list[tuple[int, int]]] = {k: [] for k in range(K)}
 
     def fits(k: int) -> torch.Tensor:
@@ -394,16 +519,22 @@ def _search_under_recomputation(gm: fx.GraphModule, ctx: CompileContext):
                 allowed[start, end] = False
         return allowed
 
-    for _ in range(RECOMPUTE_SEARCHES):
-        cuts = solve_partition(recomputing, K, fits)
-        if cuts is None:
-            return None
-        try:
-            return cuts, _plan_cuts(gm, ctx, cuts, stage_times_for(cost, cuts))
-        except StageDoesNotFit as e:
-            bounds = [0, *cuts, n]
-            ruled_out[e.stage].append((bounds[e.stage], bounds[e.stage + 1] - 1))
-    return None
+    plans = []
+    for objective in (cost + seconds, cost):
+        for _ in range(RECOMPUTE_SEARCHES):
+            cuts = solve_partition(objective, K, fits)
+            if cuts is None:
+                break
+            if any(cuts == found for found, _ in plans):
+                break
+            try:
+                plans.append((cuts, _plan_cuts(gm, ctx, cuts, stage_times_for(cost, cuts))))
+                break
+            except StageDoesNotFit as e:
+                bounds = [0, *cuts, n]
+                ruled_out[e.stage].append((bounds[e.stage], bounds[e.stage + 1] - 1))
+    # On a tie the first: the partition that counted all its recomputation.
+    return min(plans, key=lambda p: max(p[1][0]), default=None)
 
 
 def recomputed_segment_memory(

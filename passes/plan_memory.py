@@ -317,7 +317,7 @@ def layer_runs(own: list[fx.Node]) -> list[tuple[str, list[fx.Node]]]:
     """Maximal runs of consecutive nodes of one layer call (:func:`region_layer`), each named by
     its layer and, where forward calls the layer more than once, by its call (``block call 3``:
     ALBERT's one block, run six times): the regions that recomputation chooses among. A run its
-    call makes again after another layer's nodes is named by its part (``head part 2``)."""
+    call makes again after another layer's nodes is named by its part (``h.3 part 2``)."""
     shared = called_more_than_once(own)
     runs: list[tuple[tuple[str, int] | None, list[fx.Node]]] = []
     for node in own:

@@ -804,7 +804,7 @@ def _model_functions(base: type) -> list[type]:
     while pending:
         cls = pending.pop()
         pending.extend(cls.__subclasses__())
-        if not cls.__module__.startswith("torch") and "forward" in vars(cls):
+        if not cls.__module__.startswith("torch.") and "forward" in vars(cls):
             found.append(cls)
     return found
 

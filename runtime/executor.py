@@ -434,11 +434,13 @@ def backward_input(
             rerun |= between
             clamped[idxs[0]] = lower
 
-    # Groups whose weight gradients I takes itself, beside the inputs' (see UNSPLIT_BACKWARDS).
+    # Groups whose weight gradients I takes itself, beside the inputs' (see UNSPLIT_BACKWARDS):
+    # only groups I's backward reaches whole, with no root of their own that I does not start from.
     taken = {
         root
         for root, idxs in members.items()
-        if any(i < len(intermediates) and intermediates[i].name() in UNSPLIT_BACKWARDS for i in idxs)
+        if all(i < len(intermediates) for i in idxs)
+        and any(intermediates[i].name() in UNSPLIT_BACKWARDS for i in idxs)
     }
     taken_params = [p for root in taken for i in members[root] for p in found[i]]
 

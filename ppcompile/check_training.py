@@ -658,6 +658,8 @@ def verify_in_process(
         if rtol is None:
             rtol, precision = precision_rtol({p.dtype for p in pipeline.named_parameters().values()})
         data = batches(program, pipeline.spec, seed)
+        # Every step's parameters where NoiseHeld sets eager's noise entries to them, else the last's.
+        holds_noise = optimizer in NOISE_STEP
         losses, grads, drew, stepped = [], {}, False, []
         for step in range(steps):
             microbatches = next(data)
@@ -666,13 +668,14 @@ def verify_in_process(
             drew |= moved(before, pipeline.random_states())
             if step == 0:
                 grads = {n: g.cpu().clone() for n, g in pipeline.named_gradients().items() if g is not None}
-            stepped.append({n: p.detach().cpu().clone() for n, p in pipeline.named_parameters().items()})
+            if holds_noise or step == steps - 1:
+                stepped.append({n: p.detach().cpu().clone() for n, p in pipeline.named_parameters().items()})
         params = stepped[-1]
         buffers = {
             n: {rank: b.detach().cpu().clone() for rank, b in copies.items()}
             for n, copies in pipeline.named_buffers().items()
         }
-        noise = NoiseHeld(stepped, lr * NOISE_STEP[optimizer]) if optimizer in NOISE_STEP else None
+        noise = NoiseHeld(stepped, lr * NOISE_STEP[optimizer]) if holds_noise else None
         eager = eager_training(program, steps, optimizer, lr, seed, device, reference, noise)
     result = compare(
         losses,

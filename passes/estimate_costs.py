@@ -21,6 +21,9 @@ Keys written on each node:
   ppc.writes_buffers   whether its forward updates a model buffer in place (BatchNorm's running
                        statistics in training, ``self.steps.add_(1)``): running it twice, as
                        recomputation in backward does, would update the buffer twice
+  ppc.writes_input  whether a model's own ``torch.autograd.Function`` writes its first argument in
+                    place (``ctx.mark_dirty``, as InPlace-ABN does), which no node shows:
+                    ``order_mutations.is_in_place`` reads it
   ppc.dim_order  a tensor whose memory is dense but not in its dims' order (``a.transpose(1, 2) +
                  b`` takes the transposed layout): its dims outermost first in memory, as CPU
                  kernels lay it out (:func:`device_layouts`); else (). A send keeps that layout,
@@ -43,7 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ppcompile.context import CompileContext
 from ppcompile.passes.propagate_shapes import autocast_on_cpu, masks_without_values, run_fake_cpu, run_meta
 from ppcompile.runtime.executor import held_storages
-from ppcompile.tracer import is_effect, rebind_buffer, under_regions
+from ppcompile.tracer import autograd_function, is_effect, rebind_buffer, under_regions
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ def estimate_costs(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     for node in gm.graph.nodes:
         node.meta["ppc.view_of"] = None
         node.meta["ppc.writes_buffers"] = writes_buffers(gm, node, values, buffers)
+        node.meta["ppc.writes_input"] = writes_its_input(node, values)
         node.meta["ppc.dim_order"] = memory_order(layouts.get(node.name))
         if costs_nothing(node):
             node.meta["ppc.cost"] = ZERO
@@ -233,6 +237,29 @@ def writes_buffers(gm: fx.GraphModule, node: fx.Node, values: dict, buffers: set
         return module is not None
     owned = {StorageWeakRef(b.untyped_storage()) for b in module.buffers()} if module is not None else set()
     return bool(recorder.written & (buffers | owned))
+
+
+def writes_its_input(node: fx.Node, values: dict) -> bool:
+    """Whether ``node``, a model's own ``torch.autograd.Function``, writes its first argument in
+    place, found by running it on meta copies of its arguments."""
+    first = node.args[0] if node.args else None
+    if node.op != "call_function" or autograd_function(node.target) is None or not isinstance(first, fx.Node):
+        return False
+
+    def copied(n: fx.Node):
+        value = values.get(n.name)
+        return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+    args, kwargs = fx.node.map_arg(node.args, copied), fx.node.map_arg(node.kwargs, copied)
+    if not isinstance(args[0], torch.Tensor):
+        return False
+    recorder = _BufferWrites()
+    try:
+        with torch.device("meta"), torch.no_grad(), recorder:
+            node.target(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - an op meta cannot run: as traced, a call like any other
+        return False
+    return StorageWeakRef(args[0].untyped_storage()) in recorder.written
 
 
 def device_layouts(gm: fx.GraphModule, ctx: CompileContext, device_values: dict) -> dict[str, object]:

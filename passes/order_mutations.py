@@ -39,7 +39,10 @@ _INPLACE_OPERATORS = {
 
 
 def is_in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Whether ``node`` writes into its first argument."""
+    """Whether ``node`` writes into its first argument (a model's own autograd Function that marks it
+    dirty: as ``estimate_costs`` found it, once that pass has run)."""
+    if node.meta.get("ppc.writes_input"):
+        return True
     if node.op == "call_method":
         return node.target.endswith("_") and not node.target.endswith("__")
     if node.op == "call_function":
@@ -137,6 +140,35 @@ def storage_of(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
             break
         node = node.args[0]
     return node
+
+
+def inputs_written(gm: fx.GraphModule, run: list[fx.Node]) -> list[fx.Node] | None:
+    """The values made before ``run`` that its nodes write in place, as ``run`` reads them
+    (``x += self.shift`` on a layer's input): run again, as recomputation in backward runs it, it
+    must write a copy, or it would start from the written value. None where a node writes one
+    through a view (``x[:, :1] += 1`` of a slice taken before ``run``, ``x.view(-1).zero_()``): a
+    copy would hide the write from what else reads the viewed tensor."""
+    names = {n.name for n in run}
+    written = []
+    for node in run:
+        target = node.args[0] if node.args else None
+        if not isinstance(target, fx.Node) or not is_in_place(gm, node):
+            continue
+        if storage_of(gm, target).name in names:
+            continue  # the run's own value
+        # Earlier writes before the run hand on the same tensor; any view on the way is shared.
+        source = target
+        while source.name not in names and is_in_place(gm, source):
+            source = source.args[0]
+        if source.name in names or _made_as_view(source):
+            return None
+        if target not in written:
+            written.append(target)
+    return written
+
+
+def _made_as_view(node: fx.Node) -> bool:
+    return node.meta.get("ppc.view_of") is not None or is_view(node)
 
 
 def is_view(node: fx.Node) -> bool:

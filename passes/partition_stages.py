@@ -91,6 +91,7 @@ def partition_stages(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     if K < 1:
         raise CompileError(f"--stages must be at least 1, got {K}")
     order = compute_order(gm)
+    _refuse_renormed_weights_read_elsewhere(gm, ctx, order)
     times, values, forbidden = partition_problem(gm, ctx, order)
     legal_cuts = len(order) - 1 - len(forbidden)
     held = _held_together(gm, order)
@@ -274,7 +275,67 @@ def partition_problem(gm, ctx, order, weight=None):
         forbidden.update(range(position[first.name] + 1, position[written.name] + 1))
     for view, write in view_spans(gm, order):
         forbidden.update(range(position[view.name] + 1, position[write.name] + 1))
+    for _, first, last in renormed_spans(gm, order):
+        forbidden.update(range(position[first.name] + 1, position[last.name] + 1))
     return times, values, forbidden
+
+
+def renormed_spans(gm: fx.GraphModule, order: list[fx.Node]) -> list[tuple[str, fx.Node, fx.Node]]:
+    """Each weight of an ``nn.Embedding(max_norm=...)`` looked up more than once (the embedding
+    called twice, as T5 shares one), by name, with its first and last lookup. No cut may fall
+    between them: each lookup rescales the rows it reads in place, and a copy of the weight on
+    another rank would never see the rescaling."""
+    return [
+        (weight, lookups[0], lookups[-1])
+        for weight, (lookups, _) in _renormed_uses(gm, order).items()
+        if len(lookups) > 1
+    ]
+
+
+def _renormed_uses(
+    gm: fx.GraphModule, order: list[fx.Node]
+) -> dict[str, tuple[list[fx.Node], list[fx.Node]]]:
+    """Each weight of an ``nn.Embedding(max_norm=...)`` by name: (the nodes that look it up through
+    such an embedding, the other nodes that read it: a head tied to it)."""
+    renormed = {
+        id(m.weight): name + ".weight"
+        for name, m in gm.named_modules(remove_duplicate=False)
+        if isinstance(m, torch.nn.Embedding) and m.max_norm is not None
+    }
+    if not renormed:
+        return {}
+    parameters = {name: id(p) for name, p in gm.named_parameters(remove_duplicate=False)}
+    uses: dict[str, tuple[list[fx.Node], list[fx.Node]]] = {}
+    for node in order:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            held = {id(p) for p in module.parameters()}
+            lookup = isinstance(module, torch.nn.Embedding) and module.max_norm is not None
+        else:
+            held = {parameters[n.target] for n in node.all_input_nodes if n.target in parameters}
+            lookup = False
+        for weight in held & renormed.keys():
+            lookups, others = uses.setdefault(renormed[weight], ([], []))
+            (lookups if lookup else others).append(node)
+    return uses
+
+
+def _refuse_renormed_weights_read_elsewhere(
+    gm: fx.GraphModule, ctx: CompileContext, order: list[fx.Node]
+) -> None:
+    """A max_norm embedding's weight that another node reads too (an LM head tied to it): with
+    micro-batches, a later micro-batch's lookup rescales rows under an earlier one's head, which
+    read them before (and in backward needs them as they were), where the model's one forward
+    rescales every row of the batch before the head reads any."""
+    for weight, (_, others) in _renormed_uses(gm, order).items():
+        if others:
+            owner = gm.get_submodule(weight.rpartition(".")[0])
+            raise CompileError(
+                f"{ctx.ref}: `{weight}` belongs to an nn.Embedding with max_norm={owner.max_norm}, which "
+                f"rescales it in place at each lookup, and `{others[0].name}` reads it too (a tied head): "
+                "each micro-batch's lookup would rescale rows under the micro-batches before it; untie them "
+                "or drop max_norm"
+            )
 
 
 def view_spans(gm: fx.GraphModule, order: list[fx.Node]) -> list[tuple[fx.Node, fx.Node]]:
@@ -317,6 +378,13 @@ def _held_together(gm: fx.GraphModule, order: list[fx.Node]) -> list[str]:
                 f"buffer `{buffer}` is read by `{first.name}` and {last_does} `{last.name}` {between} nodes "
                 f"later: no cut falls between them, {_HELD_NOTE}"
             )
+    for weight, first, last in renormed_spans(gm, order):
+        notes.append(
+            f"`{weight}` belongs to an nn.Embedding with max_norm, which rescales it in place at each "
+            f"lookup; it is used by `{first.name}` and `{last.name}` "
+            f"{position[last.name] - position[first.name]} nodes later: no cut falls between them, "
+            f"{_HELD_NOTE}"
+        )
     return notes
 
 

@@ -7,7 +7,9 @@ recomputed in backward (activation checkpointing, non-reentrant): its layers (``
 ``layers.7``), cheapest recompute per byte saved first, until it fits. A recomputed region
 keeps only its inputs for backward and pays its forward time again in backward. A layer whose
 forward updates a buffer in place (BatchNorm's running statistics in training) is never
-recomputed: its second forward would update the buffer again.
+recomputed: its second forward would update the buffer again; nor is one that changes a view of
+its input in place (``x[:, :1] += 1``): its second forward would start from the changed input.
+A layer that changes its input itself in place (``x += self.shift``) writes a copy of it.
 
 The partitioner hands over two partitions: the fastest, and the fastest that fits without
 recomputation. Each is planned, and the faster (with its recomputation) is kept; on a tie the one
@@ -45,6 +47,7 @@ from ppcompile.memory import (
     storage_root,
     working_bytes,
 )
+from ppcompile.passes.order_mutations import inputs_written
 from ppcompile.passes.partition_stages import (
     SegmentMemory,
     assign_stages,
@@ -113,7 +116,7 @@ def plan_memory(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     partition.stage_times = stage_times
     ctx.memory, ctx.regions = memory, regions
     # This pass runs again when --profile cuts again: only the kept plan's notes stay.
-    ctx.notes = [n for n in ctx.notes if not n.endswith(_BUFFER_NOTE)] + notes
+    ctx.notes = [n for n in ctx.notes if not n.endswith(tuple(_NOT_RECOMPUTED_NOTES.values()))] + notes
     nodes = {n.name: n for n in gm.graph.nodes}
     for node in nodes.values():
         node.meta["ppc.checkpoint"] = None
@@ -146,9 +149,11 @@ def _plan(gm: fx.GraphModule, ctx: CompileContext, stage_times: list[float]):
         chosen: list[Region] = []
         memory = stage_memory(ctx, nodes, own, live, chosen)
         if budget is not None and memory.total > budget:
-            left_out = buffer_writing_layers(own)
-            if left_out:
-                notes.append(f"{_layer_list(left_out)} on stage {stage}: {_BUFFER_NOTE}")
+            left_out = layers_not_recomputed(own)
+            notes += [
+                f"{_layer_list(names)} on stage {stage}: {_NOT_RECOMPUTED_NOTES[why]}"
+                for why, names in left_out.items()
+            ]
             for region in sorted(candidate_regions(nodes, own, stage), key=_price):
                 before = memory.activations_per_microbatch
                 chosen.append(region)
@@ -190,7 +195,7 @@ def _merged_until_fits(
     spans = [
         Region(key, stage, tuple(n.name for n in run), 0.0, sum(n.meta["ppc.cost"].forward_time for n in run))
         for key, run in layer_runs(own)
-        if all(recomputable(n) for n in run)
+        if why_not_recomputed(run) is None
     ]
     if len(spans) < 2:
         return chosen, memory
@@ -224,10 +229,11 @@ def _merged_until_fits(
 def _merged(first: Region, second: Region, own: list[fx.Node], position: dict[str, int]) -> Region | None:
     """``first`` and ``second`` as one region, with the root code between them; None where a node
     between them belongs to a layer or may not be recomputed."""
+    start, end = position[first.nodes[0]], position[second.nodes[-1]]
     between = own[position[first.nodes[-1]] + 1 : position[second.nodes[0]]]
-    if not all(recomputable(n) for n in between):
-        return None
     if any(region_layer(n, set())[0] is not None for n in between):
+        return None
+    if why_not_recomputed(own[start : end + 1]) is not None:
         return None
     first_name = first.name.split(" .. ")[0]
     last_name = second.name.split(" .. ")[-1]
@@ -253,10 +259,15 @@ def _with_saved_bytes(ctx, nodes, own, live, regions: list[Region]) -> list[Regi
     return counted
 
 
-_BUFFER_NOTE = (
-    "not recomputed in backward, since their own code updates buffers in place "
-    "(self.ema.mul_(...), self.steps += 1) and a second forward would update them twice"
-)
+# Why a layer may not be recomputed, as the error names it -> the report's note.
+BUFFERS_WRITTEN = "update buffers in forward"
+INPUT_WRITTEN = "change a view of their input in place"
+_NOT_RECOMPUTED_NOTES = {
+    BUFFERS_WRITTEN: "not recomputed in backward, since their own code updates buffers in place "
+    "(self.ema.mul_(...), self.steps += 1) and a second forward would update them twice",
+    INPUT_WRITTEN: "not recomputed in backward, since they change a view of their input in place "
+    "(x[:, :1] += 1) and a second forward would start from the changed input",
+}
 
 
 def _price(region: Region) -> tuple[float, str]:
@@ -265,16 +276,16 @@ def _price(region: Region) -> tuple[float, str]:
 
 
 def _does_not_fit(
-    stage: int, memory: StageMemory, budget: int, recomputing: bool, left_out: list[str]
+    stage: int, memory: StageMemory, budget: int, recomputing: bool, left_out: dict[str, list[str]]
 ) -> str:
     short = memory.total - budget
     if left_out:
         # Named, since a BatchNorm network can fit no budget by recomputation and the user should see why.
-        why = f"{_layer_list(left_out)} update buffers in forward, which a second forward would update again"
+        which = " and ".join(f"{_layer_list(names)}, which {why}" for why, names in left_out.items())
         what = (
-            f"even recomputing in backward every layer but {_layer_list(left_out)}, which update buffers in forward"
+            f"even recomputing in backward every layer but {which}"
             if recomputing
-            else f"and no layer can be recomputed ({why})"
+            else f"and no layer can be recomputed ({which})"
         )
     elif recomputing:
         what = "even recomputing every layer in backward"
@@ -372,20 +383,37 @@ def region_layer(node: fx.Node, shared: set[str]) -> tuple[str | None, int]:
     return path.split(".", 1)[0] or None, 1
 
 
-def buffer_writing_layers(own: list[fx.Node]) -> list[str]:
-    """The layers among ``own`` that may not be recomputed: their own code updates buffers in
-    forward (``memory.recomputable``)."""
-    return [key for key, run in layer_runs(own) if not all(recomputable(n) for n in run)]
+def layers_not_recomputed(own: list[fx.Node]) -> dict[str, list[str]]:
+    """The layers among ``own`` that may not be recomputed, by why (:func:`why_not_recomputed`)."""
+    left_out: dict[str, list[str]] = {}
+    for key, run in layer_runs(own):
+        why = why_not_recomputed(run)
+        if why is not None:
+            left_out.setdefault(why, []).append(key)
+    return left_out
+
+
+def why_not_recomputed(run: list[fx.Node]) -> str | None:
+    """Why the nodes of ``run`` may not run again in backward, else None: they update a buffer
+    (``memory.recomputable``), or one writes in place, through a view, a tensor made before the
+    run (``x[:, :1] += 1`` of a slice taken before it; ``order_mutations.inputs_written``). An
+    input written in place directly (``x += self.shift``) is copied by the recomputed region first,
+    so that its second forward starts from the input forward read."""
+    if not all(recomputable(n) for n in run):
+        return BUFFERS_WRITTEN
+    if inputs_written(run[0].graph.owning_module, run) is None:
+        return INPUT_WRITTEN
+    return None
 
 
 def candidate_regions(nodes: dict[str, fx.Node], own: list[fx.Node], stage: int) -> list[Region]:
     """The layers of the stage whose recomputation frees memory: what the stage saves with the layer
     recomputed is less than without (a layer's last output, a ReLU's, is often still kept as the
-    next layer's input). Layers whose own code updates buffers in forward are left out."""
+    next layer's input). Layers :func:`why_not_recomputed` names are left out."""
     base, _ = activation_bytes(nodes, own, [])
     regions = []
     for key, run in layer_runs(own):
-        if not all(recomputable(n) for n in run):
+        if why_not_recomputed(run) is not None:
             continue
         seconds = sum(n.meta["ppc.cost"].forward_time for n in run)
         region = Region(key, stage, tuple(n.name for n in run), 0.0, float(seconds))
@@ -650,7 +678,7 @@ def _recomputing_frees(nodes, order, saved_at: dict[str, set[int]], a: int, b: i
     a temporary, or saves a storage that it does not read from outside and that no node outside it
     saves too (the next layer keeps a ReLU's output, wherever the cuts fall)."""
     run = order[a : b + 1]
-    if not all(recomputable(node) for node in run):
+    if why_not_recomputed(run) is not None:
         return False
     if any(node.meta["ppc.cost"].saved_temp_bytes > 0 for node in run):
         return True

@@ -174,23 +174,7 @@ def _tied_groups(gm: fx.GraphModule, ctx: CompileContext) -> list[dict]:
     for pid, stages in owners.items():
         if len(stages) > 1:
             groups.append({"parameters": sorted(names_used[pid]), "stages": sorted(stages)})
-            _refuse_renormed_in_forward(model, ctx, sorted(names_used[pid]), sorted(stages))
     return sorted(groups, key=lambda g: g["parameters"])
-
-
-def _refuse_renormed_in_forward(
-    model: nn.Module, ctx: CompileContext, names: list[str], stages: list[int]
-) -> None:
-    """``nn.Embedding(max_norm=...)`` rescales rows of its weight in place as it runs: a copy of the
-    weight on another stage (a tied LM head) would never see that."""
-    for name in names:
-        owner = model.get_submodule(name.rpartition(".")[0])
-        if isinstance(owner, nn.Embedding) and owner.max_norm is not None:
-            raise CompileError(
-                f"{ctx.ref}: `{name}` belongs to an nn.Embedding with max_norm={owner.max_norm}, which "
-                f"rescales it in place as it runs, and is tied to {', '.join(n for n in names if n != name)} "
-                f"on stages {stages}, whose copies would not be rescaled; untie them or drop max_norm"
-            )
 
 
 def _is_parameter(model: nn.Module, fqn: str) -> bool:

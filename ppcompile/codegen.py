@@ -21,7 +21,7 @@ from torch import fx
 from ppcompile.context import CompileContext, StageGraph
 from ppcompile.errors import CompileError
 from ppcompile.memory import updates_own_buffers
-from ppcompile.passes.order_mutations import is_in_place, storage_of, written_buffers
+from ppcompile.passes.order_mutations import inputs_written, is_in_place, storage_of, written_buffers
 from ppcompile.runtime.outputs import output_leaves
 from ppcompile.runtime.spec import MODEL_FILE, MODEL_MODULE_PREFIX
 from ppcompile.runtime.stage import function_attribute
@@ -470,9 +470,15 @@ def _checkpoint_region(
     if len(outputs) == 1 and outputs[0].meta.get("ppc.kind") == "tensor":
         call[-1] += _comment(outputs[0])
     statements = [_node_statement(emitter, n) for n in nodes]
+    # A copy of each input the region writes in place: its second run must start from what forward read.
+    copies = [
+        f"{emitter.names[n.name]} = {emitter.names[n.name]}.clone()  # a copy: changed in place below, and recomputed from what forward read"
+        for n in inputs_written(ctx.spec.module, nodes)
+    ]
     method = [
         f"    def {method_name}(self, {args}):",
         f'        """{region}: run in forward without saving activations, and again in backward."""',
+        *("        " + line for line in copies),
         *("        " + line for line in _freeing_after_last_use(emitter, statements, kept=outputs)),
         f"        return {returned}",
     ]

@@ -699,3 +699,29 @@ def test_blocks_held_as_named_attributes_can_be_recomputed(tmp_path):
     result, outcome = _squeezed(tmp_path, f"{LAYOUTS}:named_blocks", 0.6)
     assert {r.name.split(".")[0] for r in result.ctx.regions} >= {"enc1", "enc2"}
     assert outcome.ok, "\n".join(outcome.lines())
+
+
+def test_a_block_that_changes_its_input_in_place_is_recomputed_from_a_copy(tmp_path):
+    """``x += self.shift`` at a block's start writes the tensor the block before returned. The
+    recomputing method copies it first: run again in backward from the written input, the block
+    would add the shift twice, and autograd refuses the saved input changed since."""
+    result, outcome = _squeezed(tmp_path, f"{LAYOUTS}:shifted_input", 0.8)
+    assert any(r.name.startswith("blocks.") for r in result.ctx.regions)
+    code = "\n".join(text for name, text in result.files.items() if name.endswith(".py"))
+    assert ".clone()  # a copy: changed in place below" in code
+    assert outcome.ok, "\n".join(outcome.lines())
+
+
+def test_a_block_that_changes_a_view_of_its_input_is_not_recomputed():
+    """``x[:, :1] += ...`` writes the block's input through a slice: a copy would hide the write
+    from whatever else reads the input, so the block is left out, and the error says why."""
+    config = CompileConfig(stages=2, microbatches=4)
+    peak = max(
+        m["total"] for m in compile_model(f"{LAYOUTS}:token_written", config).program["costs"]["memory"]
+    )
+    with pytest.raises(CompileError) as error:
+        compile_model(
+            f"{LAYOUTS}:token_written", dataclasses.replace(config, memory_per_device=int(peak * 0.8))
+        )
+    assert len(str(error.value).splitlines()) == 1
+    assert "which change a view of their input in place" in str(error.value)

@@ -546,6 +546,27 @@ def test_custom_functions_bound_before_tracing_keep_their_backward(tmp_path):
     trains_as_eager(program_dir)
 
 
+def test_an_embedding_with_max_norm_looked_up_twice_keeps_both_lookups_on_one_stage(tmp_path):
+    # Each lookup rescales the rows it reads in place: cut apart, the second lookup's stage would
+    # hold a copy of the weight the first never rescales. Before, the compile was refused.
+    program_dir = compile_to(tmp_path, "tests/fixtures/weights_written.py:shared_max_norm", 4, microbatches=4)
+    codes = stage_codes(program_dir)
+    assert [code.count("self.embed(") for code in codes] == [2, 0, 0, 0]
+    trains_as_eager(program_dir)
+
+
+def test_a_custom_function_that_marks_its_input_dirty_gets_a_copy_of_what_it_receives(tmp_path):
+    # ScaleInPlace writes its input and marks it dirty; right after a cut that input is a received
+    # leaf, which autograd does not let change in place: the stage copies it first, as it copies a
+    # received tensor that x += y writes.
+    program_dir = compile_to(tmp_path, "tests/fixtures/custom_functions.py:marks_dirty", 2, microbatches=4)
+    code = "\n".join(stage_codes(program_dir))
+    assert (
+        "b = b.clone()  # changed in place below\n        apply = self.functions.ScaleInPlace.apply(b" in code
+    )
+    trains_as_eager(program_dir)
+
+
 @pytest.mark.parametrize("fixture", ["custom_functions", "inplace"])
 def test_profile_times_custom_functions_and_in_place_layers(tmp_path, fixture):
     # --profile runs fx's own code for the graph, which must hold a Function's apply itself; and it

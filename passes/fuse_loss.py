@@ -55,6 +55,16 @@ _PARAMETERS = (
 )
 
 
+# How the note begins where --fuse-loss found no loss it fuses: the CLI repeats it as a warning.
+NOTHING_FUSED = "--fuse-loss fused nothing"
+
+_SHAPE_FUSED = (
+    "it fuses F.cross_entropy (or nn.CrossEntropyLoss) of a linear layer's output, as it is or flattened "
+    "to (rows, V) and read by nothing else, with class-index targets, no class weights, no label smoothing "
+    "and reduction='mean'"
+)
+
+
 @dataclass(frozen=True)
 class _LossMatch:
     loss: fx.Node
@@ -86,6 +96,8 @@ def fuse_loss(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         _replace(gm, match)
         fused.append(match)
     if not fused:
+        if not any(n.startswith("loss not fused with") for n in ctx.notes):
+            ctx.notes.append(f"{NOTHING_FUSED}: {_why_nothing_matched(gm)}")
         return gm
     gm.graph.lint()
     gm.recompile()
@@ -155,6 +167,48 @@ def _match(gm: fx.GraphModule, loss: fx.Node) -> _LossMatch | None:
     if linear is not logits:
         removable += others + [linear]
     return _LossMatch(loss, linear, x, weight, bias, target, ignore_index, tuple(removable))
+
+
+def _why_nothing_matched(gm: fx.GraphModule) -> str:
+    """Why the first cross-entropy of the graph is not fused, or that there is none; with what
+    would be."""
+    loss = next((n for n in gm.graph.nodes if _loss_parameters(gm, n) is not None), None)
+    if loss is None:
+        return f"the model computes no cross-entropy; {_SHAPE_FUSED}"
+    params = _loss_parameters(gm, loss)
+    changed = [
+        f"{name}={params[name]!r}"
+        for name, default in _DEFAULTS.items()
+        if params.get(name, default) != default
+    ]
+    logits, target = params.get("input"), params.get("target")
+    if changed:
+        why = f"`{loss.name}` is called with {', '.join(changed)}"
+    elif isinstance(target, fx.Node) and target.meta.get("ppc.dtype") not in (torch.int64, torch.int32):
+        why = f"`{loss.name}` takes class probabilities as targets"
+    elif not isinstance(logits, fx.Node):
+        why = f"`{loss.name}` takes no graph value as its input"
+    else:
+        flattened = (logits.op == "call_method" and logits.target in _FLATTEN_METHODS) or (
+            logits.op == "call_function" and logits.target in _FLATTEN_FUNCTIONS
+        )
+        source = logits.args[0] if flattened and isinstance(logits.args[0], fx.Node) else logits
+        others = [u.name for u in source.users if u is not logits and u is not loss]
+        if linear_call(gm, source) is None:
+            why = f"`{loss.name}` takes `{source.name}` ({_made_by(source)}){' flattened' if flattened else ''}, not a linear layer's output"
+        else:
+            why = f"the output of `{source.name}` is read by more than the loss ({', '.join(others)})"
+    return f"{why}; {_SHAPE_FUSED}"
+
+
+def _made_by(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"made by a {type(node.graph.owning_module.get_submodule(node.target)).__name__}"
+    if node.op == "call_method":
+        return f"made by .{node.target}()"
+    if node.op == "call_function":
+        return f"made by {getattr(node.target, '__name__', node.target)}"
+    return "an input" if node.op == "placeholder" else node.op
 
 
 def _flattens_rows(flat: fx.Node, linear: fx.Node) -> bool:

@@ -42,7 +42,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from ppcompile.context import CompileContext, KnownValue
 from ppcompile.errors import CompileError
 from ppcompile.frontend import DECIDED_NOTE, source_line
-from ppcompile.tracer import has_autocast, is_effect, under_regions
+from ppcompile.tracer import autograd_function, has_autocast, is_effect, under_regions
 
 
 class ValueRecorder(fx.Interpreter):
@@ -234,6 +234,14 @@ def propagate_shapes(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                 "largest label, a tensor's value, which ppcompile cannot read: it sizes every value "
                 "from the input shapes; give num_classes (F.one_hot(y, num_classes=10))"
             ) from None
+        if "item() cannot be called on meta tensors" in first_line:
+            function = autograd_function(node.target)
+            what = f"`{function.__name__}.forward`" if function is not None else f"`{e.name}`"
+            raise CompileError(
+                f"{source_line(ctx, e.name)}: {what} reads a tensor's value as an int or float (.item()), "
+                "which ppcompile cannot: it sizes every value from the input shapes; keep it a tensor "
+                "(x.abs().amax().clamp_min(1e-8) rather than max(x.abs().max().item(), 1e-8))"
+            ) from None
         raise CompileError(
             f"{source_line(ctx, e.name)}: the shape of {e.name} cannot be computed from the input shapes "
             f"({type(e.error).__name__}: {first_line[:200]}); ppcompile sizes every value from them: "
@@ -303,6 +311,7 @@ def propagate_shapes(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         node.meta["ppc.nbytes"] = value.numel() * value.element_size()
     _items_after_their_tuple(gm)
     _refuse_batch_along_sequence(gm, ctx)
+    _note_samples_related(gm, ctx)
     if ctx.config.trains:
         _one_element_loss_as_scalar(gm, ctx)
         _refuse_a_loss_not_scalar(gm, ctx)
@@ -344,6 +353,31 @@ def _one_element_loss_as_scalar(gm: fx.GraphModule, ctx: CompileContext) -> None
     ctx.notes.append(
         f"the loss has shape {list(concrete)}: the program trains on its one element, as backward() does"
     )
+
+
+# How the note begins where forward relates the samples of a batch to each other: the CLI repeats
+# it as a warning, since micro-batches change what such a loss computes.
+SAMPLES_RELATED = "forward relates the samples of a micro-batch to each other"
+
+
+def _note_samples_related(gm: fx.GraphModule, ctx: CompileContext) -> None:
+    """A note where a value has the batch dim b in two dims (a contrastive loss's [b, b]
+    similarities): a pipeline, like gradient accumulation, computes it per micro-batch, so each
+    sample meets the micro-batch's rows, not the whole batch's."""
+    if ctx.config.microbatches == 1 or "b" not in ctx.symbols:
+        return
+    b = ctx.symbols["b"]
+    for node in gm.graph.nodes:
+        shape = node.meta.get("ppc.shape", ()) if node.meta.get("ppc.kind") == "tensor" else ()
+        if sum(1 for dim in shape if b in sympy.sympify(dim).free_symbols) >= 2:
+            shown = "[" + ", ".join(str(dim) for dim in shape) + "]"
+            ctx.notes.append(
+                f"{SAMPLES_RELATED}: {source_line(ctx, node.name)} is {shown}, so each sample meets the "
+                "other rows of its micro-batch only, not the whole batch's, as under gradient accumulation "
+                "(an in-batch contrastive loss gets fewer negatives); use fewer, larger micro-batches where "
+                "that matters, and lay out a batch of pairs so that each micro-batch holds whole pairs"
+            )
+            return
 
 
 def _is_integer_scalar(value) -> bool:

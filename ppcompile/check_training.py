@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import rnn as rnn_modules
 
 from ppcompile.runtime.loader import Program
 from ppcompile.runtime.outputs import as_returned, output_leaves
@@ -328,11 +329,39 @@ def _attention_without_dropout(attention: Callable, dropped: list[str]) -> Calla
 # stage code by the builtin's.
 ATTENTION_HOMES = (F, torch._C._nn)
 
+# The kernels nn.LSTM, nn.GRU and nn.RNN call through torch.nn.modules.rnn's ``_VF``, which drop
+# between stacked layers themselves (``dropout=`` with ``num_layers`` > 1), not through F.dropout.
+RECURRENT_KERNELS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+
+
+class _RecurrentWithoutDropout:
+    """torch's ``_VF`` as ``torch.nn.modules.rnn`` calls it, its recurrent kernels with dropout 0,
+    noting in ``dropped`` every call that would have dropped. The kernels take dropout just before
+    the training flag: ``(input, hx, params, has_biases, num_layers, dropout, train, ...)``, or with
+    ``batch_sizes`` after the input for a packed sequence."""
+
+    def __init__(self, vf, dropped: list[str]):
+        self._vf, self._dropped = vf, dropped
+
+    def __getattr__(self, name: str):
+        found = getattr(self._vf, name)
+        if name not in RECURRENT_KERNELS:
+            return found
+
+        def switched_off(*args):
+            at = 5 if isinstance(args[3], bool) else 6  # args[3]: has_biases, or a packed call's params
+            if args[at] > 0 and args[at + 1]:
+                self._dropped.append(f"nn.{name.split('_')[0].upper()}")
+            return found(*args[:at], 0.0, *args[at + 1 :])
+
+        return switched_off
+
 
 @contextmanager
 def dropout_switched_off() -> Iterator[list[str]]:
-    """Within, every ``torch.nn.functional`` dropout runs with p = 0, and scaled dot-product
-    attention with ``dropout_p`` 0, for modules and stage code alike; yields the list of calls that
+    """Within, every ``torch.nn.functional`` dropout runs with p = 0, scaled dot-product attention
+    with ``dropout_p`` 0, and nn.LSTM, nn.GRU and nn.RNN without dropout between their layers, for
+    modules and stage code alike; yields the list of calls that
     would have dropped. Restored on the way out."""
     dropped: list[str] = []
     # (where, name, what replaces it while inside)
@@ -344,6 +373,7 @@ def dropout_switched_off() -> Iterator[list[str]]:
         )
         for home in ATTENTION_HOMES
     ]
+    patches.append((rnn_modules, "_VF", _RecurrentWithoutDropout(rnn_modules._VF, dropped)))
     originals = [(home, name, getattr(home, name)) for home, name, _ in patches]
     try:
         for home, name, switched_off in patches:
@@ -368,6 +398,13 @@ def random_ops(program: Program, model: nn.Module) -> tuple[tuple[str, ...], tup
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0 and module.training:
             switched.setdefault(type(module).__name__, []).append(name)
         elif isinstance(module, nn.MultiheadAttention) and module.dropout > 0 and module.training:
+            switched.setdefault(type(module).__name__, []).append(name)
+        elif (
+            isinstance(module, nn.RNNBase)
+            and module.dropout > 0
+            and module.num_layers > 1
+            and module.training
+        ):
             switched.setdefault(type(module).__name__, []).append(name)
         elif isinstance(module, nn.RReLU) and module.training:
             left.setdefault(type(module).__name__, []).append(name)

@@ -10,6 +10,8 @@ import click
 
 from ppcompile.context import CompileConfig
 from ppcompile.errors import CompileError
+from ppcompile.passes.fuse_loss import NOTHING_FUSED
+from ppcompile.passes.propagate_shapes import SAMPLES_RELATED
 from ppcompile.runtime.loader import ProgramError
 from ppcompile.runtime.train import OPTIMIZERS
 
@@ -171,6 +173,9 @@ def compile(
         f"wrote {out}/ ({len(times)} stages on {stages} ranks, schedule {result.program['schedule']['name']}, imbalance {max(times) / (sum(times) / len(times)):.3f}); "
         f"see `ppcompile report {output}`"
     )
+    for note in result.ctx.notes:
+        if note.startswith((NOTHING_FUSED, SAMPLES_RELATED)):
+            click.echo(f"warning: {note}", err=True)
 
 
 def _parse_microbatches(text: str) -> int | str:
@@ -299,7 +304,11 @@ def _measured_costs(path: str, program: dict):
 @main.command()
 @click.argument("program_dir", type=click.Path())
 @click.option("--steps", default=3, show_default=True, help="Optimizer steps to compare.")
-@click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default="sgd", show_default=True)
+@click.option(
+    "--optimizer",
+    type=click.Choice(list(OPTIMIZERS)),
+    help="[default: the one the program was compiled for, as run.py trains with]",
+)
 @click.option("--lr", default=1e-2, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option(
@@ -322,8 +331,11 @@ def verify(program_dir, steps, optimizer, lr, seed, rtol, device):
     program = _load(program_dir)
     device = str(check_device(device, "--device"))
     if program.trains:
+        chosen = optimizer or program.optimizer
+        compiled_for = " (the optimizer compiled for)" if optimizer is None else ""
+        click.echo(f"{steps} steps with {chosen}{compiled_for}, lr {lr:g}, beside the eager model")
         result = verify_in_process(
-            program, steps=steps, optimizer=optimizer, lr=lr, seed=seed, rtol=rtol, device=device
+            program, steps=steps, optimizer=chosen, lr=lr, seed=seed, rtol=rtol, device=device
         )
     else:  # compiled for inference: its outputs against the eager forward's
         result = verify_inference_in_process(program, steps=steps, seed=seed, rtol=rtol, device=device)

@@ -143,6 +143,11 @@ class PipelineTracer(fx.Tracer):
             # compute without it what eager computes with it; a distribution given
             # validate_args=True still asks, and is refused naming its line.
             patches.enter_context(_replaced(torch.distributions.Distribution, "_validate_args", False))
+            # Normal(mu, std).rsample() sizes its draw as torch.Size(sample_shape + batch_shape),
+            # and a batch shape taken from traced values is a node, which torch.Size cannot hold.
+            patches.enter_context(
+                _replaced(torch.distributions.Distribution, "_extended_shape", _traced_extended_shape)
+            )
             patches.enter_context(
                 _replaced(fx.Proxy, "__int__", lambda proxy: proxy.tracer.decide(proxy, int))
             )
@@ -751,6 +756,13 @@ _AUGMENTED = {
     "__itruediv__": (operator.itruediv, operator.truediv),
 }
 _AUTOGRAD_GRAD = torch.autograd.grad
+
+
+def _traced_extended_shape(self, sample_shape=()):
+    """``Distribution._extended_shape`` while tracing: a sample's shape as a node where the batch
+    shape is one (a distribution of traced values), else the torch.Size torch makes."""
+    shape = tuple(sample_shape) + self._batch_shape + self._event_shape
+    return shape if isinstance(shape, fx.Proxy) else torch.Size(shape)
 
 
 def _augmented(in_place, plain):

@@ -43,6 +43,12 @@ class Program:
         what the model's forward returns instead of a loss to train on."""
         return self.data.get("trains", True)
 
+    @property
+    def optimizer(self) -> str:
+        """The optimizer the program was compiled for (``--optimizer``, whose state its memory
+        model counts): what ``run.py`` and ``ppcompile verify`` train with unless told otherwise."""
+        return self.data["costs"].get("optimizer", "adamw")
+
     def output_batch_dims(self) -> dict[str, int | None]:
         """An inference program's returned values by path, each with the dim its micro-batches join
         along (None: kept per micro-batch)."""

@@ -47,7 +47,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--steps", type=int, default=10, help="optimizer steps (batches evaluated with --infer)"
     )
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate")
-    parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw")
+    parser.add_argument(
+        "--optimizer",
+        choices=list(OPTIMIZERS),
+        help="[default: the one compiled for, ppcompile compile --optimizer]",
+    )
     parser.add_argument(
         "--seed", type=int, default=0, help="weights and data seed (same as the eager model's)"
     )
@@ -249,7 +253,7 @@ def _peak_memory_line(program, rank: int, device: torch.device, args) -> str:
     predicted = program.data["costs"].get("memory")
     # The prediction is for the mode compiled: a training program's with its optimizer state.
     if predicted and (not args.infer or not program.trains):
-        optimizer = program.data["costs"].get("optimizer", "adamw")
+        optimizer = program.optimizer
         total = sum(predicted[stage]["total"] for stage in program.stages_of_rank(rank))
         what = f"with {optimizer} state" if program.trains else "for inference"
         line += f" (the compiler predicted {total / 2**30:.2f} GiB {what})"
@@ -267,7 +271,7 @@ def _train(program, executor: RankExecutor, data, args) -> tuple[dict, list[list
     world = dist.get_world_size() if dist.is_initialized() else 1
     groups = _tied_groups(program) if world > 1 else []
     tied = tied_parameters(program, executor)
-    optimizer = make_optimizer(args.optimizer, executor.parameters(), args.lr)
+    optimizer = make_optimizer(args.optimizer or program.optimizer, executor.parameters(), args.lr)
     record = _empty_record()
     traced = []
     for step in range(args.steps):

@@ -76,7 +76,15 @@ from tests.helpers import assert_user_error, ppcompile
             "2",
             [
                 "`embed.weight` belongs to an nn.Embedding with max_norm=1.0",
-                "tied to head.weight on stages [0, 1]",
+                "`head` reads it too (a tied head)",
+            ],
+        ),
+        (
+            "tests/fixtures/untraceable.py:value_in_function",
+            "2",
+            [
+                "`FakeQuantise.forward` reads a tensor's value as an int or float (.item())",
+                "keep it a tensor",
             ],
         ),
         (
@@ -245,3 +253,22 @@ def test_profile_cache_none_or_empty_keeps_nothing(tmp_path, monkeypatch, given)
     result = CliRunner().invoke(cli.main, args)
     assert result.exit_code == 2 and seen == [None]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_compile_warns_where_forward_relates_the_samples_of_a_micro_batch(tmp_path):
+    # SimCLR's [b, b] similarities: per micro-batch, each sample meets fewer negatives than in the
+    # whole batch, which the program trains on as gradient accumulation would, and says.
+    out = tmp_path / "simclr"
+    ref = "tests/fixtures/in_batch_contrastive.py:simclr"
+    result = ppcompile("compile", ref, "--stages", "2", "--microbatches", "4", "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith(
+        "warning: forward relates the samples of a micro-batch to each other: tests/fixtures/in_batch_contrastive.py:"
+    )
+    assert (
+        "`similarity = z @ z.t() / self.temperature  # [b, b]` is [b, b], so each sample meets"
+        in result.stderr
+    )
+    assert "forward relates the samples" in (out / "report.md").read_text()
+    single = ppcompile("compile", ref, "--stages", "1", "--microbatches", "1", "-o", tmp_path / "one")
+    assert single.returncode == 0 and "warning" not in single.stderr

@@ -109,6 +109,10 @@ def test_fusion_saves_the_logits_and_is_off_by_default():
 def test_other_losses_and_wide_heads_are_left_alone():
     smoothed = compile_model("tests/fixtures/losses.py:smoothed_lm", CompileConfig(stages=2, fuse_loss=True))
     assert smoothed.program["fused_losses"] == []
+    assert any(
+        note.startswith("--fuse-loss fused nothing: `cross_entropy` is called with label_smoothing=0.1;")
+        for note in smoothed.program["costs"]["notes"]
+    )
     # A classifier over 4 pooled rows of 32 features: its gradients would outweigh the logits.
     encoder = compile_model("tests/fixtures/zoo.py:encoder", CompileConfig(stages=2, fuse_loss=True))
     assert encoder.program["fused_losses"] == []
@@ -129,3 +133,24 @@ def test_cli_flag_fuses(tmp_path):
     assert run.returncode == 0, run.stderr
     assert json.loads((out / "program.json").read_text())["fused_losses"] == ["lm_head"]
     assert "loss fused with `lm_head` (--fuse-loss)" in (out / "report.md").read_text()
+
+
+def test_cli_warns_where_fuse_loss_fuses_nothing(tmp_path):
+    # Hugging Face's shifted logits: the loss reads a slice of the head's output, which the fused
+    # call does not compute; the program is written unfused, and the user is told why.
+    assert (
+        "warning: --fuse-loss fused nothing: `criterion` takes `contiguous` (made by .contiguous()) flattened, "
+        "not a linear layer's output; it fuses F.cross_entropy"
+    ) in _fused_compile_stderr(tmp_path, "tests/fixtures/losses.py:shifted_lm")
+    assert "fused nothing" not in _fused_compile_stderr(tmp_path, "tests/fixtures/losses.py:module_loss_lm")
+
+
+def _fused_compile_stderr(tmp_path, ref: str) -> str:
+    out = tmp_path / ref.rsplit(":", 1)[1]
+    run = subprocess.run(
+        [sys.executable, "-m", "ppcompile", "compile", ref, "--stages", "2", "--fuse-loss", "-o", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    return run.stderr

@@ -727,6 +727,27 @@ def test_torch_code_that_reads_values_on_meta_trains_like_eager(tmp_path, factor
     trains_as_eager(compile_to(tmp_path, ref, stages, microbatches=4))
 
 
+@pytest.mark.parametrize("factory", ["metrics", "queue_counter"])
+def test_what_forward_does_after_the_loss_stays_on_the_last_stage(tmp_path, factory):
+    # Cheap work after the loss once got a stage of its own at K=4 (the cuts fell after the loss),
+    # and the compile was refused: "the loss cross_entropy must be computed by the last stage".
+    program_dir = compile_to(tmp_path, f"tests/fixtures/after_the_loss.py:{factory}", 4, microbatches=4)
+    assert "cross_entropy(" in stage_codes(program_dir)[-1]
+    trains_as_eager(program_dir)
+
+
+def test_a_distribution_sampled_in_forward_trains_as_eager_given_the_same_draw(tmp_path, monkeypatch):
+    # Normal(mu, std).rsample() sizes its draw with torch.Size of a traced batch shape, which fx
+    # refused ("make control flow independent of tensor values"). The draw itself comes from each
+    # stage's own stream, so eager and the program are compared with it fixed on both sides.
+    program_dir = compile_to(
+        tmp_path, "tests/fixtures/library_value_checks.py:reparameterised", 2, microbatches=4
+    )
+    assert ".normal_()" in "\n".join(stage_codes(program_dir))
+    monkeypatch.setattr(torch.Tensor, "normal_", lambda self, *args, **kwargs: self.fill_(0.25))
+    trains_as_eager(program_dir)
+
+
 @pytest.mark.parametrize("stages", [2, 4])
 @pytest.mark.parametrize("factory", ["frozen_backbone", "alternate_blocks_frozen", "lora"])
 def test_fine_tuning_with_frozen_parameters_trains_like_eager(tmp_path, factory, stages):

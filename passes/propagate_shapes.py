@@ -242,11 +242,17 @@ def propagate_shapes(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                 "which ppcompile cannot: it sizes every value from the input shapes; keep it a tensor "
                 "(x.abs().amax().clamp_min(1e-8) rather than max(x.abs().max().item(), 1e-8))"
             ) from None
+        if "SparseMeta" in first_line:
+            raise CompileError(
+                f"{source_line(ctx, e.name)}: {e.name} computes on a sparse tensor, which has no meta kernel "
+                "here, and ppcompile sizes every value on meta tensors; pass messages densely "
+                "(zeros(n, d).index_add_(0, dst, h[src])) or use a dense adjacency"
+            ) from None
         raise CompileError(
             f"{source_line(ctx, e.name)}: the shape of {e.name} cannot be computed from the input shapes "
             f"({type(e.error).__name__}: {first_line[:200]}); ppcompile sizes every value from them: "
             "use shapes the inputs fix (a mask instead of boolean indexing or torch.where with one "
-            "argument, dense instead of sparse routing), or move it into a submodule fx keeps as a leaf"
+            "argument, dense instead of sparse routing, zeros(n).index_add_(0, i, ones) instead of bincount)"
         ) from None
     scaled_runs = {}
     for name, value in base.items():

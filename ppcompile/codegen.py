@@ -122,6 +122,8 @@ class _Emitter:
             if math.isnan(a):
                 return 'float("nan")'
             return repr(a)
+        if isinstance(a, complex):  # S4D's 1j * A_imag
+            return f"complex({self.value(a.real)}, {self.value(a.imag)})"
         if isinstance(a, (torch.dtype, torch.layout, torch.memory_format)):
             return str(a)
         if isinstance(a, torch.device):

@@ -318,7 +318,7 @@ def _trace_at(ctx: CompileContext, example_inputs, dims: str = "") -> tuple[Pipe
             raise CompileError(f"{where}: {e}") from None
         raise CompileError(
             f"{where}: torch.fx cannot trace this model ({type(e).__name__}: {e}); make control flow "
-            "independent of tensor values, or move that code into a submodule fx keeps as a leaf"
+            "independent of tensor values (torch.where(cond, a, b) for a branch on a value)"
         ) from None
     return tracer, graph
 

@@ -35,6 +35,7 @@ import dataclasses
 import dis
 import functools
 import inspect
+import math
 import operator
 import sys
 import traceback
@@ -165,6 +166,15 @@ class PipelineTracer(fx.Tracer):
                 patches.enter_context(_replaced(fx.Proxy, name, _augmented(in_place, plain)))
             # A gradient penalty's second backward cannot run through the pipeline.
             patches.enter_context(_replaced(torch.autograd, "grad", _refused_autograd_grad))
+            # random.uniform(0, 1) < p (LayerDrop, teacher forcing) runs once, as the graph is
+            # traced: that one draw would decide every step. Refused, in the model's own names too.
+            for home, name in _PYTHON_DRAWS:
+                patches.enter_context(_replaced(home, name, _refused_draw(home, name)))
+            for namespace in _model_namespaces(root):
+                for name, value in list(namespace.items()):
+                    drawn = next(((h, n) for h, n in _PYTHON_DRAWS if getattr(h, n, None) is value), None)
+                    if drawn is not None:
+                        patches.enter_context(_replaced(namespace, name, _refused_draw(*drawn)))
             # p.data = v refused, not silently lost; a custom autograd.Function one node.
             patches.enter_context(_replaced(fx.Proxy, "__setattr__", _traced_setattr))
             patches.enter_context(
@@ -780,6 +790,105 @@ def _augmented(in_place, plain):
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _python_draws() -> list[tuple[object, str]]:
+    """(module, name) of the draws of Python's ``random`` and NumPy's ``numpy.random``."""
+    import random
+
+    names = ("random", "uniform", "randint", "randrange", "choice", "choices", "gauss", "sample", "shuffle")
+    draws = [(random, name) for name in names]
+    try:
+        import numpy.random
+    except ImportError:
+        return draws
+    names = (
+        "rand",
+        "randn",
+        "random",
+        "random_sample",
+        "uniform",
+        "normal",
+        "randint",
+        "choice",
+        "permutation",
+    )
+    return draws + [(numpy.random, name) for name in names if hasattr(numpy.random, name)]
+
+
+_PYTHON_DRAWS = _python_draws()
+
+
+def _refused_draw(home, name: str):
+    """A draw of Python's or NumPy's random while tracing. It runs once, as the graph is traced,
+    so it may only decide what every draw would: a uniform draw in [0, 1) compared with a bound
+    (``random.uniform(0, 1) < self.layerdrop`` with LayerDrop 0) is a :class:`_Draw`; any other is
+    refused."""
+    what = f"{home.__name__}.{name}"
+
+    def drawn(*args, **kwargs):
+        if name in ("random", "random_sample", "rand") and not args and not kwargs:
+            return _Draw(0.0, 1.0, what)
+        if (
+            name == "uniform"
+            and len(args) == 2
+            and not kwargs
+            and all(isinstance(a, (int, float)) for a in args)
+        ):
+            return _Draw(float(args[0]), float(args[1]), what)
+        raise ForwardError(_draw_refusal(what))
+
+    return drawn
+
+
+def _draw_refusal(what: str) -> str:
+    return (
+        f"forward draws with {what}, which runs once, as the model is traced: that one draw would decide "
+        "every step and micro-batch (a layer dropped or kept for good); draw with torch and use the "
+        "draw as a mask (keep = (torch.rand(()) >= p).float(); x = x + keep * layer(x)), or leave it out "
+        "of the pipelined model (LayerDrop 0, teacher forcing always on)"
+    )
+
+
+class _Draw(float):
+    """A uniform draw in [low, high) as tracing sees it: a comparison with a number is decided where
+    it holds alike across the interval (``draw < 0.0`` with LayerDrop 0 is False whatever is drawn,
+    ``draw > 0.0`` True but for a draw of exactly 0); anything else done with it is refused, since
+    the program would keep the one value drawn while tracing."""
+
+    def __new__(cls, low: float, high: float, what: str):
+        draw = super().__new__(cls, (low + high) / 2)
+        # The open interval's ends: a draw equal to an end has probability zero.
+        draw.ends = (math.nextafter(low, high), math.nextafter(high, low))
+        draw.what = what
+        return draw
+
+    def _decided(self, compare, other):
+        if not isinstance(other, (int, float)) or isinstance(other, bool):
+            raise ForwardError(_draw_refusal(self.what))
+        low, high = (compare(end, float(other)) for end in self.ends)
+        if low != high:
+            raise ForwardError(_draw_refusal(self.what))
+        return low
+
+    def __lt__(self, other):
+        return self._decided(operator.lt, other)
+
+    def __le__(self, other):
+        return self._decided(operator.le, other)
+
+    def __gt__(self, other):
+        return self._decided(operator.gt, other)
+
+    def __ge__(self, other):
+        return self._decided(operator.ge, other)
+
+    def _refused(self, *args, **kwargs):
+        raise ForwardError(_draw_refusal(self.what))
+
+    __eq__ = __ne__ = __bool__ = __int__ = __index__ = __round__ = __hash__ = _refused
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _refused
+    __truediv__ = __rtruediv__ = __floordiv__ = __rfloordiv__ = __pow__ = __rpow__ = __neg__ = _refused
 
 
 def _refused_autograd_grad(outputs, inputs, *args, **kwargs):

@@ -56,15 +56,23 @@ def _block_logits(block: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return torch.addmm(bias, block, weight.t()) if bias is not None else block @ weight.t()
 
 
+def _accumulated(dtype: torch.dtype) -> torch.dtype:
+    """What the loss sums in: float32 for half precisions, as F.cross_entropy's kernels do, and the
+    model's own dtype where it is wider (float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _blocks(rows, weight, bias, target, ignore_index):
-    """Per block of rows: (start, stop, its log-softmax [rows, V] in float32, its targets with the
-    ignored ones set to 0, and minus the sum of the log-probabilities of the targets not ignored)."""
+    """Per block of rows: (start, stop, its log-softmax [rows, V] in float32, or float64 for a
+    float64 model, its targets with the ignored ones set to 0, and minus the sum of the
+    log-probabilities of the targets not ignored)."""
     valid = target != ignore_index
     safe = torch.where(valid, target, 0)
     step = _block_rows(rows.shape[0], weight.shape[0])
     for start in range(0, rows.shape[0], step):
         stop = min(start + step, rows.shape[0])
-        log_probs = torch.log_softmax(_block_logits(rows[start:stop], weight, bias).float(), 1)
+        logits = _block_logits(rows[start:stop], weight, bias)
+        log_probs = torch.log_softmax(logits.to(_accumulated(logits.dtype)), 1)
         picked = log_probs.gather(1, safe[start:stop, None])[:, 0]
         yield start, stop, log_probs, safe[start:stop], -torch.where(valid[start:stop], picked, 0).sum()
 
@@ -81,11 +89,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid = target != ignore_index
         # d loss / d logits = (softmax - one_hot(target)) / count on the rows not ignored, else 0.
         count = valid.sum()
-        row_scale = torch.where(valid, 1.0 / count, 0.0).to(torch.float32)
+        accumulated = _accumulated(x.dtype)
+        row_scale = torch.where(valid, 1.0 / count.to(accumulated), 0.0)
         grad_rows = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         grad_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
-        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        total = torch.zeros((), dtype=accumulated, device=x.device)
         for start, stop, log_probs, safe, loss in _blocks(rows, weight, bias, target, ignore_index):
             total = total + loss
             # The softmax, made from the log-probabilities in their own storage.

@@ -88,6 +88,20 @@ from tests.helpers import assert_user_error, ppcompile
             ],
         ),
         (
+            "tests/fixtures/untraceable.py:layer_drop",
+            "2",
+            [
+                "untraceable.py:",
+                "`if not self.training or dropout_probability > self.layerdrop:`",
+                "forward draws with random.uniform, which runs once, as the model is traced",
+            ],
+        ),
+        (
+            "tests/fixtures/untraceable.py:sparse_adjacency",
+            "2",
+            ["computes on a sparse tensor, which has no meta kernel here", "pass messages densely"],
+        ),
+        (
             "tests/fixtures/untraceable.py:lazy_layers",
             "2",
             ["lazy_layers: layer 0, 2 is not initialised", "call the model once on the example inputs"],

@@ -48,6 +48,24 @@ def test_linear_cross_entropy_matches_eager(monkeypatch, bias, ignored, block_ro
         )
 
 
+def test_a_float64_head_is_summed_in_float64():
+    # The blocks were summed in float32 whatever the model's dtype: 4e-7 off a float64 model's loss.
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(37, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 37, (40,), generator=generator)
+    expected = F.cross_entropy(x @ weight.T, target)
+    fused = losses.linear_cross_entropy(x, weight, None, target)
+    assert fused.dtype == torch.float64
+    torch.testing.assert_close(fused, expected, rtol=1e-13, atol=0)
+    for got, want in zip(torch.autograd.grad(fused, (x, weight)), torch.autograd.grad(expected, (x, weight))):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            losses.linear_cross_entropy(x, weight, None, target), expected, rtol=1e-13, atol=0
+        )
+
+
 def test_every_target_ignored_gives_nan_as_eager_does():
     x, weight = torch.randn(4, 8, requires_grad=True), torch.randn(5, 8)
     target = torch.full((4,), -100)

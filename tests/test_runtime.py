@@ -736,6 +736,14 @@ def test_what_forward_does_after_the_loss_stays_on_the_last_stage(tmp_path, fact
     trains_as_eager(program_dir)
 
 
+def test_a_python_draw_every_value_decides_alike_traces(tmp_path):
+    # LayerDrop at rate 0: `random.uniform(0, 1) > 0.0` keeps every layer whatever is drawn. At
+    # 0.5 the one draw made while tracing would have decided every step: refused (test_cli).
+    program_dir = compile_to(tmp_path, "tests/fixtures/untraceable.py:layer_drop_off", 2, microbatches=4)
+    assert sum(code.count("torch.tanh(") for code in stage_codes(program_dir)) == 4
+    trains_as_eager(program_dir)
+
+
 def test_a_distribution_sampled_in_forward_trains_as_eager_given_the_same_draw(tmp_path, monkeypatch):
     # Normal(mu, std).rsample() sizes its draw with torch.Size of a traced batch shape, which fx
     # refused ("make control flow independent of tensor values"). The draw itself comes from each
@@ -835,6 +843,13 @@ def test_complex_activations_cross_cuts_with_their_gradients(tmp_path, stages):
     )
     program = json.loads((program_dir / "program.json").read_text())
     assert any(b["dtype"] == "complex64" and b["requires_grad"] for b in program["boundaries"])
+    trains_as_eager(program_dir)
+
+
+def test_a_python_complex_constant_is_written_into_the_stage(tmp_path):
+    # `1j * a_imag` (S4D): the stage file could not hold the constant 1j, and the compile was refused.
+    program_dir = compile_to(tmp_path, "tests/fixtures/complex_spectral.py:diagonal", 2, microbatches=4)
+    assert "complex(0.0, 1.0) * " in "\n".join(stage_codes(program_dir))
     trains_as_eager(program_dir)
 
 

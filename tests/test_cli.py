@@ -286,3 +286,15 @@ def test_compile_warns_where_forward_relates_the_samples_of_a_micro_batch(tmp_pa
     assert "forward relates the samples" in (out / "report.md").read_text()
     single = ppcompile("compile", ref, "--stages", "1", "--microbatches", "1", "-o", tmp_path / "one")
     assert single.returncode == 0 and "warning" not in single.stderr
+
+
+def test_dims_the_model_does_not_run_at_are_one_line(tmp_path):
+    # The costs were taken from the shape formulas at s=40, where the 16-row table cannot be sliced.
+    ref = "tests/fixtures/capped_positions.py:model"
+    assert_user_error(
+        ppcompile("compile", ref, "--stages", "2", "--dims", "b=4,s=40", "-o", tmp_path / "long"),
+        "--dims b=4,s=40: the model fails at that shape: tests/fixtures/capped_positions.py:",
+        "`h = self.embed(ids) + self.positions[: ids.size(1)]`",
+    )
+    within = ppcompile("compile", ref, "--stages", "2", "--dims", "b=4,s=16", "-o", tmp_path / "short")
+    assert within.returncode == 0, within.stderr

@@ -91,6 +91,16 @@ def load_context(ref_text: str, config: CompileConfig) -> CompileContext:
                     if unnamed
                     else ""
                 )
+                flat = [x for n, x in zip(input_names, spec.example_inputs) if n in (first, name)]
+                if any(isinstance(m, torch.nn.EmbeddingBag) for m in spec.module.modules()) and all(
+                    x.dim() == 1 and not x.is_floating_point() for x in flat
+                ):
+                    # Neither input has a batch dim to name: the bags' rows are the offsets' entries.
+                    hint = (
+                        "; a flat batch of tokens with its offsets (nn.EmbeddingBag) has no rows that "
+                        "micro-batches can split: pad the bags to a (B, L) input, which EmbeddingBag takes "
+                        "without offsets (padding_idx leaves the padding out of each bag)"
+                    )
                 raise CompileError(
                     f"{ref}: symbol {symbol!r} is {symbol_values[symbol]} in {first!r} and {size} in "
                     f"{name!r}{hint}"
@@ -316,6 +326,14 @@ def _trace_at(ctx: CompileContext, example_inputs, dims: str = "") -> tuple[Pipe
             ) from None
         if isinstance(e, ForwardError):
             raise CompileError(f"{where}: {e}") from None
+        if "Proxy" in str(e) and "control flow" not in str(e):
+            # torch.broadcast_shapes in MultivariateNormal: library code that takes sizes as ints.
+            raise CompileError(
+                f"{where}: torch.fx cannot trace this model ({type(e).__name__}: {e}); torch code here takes "
+                "sizes as plain ints, and a traced tensor's sizes are not (torch.broadcast_shapes inside "
+                "MultivariateNormal built in forward): write it with tensor ops (a diagonal Gaussian prior as "
+                "Independent(Normal(loc, scale), 1)), or compute it outside forward"
+            ) from None
         raise CompileError(
             f"{where}: torch.fx cannot trace this model ({type(e).__name__}: {e}); make control flow "
             "independent of tensor values (torch.where(cond, a, b) for a branch on a value)"

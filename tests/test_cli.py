@@ -102,6 +102,16 @@ from tests.helpers import assert_user_error, ppcompile
             ["computes on a sparse tensor, which has no meta kernel here", "pass messages densely"],
         ),
         (
+            "tests/fixtures/untraceable.py:full_covariance_prior",
+            "2",
+            ["`prior = torch.distributions.MultivariateNormal(", "torch code here takes sizes as plain ints"],
+        ),
+        (
+            "tests/fixtures/untraceable.py:bags_with_offsets",
+            "2",
+            ["symbol 'b' is 40 in 'text' and 8 in 'offsets'", "pad the bags to a (B, L) input"],
+        ),
+        (
             "tests/fixtures/untraceable.py:lazy_layers",
             "2",
             ["lazy_layers: layer 0, 2 is not initialised", "call the model once on the example inputs"],

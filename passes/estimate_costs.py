@@ -46,7 +46,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from ppcompile.context import CompileContext
 from ppcompile.passes.propagate_shapes import autocast_on_cpu, masks_without_values, run_fake_cpu, run_meta
 from ppcompile.runtime.executor import held_storages
-from ppcompile.tracer import autograd_function, is_effect, rebind_buffer, under_regions
+from ppcompile.tracer import (
+    autograd_function,
+    has_autocast,
+    is_effect,
+    on_fake_cpu,
+    rebind_buffer,
+    under_regions,
+)
 
 
 @dataclass(frozen=True)
@@ -376,7 +383,10 @@ def _measure(
     param_bytes = sum(p.numel() * p.element_size() for p in module.parameters()) if module is not None else 0
     counted_module = module
     try:
-        counted = _count_flops(gm, node, module, values, "meta")
+        if has_autocast(node):
+            counted_module, counted = _count_flops_under_autocast(gm, node, module, values, ctx)
+        else:
+            counted = _count_flops(gm, node, module, values, "meta")
     except Exception as e:
         if not _needs_real_tensors(e):
             raise
@@ -405,6 +415,21 @@ def _needs_real_tensors(error: Exception) -> bool:
         phrase in text
         for phrase in ("cannot be called on meta tensors", "Meta kernel", "register_meta", "data-dependent")
     )
+
+
+def _count_flops_under_autocast(
+    gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, values: dict, ctx
+):
+    """(the module counted, :func:`_count_flops`) for a node traced inside a ``torch.autocast``
+    region: run under it on fake CPU tensors, since autocast leaves meta tensors alone (a linear's
+    input is bfloat16 there, and its weight would not be cast to meet it)."""
+    on_cpu = copy.deepcopy(module) if module is not None else None
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        if on_cpu is not None:
+            on_cpu.to_empty(device="cpu")
+        fake = {n.name: on_fake_cpu(values.get(n.name)) for n in _arg_nodes(node)}
+        with under_regions(node, autocast_on_cpu(ctx)):
+            return on_cpu, _count_flops(gm, node, on_cpu, fake, "cpu")
 
 
 def _count_flops(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, values: dict, device: str):

@@ -275,10 +275,11 @@ def partition_problem(gm, ctx, order, weight=None):
         forbidden.update(range(position[first.name] + 1, position[written.name] + 1))
     for view, write in view_spans(gm, order):
         forbidden.update(range(position[view.name] + 1, position[write.name] + 1))
-    for _, first, last in renormed_spans(gm, order):
-        forbidden.update(range(position[first.name] + 1, position[last.name] + 1))
+    for _, lookup, last_lookup in renormed_spans(gm, order):
+        forbidden.update(range(position[lookup.name] + 1, position[last_lookup.name] + 1))
     loss = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    if ctx.config.trains and isinstance(loss, fx.Node) and loss.name in position:
+    trains = ctx is None or ctx.config.trains
+    if trains and isinstance(loss, fx.Node) and loss.name in position:
         # What forward computes after the loss (metrics returned beside it, a queue rebound) is
         # cheap, and a stage of its own would leave the loss, which backward starts from, off the last.
         forbidden.update(range(position[loss.name] + 1, last + 1))

@@ -42,22 +42,35 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from ppcompile.context import CompileContext, KnownValue
 from ppcompile.errors import CompileError
 from ppcompile.frontend import DECIDED_NOTE, source_line
-from ppcompile.tracer import autograd_function, has_autocast, is_effect, under_regions
+from ppcompile.tracer import autograd_function, has_autocast, is_effect, run_on_fake_cpu, under_regions
 
 
 class ValueRecorder(fx.Interpreter):
     """Runs a graph and keeps every node's value by name; ``runs_as`` as ``tracer.under_regions``
-    takes it."""
+    takes it. With ``autocast_on_meta`` (a ``runs_as``), the graph runs on meta tensors and a node
+    traced inside a ``torch.autocast`` region runs on fake CPU tensors under it instead, as
+    ``tracer.run_on_fake_cpu`` does: on meta, autocast does nothing."""
 
-    def __init__(self, gm: fx.GraphModule, runs_as: dict[str, str] | None = None):
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        runs_as: dict[str, str] | None = None,
+        autocast_on_meta: dict[str, str] | None = None,
+    ):
         super().__init__(gm)
         self.values: dict[str, object] = {}
         self.runs_as = runs_as
+        self.autocast_on_meta = autocast_on_meta
 
     def run_node(self, node: fx.Node):
         try:
-            with under_regions(node, self.runs_as):
-                result = super().run_node(node)
+            if self.autocast_on_meta is not None and node.op.startswith("call_") and has_autocast(node):
+                args, kwargs = self.fetch_args_kwargs_from_env(node)
+                module = self.module.get_submodule(node.target) if node.op == "call_module" else None
+                result = run_on_fake_cpu(node, module, args, kwargs, self.autocast_on_meta)
+            else:
+                with under_regions(node, self.runs_as):
+                    result = super().run_node(node)
         except Exception as e:
             raise NodeFailed(node.name, e, [self.values.get(n.name) for n in node.all_input_nodes]) from e
         self.values[node.name] = result
@@ -107,7 +120,7 @@ def masks_without_values() -> Iterator[None]:
 
 def run_meta(gm: fx.GraphModule, ctx: CompileContext, symbol_values: dict[str, int]) -> dict[str, object]:
     """Run the graph on meta tensors whose symbolic dims take ``symbol_values``."""
-    recorder = ValueRecorder(gm)
+    recorder = ValueRecorder(gm, autocast_on_meta=autocast_on_cpu(ctx))
     # enable_grad: the graph runs as training does; a node inside a model's torch.no_grad() runs
     # under it (tracer.under_regions).
     with torch.device("meta"), torch.enable_grad(), masks_without_values():

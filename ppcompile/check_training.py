@@ -114,8 +114,8 @@ class TrainingComparison:
             )
         if self.precision is not None:
             lines.append(
-                f"rtol {self.rtol:.2e}: two epsilons of {str(self.precision).removeprefix('torch.')}, the model's "
-                "lowest precision (float32's bar, 1e-05, holds float32 models)"
+                f"rtol {self.rtol:.2e}: two epsilons of {str(self.precision).removeprefix('torch.')}, the lowest "
+                "precision the model computes in (float32's bar, 1e-05, holds float32 models)"
             )
         lines += [
             f"first-step losses bitwise equal: {self.first_step_losses_equal}"
@@ -673,6 +673,21 @@ def precision_rtol(dtypes) -> tuple[float, torch.dtype | None]:
     return (rtol, coarsest) if rtol > FLOAT32_RTOL else (FLOAT32_RTOL, None)
 
 
+# ``with torch.autocast("cpu", dtype=torch.bfloat16):`` as stage files write a model's region.
+AUTOCAST_REGION = re.compile(r'torch\.autocast\("\w+", dtype=torch\.(\w+)\b(?!, enabled=False)')
+
+
+def computed_dtypes(program: Program, parameters) -> set[torch.dtype]:
+    """The dtypes the program computes in: its parameters', and those its stages' autocast regions
+    compute in. A float32 model run under bfloat16 autocast sums in bfloat16, so two correct runs
+    that add a float32 gradient in another order can round a bfloat16 value an ulp apart."""
+    dtypes = {p.dtype for p in parameters}
+    for stage in program.data["stages"]:
+        code = (program.root / stage["file"]).read_text()
+        dtypes |= {getattr(torch, name) for name in AUTOCAST_REGION.findall(code)}
+    return dtypes
+
+
 def verify_in_process(
     program: Program,
     steps: int = 3,
@@ -693,7 +708,7 @@ def verify_in_process(
     with dropout_switched_off() as dropped:
         precision = None
         if rtol is None:
-            rtol, precision = precision_rtol({p.dtype for p in pipeline.named_parameters().values()})
+            rtol, precision = precision_rtol(computed_dtypes(program, pipeline.named_parameters().values()))
         data = batches(program, pipeline.spec, seed)
         # Every step's parameters where NoiseHeld sets eager's noise entries to them, else the last's.
         holds_noise = optimizer in NOISE_STEP
@@ -814,7 +829,7 @@ def verify_inference_in_process(
     spec = build_spec(program, seed)
     with dropout_switched_off() as dropped:
         if rtol is None:
-            rtol, _ = precision_rtol({p.dtype for p in pipeline.named_parameters().values()})
+            rtol, _ = precision_rtol(computed_dtypes(program, pipeline.named_parameters().values()))
         model = spec.module.to(device)
         data = batches(program, pipeline.spec, seed)
         equal, worst, drew = True, (0.0, "output"), False

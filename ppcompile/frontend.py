@@ -131,10 +131,39 @@ def _build_on_meta(ref: ModelRef):
             spec = ref.build("cpu")
         except Exception:  # noqa: BLE001 - the meta error says what the compiler needs
             raise e from None
+    # Moving to meta makes each module's tensors anew: a weight two modules share (a tied LM
+    # head) would come apart, and the program would train two copies.
+    shared = _shared_tensors(spec.module)
     with torch.no_grad():
         spec.module.to("meta")
+    _tie_again(spec.module, shared)
     inputs = tuple(t.to("meta") if isinstance(t, torch.Tensor) else t for t in spec.example_inputs)
     return dataclasses.replace(spec, example_inputs=inputs)
+
+
+def _shared_tensors(model: nn.Module) -> list[list[str]]:
+    """The names of each parameter or buffer that several names hold, by tensor."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, tensor in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
+        by_tensor.setdefault(id(tensor), []).append(name)
+    return [names for names in by_tensor.values() if len(names) > 1]
+
+
+def _tie_again(model: nn.Module, shared: list[list[str]]) -> None:
+    """Point every name of each group in ``shared`` at its first name's tensor."""
+    for first, *others in shared:
+        tensor = model.get_parameter(first) if _is_parameter(model, first) else model.get_buffer(first)
+        for name in others:
+            owner, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(owner), attribute, tensor)
+
+
+def _is_parameter(model: nn.Module, name: str) -> bool:
+    owner, _, attribute = name.rpartition(".")
+    return attribute in model.get_submodule(owner)._parameters
 
 
 def _refuse_hooks_on_the_model(ref: ModelRef, model: nn.Module) -> None:
@@ -163,6 +192,12 @@ def trace(ctx: CompileContext) -> fx.GraphModule:
     """Symbolically trace the meta model; an untraceable model is one line naming its code."""
     module: nn.Module = ctx.spec.module
     tracer, graph = _trace_at(ctx, ctx.spec.example_inputs)
+    if tracer.checkpoint_calls and ctx.config.trains:
+        ctx.notes.append(
+            f"the model's own torch.utils.checkpoint calls ({tracer.checkpoint_calls}) are traced through: "
+            "their layers save for backward what they would without it, and the compiler recomputes layers "
+            "where --memory-per-device asks it to"
+        )
     if tracer.decided:
         ctx.notes.append(
             f"{DECIDED_NOTE} ({_point(ctx.symbol_values)}): "

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from sympy.printing.pycode import pycode
 from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ppcompile.runtime.executor import decided_value
 from ppcompile.runtime.masks import is_causal_mask
@@ -121,6 +122,7 @@ class PipelineTracer(fx.Tracer):
         self._assigned: list[tuple[nn.Module, str, object]] = []  # plain attributes set, old values
         self._rebound: dict[int, fx.Proxy] = {}  # id of a buffer's tensor -> its new value
         self._regions: list[Region] = []  # the grad-mode and autocast regions open, outermost first
+        self._installed = {id(m) for m in root.modules()} if isinstance(root, nn.Module) else set()
         # Everything below is put back when tracing ends, however it ends.
         with ExitStack() as patches:
             # range(), len() on a proxy in the model's own code (not torch's): len is a node of the
@@ -138,6 +140,7 @@ class PipelineTracer(fx.Tracer):
                         patches.enter_context(_replaced(namespace, name, self._checkpoint))
             # checkpoint(lambda t: block(t), x) in a loop: eager recomputes with the last block.
             self._checkpointed: list[tuple[object, tuple]] = []  # (function, its closure's values)
+            self.checkpoint_calls = 0
             patches.enter_context(_replaced(torch.utils.checkpoint, "checkpoint", self._checkpoint))
             # torch.distributions check their parameters' values as they are built (Normal's scale
             # positive), which a traced value has none of. A check only ever raises, so the stages
@@ -266,6 +269,7 @@ class PipelineTracer(fx.Tracer):
         """``torch.utils.checkpoint.checkpoint`` while tracing: the function's closure is noted, so
         a name it reads that the model rebinds before backward is refused."""
         self._refuse_late_bound_checkpoints()
+        self.checkpoint_calls += 1
         if inspect.isfunction(function) and function.__closure__:
             self._checkpointed.append((function, tuple(_cell_value(c) for c in function.__closure__)))
         return CHECKPOINT(function, *args, **kwargs)
@@ -437,12 +441,24 @@ class PipelineTracer(fx.Tracer):
                 object.__setattr__(module, name, old)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, torch.jit.ScriptModule):  # no Python forward to trace: one call
+            return True
         return _unrolled_forward(m) is None and super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         unrolled = _unrolled_forward(m)
         if unrolled is not None:
             forward = functools.partial(unrolled, self, m)
+        if id(m) not in self._installed:
+            # Built as forward runs (Hugging Face's `loss_fct = CrossEntropyLoss()`): a module of no
+            # weights of its own is its forward, traced through; one with weights would be new
+            # weights at every call.
+            if any(True for _ in m.parameters()):
+                raise ForwardError(
+                    f"forward builds a {type(m).__name__} as it runs, whose parameters would be new at every "
+                    "call and trained by no optimizer; build it in __init__"
+                )
+            return forward(*args, **kwargs)
         return super().call_module(m, forward, args, kwargs)
 
     def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
@@ -526,6 +542,11 @@ class PipelineTracer(fx.Tracer):
     def _run(self, node: fx.Node) -> object:
         args = fx.node.map_arg(node.args, self._values.__getitem__)
         kwargs = fx.node.map_arg(node.kwargs, self._values.__getitem__)
+        if node.op in ("call_function", "call_method", "call_module") and has_autocast(node):
+            # Autocast leaves meta tensors alone: there `h.dtype` after a linear would read float32
+            # where the model's forward gets bfloat16 (HF's RMSNorm casts back to it).
+            module = self.root.get_submodule(node.target) if node.op == "call_module" else None
+            return run_on_fake_cpu(node, module, args, kwargs, {self.device_type: "cpu"})
         if node.op == "placeholder":
             if node.target in self.example_inputs:
                 return self.example_inputs[node.target]
@@ -573,6 +594,8 @@ def _unrolled_forward(module: nn.Module):
     does an encoder in eval mode that may take the nested-tensor path (which zeroes padded
     positions), where eager's output would depend on conditions known only when it runs.
     """
+    if isinstance(module, torch.jit.ScriptModule):
+        return None
     forward = type(module).forward
     if forward is nn.TransformerEncoder.forward:
         if getattr(module, "use_nested_tensor", False) and not module.layers[0].training:
@@ -916,7 +939,11 @@ def _custom_function_apply(cls, *args, **kwargs):
         tracer = proxies[0].tracer
         # One node calling the class's apply (cls.apply is this stand-in while tracing).
         return tracer.create_proxy("call_function", FunctionApply.of(cls), args, kwargs)
-    return _FUNCTION_APPLY.__func__(cls, *args, **kwargs)
+    with warnings.catch_warnings():
+        # Reentrant checkpoint on proxies, which are not tensors: "None of the inputs have
+        # requires_grad=True", a warning about tracing, not about the model.
+        warnings.filterwarnings("ignore", message="None of the inputs have requires_grad=True")
+        return _FUNCTION_APPLY.__func__(cls, *args, **kwargs)
 
 
 def _model_functions(base: type) -> list[type]:
@@ -1055,6 +1082,42 @@ class GradModeRegion(NamedTuple):
 
 
 Region = AutocastRegion | GradModeRegion
+
+
+def run_on_fake_cpu(node: fx.Node, module: nn.Module | None, args, kwargs, runs_as: dict[str, str]) -> object:
+    """``node`` (a call; ``module`` its module, for a call_module) on meta tensors ``args`` and
+    ``kwargs``, run on fake CPU copies of them under the node's regions (``runs_as`` as
+    :func:`under_regions` takes it), its result back on meta: what a node traced inside a
+    ``torch.autocast`` region computes, which autocast, leaving meta tensors alone, would not
+    give on meta (a linear's bfloat16 output, and what reads its dtype)."""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        args, kwargs = pytree.tree_map(on_fake_cpu, (args, kwargs))
+        with torch.enable_grad(), under_regions(node, runs_as):
+            if node.op == "call_function":
+                out = node.target(*args, **kwargs)
+            elif node.op == "call_method":
+                out = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:
+                held = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+                weights = {name: on_fake_cpu(t) for name, t in held.items()}
+                out = torch.func.functional_call(module, weights, tuple(args), kwargs)
+    return pytree.tree_map(_on_meta, out)
+
+
+def on_fake_cpu(value):
+    """A meta tensor as a CPU tensor of its shape, strides and dtype (under a FakeTensorMode: fake)."""
+    if not isinstance(value, torch.Tensor) or value.device.type != "meta":
+        return value
+    made = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="cpu")
+    return made.requires_grad_(value.requires_grad) if value.requires_grad else made
+
+
+def _on_meta(value):
+    """A tensor as a meta tensor of its shape, strides and dtype."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    made = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+    return made.requires_grad_(value.requires_grad) if value.requires_grad else made
 
 
 def has_autocast(node: fx.Node) -> bool:
@@ -1410,6 +1473,8 @@ def _model_namespaces(root: nn.Module) -> list[dict]:
     torch's left out."""
     found = {}
     for module in root.modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            continue  # compiled TorchScript: no Python code of the model's
         namespace = getattr(type(module).forward, "__globals__", None)
         if namespace is not None and not namespace.get("__name__", "").startswith("torch"):
             found[id(namespace)] = namespace

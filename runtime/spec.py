@@ -403,6 +403,27 @@ class ModelRef:
         with torch.device(device):
             made = factory()
         try:
-            return as_spec(made)
+            spec = as_spec(made)
         except SpecError as e:
             raise SpecError(f"{self}: {e}") from None
+        return dataclasses.replace(spec, module=uncompiled(spec.module))
+
+
+def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every submodule ``torch.compile`` wrapped (``self.block =
+    torch.compile(Block())``) replaced by the module it wraps, the model itself too: the pipeline
+    runs the module's own code, and its parameters keep the names they have in it (``block.fc``,
+    not ``block._orig_mod.fc``), compiling and at run time alike."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is None:  # nothing was compiled
+        return model
+    wrapped = eval_frame.OptimizedModule
+    while isinstance(model, wrapped):
+        model = model._orig_mod
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, wrapped):
+                while isinstance(child, wrapped):
+                    child = child._orig_mod
+                setattr(module, name, child)
+    return model

@@ -11,11 +11,11 @@ from tests.helpers import assert_user_error, ppcompile
         ("models/nope.py:gpt_mini", "2", ["models/nope.py", "does not exist"]),
         ("models/gpt.py:gpt_huge", "2", ["gpt_huge", "gpt_mini"]),
         ("models/gpt.py", "2", ["PATH.py:FACTORY"]),
-        ("tests/fixtures/untraceable.py:model", "2", ["untraceable.py:12", "if h.sum() > 0", "cannot trace"]),
+        ("tests/fixtures/untraceable.py:model", "2", ["untraceable.py:14", "if h.sum() > 0", "cannot trace"]),
         (
             "tests/fixtures/untraceable.py:boolean_indexed",
             "2",
-            ["untraceable.py:28: `kept = h[h > 0]", "cannot be computed from the input shapes"],
+            ["untraceable.py:30: `kept = h[h > 0]", "cannot be computed from the input shapes"],
         ),
         (
             "tests/fixtures/untraceable.py:mixed_batch",
@@ -33,7 +33,7 @@ from tests.helpers import assert_user_error, ppcompile
         (
             "tests/fixtures/untraceable.py:one_hot_without_width",
             "2",
-            ["untraceable.py:267", "F.one_hot without num_classes", "give num_classes"],
+            ["untraceable.py:269", "F.one_hot without num_classes", "give num_classes"],
         ),
         (
             "tests/fixtures/untraceable.py:hooked_model",

@@ -123,6 +123,7 @@ class PipelineTracer(fx.Tracer):
         self._rebound: dict[int, fx.Proxy] = {}  # id of a buffer's tensor -> its new value
         self._regions: list[Region] = []  # the grad-mode and autocast regions open, outermost first
         self._installed = {id(m) for m in root.modules()} if isinstance(root, nn.Module) else set()
+        self._held = {id(p) for p in root.parameters()} if isinstance(root, nn.Module) else set()
         # Everything below is put back when tracing ends, however it ends.
         with ExitStack() as patches:
             # range(), len() on a proxy in the model's own code (not torch's): len is a node of the
@@ -450,10 +451,10 @@ class PipelineTracer(fx.Tracer):
         if unrolled is not None:
             forward = functools.partial(unrolled, self, m)
         if id(m) not in self._installed:
-            # Built as forward runs (Hugging Face's `loss_fct = CrossEntropyLoss()`): a module of no
-            # weights of its own is its forward, traced through; one with weights would be new
-            # weights at every call.
-            if any(True for _ in m.parameters()):
+            # Built as forward runs (Hugging Face's `loss_fct = CrossEntropyLoss()`, an
+            # nn.Sequential of the model's own layers): its forward, traced through; weights of
+            # its own would be new weights at every call.
+            if any(id(p) not in self._held for p in m.parameters()):
                 raise ForwardError(
                     f"forward builds a {type(m).__name__} as it runs, whose parameters would be new at every "
                     "call and trained by no optimizer; build it in __init__"

@@ -112,6 +112,15 @@ from tests.helpers import assert_user_error, ppcompile
             ["symbol 'b' is 40 in 'text' and 8 in 'offsets'", "pad the bags to a (B, L) input"],
         ),
         (
+            "tests/fixtures/untraceable.py:layer_built_in_forward",
+            "2",
+            [
+                "`return self.out(projection(x)).mean()`",
+                "forward builds a Linear as it runs",
+                "build it in __init__",
+            ],
+        ),
+        (
             "tests/fixtures/untraceable.py:lazy_layers",
             "2",
             ["lazy_layers: layer 0, 2 is not initialised", "call the model once on the example inputs"],

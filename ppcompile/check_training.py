@@ -176,6 +176,8 @@ GRADIENT_SCALE_FLOOR = 1e-1
 # lr x g / |g|, later ones at most about 3.2 lr at PyTorch's betas; RMSprop's first,
 # lr x g / sqrt(0.01 g^2), 10 lr; Adagrad's lr); then eager's are set to the pipeline's, so the
 # next step starts both from the same numbers and everything else is held to the bar (NoiseHeld).
+# A model held to a coarser bar (bfloat16's) has its share scaled with it: rounding noise there is
+# bfloat16's.
 NOISE_GRADIENT_SHARE = 1e-6
 NOISE_STEP = {"adam": 3.2, "adamw": 3.2, "rmsprop": 10.0, "adagrad": 1.0}
 
@@ -596,9 +598,15 @@ class NoiseHeld:
     one optimizer step moves such an entry (the learning rate times NOISE_STEP).
     """
 
-    def __init__(self, pipeline_steps: list[dict[str, torch.Tensor]], step_size: float):
+    def __init__(
+        self,
+        pipeline_steps: list[dict[str, torch.Tensor]],
+        step_size: float,
+        share: float = NOISE_GRADIENT_SHARE,
+    ):
         self.pipeline_steps = pipeline_steps
         self.step_size = step_size
+        self.share = share  # of the largest gradient: below it, an entry's gradient is noise
         self.masks: dict[str, torch.Tensor] = {}
         self.apart: dict[str, torch.Tensor] = {}  # per name, the entries that differed in some step
         self.steps_apart = 0.0
@@ -615,7 +623,7 @@ class NoiseHeld:
                     continue
                 seen.add(id(p))
                 if _has_gradient(p) and n in self.pipeline_steps[0] and largest > 0:
-                    mask = p.grad.abs() < NOISE_GRADIENT_SHARE * largest
+                    mask = p.grad.abs() < self.share * largest
                     if bool(mask.any()):
                         self.masks[n] = mask
         with torch.no_grad():
@@ -727,7 +735,9 @@ def verify_in_process(
             n: {rank: b.detach().cpu().clone() for rank, b in copies.items()}
             for n, copies in pipeline.named_buffers().items()
         }
-        noise = NoiseHeld(stepped, lr * NOISE_STEP[optimizer]) if holds_noise else None
+        # A model computing in bfloat16 rounds a cancelled gradient to its own epsilon's share.
+        share = NOISE_GRADIENT_SHARE * rtol / FLOAT32_RTOL
+        noise = NoiseHeld(stepped, lr * NOISE_STEP[optimizer], share) if holds_noise else None
         eager = eager_training(program, steps, optimizer, lr, seed, device, reference, noise)
     result = compare(
         losses,

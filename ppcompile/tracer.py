@@ -456,8 +456,9 @@ class PipelineTracer(fx.Tracer):
             # its own would be new weights at every call.
             if any(id(p) not in self._held for p in m.parameters()):
                 raise ForwardError(
-                    f"forward builds a {type(m).__name__} as it runs, whose parameters would be new at every "
-                    "call and trained by no optimizer; build it in __init__"
+                    f"forward calls a {type(m).__name__} that is not a submodule of the model (built as "
+                    "forward runs, or held in a plain list or dict): its parameters are trained by no "
+                    "optimizer; make it a submodule in __init__ (nn.ModuleList or nn.ModuleDict for several)"
                 )
             return forward(*args, **kwargs)
         return super().call_module(m, forward, args, kwargs)

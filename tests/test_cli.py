@@ -116,8 +116,8 @@ from tests.helpers import assert_user_error, ppcompile
             "2",
             [
                 "`return self.out(projection(x)).mean()`",
-                "forward builds a Linear as it runs",
-                "build it in __init__",
+                "forward calls a Linear that is not a submodule of the model",
+                "make it a submodule in __init__",
             ],
         ),
         (

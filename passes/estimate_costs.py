@@ -47,6 +47,7 @@ from ppcompile.context import CompileContext
 from ppcompile.passes.propagate_shapes import autocast_on_cpu, masks_without_values, run_fake_cpu, run_meta
 from ppcompile.runtime.executor import held_storages
 from ppcompile.tracer import (
+    as_meta,
     autograd_function,
     has_autocast,
     is_effect,
@@ -601,19 +602,6 @@ def call_node(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None, args,
             self_obj, *rest = args
             return getattr(self_obj, node.target)(*rest, **kwargs)
         return node.target(*args, **kwargs)
-
-
-def as_meta(value):
-    """``value`` with each tensor replaced by a meta tensor of its shape, strides and dtype."""
-    if isinstance(value, torch.Tensor):
-        meta = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
-        return meta.requires_grad_(value.requires_grad) if value.requires_grad else meta
-    if isinstance(value, (tuple, list)):
-        items = [as_meta(v) for v in value]
-        if hasattr(type(value), "_make"):  # a named tuple
-            return type(value)._make(items)
-        return type(value)(items)  # a list, a tuple, or torch.return_types (max's values, indices)
-    return value
 
 
 def _flatten(value) -> list:

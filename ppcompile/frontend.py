@@ -155,15 +155,11 @@ def _shared_tensors(model: nn.Module) -> list[list[str]]:
 def _tie_again(model: nn.Module, shared: list[list[str]]) -> None:
     """Point every name of each group in ``shared`` at its first name's tensor."""
     for first, *others in shared:
-        tensor = model.get_parameter(first) if _is_parameter(model, first) else model.get_buffer(first)
+        owner, _, attribute = first.rpartition(".")
+        tensor = getattr(model.get_submodule(owner), attribute)
         for name in others:
             owner, _, attribute = name.rpartition(".")
             setattr(model.get_submodule(owner), attribute, tensor)
-
-
-def _is_parameter(model: nn.Module, name: str) -> bool:
-    owner, _, attribute = name.rpartition(".")
-    return attribute in model.get_submodule(owner)._parameters
 
 
 def _refuse_hooks_on_the_model(ref: ModelRef, model: nn.Module) -> None:

@@ -1103,7 +1103,7 @@ def run_on_fake_cpu(node: fx.Node, module: nn.Module | None, args, kwargs, runs_
                 held = {**dict(module.named_parameters()), **dict(module.named_buffers())}
                 weights = {name: on_fake_cpu(t) for name, t in held.items()}
                 out = torch.func.functional_call(module, weights, tuple(args), kwargs)
-    return pytree.tree_map(_on_meta, out)
+    return as_meta(out)
 
 
 def on_fake_cpu(value):
@@ -1114,12 +1114,17 @@ def on_fake_cpu(value):
     return made.requires_grad_(value.requires_grad) if value.requires_grad else made
 
 
-def _on_meta(value):
-    """A tensor as a meta tensor of its shape, strides and dtype."""
-    if not isinstance(value, torch.Tensor):
-        return value
-    made = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
-    return made.requires_grad_(value.requires_grad) if value.requires_grad else made
+def as_meta(value):
+    """``value`` with each tensor replaced by a meta tensor of its shape, strides and dtype."""
+    if isinstance(value, torch.Tensor):
+        meta = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+        return meta.requires_grad_(value.requires_grad) if value.requires_grad else meta
+    if isinstance(value, (tuple, list)):
+        items = [as_meta(v) for v in value]
+        if hasattr(type(value), "_make"):  # a named tuple
+            return type(value)._make(items)
+        return type(value)(items)  # a list, a tuple, or torch.return_types (max's values, indices)
+    return value
 
 
 def has_autocast(node: fx.Node) -> bool:
